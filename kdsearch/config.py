@@ -1,0 +1,304 @@
+"""Typed, frozen run configuration and its `key=value` override parser.
+
+One vocabulary end to end: a dotted key here (`distill.w_hidden`) is the CLI override, the search-space
+parameter and the MLflow param. Structural checks live in `__post_init__`; checks that need the real model
+(depths, widths, registry names) live in `kdsearch.validate`. Imports no framework but OmegaConf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+from omegaconf import OmegaConf
+
+
+class ConfigError(ValueError):
+    """Bad user input; the message is one line that says how to fix it."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    layers: int = 2
+    """Student depth n_s."""
+    hidden_size: int | None = None
+    """Student width d_s; None keeps the teacher's width."""
+    init: Literal["teacher", "random"] = "teacher"
+    """`teacher` copies embeddings, head and the teacher layers at the forward-map indices."""
+
+    def __post_init__(self) -> None:
+        _require(self.layers >= 1, f"student.layers={self.layers}: a student needs at least 1 layer")
+        _require(self.hidden_size is None or self.hidden_size > 0,
+                 f"student.hidden_size={self.hidden_size}: must be > 0")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = "default"
+    """`default` (embedded, no download), a GLUE task (sst2, cola, mrpc, ...) or `text` (causal LM corpus)."""
+    data_dir: str | None = None
+    """Folder with train/dev files (tsv, csv, jsonl, parquet); None reads the hub (`hub`) or the default task."""
+    hub: str | None = None
+    """A datasets hub name (e.g. `glue`), read with load_dataset when data_dir is not given."""
+    max_length: int = 64
+    train_size: int | None = None
+    """Subsample the training split to this many rows (seeded); None keeps all."""
+    eval_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.max_length >= 4, f"task.max_length={self.max_length}: must be >= 4")
+        for key in ("train_size", "eval_size"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, f"task.{key}={value}: must be > 0")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    layer_map: str = "forward"
+    """Registry key in kdsearch.layer_maps (forward, reverse, all_to_one, random, inorder_random, explicit, none)."""
+    layers: tuple[int, ...] | None = None
+    """Teacher hidden-state indices for layer_map=explicit, one per student layer (1..n_t)."""
+    embeddings: bool = True
+    """Also match the embedding outputs h_s[0] <-> h_t[0] (encoder runs of the layer-selection paper)."""
+    bridge: str = "auto"
+    """Width bridge: identity, projector, ted, units; `auto` = identity if widths match, else projector."""
+    distance: str = "mse"
+    """Hidden distance registry key (mse, token_mse, ln_mse, cosine, correlation)."""
+    hidden_reduce: Literal["sum", "mean"] = "sum"
+    """How per-pair hidden terms combine: sum (layer-selection paper) or mean (TED code)."""
+    w_task: float = 1.0
+    w_logit: float = 1.0
+    w_hidden: float = 3.0
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        for key in ("w_task", "w_logit", "w_hidden"):
+            value = getattr(self, key)
+            _require(value >= 0, f"distill.{key}={value}: loss weights must be >= 0")
+        _require(self.temperature > 0, f"distill.temperature={self.temperature}: must be > 0")
+
+
+@dataclass(frozen=True)
+class TedConfig:
+    filter: str = "linear"
+    """Filter architecture registry key (linear, mlp)."""
+    width: int | None = None
+    """Filter output width d_f; None = the teacher's width (TED code)."""
+    mlp_hidden: int | None = None
+    """Hidden width of the mlp filter; None = its input width."""
+    depth: int = 2
+    """Number of Linear layers of the mlp filter (>= 2)."""
+    activation: str = "gelu"
+    stage1_epochs: int = 2
+    stage1_lr: float = 1e-3
+    student_filters: Literal["stage1", "teacher", "random"] = "stage1"
+    """Student filter init: stage-1 training on the student, a copy of the teacher filter, or random."""
+
+    def __post_init__(self) -> None:
+        _require(self.width is None or self.width > 0, f"ted.width={self.width}: filter width must be > 0")
+        _require(self.mlp_hidden is None or self.mlp_hidden > 0,
+                 f"ted.mlp_hidden={self.mlp_hidden}: must be > 0")
+        _require(self.depth >= 2, f"ted.depth={self.depth}: an mlp filter has at least 2 layers")
+        _require(self.stage1_epochs >= 1, f"ted.stage1_epochs={self.stage1_epochs}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class UnitsConfig:
+    ratio: float | None = None
+    """Share of teacher units kept, in (0, 1]; None = d_s / d_t (Flex-KD's top-d_s)."""
+    score: Literal["grad", "grad_x_act"] = "grad"
+    """Relevance: mean |dL/dh| or mean |dL/dh * h| over task tokens."""
+    scope: Literal["own", "last"] = "own"
+    """Rank units per matched teacher layer, or use the last layer's ranking everywhere."""
+    score_batches: int = 8
+
+    def __post_init__(self) -> None:
+        _require(self.ratio is None or 0 < self.ratio <= 1, f"units.ratio={self.ratio}: must be in (0, 1]")
+        _require(self.score_batches >= 1, f"units.score_batches={self.score_batches}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    seed: int = 0
+    max_steps_per_epoch: int | None = None
+    """Cap on optimiser steps per epoch (smoke runs); None = the whole split."""
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, f"train.epochs={self.epochs}: must be >= 1")
+        _require(self.batch_size >= 1, f"train.batch_size={self.batch_size}: must be >= 1")
+        _require(self.lr > 0, f"train.lr={self.lr}: must be > 0")
+        _require(0 <= self.warmup_ratio < 1, f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning of a teacher that has not seen the task yet (cached by content)."""
+
+    mode: Literal["auto", "always", "never"] = "auto"
+    """auto: fine-tune when the task head was not in the checkpoint (or the teacher is built in code)."""
+    epochs: int = 4
+    lr: float = 1e-3
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, f"finetune.epochs={self.epochs}: must be >= 1")
+        _require(self.lr > 0, f"finetune.lr={self.lr}: must be > 0")
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    num_workers: int = 1
+    """Ray Train data-parallel workers per run (per trial)."""
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 1, f"resources.num_workers={self.num_workers}: must be >= 1")
+        _require(self.cpus_per_trial > 0, f"resources.cpus_per_trial={self.cpus_per_trial}: must be > 0")
+        _require(self.gpus_per_trial >= 0, f"resources.gpus_per_trial={self.gpus_per_trial}: must be >= 0")
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_trial > 0
+
+    def per_worker(self) -> dict[str, float]:
+        """Resources of one Train worker: the trial's request split evenly."""
+        per = {"CPU": self.cpus_per_trial / self.num_workers}
+        if self.use_gpu:
+            per["GPU"] = self.gpus_per_trial / self.num_workers
+        return per
+
+
+@dataclass(frozen=True)
+class Config:
+    teacher: str = "tiny-bert"
+    """A built-in tiny model (tiny-bert, tiny-roberta, tiny-gpt2), `minilm`, a hub name or a local path."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    ted: TedConfig = field(default_factory=TedConfig)
+    units: UnitsConfig = field(default_factory=UnitsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    output_dir: str = "outputs/train"
+    cache_dir: str = ".kdsearch_cache"
+    """Content-addressed store for fine-tuned teachers, TED stage-1 filters, Flex-KD scores, tokenised data."""
+    storage_path: str | None = None
+    """Ray Train storage (local path, s3:// or gs://); None = <output_dir>/ray."""
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Dataclass -> {dotted key: value}; the names MLflow params and search spaces use."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+def config_keys(cls: type = Config) -> list[str]:
+    return list(flatten(cls()).keys())
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            if len(args) < len(typing.get_args(hint)):
+                return None
+        return _coerce(value, args[0], key)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        _require(value in choices, f"{key}={value}: choose one of {', '.join(map(str, choices))}")
+        return value
+    if origin is tuple:
+        _require(isinstance(value, (list, tuple)), f"{key}={value}: expected a list such as [1,2,3]")
+        return tuple(_coerce(v, typing.get_args(hint)[0], key) for v in value)
+    if hint is bool:
+        _require(isinstance(value, bool), f"{key}={value}: expected true or false")
+        return value
+    if hint in (int, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _require(ok and (hint is float or float(value).is_integer()), f"{key}={value}: expected {hint.__name__}")
+        return hint(value)
+    if hint is str:
+        return str(value)
+    raise TypeError(f"unsupported config type {hint!r} for {key}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, all_keys: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            close = difflib.get_close_matches(key, all_keys, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{key}: no such config key{hint}")
+        if dataclasses.is_dataclass(hints[name]):
+            _require(isinstance(value, dict), f"{key}={value}: expected keys under {key}.")
+            kwargs[name] = _build(hints[name], value, key + ".", all_keys)
+        else:
+            kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["a.b=1", "c=[1,2]"]` -> nested dict, values parsed as YAML."""
+    for item in overrides:
+        _require("=" in item, f"{item!r}: overrides take the form key=value")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))  # type: ignore[return-value]
+    except Exception as err:  # OmegaConf grammar errors
+        raise ConfigError(f"cannot parse overrides {overrides}: {err}") from None
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def build_config(data: dict[str, Any]) -> Config:
+    """Nested dict -> validated Config; unknown keys get a did-you-mean."""
+    return _build(Config, data, "", config_keys())
+
+
+def load_config(overrides: list[str] | None = None, *, base: dict[str, Any] | None = None) -> Config:
+    return build_config(merge(base or {}, parse_overrides(overrides or [])))
