@@ -130,18 +130,22 @@ class UnitsConfig:
 class TrainConfig:
     epochs: int = 3
     batch_size: int = 32
+    """Global batch: each of n data-parallel workers takes batch_size / n."""
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     seed: int = 0
     max_steps_per_epoch: int | None = None
     """Cap on optimiser steps per epoch (smoke runs); None = the whole split."""
+    dropout: float | None = None
+    """Student dropout (hidden and attention); None keeps the teacher config's."""
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"train.epochs={self.epochs}: must be >= 1")
         _require(self.batch_size >= 1, f"train.batch_size={self.batch_size}: must be >= 1")
         _require(self.lr > 0, f"train.lr={self.lr}: must be > 0")
         _require(0 <= self.warmup_ratio < 1, f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+        _require(self.dropout is None or 0 <= self.dropout < 1, f"train.dropout={self.dropout}: must be in [0, 1)")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """One generic registry for everything users vary by name (layer maps, bridges, filters, distances, ...).
 
 YAML and CLI values name registry keys, never import paths: a search space cannot import arbitrary code.
-Imports nothing from the rest of kdsearch.
+Imports only kdsearch.config (for ConfigError).
 """
 
 from __future__ import annotations
@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from .config import ConfigError
+
 T = TypeVar("T")
 
 
-class UnknownName(ValueError):
+class UnknownName(ConfigError):
     """A name that no registry entry carries; the message lists the choices."""
 
 

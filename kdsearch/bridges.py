@@ -1,0 +1,129 @@
+"""Width bridges: how a student hidden state and a teacher hidden state are brought to one space to compare.
+
+identity (d_s = d_t), projector (trained bias-free Linear d_s -> d_t per student layer, the usual baseline),
+ted (task-aware filters on both sides, teacher side frozen from stage 1), units (Flex-KD: the teacher's
+task-relevant units, no new parameters). Every bridge is an nn.Module: `student_view` is trainable,
+`teacher_view` is frozen. Plain PyTorch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import Config
+from .registry import Registry
+from .ted import build_filters
+from .units import select_units, units_to_keep
+
+
+@dataclass
+class BridgeInputs:
+    """What a bridge builder gets: the layer pairs, widths, and prepared artifacts (loaded tensors)."""
+
+    cfg: Config
+    pairs: list[tuple[int, int]]
+    d_student: int
+    d_teacher: int
+    teacher_filters: dict[str, torch.Tensor] = field(default_factory=dict)  # state dict of ModuleDict
+    student_filters: dict[str, torch.Tensor] = field(default_factory=dict)
+    unit_scores: torch.Tensor | None = None  # (n_t + 1, d_t)
+
+
+class Bridge(nn.Module):
+    def student_view(self, index: int, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, d_s) -> (B, T, d)
+        return hidden
+
+    def teacher_view(self, index: int, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, d_t) -> (B, T, d)
+        return hidden
+
+
+BRIDGES: Registry[Callable[[BridgeInputs], Bridge]] = Registry("bridge")
+
+
+@BRIDGES.register("identity")
+def identity_bridge(inputs: BridgeInputs) -> Bridge:
+    """Compare raw states; needs d_s = d_t."""
+    return Bridge()
+
+
+class ProjectorBridge(Bridge):
+    def __init__(self, student_indices: list[int], d_s: int, d_t: int) -> None:
+        super().__init__()
+        self.proj = nn.ModuleDict({str(k): nn.Linear(d_s, d_t, bias=False) for k in student_indices})
+
+    def student_view(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj[str(index)](hidden)
+
+
+@BRIDGES.register("projector")
+def projector_bridge(inputs: BridgeInputs) -> Bridge:
+    """Bias-free linear projector d_s -> d_t per student layer, trained with the student (the LWD baseline)."""
+    return ProjectorBridge(sorted({s for s, _ in inputs.pairs}), inputs.d_student, inputs.d_teacher)
+
+
+class FilterBridge(Bridge):
+    def __init__(self, student: nn.ModuleDict, teacher: nn.ModuleDict) -> None:
+        super().__init__()
+        self.student_filters = student
+        self.teacher_filters = teacher.requires_grad_(False)
+
+    def student_view(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self.student_filters[str(index)](hidden)
+
+    def teacher_view(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self.teacher_filters[str(index)](hidden)
+
+
+@BRIDGES.register("ted")
+def ted_bridge(inputs: BridgeInputs) -> Bridge:
+    """TED stage 2: student filters g_s^k trained to match frozen stage-1 teacher filters g_t^m(k)."""
+    ted = inputs.cfg.ted
+    d_f = ted.width or inputs.d_teacher
+    student_idx = sorted({s for s, _ in inputs.pairs})
+    teacher_idx = sorted({t for _, t in inputs.pairs})
+    teacher = build_filters(teacher_idx, inputs.d_teacher, d_f, ted)
+    teacher.load_state_dict(inputs.teacher_filters)
+    student = build_filters(student_idx, inputs.d_student, d_f, ted)
+    if ted.student_filters == "stage1":
+        student.load_state_dict(inputs.student_filters)
+    elif ted.student_filters == "teacher":  # same widths (validated): copy the matched teacher filter
+        for s, t in inputs.pairs:
+            student[str(s)].load_state_dict(teacher[str(t)].state_dict())
+    return FilterBridge(student, teacher)
+
+
+class UnitsBridge(Bridge):
+    def __init__(self, teacher_units: dict[int, torch.Tensor], k: int) -> None:
+        super().__init__()
+        for index, units in teacher_units.items():
+            self.register_buffer(f"units_{index}", units)
+        self.k = k
+
+    def student_view(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden[..., : self.k]  # a fixed subset of student units (all of them when k = d_s)
+
+    def teacher_view(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.index_select(-1, getattr(self, f"units_{index}"))
+
+
+@BRIDGES.register("units")
+def units_bridge(inputs: BridgeInputs) -> Bridge:
+    """Flex-KD: distil the student's units straight onto the teacher's top ratio*d_t task-relevant units."""
+    units = inputs.cfg.units
+    assert inputs.unit_scores is not None, "units bridge needs Flex-KD scores (prepared)"
+    k = units_to_keep(units.ratio, inputs.d_student, inputs.d_teacher)
+    last = inputs.unit_scores.shape[0] - 1
+    chosen = {t: select_units(inputs.unit_scores[last if units.scope == "last" else t], k)
+              for t in {t for _, t in inputs.pairs}}
+    return UnitsBridge(chosen, k)
+
+
+def resolve_bridge(name: str, d_student: int, d_teacher: int) -> str:
+    """`auto` = identity when widths match, otherwise the projector baseline."""
+    if name != "auto":
+        return name
+    return "identity" if d_student == d_teacher else "projector"

@@ -1,0 +1,64 @@
+"""Batching and evaluation shared by teacher fine-tuning, TED stage 1 and the distillation loop.
+
+`evaluate` works on a shard of the evaluation split and takes a `gather` callable, so data-parallel workers
+compute exact metrics over the whole split (no padded duplicates). Plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .data import collate, compute_metrics
+from .losses import task_loss
+
+if TYPE_CHECKING:
+    from .data import TaskSpec
+
+
+def make_loader(dataset: Any, *, batch_size: int, shuffle: bool, seed: int, pad_id: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      collate_fn=functools.partial(collate, pad_id=pad_id))
+
+
+def predictions(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example (or per-response-token for causal LMs) predictions and gold labels."""
+    if kind == "causal_lm":
+        pred, gold = logits[:, :-1].argmax(-1), labels[:, 1:]
+        keep = gold != -100
+        return pred[keep].cpu().numpy(), gold[keep].cpu().numpy()
+    if kind == "regression":
+        return logits.squeeze(-1).float().cpu().numpy(), labels.float().cpu().numpy()
+    return logits.argmax(-1).cpu().numpy(), labels.cpu().numpy()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: Any, *, spec: TaskSpec, batch_size: int, pad_id: int,
+             device: torch.device, rank: int = 0, world_size: int = 1,
+             gather: Callable[[Any], list[Any]] = lambda x: [x]) -> dict[str, float]:
+    """Metrics of `model` on `dataset` ("eval_" prefixed, eval_score = the task's primary metric)."""
+    model.eval()
+    shard = dataset.select(range(rank, len(dataset), world_size)) if world_size > 1 else dataset
+    preds, golds, loss_sum, count = [], [], 0.0, 0
+    for batch in make_loader(shard, batch_size=batch_size, shuffle=False, seed=0, pad_id=pad_id):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss_sum += float(task_loss(logits, batch["labels"], kind=spec.kind)) * len(batch["labels"])
+        count += len(batch["labels"])
+        p, g = predictions(logits, batch["labels"], spec.kind)
+        preds.append(p)
+        golds.append(g)
+    parts = gather((np.concatenate(preds) if preds else np.array([]),
+                    np.concatenate(golds) if golds else np.array([]), loss_sum, count))
+    all_preds = np.concatenate([p for p, _, _, _ in parts])
+    all_golds = np.concatenate([g for _, g, _, _ in parts])
+    metrics = compute_metrics(spec, all_preds, all_golds)
+    out = {f"eval_{k}": float(v) for k, v in metrics.items()}
+    out["eval_loss"] = sum(s for _, _, s, _ in parts) / max(sum(c for _, _, _, c in parts), 1)
+    return out

@@ -1,0 +1,96 @@
+"""The end of a search: pick the best trial, export its student with a model card, rank and summarise.
+
+Takes Tune's ResultGrid (duck-typed: an iterable of results with .config, .metrics, .checkpoint, .error);
+imports no Ray itself. The last line it prints says where the best student is.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from . import spaces
+from .config import flatten
+from .leaderboard import build_leaderboard
+from .loop import export_student
+from .prepare import prepare
+from .search import SearchSettings, code_version
+from .tracking import SearchTracker
+
+
+def _checkpoint_dir(result: Any) -> Any:
+    """A trial's last checkpoint: Tune's own, or the Train run's (Train reports `checkpoint_path`)."""
+    if result.checkpoint is not None:
+        return result.checkpoint
+    path = (result.metrics or {}).get("checkpoint_path")
+    if path:
+        from ray.tune import Checkpoint
+
+        return Checkpoint(path)
+    return None
+
+
+def best_result(results: Any, metric: str, mode: str) -> Any | None:
+    done = [r for r in results if r.error is None and isinstance((r.metrics or {}).get(metric), (int, float))
+            and math.isfinite(r.metrics[metric]) and _checkpoint_dir(r) is not None]
+    if not done:
+        return None
+    sign = 1 if mode == "max" else -1
+    return max(done, key=lambda r: sign * r.metrics[metric])
+
+
+def model_card(cfg: Any, metrics: dict[str, Any], *, search: str, trial_id: str, metric: str) -> str:
+    flat = flatten(cfg)
+    strategy = {k: v for k, v in flat.items() if k.startswith(("distill.", "ted.", "units.", "student."))}
+    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in strategy.items())
+    return f"""# kdsearch student ({search}, trial {trial_id})
+
+Distilled by [kdsearch](https://github.com/) from teacher `{cfg.teacher}` on task `{cfg.task.name}`
+(data: `{cfg.task.data_dir or cfg.task.hub or 'embedded'}`, train subsample: {cfg.task.train_size or 'all'}).
+
+- {metric}: **{metrics.get(metric, float('nan')):.4f}** (teacher: {metrics.get('teacher_score', float('nan')):.4f})
+- parameters: {int(metrics.get('student_params', 0)):,}
+- epochs trained: {metrics.get('epoch')}
+
+Load it with `transformers.AutoModelForSequenceClassification.from_pretrained(<this folder>)` (encoders) or
+`AutoModelForCausalLM` (causal LMs); `AutoModel.from_pretrained` loads the backbone.
+
+## Strategy
+| setting | value |
+|---|---|
+{rows}
+"""
+
+
+def export_best(results: Any, *, settings: SearchSettings, space: spaces.Space,
+                objectives: list[tuple[str, str]]) -> Path | None:
+    metric, mode = objectives[0]
+    tracker = SearchTracker(uri=settings.tracking_uri, experiment=settings.experiment)
+    tracker.start_search(name=settings.search_name, space=space.name, config={"space": space.name},
+                         code_version=code_version(), objectives=objectives)
+    failed = sum(1 for r in results if r.error is not None)
+    best = best_result(results, metric, mode)
+    if best is None:
+        print(f"[kdsearch.tune] no trial finished with a {metric}; {failed} failed", flush=True)
+        tracker.end_search(status="FAILED", summary={"failed_trials": failed})
+        return None
+    cfg = spaces.trial_config(space, best.config)
+    trial_id = str(best.metrics.get("trial_id", Path(best.path).name))
+    out = Path(settings.results_dir, settings.search_name, "best_student").resolve()
+    with _checkpoint_dir(best).as_directory() as directory:
+        export_student(cfg, prepare(cfg), Path(directory), out)
+    (out / "README.md").write_text(model_card(cfg, best.metrics, search=settings.search_name,
+                                              trial_id=trial_id, metric=metric))
+    tracker.log_search_artifacts(dirs={"best_student": out})
+    text, board = build_leaderboard(uri=settings.tracking_uri, experiment=settings.experiment,
+                                    search=settings.search_name,
+                                    out=Path(settings.results_dir, settings.search_name, "leaderboard"))
+    print(text)
+    tracker.end_search(summary={"best_trial": trial_id, f"best_{metric}": best.metrics[metric],
+                                "failed_trials": failed, "trials": len(list(results))})
+    params = ", ".join(f"{k}={v}" for k, v in best.config.items())
+    print(f"[kdsearch.tune] best trial {trial_id}: {metric}={best.metrics[metric]:.4f} ({params}); "
+          f"{failed} trial(s) failed; leaderboard in {board}")
+    print(f"best student saved to {out}")
+    return out

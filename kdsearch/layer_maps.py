@@ -1,0 +1,139 @@
+"""Layer maps: which student hidden state is pulled toward which teacher hidden state.
+
+Indices are Hugging Face `hidden_states` indices (0 = embeddings, k >= 1 = output of layer k); a map is a list
+of (student_index, teacher_index) pairs. Pure Python: imports no framework.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Protocol
+
+from kdsearch.config import ConfigError
+from kdsearch.registry import Registry
+
+LayerMap = list[tuple[int, int]]
+"""(student hidden index, teacher hidden index) pairs."""
+
+
+class LayerMapFn(Protocol):
+    """Called once per epoch by the train loop (maps that ignore `epoch` return the same list every time)."""
+
+    def __call__(self, n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
+                 layers: tuple[int, ...] | None) -> LayerMap: ...
+
+
+LAYER_MAPS: Registry[LayerMapFn] = Registry("layer map")
+
+ONE_TO_ONE = frozenset({"forward", "reverse", "random", "inorder_random"})
+"""Maps that give each student layer its own teacher layer, so they need n_student <= n_teacher."""
+
+
+def _forward_targets(n_student: int, n_teacher: int) -> list[int]:
+    # ceil(i * n_t / n_s) in integer math: last to last, and the released n_t = 12 tables exactly.
+    return [-(-i * n_teacher // n_student) for i in range(1, n_student + 1)]
+
+
+def _with_embeddings(targets: list[int], embeddings: bool) -> LayerMap:
+    pairs = [(i, t) for i, t in enumerate(targets, start=1)]
+    return [(0, 0), *pairs] if embeddings else pairs
+
+
+@LAYER_MAPS.register("forward")
+def forward(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
+            layers: tuple[int, ...] | None) -> LayerMap:
+    """Student layer i <-> teacher layer ceil(i n_t / n_s) (Yu et al. 2025, arXiv 2502.04499, "forward")."""
+    return _with_embeddings(_forward_targets(n_student, n_teacher), embeddings)
+
+
+@LAYER_MAPS.register("reverse")
+def reverse(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
+            layers: tuple[int, ...] | None) -> LayerMap:
+    """The forward targets in reverse order; embeddings stay 0 <-> 0 (Yu et al. 2025, "reverse")."""
+    return _with_embeddings(_forward_targets(n_student, n_teacher)[::-1], embeddings)
+
+
+@LAYER_MAPS.register("all_to_one")
+def all_to_one(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
+               layers: tuple[int, ...] | None) -> LayerMap:
+    """Every student state (embeddings too) <-> teacher layer n_t / 2 (Yu et al. 2025, "all-to-one")."""
+    target = max(1, n_teacher // 2)
+    first = 0 if embeddings else 1
+    return [(i, target) for i in range(first, n_student + 1)]
+
+
+@LAYER_MAPS.register("random")
+def random_order(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
+                 layers: tuple[int, ...] | None) -> LayerMap:
+    """One seeded permutation of the forward targets, the same every epoch (Yu et al. 2025, "random")."""
+    targets = _forward_targets(n_student, n_teacher)
+    random.Random(seed).shuffle(targets)
+    return _with_embeddings(targets, embeddings)
+
+
+@LAYER_MAPS.register("inorder_random")
+def inorder_random(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
+                   layers: tuple[int, ...] | None) -> LayerMap:
+    """A sorted random subset of n_s teacher layers, re-drawn each epoch (RAIL-KD, Haidar et al. 2022)."""
+    if n_student > n_teacher:
+        raise ValueError(f"inorder_random needs n_student <= n_teacher, got {n_student} > {n_teacher}")
+    # a string seed is hashed deterministically (sha512), unlike a tuple, and keeps (seed, epoch) pairs apart.
+    rng = random.Random(f"inorder_random:{seed}:{epoch}")
+    targets = sorted(rng.sample(range(1, n_teacher + 1), n_student))
+    return _with_embeddings(targets, embeddings)
+
+
+@LAYER_MAPS.register("explicit")
+def explicit(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
+             layers: tuple[int, ...] | None) -> LayerMap:
+    """Teacher indices given by the user, one per student layer (`distill.layers`, e.g. PKD's skip/last-k)."""
+    if layers is None or len(layers) != n_student:
+        got = "none" if layers is None else f"{len(layers)}"
+        raise ValueError(f"explicit layer map needs {n_student} teacher indices (one per student layer), "
+                         f"got {got}")
+    return _with_embeddings(list(layers), embeddings)
+
+
+@LAYER_MAPS.register("none")
+def no_matching(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
+                layers: tuple[int, ...] | None) -> LayerMap:
+    """No hidden matching: task loss + logit KL only (Yu et al. 2025, "none" baseline)."""
+    return []
+
+
+def _show(layers: tuple[int, ...]) -> str:
+    return "[" + ",".join(str(x) for x in layers) + "]"
+
+
+def check_map_args(name: str, n_student: int, n_teacher: int, layers: tuple[int, ...] | None) -> None:
+    """Raise ConfigError (one line, quoting the config keys) when `name` cannot map these depths."""
+    if name not in LAYER_MAPS:
+        raise ConfigError(f"distill.layer_map={name}: unknown layer map; choose one of: "
+                          f"{', '.join(LAYER_MAPS.names())}")
+    if n_student < 1 or n_teacher < 1:
+        raise ConfigError(f"student.layers={n_student}, teacher depth {n_teacher}: "
+                          "both need at least 1 layer")
+    if name == "explicit":
+        if layers is None:
+            example = _show(tuple(_forward_targets(n_student, n_teacher)))
+            raise ConfigError("distill.layer_map=explicit needs distill.layers: one teacher index "
+                              f"(1..{n_teacher}) per student layer, e.g. distill.layers={example}")
+        if len(layers) != n_student:
+            raise ConfigError(f"distill.layers={_show(layers)}: {len(layers)} teacher indices for "
+                              f"student.layers={n_student}; give exactly one per student layer")
+        for index in layers:
+            if not 1 <= index <= n_teacher:
+                raise ConfigError(f"distill.layers={_show(layers)}: teacher index {index} out of range "
+                                  f"1..{n_teacher}")
+    if name in ONE_TO_ONE and n_student > n_teacher:
+        raise ConfigError(f"student.layers={n_student} > teacher depth {n_teacher}: distill.layer_map={name} "
+                          "cannot map a student deeper than its teacher one-to-one; use fewer student layers "
+                          "or distill.layer_map=explicit, all_to_one or none")
+
+
+def map_layers(name: str, n_student: int, n_teacher: int, *, embeddings: bool = True, seed: int = 0,
+               epoch: int = 0, layers: tuple[int, ...] | None = None) -> LayerMap:
+    """The (student, teacher) hidden-state index pairs of map `name` for this epoch; checks the arguments."""
+    check_map_args(name, n_student, n_teacher, layers)
+    return LAYER_MAPS.get(name)(n_student, n_teacher, embeddings=embeddings, seed=seed, epoch=epoch,
+                                layers=layers)

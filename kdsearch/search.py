@@ -1,0 +1,112 @@
+"""Search settings of `python -m kdsearch.tune`: which space, how it is changed, where results go.
+
+Parses the command line into a validated `SearchSettings` plus the adjusted `Space`, checks every trial
+config it can know in advance (the papers' points, the base) and renders the dry run. No Ray import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import spaces
+from .config import ConfigError, flatten, parse_overrides
+from .leaderboard import parse_objectives
+from .tracking import DEFAULT_EXPERIMENT, DEFAULT_URI, check_tracking_uri
+from .validate import validate
+
+DEFAULT_SPACE = "layer_select"
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    space: str = DEFAULT_SPACE
+    """A shipped space name (search_spaces/<name>.yaml) or a path to a YAML file."""
+    name: str | None = None
+    """Search name: the Tune experiment, the MLflow parent run; None = kdsearch-<space>."""
+    smoke: bool = False
+    """Shrink the search to a tiny model, a few steps and 2-3 trials (check a cluster or a config)."""
+    resume: bool = False
+    """Continue an interrupted search of the same name; finished trials are not rerun."""
+    dry_run: bool = False
+    """Print the resolved space and base config, start nothing."""
+    objectives: tuple[str, ...] = ()
+    """Multi-objective, e.g. [eval_score:max,student_params:min]; empty = the space's metric and mode."""
+    seed: int = 0
+    """Seed of the Optuna sampler."""
+    tracking_uri: str = DEFAULT_URI
+    experiment: str = DEFAULT_EXPERIMENT
+    results_dir: str = "outputs/search"
+    """Local folder for Tune results (when storage_path is not set), the leaderboard and the best student."""
+
+    @property
+    def search_name(self) -> str:
+        return self.name or f"kdsearch-{Path(self.space).stem}"
+
+
+_SEARCH_KEYS = {"space", "name", "smoke", "resume", "dry_run", "objectives", "seed"}
+
+
+def parse_search_args(argv: list[str]) -> tuple[SearchSettings, spaces.Space]:
+    """Command line -> (settings, adjusted space); one ConfigError line for anything wrong."""
+    raw = parse_overrides(argv)
+    tracking = raw.pop("tracking", {}) or {}
+    if not isinstance(tracking, dict) or set(tracking) - {"uri", "experiment"}:
+        raise ConfigError(f"tracking: known keys are tracking.uri and tracking.experiment (got {tracking})")
+    settings_kw: dict[str, Any] = {k: raw.pop(k) for k in list(raw) if k in _SEARCH_KEYS}
+    if "objectives" in settings_kw:
+        value = settings_kw["objectives"]
+        settings_kw["objectives"] = tuple(value if isinstance(value, list) else str(value).split(","))
+    settings = SearchSettings(**settings_kw, results_dir=str(raw.pop("results_dir", "outputs/search")),
+                              tracking_uri=str(tracking.get("uri", DEFAULT_URI)),
+                              experiment=str(tracking.get("experiment", DEFAULT_EXPERIMENT)))
+    space = spaces.load_space(settings.space)
+    if settings.smoke:
+        space = spaces.smoke(space)
+    if raw:
+        space = spaces.apply_overrides(space, raw)
+    for objective in settings.objectives:
+        parse_objectives(objective)
+    return settings, space
+
+
+def objectives_of(settings: SearchSettings, space: spaces.Space) -> list[tuple[str, str]]:
+    if settings.objectives:
+        return [(o.name, o.mode) for text in settings.objectives for o in parse_objectives(text)]
+    return [(space.metric, space.mode)]
+
+
+def check_search(settings: SearchSettings, space: spaces.Space) -> None:
+    """Everything checkable before ray.init: the base config, every paper point, the tracking store."""
+    validate(spaces.trial_config(space, {}))
+    for point in spaces.initial_points(space):
+        validate(spaces.trial_config(space, point))
+    if not settings.dry_run:
+        check_tracking_uri(settings.tracking_uri)
+
+
+def render_dry_run(settings: SearchSettings, space: spaces.Space) -> str:
+    base = flatten(spaces.trial_config(space, {}))
+    params = {name: {k: v for k, v in dataclasses.asdict(p).items() if v not in (None, {}, False) and k != "name"}
+              for name, p in space.params.items()}
+    doc = {"search": dataclasses.asdict(settings) | {"search_name": settings.search_name},
+           "objectives": [f"{m}:{d}" for m, d in objectives_of(settings, space)],
+           "budget": dataclasses.asdict(space.budget), "params": params,
+           "points_to_evaluate": spaces.initial_points(space),
+           "base_config": {k: list(v) if isinstance(v, tuple) else v for k, v in base.items()}}
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def code_version() -> str:
+    """The git commit of the code being run (`unknown` outside a checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

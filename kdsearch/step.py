@@ -1,0 +1,91 @@
+"""The shared distillation step: one batch + teacher outputs in, named loss terms out.
+
+Every strategy of the three papers is this step with different layer pairs, a different bridge and different
+weights: loss = w_task * task + w_logit * KL(teacher || student) + w_hidden * reduce_k distance(bridge(h_s[k]),
+bridge(h_t[m(k)])). `Distiller` holds everything trainable (student + bridge) so that DDP wraps one module.
+Plain PyTorch: no Ray, Optuna or MLflow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .losses import DISTANCES, combine, logit_kl, task_loss
+
+if TYPE_CHECKING:
+    from .bridges import Bridge
+    from .config import DistillConfig
+
+Pairs = list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class TeacherOutputs:
+    """What the step needs from the teacher; computed live now, a cache may supply it later."""
+
+    logits: torch.Tensor  # (B, C) or (B, T, V)
+    hidden: tuple[torch.Tensor, ...] | None  # hidden_states, each (B, T, d_t)
+
+
+@torch.no_grad()
+def teacher_forward(teacher: nn.Module, batch: dict[str, torch.Tensor], *, hidden: bool) -> TeacherOutputs:
+    out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  output_hidden_states=hidden)
+    return TeacherOutputs(out.logits, out.hidden_states if hidden else None)
+
+
+def loss_weights(cfg: DistillConfig) -> dict[str, float]:
+    return {"task": cfg.w_task, "logit": cfg.w_logit, "hidden": cfg.w_hidden}
+
+
+class Distiller(nn.Module):
+    """Student + bridge; forward returns the named loss terms (detached copies are for logging only)."""
+
+    def __init__(self, student: nn.Module, bridge: Bridge, *, kind: str, cfg: DistillConfig) -> None:
+        super().__init__()
+        self.student = student
+        self.bridge = bridge
+        self.kind = kind
+        self.cfg = cfg
+        self.weights = loss_weights(cfg)
+        self.distance = DISTANCES.get(cfg.distance)
+
+    def forward(self, batch: dict[str, torch.Tensor], teacher: TeacherOutputs,
+                pairs: Pairs) -> dict[str, torch.Tensor]:
+        use_hidden = self.weights["hidden"] > 0 and bool(pairs)
+        out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           output_hidden_states=use_hidden)
+        terms: dict[str, torch.Tensor] = {}
+        if self.weights["task"] > 0:
+            terms["task"] = task_loss(out.logits, batch["labels"], kind=self.kind)
+        if self.weights["logit"] > 0:
+            terms["logit"] = self._logit_term(out.logits, teacher.logits, batch["labels"])
+        if use_hidden:
+            assert teacher.hidden is not None
+            terms["hidden"] = self._hidden_term(out.hidden_states, teacher.hidden, batch["attention_mask"], pairs)
+        terms["loss"] = combine(terms, self.weights if use_hidden else {**self.weights, "hidden": 0.0})
+        terms["logits"] = out.logits.detach()
+        return terms
+
+    def _logit_term(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.kind == "regression":  # one output: KL is undefined, match the scores instead
+            return F.mse_loss(student.float(), teacher.float())
+        if self.kind == "causal_lm":  # position t predicts token t+1; only response tokens count
+            mask = labels[:, 1:] != -100
+            return logit_kl(student[:, :-1], teacher[:, :-1], temperature=self.cfg.temperature, mask=mask)
+        return logit_kl(student, teacher, temperature=self.cfg.temperature)
+
+    def _hidden_term(self, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
+                     mask: torch.Tensor, pairs: Pairs) -> torch.Tensor:
+        per_pair = []
+        for s, t in pairs:
+            with torch.no_grad():
+                target = self.bridge.teacher_view(t, teacher[t])
+            per_pair.append(self.distance(self.bridge.student_view(s, student[s]), target, mask=mask))
+        stacked = torch.stack(per_pair)
+        return stacked.sum() if self.cfg.hidden_reduce == "sum" else stacked.mean()

@@ -1,0 +1,165 @@
+"""Task table: what each task name means (kind, text columns, labels, primary metric) and the embedded
+`default` task, generated in code so that a run needs no download.
+
+Imports nothing heavy (no torch, datasets, Ray, Optuna or MLflow); `kdsearch.data` turns these specs into data.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+from kdsearch.config import ConfigError
+
+TaskKind = Literal["classification", "regression", "causal_lm"]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    """`default`, a GLUE task name (sst2, cola, ...) or `text`."""
+    kind: TaskKind
+    num_labels: int
+    """Classes; 1 for regression, 0 for causal_lm."""
+    text_fields: tuple[str, ...]
+    """Input text columns, in order (a pair task has two)."""
+    primary_metric: str
+    """The key of `compute_metrics` that `score` repeats (what the search optimises)."""
+    label_words: tuple[str, ...] = ()
+    """Word for class i when a causal model reads the task as `<text> =>` + ` <word>`."""
+
+
+_YES_NO = ("no", "yes")
+_NLI = ("yes", "no")  # GLUE: 0 = entailment, 1 = not_entailment (qnli, rte)
+
+# Label ids, columns and metrics follow the hub's `glue` configs, so that local TSVs and the hub agree.
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec("default", "classification", 2, ("sentence",), "accuracy", ("negative", "positive")),
+        TaskSpec("cola", "classification", 2, ("sentence",), "matthews", _YES_NO),
+        TaskSpec("sst2", "classification", 2, ("sentence",), "accuracy", ("negative", "positive")),
+        TaskSpec("mrpc", "classification", 2, ("sentence1", "sentence2"), "f1", _YES_NO),
+        TaskSpec("qqp", "classification", 2, ("question1", "question2"), "f1", _YES_NO),
+        TaskSpec("stsb", "regression", 1, ("sentence1", "sentence2"), "spearman"),
+        TaskSpec("mnli", "classification", 3, ("premise", "hypothesis"), "accuracy", ("yes", "maybe", "no")),
+        TaskSpec("qnli", "classification", 2, ("question", "sentence"), "accuracy", _NLI),
+        TaskSpec("rte", "classification", 2, ("sentence1", "sentence2"), "accuracy", _NLI),
+        TaskSpec("wnli", "classification", 2, ("sentence1", "sentence2"), "accuracy", _YES_NO),
+        TaskSpec("text", "causal_lm", 0, ("prompt", "response"), "token_accuracy"),
+    )
+}
+
+
+def task_spec(name: str) -> TaskSpec:
+    """The spec of a task name; an unknown name raises ConfigError listing the choices."""
+    if name not in TASKS:
+        raise ConfigError(f"task.name={name}: unknown task; choose one of: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+# --- the embedded `default` task ------------------------------------------------------------------------
+# Sentiment with composition: a bag of words cannot read it, so a deep student has something to gain.
+# Rules (see `default_label`): each sentiment word counts +-1, doubled by an intensifier and flipped by a
+# negator anywhere before it (the modifiers wait for the next sentiment word); `but` discards everything
+# before it; the label is the sign of the total, ties are dropped. Telling "not very good" from "very good"
+# needs a token to look back at its neighbours and the classifier to sum those views: two hops of attention.
+POSITIVE = ("good", "great", "fun", "charming", "clever", "lovely",
+            "brilliant", "funny", "moving", "fresh", "smart", "gripping")
+NEGATIVE = ("bad", "dull", "awful", "boring", "weak", "clumsy",
+            "bland", "tedious", "messy", "silly", "stale", "flat")
+NEGATORS = ("not", "never")
+INTENSIFIERS = ("very", "really")
+NEUTRAL = ("the", "a", "movie", "film", "plot", "story", "cast", "ending", "acting", "script", "music",
+           "was", "is", "felt", "seemed", "and", "it", "this", "with", "overall", "at", "times", "of",
+           "characters", "scenes")
+DEFAULT_TASK_VOCAB: tuple[str, ...] = POSITIVE + NEGATIVE + NEGATORS + INTENSIFIERS + ("but",) + NEUTRAL
+DEFAULT_TRAIN_SIZE = 4000
+DEFAULT_EVAL_SIZE = 500
+SHORTCUT_ACCURACY = 0.7
+_POLARITY = {**dict.fromkeys(POSITIVE, 1), **dict.fromkeys(NEGATIVE, -1)}
+
+
+def _contributions(words: list[str]) -> list[int]:
+    """Signed weight of each sentiment word that counts (those after the last `but`)."""
+    out: list[int] = []
+    sign, scale = 1, 1
+    for word in words:
+        if word == "but":
+            out, sign, scale = [], 1, 1
+        elif word in NEGATORS:
+            sign = -sign
+        elif word in INTENSIFIERS:
+            scale = 2
+        elif word in _POLARITY:
+            out.append(sign * scale * _POLARITY[word])
+            sign, scale = 1, 1
+    return out
+
+
+def default_score(words: list[str]) -> int:
+    """Signed sentiment of a `default` task sentence under the rules above."""
+    return sum(_contributions(words))
+
+
+def default_label(sentence: str) -> int | None:
+    """1 positive, 0 negative, None for a tie (such sentences are not in the task)."""
+    score = default_score(sentence.split())
+    return None if score == 0 else int(score > 0)
+
+
+def _clause(rng: random.Random) -> list[str]:
+    words: list[str] = []
+    for _ in range(rng.choice((1, 1, 2, 2, 3))):
+        words += rng.sample(NEUTRAL, rng.randint(0, 3))
+        if rng.random() < 0.4:
+            words.append(rng.choice(NEGATORS))
+            if rng.random() < 0.3:  # a gap between negator and its word: "not the fresh"
+                words.append(rng.choice(NEUTRAL))
+        if rng.random() < 0.35:
+            words.append(rng.choice(INTENSIFIERS))
+        words.append(rng.choice(POSITIVE if rng.random() < 0.5 else NEGATIVE))
+    return words + rng.sample(NEUTRAL, rng.randint(0, 2))
+
+
+def _sentence(rng: random.Random) -> list[str]:
+    while True:
+        words = _clause(rng)
+        if rng.random() < 0.4:
+            words += ["but"] + _clause(rng)
+        if 6 <= len(words) <= 20:
+            return words
+
+
+def default_rows(n_train: int = DEFAULT_TRAIN_SIZE, n_eval: int = DEFAULT_EVAL_SIZE,
+                 *, seed: int = 0) -> dict[str, dict[str, list]]:
+    """{split: {"sentence": [...], "label": [...]}}: unique sentences, deterministic in `seed`.
+
+    Every split is balanced over (label, sign of the last counted sentiment word), so the shortcut "read the
+    last sentiment word and its negator" scores 50%: the model has to compose every phrase of the clause.
+    """
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    out: dict[str, dict[str, list]] = {}
+    for split, size in (("train", n_train), ("validation", n_eval)):
+        # buckets: (label 0, last word -), (0, +), (1, -), (1, +); the shortcut is right in 0 and 3
+        agree = round(size * SHORTCUT_ACCURACY / 2)
+        disagree = (size - 2 * agree) // 2
+        quota = [agree, disagree, size - 2 * agree - disagree, agree]
+        buckets: list[list[tuple[str, int]]] = [[], [], [], []]
+        while any(len(b) < q for b, q in zip(buckets, quota)):
+            words = _sentence(rng)
+            parts = _contributions(words)
+            sentence = " ".join(words)
+            if sum(parts) == 0 or sentence in seen:
+                continue
+            label = int(sum(parts) > 0)
+            bucket = buckets[2 * label + int(parts[-1] > 0)]
+            if len(bucket) < quota[2 * label + int(parts[-1] > 0)]:
+                seen.add(sentence)
+                bucket.append((sentence, label))
+        rows = [row for bucket in buckets for row in bucket]
+        rng.shuffle(rows)
+        out[split] = {"sentence": [s for s, _ in rows], "label": [y for _, y in rows]}
+    return out

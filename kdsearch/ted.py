@@ -1,0 +1,114 @@
+"""TED task-aware filters (Liang et al., ICML 2023): filter architectures, stage-1 heads and stage-1 training.
+
+Stage 1 trains one filter + pooler + task head per matched layer on a frozen model with the task loss (mean
+over filters), so each filter keeps what the task needs. It runs on the fine-tuned teacher (its filters are
+frozen in stage 2) and on the initial student (to initialise the student filters). Plain PyTorch only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .losses import task_loss
+from .registry import Registry
+
+if TYPE_CHECKING:
+    from .config import TedConfig
+
+ACTIVATIONS: Registry[Callable[[], nn.Module]] = Registry("activation")
+ACTIVATIONS.register("gelu")(nn.GELU)
+ACTIVATIONS.register("relu")(nn.ReLU)
+ACTIVATIONS.register("tanh")(nn.Tanh)
+
+FilterBuilder = Callable[[int, int, "TedConfig"], nn.Module]
+FILTERS: Registry[FilterBuilder] = Registry("filter")
+
+
+@FILTERS.register("linear")
+def linear_filter(d_in: int, d_out: int, cfg: TedConfig) -> nn.Module:
+    """TED's default filter: Linear(d, d_f)."""
+    return nn.Linear(d_in, d_out)
+
+
+@FILTERS.register("mlp")
+def mlp_filter(d_in: int, d_out: int, cfg: TedConfig) -> nn.Module:
+    """TED's non-linear option generalised: `depth` Linear layers, width `mlp_hidden`, activation between."""
+    hidden = cfg.mlp_hidden or d_in
+    dims = [d_in] + [hidden] * (cfg.depth - 1) + [d_out]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        if i:
+            layers.append(ACTIVATIONS.get(cfg.activation)())
+        layers.append(nn.Linear(a, b))
+    return nn.Sequential(*layers)
+
+
+def build_filters(indices: Iterable[int], d_in: int, d_out: int, cfg: TedConfig) -> nn.ModuleDict:
+    """One filter per hidden-state index, keyed by str(index)."""
+    return nn.ModuleDict({str(i): FILTERS.get(cfg.filter)(d_in, d_out, cfg) for i in indices})
+
+
+class FilterHead(nn.Module):
+    """Stage-1 head on a filtered state: pooler (dense + tanh on the first token) + linear task head.
+
+    For causal LMs (continual pre-training scenario) the head is a per-token LM head instead.
+    """
+
+    def __init__(self, d_f: int, n_out: int, *, causal: bool) -> None:
+        super().__init__()
+        self.causal = causal
+        self.pooler = None if causal else nn.Sequential(nn.Linear(d_f, d_f), nn.Tanh())
+        self.head = nn.Linear(d_f, n_out)
+
+    def forward(self, filtered: torch.Tensor) -> torch.Tensor:  # (B, T, d_f)
+        if self.causal:
+            return self.head(filtered)  # (B, T, V)
+        return self.head(self.pooler(filtered[:, 0]))  # (B, C)
+
+
+def stage1_accuracy(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[float, int]:
+    """(correct, count) of a stage-1 head; regression heads count within 0.5."""
+    if kind == "causal_lm":
+        pred, gold = logits[:, :-1].argmax(-1), labels[:, 1:]
+        keep = gold != -100
+        return float((pred[keep] == gold[keep]).sum()), int(keep.sum())
+    if kind == "regression":
+        return float(((logits.squeeze(-1) - labels).abs() < 0.5).sum()), len(labels)
+    return float((logits.argmax(-1) == labels).sum()), len(labels)
+
+
+def train_stage1(model: nn.Module, filters: nn.ModuleDict, *, d_f: int, loader: Iterable[dict], kind: str,
+                 n_out: int, epochs: int, lr: float, device: torch.device) -> dict[str, float]:
+    """Train `filters` (+ fresh heads) on the frozen `model`; loss = mean over filters of the task loss.
+
+    Returns the final-epoch training accuracy of each filter's head (a check that filters learned the task).
+    """
+    heads = nn.ModuleDict({k: FilterHead(d_f, n_out, causal=kind == "causal_lm") for k in filters})
+    filters.to(device).train()
+    heads.to(device).train()
+    model.eval()
+    opt = torch.optim.AdamW([*filters.parameters(), *heads.parameters()], lr=lr)
+    for _ in range(epochs):
+        correct = {k: 0.0 for k in filters}
+        seen = {k: 0 for k in filters}
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.no_grad():
+                hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               output_hidden_states=True).hidden_states
+            losses = []
+            for key, filt in filters.items():
+                logits = heads[key](filt(hidden[int(key)]))
+                losses.append(task_loss(logits, batch["labels"], kind=kind))
+                c, n = stage1_accuracy(logits.detach(), batch["labels"], kind)
+                correct[key] += c
+                seen[key] += n
+            opt.zero_grad(set_to_none=True)
+            torch.stack(losses).mean().backward()
+            opt.step()
+    return {k: correct[k] / max(seen[k], 1) for k in filters}
+

@@ -1,0 +1,125 @@
+"""One distillation run through a Ray Train TorchTrainer: `python -m kdsearch.train key=value ...`.
+
+The only module that imports Ray Train. It fills a `WorkerContext` with Ray's DDP wrapping, data sharding,
+reporting and checkpoints, and runs the framework-free loop in `kdsearch.loop` on every worker.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch.distributed as dist
+from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from .config import Config, ConfigError, load_config
+from .loop import WorkerContext, export_student, run_distillation
+from .prepare import Prepared, prepare
+from .validate import validate
+
+
+def _gather(obj: Any) -> list[Any]:
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+    checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+    ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point on each worker: the shared loop with Ray's hooks."""
+    context = ray.train.get_context()
+    checkpoint = ray.train.get_checkpoint()
+    rank = context.get_world_rank()
+
+    def run(checkpoint_dir: Path | None) -> None:
+        ctx = WorkerContext(
+            rank=rank, world_size=context.get_world_size(), device=ray.train.torch.get_device(),
+            report=_report, gather=_gather, checkpoint=checkpoint_dir,
+            wrap_model=lambda m: ray.train.torch.prepare_model(
+                m, parallel_strategy_kwargs={"find_unused_parameters": True}),
+            wrap_loader=ray.train.torch.prepare_data_loader,
+            log=lambda line: print(f"[kdsearch.train] {line}", flush=True))
+        run_distillation(loop_config["cfg"], loop_config["prepared"], ctx)
+
+    if checkpoint is None:
+        run(None)
+    else:
+        with checkpoint.as_directory() as directory:
+            run(Path(directory))
+
+
+def make_trainer(cfg: Config, prepared: Prepared, *, name: str, storage_path: str,
+                 callbacks: Sequence[Any] = (), max_failures: int = 2,
+                 loop: Callable[[dict[str, Any]], None] = train_loop_per_worker) -> TorchTrainer:
+    """A TorchTrainer for one run; the same (storage_path, name) restores from its latest checkpoint."""
+    resources = cfg.resources
+    return TorchTrainer(
+        loop,
+        train_loop_config={"cfg": cfg, "prepared": prepared},
+        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+                                     resources_per_worker=resources.per_worker()),
+        run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+
+
+def storage_for(cfg: Config) -> str:
+    return cfg.storage_path or str(Path(cfg.output_dir, "ray").resolve())
+
+
+def init_ray(**kwargs: Any) -> None:
+    """Attach to RAY_ADDRESS when set (cluster, `ray job submit`), else start a local runtime."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(overrides)
+        validate(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    prepared = prepare(cfg)
+    print(f"[kdsearch.train] teacher {cfg.teacher} on {prepared.spec.name}: "
+          f"eval_score={prepared.teacher_metrics['eval_score']:.4f}", flush=True)
+    init_ray()
+    # A fresh run per command; Tune trials use stable names instead so that retries restore.
+    name = f"distill-{prepared.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = make_trainer(cfg, prepared, name=name, storage_path=storage_for(cfg)).fit()
+    if result.error is not None:
+        print(f"error: training failed: {result.error}", file=sys.stderr)
+        return 1
+    final = result.metrics
+    assert result.checkpoint is not None
+    with result.checkpoint.as_directory() as directory:
+        out = export_student(cfg, prepared, Path(directory), Path(cfg.output_dir, "student"))
+    print(f"[kdsearch.train] final: eval_score={final['eval_score']:.4f} "
+          f"(teacher {prepared.teacher_metrics['eval_score']:.4f}), student {final['student_params']:,} params")
+    print(f"student saved to {out.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""`python -m kdsearch.tune space=<name> key=value ...`: a Ray Tune + Optuna search, every trial in MLflow.
+
+The only module that imports Ray Tune and Optuna's sampler. A trial with one worker runs the shared loop
+in the trial process itself (with reuse_actors: no per-trial actor start-up, ~0.3 s between trials); a trial
+with several workers launches a Ray Train run of the same loop, named after the trial so retries restore.
+Trial drivers take no CPU (the `kdsearch_driver` resource), so they never starve the Train workers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from . import spaces, sizing
+from .config import ConfigError
+from .export import export_best
+from .loop import WorkerContext, run_distillation
+from .prepare import prepare
+from .search import SearchSettings, check_search, code_version, objectives_of, parse_search_args, render_dry_run
+from .train import init_ray, make_trainer
+from .tune_callbacks import MlflowTrials, ProgressTable
+from .validate import validate
+
+
+def _tune_report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+    checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+    tune.report(metrics, checkpoint=checkpoint)
+
+
+def run_trial(params: dict[str, Any], *, space: spaces.Space, search: str, storage: str) -> None:
+    """One trial: the space's base + this trial's params, validated, prepared (cached), then trained."""
+    cfg = spaces.trial_config(space, params)
+    validate(cfg)
+    prepared = prepare(cfg)
+    if cfg.resources.num_workers == 1:
+        import torch
+
+        torch.set_num_threads(max(1, int(cfg.resources.cpus_per_trial)))
+        checkpoint = tune.get_checkpoint()
+        ctx = WorkerContext(device=torch.device("cuda" if cfg.resources.use_gpu else "cpu"), report=_tune_report,
+                            log=lambda line: None)
+        if checkpoint is None:
+            run_distillation(cfg, prepared, ctx)
+        else:
+            with checkpoint.as_directory() as directory:
+                ctx.checkpoint = Path(directory)
+                run_distillation(cfg, prepared, ctx)
+        return
+    trial_id = tune.get_context().get_trial_id()
+    trainer = make_trainer(cfg, prepared, name=f"{search}-{trial_id}", storage_path=storage,
+                           callbacks=[TuneReportCallback()])
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+
+
+def _trial_resources(space: spaces.Space, cluster: dict[str, float]):
+    """Per-trial request: the whole trial in-process (1 worker), or only a driver that holds no CPU."""
+    driver = sizing.driver_resources(cluster)
+
+    def request(config: dict[str, Any]) -> tune.PlacementGroupFactory:
+        res = spaces.trial_config(space, config).resources
+        if res.num_workers == 1:
+            bundle = {"CPU": res.cpus_per_trial, **({"GPU": res.gpus_per_trial} if res.use_gpu else {})}
+            return tune.PlacementGroupFactory([bundle])
+        return tune.PlacementGroupFactory([{k: v for k, v in driver.items() if v > 0}])
+
+    return request
+
+
+def _storage(settings: SearchSettings, space: spaces.Space) -> str:
+    configured = spaces.base_value(space, "storage_path")
+    return configured or str(Path(settings.results_dir, "ray").resolve())
+
+
+def _search_alg(settings: SearchSettings, space: spaces.Space, objectives: list[tuple[str, str]]) -> OptunaSearch:
+    sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=True, constant_liar=True,
+                                         n_startup_trials=min(8, max(2, space.budget.num_samples // 3)))
+    metric: Any = [m for m, _ in objectives] if len(objectives) > 1 else objectives[0][0]
+    mode: Any = [d for _, d in objectives] if len(objectives) > 1 else objectives[0][1]
+    return OptunaSearch(space=spaces.define_by_run(space), metric=metric, mode=mode, sampler=sampler,
+                        points_to_evaluate=spaces.initial_points(space) or None)
+
+
+def _concurrency(space: spaces.Space) -> int:
+    if space.budget.max_concurrent_trials:
+        return int(space.budget.max_concurrent_trials)
+    res = spaces.trial_config(space, {}).resources
+    cluster = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    return sizing.max_concurrent_trials(cluster, res.num_workers, res.cpus_per_trial, res.gpus_per_trial)
+
+
+def make_tuner(settings: SearchSettings, space: spaces.Space, tracker_args: dict[str, Any]) -> tune.Tuner:
+    objectives = objectives_of(settings, space)
+    storage = _storage(settings, space)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, space=space, search=settings.search_name, storage=storage),
+        _trial_resources(space, ray.cluster_resources()))
+    callbacks = [MlflowTrials(space=space, **tracker_args), ProgressTable(objectives=objectives)]
+    run_config = tune.RunConfig(name=settings.search_name, storage_path=storage, callbacks=callbacks,
+                                failure_config=tune.FailureConfig(max_failures=1), verbose=0,
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+    path = os.path.join(storage, settings.search_name)
+    if settings.resume:
+        if not tune.Tuner.can_restore(path):
+            raise ConfigError(f"resume=true: no search named {settings.search_name} under {storage} to resume")
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    metric, mode = objectives[0]
+    scheduler = ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=spaces.max_epochs(space),
+                              grace_period=space.budget.grace_period,
+                              reduction_factor=space.budget.reduction_factor)
+    tune_config = tune.TuneConfig(search_alg=_search_alg(settings, space, objectives), scheduler=scheduler,
+                                  num_samples=space.budget.num_samples, reuse_actors=True,
+                                  max_concurrent_trials=_concurrency(space),
+                                  time_budget_s=space.budget.time_budget_s)
+    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings, space = parse_search_args(list(sys.argv[1:] if argv is None else argv))
+        check_search(settings, space)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if settings.dry_run:
+        print(render_dry_run(settings, space))
+        return 0
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    objectives = objectives_of(settings, space)
+    # Prepare the shared artifacts (teacher fine-tuning, tokenised data) once, before trials race for them.
+    prepare(spaces.trial_config(space, {}))
+    init_ray(resources={sizing.DRIVER_RESOURCE: sizing.HEAD_DRIVER_UNITS})
+    tracker_args = {"uri": settings.tracking_uri, "experiment": settings.experiment,
+                    "search": settings.search_name, "space_name": space.name, "code_version": code_version(),
+                    "objectives": objectives}
+    try:
+        tuner = make_tuner(settings, space, tracker_args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    results = tuner.fit()
+    out = export_best(results, settings=settings, space=space, objectives=objectives)
+    return 0 if out is not None else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

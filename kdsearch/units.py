@@ -1,0 +1,59 @@
+"""Flex-KD task-relevance scores of teacher hidden units and top-k unit selection (Saadi & Wang, 2025).
+
+A unit's relevance is the first-order gradient magnitude of the task loss with respect to it, averaged over
+real tokens of the task data (`grad`), or the magnitude of gradient x activation (`grad_x_act`). Scores are
+computed once, for every hidden state of the fine-tuned teacher, and cached by the caller. Plain PyTorch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .losses import task_loss
+
+
+def score_units(teacher: nn.Module, loader: Iterable[dict], *, kind: str, method: Literal["grad", "grad_x_act"],
+                batches: int, device: torch.device) -> torch.Tensor:
+    """Relevance of every unit of every hidden state: (n_t + 1, d_t), row k = hidden_states[k]."""
+    teacher.eval()
+    total: torch.Tensor | None = None
+    tokens = 0.0
+    for step, batch in enumerate(loader):
+        if step >= batches:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        # Gradients w.r.t. activations of a frozen model: make the embedding lookup the leaf that requires grad.
+        embeds = teacher.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+        out = teacher(inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_hidden_states=True)
+        for h in out.hidden_states:
+            h.retain_grad()
+        task_loss(out.logits, batch["labels"], kind=kind).backward()
+        mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
+        per_layer = []
+        for h in out.hidden_states:
+            g = h.grad if method == "grad" else h.grad * h.detach()  # (B, T, D)
+            per_layer.append((g.abs() * mask).sum(dim=(0, 1)))  # (D,)
+        summed = torch.stack(per_layer)  # (n_t + 1, D)
+        total = summed if total is None else total + summed
+        tokens += float(mask.sum())
+    if total is None:
+        raise ValueError("no batches to score units on")
+    return (total / tokens).cpu()
+
+
+def select_units(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest-scoring units, in ascending index order (a fixed unit-to-unit pairing)."""
+    if not 0 < k <= scores.numel():
+        raise ValueError(f"cannot select {k} of {scores.numel()} units")
+    return torch.topk(scores, k).indices.sort().values
+
+
+def units_to_keep(ratio: float | None, d_student: int, d_teacher: int) -> int:
+    """ratio * d_t units (Flex-KD's top-d_s when ratio is None); at least 1."""
+    if ratio is None:
+        return d_student
+    return max(1, round(ratio * d_teacher))

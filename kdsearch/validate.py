@@ -1,0 +1,72 @@
+"""Complete check of a run config against the registries, the task files and the real teacher's shape.
+
+Runs before Ray starts; every problem is one ConfigError line naming the key to fix. Reads only the teacher's
+config (no weights) and the task files' headers. No Ray, Optuna or MLflow.
+"""
+
+from __future__ import annotations
+
+from .bridges import BRIDGES, resolve_bridge
+from .config import Config, ConfigError
+from .data import check_task
+from .layer_maps import LAYER_MAPS, check_map_args
+from .losses import DISTANCES
+from .models import depth_width, family_of, resolve_teacher, teacher_config
+from .ted import ACTIVATIONS, FILTERS
+
+
+def _check_names(cfg: Config) -> None:
+    LAYER_MAPS.check(cfg.distill.layer_map, key="distill.layer_map")
+    DISTANCES.check(cfg.distill.distance, key="distill.distance")
+    if cfg.distill.bridge != "auto":
+        BRIDGES.check(cfg.distill.bridge, key="distill.bridge")
+    FILTERS.check(cfg.ted.filter, key="ted.filter")
+    ACTIVATIONS.check(cfg.ted.activation, key="ted.activation")
+
+
+def _check_shapes(cfg: Config, n_t: int, d_t: int) -> None:
+    d_s = cfg.student.hidden_size or d_t
+    if cfg.student.layers > n_t and cfg.student.init == "teacher":
+        raise ConfigError(f"student.layers={cfg.student.layers} is deeper than the teacher ({n_t} layers): "
+                          "use fewer layers or student.init=random")
+    if d_s > d_t:
+        raise ConfigError(f"student.hidden_size={d_s} is wider than the teacher ({d_t}): a student must not be wider")
+    if d_s != d_t and cfg.student.init == "teacher":
+        raise ConfigError(f"student.init=teacher copies teacher weights, which needs student.hidden_size={d_t} "
+                          f"(got {d_s}); use student.init=random")
+    if cfg.distill.w_hidden > 0:
+        check_map_args(cfg.distill.layer_map, cfg.student.layers, n_t, cfg.distill.layers)
+    bridge = resolve_bridge(cfg.distill.bridge, d_s, d_t)
+    if bridge == "identity" and d_s != d_t:
+        raise ConfigError(f"distill.bridge=identity needs equal widths (student {d_s}, teacher {d_t}); "
+                          "use projector, ted or units")
+    if bridge == "units":
+        k = round(cfg.units.ratio * d_t) if cfg.units.ratio is not None else d_s
+        if k > d_s:
+            raise ConfigError(f"units.ratio={cfg.units.ratio} keeps {k} teacher units but the student has only "
+                              f"{d_s}: use units.ratio <= {d_s / d_t:.4g}")
+    if bridge == "ted":
+        if cfg.distill.layer_map == "inorder_random":
+            raise ConfigError("distill.bridge=ted needs a fixed layer map (its filters are trained per teacher "
+                              "layer in stage 1); distill.layer_map=inorder_random re-draws layers every epoch")
+        if cfg.ted.student_filters == "teacher" and d_s != d_t:
+            raise ConfigError(f"ted.student_filters=teacher copies teacher filters, which needs equal widths "
+                              f"(student {d_s}, teacher {d_t}); use stage1 or random")
+    if cfg.distill.w_task == 0 and cfg.distill.w_logit == 0 and (cfg.distill.w_hidden == 0
+                                                                  or cfg.distill.layer_map == "none"):
+        raise ConfigError("every loss weight is 0 (distill.w_task, distill.w_logit, distill.w_hidden): "
+                          "nothing would be trained")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError (one line) for anything that would fail later; returns quietly when all is well."""
+    _check_names(cfg)
+    source = resolve_teacher(cfg.teacher)
+    try:
+        teacher = teacher_config(source)
+    except OSError as err:
+        raise ConfigError(f"teacher={cfg.teacher}: cannot load its config ({str(err).splitlines()[0]})") from None
+    spec = check_task(cfg.task)
+    if family_of(teacher) == "encoder" and spec.kind == "causal_lm":
+        raise ConfigError(f"task.name={spec.name} is a causal-LM task but teacher={cfg.teacher} is an encoder")
+    _check_shapes(cfg, *depth_width(teacher))

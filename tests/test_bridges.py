@@ -1,0 +1,130 @@
+"""Contract tests over every registered bridge, Flex-KD unit scoring, and the shared step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kdsearch import models
+from kdsearch.bridges import BRIDGES, BridgeInputs
+from kdsearch.config import load_config
+from kdsearch.step import Distiller, teacher_forward
+from kdsearch.tasks import task_spec
+from kdsearch.ted import FILTERS, build_filters
+from kdsearch.units import score_units, select_units
+
+PAIRS = [(0, 0), (1, 2), (2, 4)]
+
+
+def inputs(bridge: str, d_s: int, d_t: int = 64, **overrides: str) -> BridgeInputs:
+    cfg = load_config([f"distill.bridge={bridge}", *(f"{k}={v}" for k, v in overrides.items())])
+    d_f = cfg.ted.width or d_t
+    teacher_f = build_filters([0, 2, 4], d_t, d_f, cfg.ted).state_dict()
+    student_f = build_filters([0, 1, 2], d_s, d_f, cfg.ted).state_dict()
+    return BridgeInputs(cfg=cfg, pairs=PAIRS, d_student=d_s, d_teacher=d_t, teacher_filters=teacher_f,
+                        student_filters=student_f, unit_scores=torch.rand(5, d_t))
+
+
+@pytest.mark.parametrize("name", BRIDGES.names())
+def test_every_bridge_maps_both_sides_to_one_space_and_trains_only_the_student_side(name: str) -> None:
+    d_s = 64 if name == "identity" else 32
+    bridge = BRIDGES.get(name)(inputs(name, d_s))
+    hs, ht = torch.randn(2, 5, d_s, requires_grad=True), torch.randn(2, 5, 64)
+    for s, t in PAIRS:
+        sv, tv = bridge.student_view(s, hs), bridge.teacher_view(t, ht)
+        assert sv.shape == tv.shape
+        sv.sum().backward()
+        assert hs.grad is not None and hs.grad.abs().sum() > 0
+        hs.grad = None
+    teacher_side = [p for n, p in bridge.named_parameters() if n.startswith("teacher")]
+    assert all(not p.requires_grad for p in teacher_side)
+
+
+@pytest.mark.parametrize("name", FILTERS.names())
+def test_filters_backpropagate(name: str) -> None:
+    cfg = load_config([f"ted.filter={name}", "ted.depth=3"])
+    f = FILTERS.get(name)(16, 8, cfg.ted)
+    x = torch.randn(3, 16)
+    f(x).pow(2).sum().backward()
+    assert all(p.grad is not None for p in f.parameters())
+
+
+def test_ted_student_filters_load_stage1_weights() -> None:
+    given = inputs("ted", 32)
+    bridge = BRIDGES.get("ted")(given)
+    torch.testing.assert_close(bridge.student_filters["1"].weight, given.student_filters["1.weight"])
+    torch.testing.assert_close(bridge.teacher_filters["2"].weight, given.teacher_filters["2.weight"])
+
+
+def test_units_bridge_picks_the_top_scored_teacher_units() -> None:
+    given = inputs("units", 32, **{"units.ratio": 0.25})
+    bridge = BRIDGES.get("units")(given)
+    ht = torch.arange(64.0).expand(1, 1, 64)
+    picked = bridge.teacher_view(2, ht).flatten().long()
+    assert picked.tolist() == sorted(torch.topk(given.unit_scores[2], 16).indices.tolist())
+    assert bridge.student_view(1, torch.randn(1, 1, 32)).shape[-1] == 16
+
+
+def test_select_units_returns_the_asked_number_of_unique_units() -> None:
+    for k in (1, 7, 64):
+        chosen = select_units(torch.rand(64), k)
+        assert len(set(chosen.tolist())) == k == len(chosen)
+
+
+def test_flex_scores_find_the_units_that_carry_the_label() -> None:
+    """A BERT whose classifier reads only units {3, 17, 40} of the [CLS] state: those must rank top."""
+    config = models.with_task_head(models.teacher_config(models.resolve_teacher("tiny-bert"), vocab_size=30),
+                                   task_spec("default"))
+    torch.manual_seed(0)
+    teacher = models.task_model_class("encoder").from_config(config)
+    carrying = [3, 17, 40]
+    with torch.no_grad():
+        teacher.bert.pooler.dense.weight.copy_(torch.eye(64))
+        teacher.bert.pooler.dense.bias.zero_()
+        teacher.classifier.weight.zero_()
+        teacher.classifier.weight[1, carrying] = 2.0
+        teacher.classifier.weight[0, carrying] = -2.0
+    models.freeze(teacher)
+    batches = [{"input_ids": torch.randint(1, 30, (8, 6)), "attention_mask": torch.ones(8, 6, dtype=torch.long),
+                "labels": torch.randint(0, 2, (8,))} for _ in range(3)]
+    scores = score_units(teacher, batches, kind="classification", method="grad", batches=3,
+                         device=torch.device("cpu"))
+    assert scores.shape == (5, 64)
+    assert select_units(scores[-1], 3).tolist() == carrying
+
+
+def _tiny_pair(hidden: int | None = None) -> tuple[nn.Module, nn.Module]:
+    config = models.with_task_head(models.teacher_config(models.resolve_teacher("tiny-bert"), vocab_size=30),
+                                   task_spec("default"))
+    torch.manual_seed(0)
+    teacher = models.freeze(models.task_model_class("encoder").from_config(config))
+    student = models.build_student(teacher, layers=2, hidden_size=hidden, init="random", seed=0)
+    return teacher, student
+
+
+def test_step_terms_and_their_weighted_sum() -> None:
+    teacher, student = _tiny_pair()
+    cfg = load_config(["distill.w_task=1", "distill.w_logit=2", "distill.w_hidden=3"]).distill
+    distiller = Distiller(student, BRIDGES.get("identity")(inputs("identity", 64)), kind="classification", cfg=cfg)
+    batch = {"input_ids": torch.randint(1, 30, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long),
+             "labels": torch.randint(0, 2, (4,))}
+    terms = distiller(batch, teacher_forward(teacher, batch, hidden=True), [(1, 2), (2, 4)])
+    assert set(terms) == {"task", "logit", "hidden", "loss", "logits"}
+    expected = terms["task"] + 2 * terms["logit"] + 3 * terms["hidden"]
+    torch.testing.assert_close(terms["loss"], expected)
+    terms["loss"].backward()
+    assert [n for n, p in student.named_parameters() if p.grad is None] == []
+
+
+def test_step_with_the_teacher_as_student_has_zero_distillation_terms() -> None:
+    teacher, _ = _tiny_pair()
+    cfg = load_config(["distill.w_task=0"]).distill
+    twin = models.build_student(teacher, layers=4, hidden_size=None, init="teacher", seed=0)
+    distiller = Distiller(twin.eval(), BRIDGES.get("identity")(inputs("identity", 64)), kind="classification",
+                          cfg=cfg)
+    batch = {"input_ids": torch.randint(1, 30, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long),
+             "labels": torch.randint(0, 2, (4,))}
+    terms = distiller(batch, teacher_forward(teacher, batch, hidden=True), [(k, k) for k in range(5)])
+    assert float(terms["logit"].detach()) == pytest.approx(0.0, abs=1e-6)
+    assert float(terms["hidden"].detach()) == pytest.approx(0.0, abs=1e-6)

@@ -1,0 +1,359 @@
+"""Task data: every file format, subsampling, one-line config errors, metrics against hand-computed values,
+the tokenised-data cache, causal label masking, collation, and a slice of the real SST-2 files."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from kdsearch.config import ConfigError, TaskConfig
+from kdsearch.data import check_task, collate, load_raw_task, tokenize_task, train_texts
+from kdsearch.metrics import compute_metrics, rank_average
+from kdsearch.tasks import DEFAULT_TASK_VOCAB, TASKS, default_label, default_rows, task_spec
+
+SST2 = Path("/work/shared/data/sst2")
+ROWS = [("a fine film", 1), ("dull and slow", 0), ("it works", 1), ("not good", 0), ("great fun", 1)]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+        monkeypatch.setattr(datasets.config, name, True)
+    datasets.disable_progress_bars()
+
+
+def write(path: Path, rows: list[dict], fmt: str) -> Path:
+    """Rows -> one file in `fmt`, as GLUE ships it (tsv: header, tabs, no quoting)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        sep = "\t" if fmt == "tsv" else ","
+        lines = [sep.join(rows[0])] + [sep.join(str(v) for v in r.values()) for r in rows]
+        path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def sst2_dir(root: Path, fmt: str = "tsv", dev_stem: str = "dev") -> Path:
+    rows = [{"sentence": s, "label": y} for s, y in ROWS]
+    write(root / f"train.{fmt}", rows, fmt)
+    write(root / f"{dev_stem}.{fmt}", rows[:3], fmt)
+    return root
+
+
+def load(tmp_path: Path, **task: object):
+    return load_raw_task(TaskConfig(**task), cache_dir=tmp_path / "cache")  # type: ignore[arg-type]
+
+
+def make_tokenizer(texts, *, family: str):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[EOS]"]
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=special))
+    if family == "encoder":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                       cls_token="[CLS]", sep_token="[SEP]")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+
+
+@pytest.fixture(scope="module")
+def default_task():
+    datasets.disable_progress_bars()
+    return load_raw_task(TaskConfig(train_size=300, eval_size=50))
+
+
+# --- loading ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["tsv", "csv", "jsonl", "parquet"])
+def test_every_file_format_loads_the_same_rows(tmp_path: Path, fmt: str) -> None:
+    spec, raw = load(tmp_path, name="sst2", data_dir=str(sst2_dir(tmp_path / "d", fmt)))
+    assert spec.name == "sst2" and set(raw) == {"train", "validation"}
+    assert raw["train"].column_names == ["sentence", "label"]
+    assert [(r["sentence"], r["label"]) for r in raw["train"]] == ROWS
+    assert len(raw["validation"]) == 3
+
+
+def test_validation_file_name_pair_task_and_mnli_dev_matched(tmp_path: Path) -> None:
+    rows = [{"sentence1": "a b", "sentence2": "c d", "label": 1, "idx": 0}] * 4
+    write(tmp_path / "m" / "train.jsonl", rows, "jsonl")
+    write(tmp_path / "m" / "validation.jsonl", rows, "jsonl")
+    spec, raw = load(tmp_path, name="mrpc", data_dir=str(tmp_path / "m"))
+    assert raw["validation"].column_names == ["sentence1", "sentence2", "label"]  # extra columns dropped
+    nli = [{"premise": "p", "hypothesis": "h", "label": 2}] * 3
+    write(tmp_path / "n" / "train.tsv", nli, "tsv")
+    write(tmp_path / "n" / "dev_matched.tsv", nli, "tsv")
+    assert load(tmp_path, name="mnli", data_dir=str(tmp_path / "n"))[1]["validation"]["label"] == [2, 2, 2]
+
+
+def test_regression_labels_are_floats(tmp_path: Path) -> None:
+    rows = [{"sentence1": "a", "sentence2": "b", "label": 3.8}, {"sentence1": "c", "sentence2": "d", "label": 1}]
+    write(tmp_path / "s" / "train.tsv", rows, "tsv")
+    write(tmp_path / "s" / "dev.tsv", rows, "tsv")
+    spec, raw = load(tmp_path, name="stsb", data_dir=str(tmp_path / "s"))
+    assert spec.kind == "regression" and raw["train"]["label"] == pytest.approx([3.8, 1.0])
+
+
+def test_text_task_reads_text_prompt_response_and_instruction_layouts(tmp_path: Path) -> None:
+    layouts = {"t": [{"text": "hello world"}, {"text": "  "}, {"text": "bye"}],
+               "p": [{"prompt": "Q: 2+2?", "response": " 4"}] * 2,
+               "i": [{"instruction": "Add", "input": "2 2", "output": "4"}] * 2}
+    for name, rows in layouts.items():
+        write(tmp_path / name / "train.jsonl", rows, "jsonl")
+        write(tmp_path / name / "dev.jsonl", rows, "jsonl")
+    raw = {name: load(tmp_path, name="text", data_dir=str(tmp_path / name))[1]["train"] for name in layouts}
+    assert raw["t"]["prompt"] == ["", ""] and raw["t"]["response"] == ["hello world", "bye"]  # blank dropped
+    assert raw["p"][0] == {"prompt": "Q: 2+2?", "response": " 4"}
+    assert raw["i"][0] == {"prompt": "Add\n2 2\n", "response": "4"}
+
+
+def test_subsample_is_seeded_and_draws_from_the_data(tmp_path: Path) -> None:
+    rows = [{"sentence": f"s{i}", "label": i % 2} for i in range(40)]
+    write(tmp_path / "d" / "train.tsv", rows, "tsv")
+    write(tmp_path / "d" / "dev.tsv", rows, "tsv")
+    task = dict(name="sst2", data_dir=str(tmp_path / "d"), train_size=7, eval_size=3)
+    first, again = load(tmp_path, **task)[1], load(tmp_path, **task)[1]
+    assert (len(first["train"]), len(first["validation"])) == (7, 3)
+    assert first["train"]["sentence"] == again["train"]["sentence"]
+    assert set(first["train"]["sentence"]) < {r["sentence"] for r in rows}
+    assert first["train"]._fingerprint == again["train"]._fingerprint  # content-addressed
+    assert load(tmp_path, **{**task, "train_size": 1000})[1]["train"].num_rows == 40
+
+
+# --- errors -------------------------------------------------------------------------------------------
+def _broken(tmp_path: Path, case: str) -> dict:
+    d = tmp_path / "d"
+    if case == "no_dir":
+        return dict(name="sst2", data_dir=str(tmp_path / "missing"))
+    sst2_dir(d)
+    if case == "unknown_task":
+        return dict(name="sst3", data_dir=str(d))
+    if case == "no_data":
+        return dict(name="sst2")
+    if case == "no_dev":
+        (d / "dev.tsv").unlink()
+    if case == "empty":
+        (d / "train.tsv").write_text("")
+    if case == "header_only":
+        (d / "dev.tsv").write_text("sentence\tlabel\n")
+    if case == "no_label":
+        write(d / "train.tsv", [{"sentence": "x", "labels": 1}], "tsv")
+    if case == "no_text":
+        write(d / "train.tsv", [{"text": "x", "label": 1}], "tsv")
+    if case == "two_train_files":
+        write(d / "train.csv", [{"sentence": "x", "label": 1}], "csv")
+    if case == "empty_parquet":
+        (d / "train.tsv").unlink()
+        pq.write_table(pa.table({"sentence": pa.array([], pa.string()), "label": pa.array([], pa.int64())}),
+                       d / "train.parquet")
+    return dict(name="sst2", data_dir=str(d))
+
+
+ERRORS = {"no_dir": ("task.data_dir", "no such directory"), "unknown_task": ("task.name=sst3", "sst2, stsb"),
+          "no_data": ("task.data_dir", "task.hub=glue"), "no_dev": ("task.data_dir", "no validation file"),
+          "empty": ("task.data_dir", "train.tsv is empty"), "header_only": ("task.data_dir", "no rows"),
+          "no_label": ("task.data_dir", "found columns: sentence, labels"),
+          "no_text": ("task.data_dir", "no 'sentence' column"), "two_train_files": ("task.data_dir", "keep one"),
+          "empty_parquet": ("task.data_dir", "no rows")}
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_bad_task_settings_raise_one_line_config_errors(tmp_path: Path, case: str) -> None:
+    task = _broken(tmp_path, case)
+    for call in (lambda: check_task(TaskConfig(**task)), lambda: load(tmp_path, **task)):
+        with pytest.raises(ConfigError) as err:
+            call()
+        message = str(err.value)
+        assert "\n" not in message and all(part in message for part in ERRORS[case]), message
+
+
+def test_check_task_reads_only_the_header_while_loading_reports_bad_rows(tmp_path: Path) -> None:
+    d = sst2_dir(tmp_path / "d")
+    (d / "dev.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t7\n")  # 7: not a class of sst2
+    assert check_task(TaskConfig(name="sst2", data_dir=str(d))).name == "sst2"
+    with pytest.raises(ConfigError, match=r"task.data_dir=.*labels span 1..7.*classes 0..1"):
+        load(tmp_path, name="sst2", data_dir=str(d))
+
+
+def test_default_task_rejects_a_data_dir() -> None:
+    with pytest.raises(ConfigError, match="task.data_dir=x.*generated in code"):
+        check_task(TaskConfig(data_dir="x"))
+
+
+def test_unknown_task_name_lists_every_choice() -> None:
+    with pytest.raises(ConfigError, match="task.name=foo: unknown task; choose one of: cola, default"):
+        task_spec("foo")
+    assert {"default", "sst2", "cola", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli", "text"} == set(TASKS)
+
+
+# --- the embedded default task ------------------------------------------------------------------------
+def test_default_task_is_deterministic_balanced_small_and_follows_its_rules() -> None:
+    rows = default_rows(400, 100)
+    assert rows == default_rows(400, 100)
+    train, val = rows["train"], rows["validation"]
+    assert (len(train["label"]), len(val["label"])) == (400, 100) and sum(train["label"]) == 200
+    assert not set(train["sentence"]) & set(val["sentence"])
+    words = {w for s in train["sentence"] for w in s.split()}
+    assert words <= set(DEFAULT_TASK_VOCAB) and len(DEFAULT_TASK_VOCAB) <= 60
+    assert all(6 <= len(s.split()) <= 20 for s in train["sentence"])
+    assert all(default_label(s) == y for s, y in zip(train["sentence"], train["label"], strict=True))
+    cases = {"good": 1, "not good": 0, "never very bad": 1, "very bad good": 0, "good but bad": 0,
+             "bad but not the bad": 1, "not not good": 1, "good bad": None}
+    assert {s: default_label(s) for s in cases} == cases
+
+
+def test_default_task_loads_with_its_full_size_and_label_words(default_task) -> None:
+    spec, raw = load_raw_task(TaskConfig())
+    assert (raw["train"].num_rows, raw["validation"].num_rows) == (4000, 500)
+    assert spec.kind == "classification" and spec.label_words == ("negative", "positive")
+    texts = list(train_texts(default_task[1], default_task[0]))
+    assert len(texts) == 300 and texts[0].endswith((" => negative", " => positive"))
+
+
+# --- metrics ------------------------------------------------------------------------------------------
+def test_classification_metrics_match_hand_computed_values() -> None:
+    pred, gold = np.array([1, 1, 0, 1, 0, 0, 1]), np.array([1, 0, 0, 1, 1, 0, 1])
+    # tp=3 fp=1 fn=1 tn=2: f1 = 6/8; mcc = (3*2 - 1*1) / sqrt(4*4*3*3) = 5/12
+    mrpc = compute_metrics(task_spec("mrpc"), pred, gold)
+    assert mrpc == pytest.approx({"accuracy": 5 / 7, "f1": 0.75, "score": 0.75})
+    cola = compute_metrics(task_spec("cola"), pred, gold)
+    assert cola == pytest.approx({"accuracy": 5 / 7, "matthews": 5 / 12, "score": 5 / 12})
+    logits = np.eye(3)[[0, 2, 1, 1]] + 0.1  # argmax -> 0, 2, 1, 1
+    assert compute_metrics(task_spec("mnli"), logits, np.array([0, 2, 2, 1]))["score"] == 0.75
+    assert compute_metrics(task_spec("cola"), np.ones(4, int), np.array([0, 1, 0, 1]))["matthews"] == 0.0
+
+
+def test_regression_metrics_with_ties_match_hand_computed_values() -> None:
+    x, y = np.array([1.0, 2.0, 2.0, 4.0]), np.array([1.0, 3.0, 2.0, 2.0])
+    assert rank_average(x).tolist() == [1.0, 2.5, 2.5, 4.0] and rank_average(y).tolist() == [1.0, 4.0, 2.5, 2.5]
+    out = compute_metrics(task_spec("stsb"), x.reshape(-1, 1), y)
+    # pearson: dx=(-1.25,-.25,-.25,1.75), dy=(-1,1,0,0): cov=1.0, |dx|^2=4.75, |dy|^2=2
+    assert out["pearson"] == pytest.approx(1.0 / np.sqrt(4.75 * 2))
+    # spearman: ranks centred (-1.5,0,0,1.5) and (-1.5,1.5,0,0): 2.25 / sqrt(4.5 * 4.5) = 0.5
+    assert out["spearman"] == pytest.approx(0.5) and out["score"] == out["spearman"]
+    assert compute_metrics(task_spec("stsb"), np.ones(4), y)["pearson"] == 0.0
+
+
+def test_token_accuracy_ignores_masked_positions() -> None:
+    labels = np.array([[-100, -100, 5, 6], [-100, 7, 8, -100]])
+    preds = np.array([[9, 9, 5, 0], [9, 7, 8, 9]])
+    assert compute_metrics(task_spec("text"), preds, labels) == {"token_accuracy": 0.75, "score": 0.75}
+    flat = compute_metrics(task_spec("text"), np.array([5, 0, 7, 8]), np.array([5, 6, 7, 8]))
+    assert flat["score"] == 0.75
+
+
+# --- tokenisation -------------------------------------------------------------------------------------
+def test_encoder_tokenisation_truncates_and_keeps_labels(default_task, tmp_path: Path) -> None:
+    spec, raw = default_task
+    tok = make_tokenizer(train_texts(raw, spec), family="encoder")
+    data = tokenize_task(raw, spec, tok, max_length=8, cache_dir=tmp_path, family="encoder")
+    assert data["train"].column_names == ["input_ids", "attention_mask", "labels"]
+    assert data["train"]["labels"] == raw["train"]["label"]
+    ids = data["train"]["input_ids"]
+    assert max(map(len, ids)) == 8 and all(seq[0] == tok.cls_token_id for seq in ids)
+    assert tok.unk_token_id not in {t for seq in ids for t in seq}
+
+
+def test_pair_tasks_are_encoded_as_pairs(tmp_path: Path) -> None:
+    rows = [{"question": "who is it", "sentence": "it is me", "label": 0}] * 2
+    for stem in ("train", "dev"):
+        write(tmp_path / "q" / f"{stem}.tsv", rows, "tsv")
+    spec, raw = load(tmp_path, name="qnli", data_dir=str(tmp_path / "q"))
+    tok = make_tokenizer(train_texts(raw, spec), family="encoder")
+    data = tokenize_task(raw, spec, tok, max_length=32, cache_dir=tmp_path, family="encoder")
+    assert data["train"][0]["input_ids"].count(tok.sep_token_id) == 2
+
+
+def test_causal_labels_mask_the_prompt_and_keep_the_answer(default_task, tmp_path: Path) -> None:
+    spec, raw = default_task
+    tok = make_tokenizer(train_texts(raw, spec), family="causal")
+    data = tokenize_task(raw, spec, tok, max_length=10, cache_dir=tmp_path, family="causal")
+    for row, raw_row in zip(data["train"].select(range(20)), raw["train"].select(range(20)), strict=True):
+        answer = tok(" " + spec.label_words[raw_row["label"]], add_special_tokens=False)["input_ids"]
+        answer += [tok.eos_token_id]
+        assert len(row["input_ids"]) == 10  # every default sentence is longer than the window
+        assert row["input_ids"][-len(answer):] == answer == row["labels"][-len(answer):]
+        assert row["labels"][: -len(answer)] == [-100] * (10 - len(answer))
+        prompt_end = tok("=>", add_special_tokens=False)["input_ids"]
+        assert row["input_ids"][-len(answer) - len(prompt_end): -len(answer)] == prompt_end
+
+
+def test_causal_text_task_trains_on_the_response_only(tmp_path: Path) -> None:
+    rows = [{"prompt": "say hi", "response": " hi there"}, {"prompt": "", "response": "plain text line"}]
+    for stem in ("train", "dev"):
+        write(tmp_path / "t" / f"{stem}.jsonl", rows, "jsonl")
+    spec, raw = load(tmp_path, name="text", data_dir=str(tmp_path / "t"))
+    tok = make_tokenizer(train_texts(raw, spec), family="causal")
+    first, second = tokenize_task(raw, spec, tok, max_length=16, cache_dir=tmp_path, family="causal")["train"]
+    assert first["labels"] == [-100, -100, *first["input_ids"][2:]]
+    assert second["labels"] == second["input_ids"] and second["labels"][-1] == tok.eos_token_id
+    with pytest.raises(ConfigError, match="task.name=text: a causal_lm task needs a causal"):
+        tokenize_task(raw, spec, tok, max_length=16, cache_dir=tmp_path, family="encoder")
+
+
+def test_tokenised_data_is_cached_on_disk_and_reused(default_task, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    spec, raw = default_task
+    tok = make_tokenizer(train_texts(raw, spec), family="encoder")
+    kwargs = dict(max_length=16, cache_dir=tmp_path, family="encoder")
+    first = tokenize_task(raw, spec, tok, **kwargs)  # type: ignore[arg-type]
+    (entry,) = (tmp_path / "data").iterdir()
+    assert all(Path(f["filename"]).is_relative_to(entry) for ds in first.values() for f in ds.cache_files)
+
+    def no_map(*args: object, **kw: object) -> None:
+        raise AssertionError("re-tokenised although the cache holds this data")
+
+    _, same_rows = load_raw_task(TaskConfig(train_size=300, eval_size=50))  # a fresh load of the same rows
+    monkeypatch.setattr(datasets.Dataset, "map", no_map)
+    second = tokenize_task(same_rows, spec, tok, **kwargs)  # type: ignore[arg-type]
+    assert second["train"][:] == first["train"][:] and second["validation"][:] == first["validation"][:]
+    monkeypatch.undo()
+    tokenize_task(raw, spec, tok, **{**kwargs, "max_length": 12})  # type: ignore[arg-type]
+    tokenize_task(raw.map(lambda r: {"label": 1 - r["label"]}), spec, tok, **kwargs)  # type: ignore[arg-type]
+    assert len(list((tmp_path / "data").iterdir())) == 3
+
+
+# --- collation ----------------------------------------------------------------------------------------
+def test_collate_pads_ids_masks_and_token_labels() -> None:
+    rows = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
+            {"input_ids": [8], "attention_mask": [1], "labels": [8]}]
+    batch = functools.partial(collate, pad_id=3)(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert all(t.dtype == torch.long for t in batch.values())
+
+
+def test_collate_stacks_class_ids_and_scores() -> None:
+    rows = [{"input_ids": [1, 2], "attention_mask": [1, 1], "labels": y} for y in (1, 0)]
+    assert collate(rows)["labels"].dtype == torch.long and collate(rows)["input_ids"].tolist() == [[1, 2]] * 2
+    scores = collate([{**rows[0], "labels": 3.5}, {**rows[1], "labels": 1.0}])["labels"]
+    assert scores.dtype == torch.float32 and scores.tolist() == [3.5, 1.0]
+
+
+# --- real data ----------------------------------------------------------------------------------------
+@pytest.mark.skipif(not SST2.is_dir(), reason="no local SST-2 copy")
+def test_a_slice_of_the_real_sst2_files_loads(tmp_path: Path) -> None:
+    for name in ("train.tsv", "dev.tsv"):
+        with (SST2 / name).open(encoding="utf-8") as src, (tmp_path / name).open("w", encoding="utf-8") as dst:
+            dst.writelines(line for _, line in zip(range(201), src))  # header + 200 rows
+    shutil.copy(tmp_path / "dev.tsv", tmp_path / "dev.copy")  # unrelated files are ignored
+    spec, raw = load(tmp_path, name="sst2", data_dir=str(tmp_path))
+    assert (raw["train"].num_rows, raw["validation"].num_rows) == (200, 200)
+    assert set(raw["train"]["label"]) == {0, 1} and all(raw["train"]["sentence"])

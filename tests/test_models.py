@@ -1,0 +1,79 @@
+"""Teacher resolution, student derivation and teacher-weight init on tiny in-code models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdsearch import models
+from kdsearch.config import ConfigError
+from kdsearch.tasks import task_spec
+
+SPEC = task_spec("default")
+
+
+def tiny(name: str, vocab: int = 50) -> torch.nn.Module:
+    source = models.resolve_teacher(name)
+    config = models.with_task_head(models.teacher_config(source, vocab_size=vocab), SPEC)
+    family = models.family_of(config)
+    torch.manual_seed(0)
+    return models.task_model_class(family).from_config(config)
+
+
+@pytest.mark.parametrize("name", models.TINY_MODELS)
+def test_teacher_init_copies_exactly_the_forward_mapped_layers(name: str) -> None:
+    teacher = tiny(name)
+    student = models.build_student(teacher, layers=2, hidden_size=None, init="teacher", seed=1)
+    mapped = models.forward_teacher_layers(2, 4)
+    assert mapped == [1, 3]
+    copied = 0
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    for key, value in s_state.items():
+        match = models._LAYER_KEY.match(key)
+        if match:
+            prefix, index, rest = match.groups()
+            torch.testing.assert_close(value, t_state[f"{prefix}.{mapped[int(index)]}.{rest}"], rtol=0, atol=0)
+            copied += 1
+        elif key in t_state:
+            torch.testing.assert_close(value, t_state[key], rtol=0, atol=0)
+    assert copied > 0
+    # and it is not the same as copying the first two layers
+    first = {k for k, v in s_state.items() if models._LAYER_KEY.match(k) and ".0." in k and v.dim() == 2}
+    some = sorted(first)[0]
+    prefix, _, rest = models._LAYER_KEY.match(some).groups()
+    assert not torch.equal(s_state[some], t_state[f"{prefix}.0.{rest}"])
+
+
+def test_random_init_differs_from_teacher() -> None:
+    teacher = tiny("tiny-bert")
+    student = models.build_student(teacher, layers=2, hidden_size=None, init="random", seed=1)
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(student.state_dict()[key], teacher.state_dict()[key])
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2", "tiny-qwen"])
+def test_narrow_student_runs(name: str) -> None:
+    teacher = tiny(name)
+    student = models.build_student(teacher, layers=2, hidden_size=32, init="random", seed=0)
+    out = student(input_ids=torch.randint(0, 50, (2, 7)), output_hidden_states=True)
+    assert len(out.hidden_states) == 3
+    assert out.hidden_states[-1].shape[-1] == 32
+    assert models.count_parameters(student) < models.count_parameters(teacher)
+
+
+def test_missing_teacher_path_is_a_config_error(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="no model directory"):
+        models.resolve_teacher(str(tmp_path / "nope"))
+
+
+def test_families() -> None:
+    assert models.family_of(tiny("tiny-bert").config) == "encoder"
+    assert models.family_of(tiny("tiny-gpt2").config) == "causal"
+
+
+def test_saved_teacher_round_trips_through_from_pretrained(tmp_path) -> None:
+    teacher = tiny("tiny-bert")
+    teacher.save_pretrained(tmp_path)
+    loaded, has_head = models.load_pretrained(str(tmp_path), spec=SPEC, family="encoder")
+    assert has_head
+    torch.testing.assert_close(loaded.state_dict()["classifier.weight"], teacher.state_dict()["classifier.weight"])

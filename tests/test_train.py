@@ -1,0 +1,162 @@
+"""The per-worker loop without Ray (resume, NaN), TED stage 1, and Ray Train runs (1 vs 2 workers, the CLI)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdsearch.config import Config, load_config
+from kdsearch.loop import WorkerContext, run_distillation
+from kdsearch.prepare import prepare
+
+SMALL = ["task.train_size=256", "task.eval_size=128", "train.epochs=2", "finetune.epochs=2", "train.dropout=0.0",
+         "train.batch_size=16", "ted.stage1_epochs=2"]
+
+
+def small(tmp_cache: Path, *extra: str) -> Config:
+    return load_config([*SMALL, f"cache_dir={tmp_cache}", *extra])
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def _run(cfg: Config, checkpoint: Path | None = None, store: Path | None = None) -> list[dict]:
+    reports: list[dict] = []
+
+    def report(metrics: dict, ckpt: Path | None) -> None:
+        reports.append(metrics)
+        if store is not None and ckpt is not None:
+            target = store / f"epoch{metrics['epoch']}"
+            target.mkdir(parents=True)
+            for f in ckpt.iterdir():
+                (target / f.name).write_bytes(f.read_bytes())
+
+    run_distillation(cfg, prepare(cfg), WorkerContext(report=report, checkpoint=checkpoint, log=lambda _: None))
+    return reports
+
+
+@pytest.mark.slow
+def test_loop_reports_each_epoch_and_resumes_from_a_checkpoint(cache: Path, tmp_path: Path) -> None:
+    cfg = small(cache)
+    full = _run(cfg, store=tmp_path)
+    assert [m["epoch"] for m in full] == [1, 2]
+    assert all(0 <= m["eval_score"] <= 1 and m["student_params"] > 0 for m in full)
+    assert json.loads((tmp_path / "epoch1" / "state.json").read_text()) == {"epoch": 1}
+    resumed = _run(cfg, checkpoint=tmp_path / "epoch1")
+    assert [m["epoch"] for m in resumed] == [2]  # only the unfinished epoch runs
+    assert resumed[0]["eval_score"] == pytest.approx(full[1]["eval_score"], abs=1e-6)
+    assert resumed[0]["train_loss"] == pytest.approx(full[1]["train_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_diverging_run_fails_with_a_clear_error(cache: Path) -> None:
+    cfg = small(cache, "train.lr=1e12", "train.warmup_ratio=0", "train.epochs=1")
+    with pytest.raises(FloatingPointError, match="lower train.lr"):
+        _run(cfg)
+
+
+@pytest.mark.slow
+def test_ted_stage1_heads_beat_chance_on_the_default_task(cache: Path) -> None:
+    cfg = small(cache, "distill.bridge=ted", "task.train_size=1024", "finetune.epochs=3")
+    prepared = prepare(cfg)
+    accuracy = json.loads((Path(prepared.teacher_filters).parent / "head_accuracy.json").read_text())
+    assert set(accuracy) == {"0", "2", "4"}  # filters on the forward-mapped teacher states (embeddings too)
+    assert accuracy["4"] > 0.65  # the last teacher layer's filter head learned the task
+    assert Path(prepared.student_filters).exists()
+    again = prepare(cfg)  # content-addressed: the second preparation reuses every artifact
+    assert again.teacher_filters == prepared.teacher_filters and again.teacher_dir == prepared.teacher_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", [
+    ["distill.layer_map=reverse", "student.init=random"],
+    ["distill.layer_map=inorder_random"],
+    ["distill.bridge=units", "student.hidden_size=32", "student.init=random", "units.ratio=0.25"],
+    ["distill.bridge=projector", "student.hidden_size=32", "student.init=random", "distill.distance=cosine"],
+    ["distill.bridge=ted", "ted.filter=mlp", "distill.hidden_reduce=mean"],
+    ["distill.layer_map=none", "distill.w_logit=0"],
+])
+def test_every_strategy_family_trains(cache: Path, strategy: list[str]) -> None:
+    reports = _run(small(cache, "train.epochs=1", *strategy))
+    assert math.isfinite(reports[-1]["train_loss"]) and reports[-1]["eval_score"] > 0
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_two_ray_train_workers_agree_with_one(cache: Path, tmp_path: Path, ray_runtime) -> None:
+    """Same global batches (DistributedSampler halves them), so 2 DDP workers track 1 worker closely.
+
+    Not bit-identical: hidden distances average over each worker's real tokens, so per-worker means weight
+    tokens slightly differently from one global mean.
+    """
+    from kdsearch.train import make_trainer
+
+    finals = {}
+    for workers in (1, 2):
+        cfg = small(cache, "train.epochs=1", f"resources.num_workers={workers}", "resources.cpus_per_trial=2",
+                    "train.max_steps_per_epoch=8")
+        result = make_trainer(cfg, prepare(cfg), name=f"agree-{workers}", storage_path=str(tmp_path)).fit()
+        assert result.error is None
+        finals[workers] = result.metrics
+    assert finals[2]["train_loss"] == pytest.approx(finals[1]["train_loss"], rel=0.02)
+    assert finals[2]["eval_loss"] == pytest.approx(finals[1]["eval_loss"], rel=0.02)
+    assert abs(finals[2]["eval_score"] - finals[1]["eval_score"]) <= 0.03
+
+
+@pytest.mark.slow
+def test_train_command_writes_a_student_that_from_pretrained_loads(cache: Path, tmp_path: Path) -> None:
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    out = tmp_path / "run"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run([sys.executable, "-m", "kdsearch.train", *SMALL, f"cache_dir={cache}",
+                           f"output_dir={out}", "resources.cpus_per_trial=1"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "epoch=2" in proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == f"student saved to {out / 'student'}"
+    model = AutoModelForSequenceClassification.from_pretrained(out / "student")
+    assert model.config.num_hidden_layers == 2
+    assert AutoModel.from_pretrained(out / "student") is not None
+    with torch.no_grad():
+        assert model(input_ids=torch.tensor([[2, 5, 6, 3]])).logits.shape == (1, 2)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["distill.layer_map=sideways"], "unknown layer map"),
+    (["distill.layer_map=explicit", "distill.layers=[1,9]"], "out of range"),
+    (["student.layers=6", "student.init=teacher"], "deeper than the teacher"),
+    (["student.hidden_size=128"], "wider"),
+    (["units.ratio=1.5"], "must be in (0, 1]"),
+    (["ted.width=0"], "filter width must be > 0"),
+    (["ted.filter=conv"], "unknown filter"),
+    (["task.name=glue9"], "unknown task"),
+    (["task.name=sst2", "task.data_dir=/nonexistent/sst2"], "task.data_dir"),
+    (["teacher=./no/such/model"], "no model directory"),
+])
+def test_train_command_rejects_bad_input_in_one_line_before_ray(overrides: list[str], message: str,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    import ray
+
+    from kdsearch.train import main
+
+    assert main(overrides) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not ray.is_initialized()  # rejected before any cluster work
