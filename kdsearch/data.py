@@ -273,7 +273,8 @@ def _tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     else:
         state = sorted(tokenizer.get_vocab().items())
     ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    return hashlib.sha256(json.dumps([type(tokenizer).__name__, ids, state], sort_keys=True).encode()).hexdigest()
+    blob = json.dumps([type(tokenizer).__name__, ids, state], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _cache_key(raw: DatasetDict, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase,

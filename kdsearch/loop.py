@@ -107,9 +107,7 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
     metrics: dict[str, Any] = {}
     for epoch in range(start, cfg.train.epochs):
         pairs = layer_pairs(cfg, prepared, epoch=epoch)
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        _seed_epoch(loader, cfg.train.seed, epoch)
         began = time.perf_counter()
         train_terms = _train_epoch(model, teacher, loader, opt, sched, pairs, steps, ctx, epoch)
         metrics = {"epoch": epoch + 1, **train_terms, "epoch_time_s": time.perf_counter() - began,
@@ -128,6 +126,16 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
     return metrics
 
 
+def _seed_epoch(loader: Any, seed: int, epoch: int) -> None:
+    """Epoch e draws the same batches and dropout masks whether the run started fresh or resumed."""
+    torch.manual_seed(seed + epoch)
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):  # DistributedSampler (several workers): shuffles with seed + epoch
+        sampler.set_epoch(epoch)
+    elif getattr(loader, "generator", None) is not None:
+        loader.generator.manual_seed(seed + epoch)
+
+
 def _train_epoch(model: nn.Module, teacher: nn.Module, loader: Any, opt: torch.optim.Optimizer, sched: Any,
                  pairs: list[tuple[int, int]], steps: int, ctx: WorkerContext, epoch: int) -> dict[str, float]:
     model.train()
@@ -138,8 +146,8 @@ def _train_epoch(model: nn.Module, teacher: nn.Module, loader: Any, opt: torch.o
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
         terms = model(batch, teacher_forward(teacher, batch, hidden=bool(pairs)), pairs)
         loss = terms["loss"]
-        if not math.isfinite(float(loss)):
-            raise FloatingPointError(f"loss is {float(loss)} at epoch {epoch + 1} step {step + 1}: "
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} step {step + 1}: "
                                      "lower train.lr or the loss weights")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -148,7 +156,7 @@ def _train_epoch(model: nn.Module, teacher: nn.Module, loader: Any, opt: torch.o
         sched.step()
         for name, value in terms.items():
             if name != "logits":
-                sums[name] = sums.get(name, 0.0) + float(value)
+                sums[name] = sums.get(name, 0.0) + value.item()
     n = max(min(steps, len(loader)), 1)
     return {f"train_{name}": value / n for name, value in sums.items()}
 

@@ -7,6 +7,7 @@ starts; workers only load the finished artifacts. Plain PyTorch + transformers; 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,9 +188,11 @@ def _unit_scores(cfg: Config, prepared: Prepared, store: Store, device: torch.de
 def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     store = Store(cfg.cache_dir)
-    spec, raw = load_raw_task(cfg.task)
+    spec, raw = load_raw_task(cfg.task, cache_dir=cfg.cache_dir)
     source = models.resolve_teacher(cfg.teacher)
     family = models.family_of(models.teacher_config(source))
+    if family == "causal" and spec.kind != "causal_lm":  # a causal LM reads any task as prompt -> answer tokens
+        spec = dataclasses.replace(spec, kind="causal_lm", num_labels=0, primary_metric="token_accuracy")
     tok = _tokenizer(cfg, source, raw, spec, store)
     data = tokenize_task(raw, spec, tok, max_length=cfg.task.max_length, cache_dir=cfg.cache_dir, family=family)
     teacher_dir = _teacher(cfg, source, tok, data, spec, store, device)

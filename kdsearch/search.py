@@ -72,7 +72,17 @@ def parse_search_args(argv: list[str]) -> tuple[SearchSettings, spaces.Space]:
         space = spaces.apply_overrides(space, raw)
     for objective in settings.objectives:
         parse_objectives(objective)
-    return settings, space
+    return settings, absolute_paths(space)
+
+
+def absolute_paths(space: spaces.Space) -> spaces.Space:
+    """Resolve relative local paths in the driver: Tune runs each trial in its own working directory."""
+    fixed: dict[str, Any] = {}
+    for key in ("cache_dir", "output_dir", "task.data_dir", "teacher", "storage_path"):
+        value = spaces.base_value(space, key)
+        if isinstance(value, str) and "://" not in value and (key != "teacher" or Path(value).exists()):
+            fixed[key] = str(Path(value).expanduser().resolve())
+    return spaces.apply_overrides(space, fixed)
 
 
 def objectives_of(settings: SearchSettings, space: spaces.Space) -> list[tuple[str, str]]:

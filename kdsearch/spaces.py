@@ -373,17 +373,23 @@ def is_active(space: Space, param: Param, values: Mapping[str, Any]) -> bool:
     return True
 
 
-def define_by_run(space: Space) -> Callable[[optuna.trial.BaseTrial], None]:
-    """The Optuna define-by-run function: suggests the active params in order, computes nothing, returns None
-    (Ray's OptunaSearch would merge a returned dict into every trial's config, flat)."""
+class DefineByRun:
+    """The Optuna define-by-run function of a space: suggests the active params in order, computes nothing,
+    returns None (Ray's OptunaSearch would merge a returned dict into every trial's config, flat).
+    A class, not a closure, so that Tune can pickle the searcher with the experiment state."""
 
-    def define(trial: optuna.trial.BaseTrial) -> None:
+    def __init__(self, space: Space) -> None:
+        self.space = space
+
+    def __call__(self, trial: optuna.trial.BaseTrial) -> None:
         values: dict[str, Any] = {}
-        for name, param in space.params.items():
-            if is_active(space, param, values):
+        for name, param in self.space.params.items():
+            if is_active(self.space, param, values):
                 values[name] = param.suggest(trial)
 
-    return define
+
+def define_by_run(space: Space) -> Callable[[optuna.trial.BaseTrial], None]:
+    return DefineByRun(space)
 
 
 def complete_point(space: Space, point: Mapping[str, Any]) -> dict[str, Any]:

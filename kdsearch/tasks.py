@@ -1,7 +1,7 @@
 """Task table: what each task name means (kind, text columns, labels, primary metric) and the embedded
 `default` task, generated in code so that a run needs no download.
 
-Imports nothing heavy (no torch, datasets, Ray, Optuna or MLflow); `kdsearch.data` turns these specs into data.
+Imports no torch, datasets, Ray, Optuna or MLflow; `kdsearch.data` turns these specs into data.
 """
 
 from __future__ import annotations
@@ -60,11 +60,13 @@ def task_spec(name: str) -> TaskSpec:
 
 
 # --- the embedded `default` task ------------------------------------------------------------------------
-# Sentiment with composition: a bag of words cannot read it, so a deep student has something to gain.
-# Rules (see `default_label`): each sentiment word counts +-1, doubled by an intensifier and flipped by a
-# negator anywhere before it (the modifiers wait for the next sentiment word); `but` discards everything
-# before it; the label is the sign of the total, ties are dropped. Telling "not very good" from "very good"
-# needs a token to look back at its neighbours and the classifier to sum those views: two hops of attention.
+# Movie-review sentiment with composition, so that depth matters. Rules (`default_score`): a sentiment word
+# counts +-1, doubled by an intensifier and flipped by a negator before it (modifiers wait for the next
+# sentiment word); `but` discards everything before it; the label is the sign of the total, ties dropped.
+# A bag of words reads 64% of it; "not very good" needs each word to see its neighbours before the sum:
+# two hops of attention. Validation accuracy of tiny-bert (width 64, 4 heads, AdamW 1e-3 with linear decay,
+# batch 32, 10 epochs, two seeds): 1 layer 74-76%, 2 layers 75-91%, 4 layers 83-87%; after only 4 epochs
+# 64-66%, 67-71%, 71-73%. A 2-layer model has the capacity but often misses it alone: room for a teacher.
 POSITIVE = ("good", "great", "fun", "charming", "clever", "lovely",
             "brilliant", "funny", "moving", "fresh", "smart", "gripping")
 NEGATIVE = ("bad", "dull", "awful", "boring", "weak", "clumsy",
@@ -77,30 +79,23 @@ NEUTRAL = ("the", "a", "movie", "film", "plot", "story", "cast", "ending", "acti
 DEFAULT_TASK_VOCAB: tuple[str, ...] = POSITIVE + NEGATIVE + NEGATORS + INTENSIFIERS + ("but",) + NEUTRAL
 DEFAULT_TRAIN_SIZE = 4000
 DEFAULT_EVAL_SIZE = 500
-SHORTCUT_ACCURACY = 0.7
 _POLARITY = {**dict.fromkeys(POSITIVE, 1), **dict.fromkeys(NEGATIVE, -1)}
 
 
-def _contributions(words: list[str]) -> list[int]:
-    """Signed weight of each sentiment word that counts (those after the last `but`)."""
-    out: list[int] = []
-    sign, scale = 1, 1
+def default_score(words: list[str]) -> int:
+    """Signed sentiment of a `default` task sentence under the rules above."""
+    total, sign, scale = 0, 1, 1
     for word in words:
         if word == "but":
-            out, sign, scale = [], 1, 1
+            total, sign, scale = 0, 1, 1
         elif word in NEGATORS:
             sign = -sign
         elif word in INTENSIFIERS:
             scale = 2
         elif word in _POLARITY:
-            out.append(sign * scale * _POLARITY[word])
+            total += sign * scale * _POLARITY[word]
             sign, scale = 1, 1
-    return out
-
-
-def default_score(words: list[str]) -> int:
-    """Signed sentiment of a `default` task sentence under the rules above."""
-    return sum(_contributions(words))
+    return total
 
 
 def default_label(sentence: str) -> int | None:
@@ -111,55 +106,41 @@ def default_label(sentence: str) -> int | None:
 
 def _clause(rng: random.Random) -> list[str]:
     words: list[str] = []
-    for _ in range(rng.choice((1, 1, 2, 2, 3))):
-        words += rng.sample(NEUTRAL, rng.randint(0, 3))
-        if rng.random() < 0.4:
+    for _ in range(rng.randint(1, 3)):
+        words += rng.sample(NEUTRAL, rng.randint(0, 1))
+        if rng.random() < 0.25:
             words.append(rng.choice(NEGATORS))
-            if rng.random() < 0.3:  # a gap between negator and its word: "not the fresh"
-                words.append(rng.choice(NEUTRAL))
-        if rng.random() < 0.35:
+        if rng.random() < 0.2:
             words.append(rng.choice(INTENSIFIERS))
         words.append(rng.choice(POSITIVE if rng.random() < 0.5 else NEGATIVE))
-    return words + rng.sample(NEUTRAL, rng.randint(0, 2))
+    return words + rng.sample(NEUTRAL, rng.randint(0, 1))
 
 
 def _sentence(rng: random.Random) -> list[str]:
     while True:
         words = _clause(rng)
-        if rng.random() < 0.4:
-            words += ["but"] + _clause(rng)
+        if rng.random() < 0.2:
+            words += ["but", *_clause(rng)]
         if 6 <= len(words) <= 20:
             return words
 
 
 def default_rows(n_train: int = DEFAULT_TRAIN_SIZE, n_eval: int = DEFAULT_EVAL_SIZE,
                  *, seed: int = 0) -> dict[str, dict[str, list]]:
-    """{split: {"sentence": [...], "label": [...]}}: unique sentences, deterministic in `seed`.
-
-    Every split is balanced over (label, sign of the last counted sentiment word), so the shortcut "read the
-    last sentiment word and its negator" scores 50%: the model has to compose every phrase of the clause.
-    """
+    """{split: {"sentence": [...], "label": [...]}}: unique sentences, balanced classes; fixed by `seed`."""
     rng = random.Random(seed)
     seen: set[str] = set()
     out: dict[str, dict[str, list]] = {}
     for split, size in (("train", n_train), ("validation", n_eval)):
-        # buckets: (label 0, last word -), (0, +), (1, -), (1, +); the shortcut is right in 0 and 3
-        agree = round(size * SHORTCUT_ACCURACY / 2)
-        disagree = (size - 2 * agree) // 2
-        quota = [agree, disagree, size - 2 * agree - disagree, agree]
-        buckets: list[list[tuple[str, int]]] = [[], [], [], []]
-        while any(len(b) < q for b, q in zip(buckets, quota)):
-            words = _sentence(rng)
-            parts = _contributions(words)
-            sentence = " ".join(words)
-            if sum(parts) == 0 or sentence in seen:
+        quota = [size // 2, size - size // 2]
+        rows: list[tuple[str, int]] = []
+        while len(rows) < size:
+            sentence = " ".join(_sentence(rng))
+            label = default_label(sentence)
+            if label is None or sentence in seen or quota[label] == 0:
                 continue
-            label = int(sum(parts) > 0)
-            bucket = buckets[2 * label + int(parts[-1] > 0)]
-            if len(bucket) < quota[2 * label + int(parts[-1] > 0)]:
-                seen.add(sentence)
-                bucket.append((sentence, label))
-        rows = [row for bucket in buckets for row in bucket]
-        rng.shuffle(rows)
+            seen.add(sentence)
+            quota[label] -= 1
+            rows.append((sentence, label))
         out[split] = {"sentence": [s for s, _ in rows], "label": [y for _, y in rows]}
     return out

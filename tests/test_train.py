@@ -66,7 +66,9 @@ def test_a_diverging_run_fails_with_a_clear_error(cache: Path) -> None:
 
 @pytest.mark.slow
 def test_ted_stage1_heads_beat_chance_on_the_default_task(cache: Path) -> None:
-    cfg = small(cache, "distill.bridge=ted", "task.train_size=1024", "finetune.epochs=3")
+    # The real default teacher (full task, 10 fine-tuning epochs): stage 1 is only meaningful on a teacher
+    # that learned the task.
+    cfg = load_config([f"cache_dir={cache}", "distill.bridge=ted", "task.eval_size=128", "ted.stage1_epochs=2"])
     prepared = prepare(cfg)
     accuracy = json.loads((Path(prepared.teacher_filters).parent / "head_accuracy.json").read_text())
     assert set(accuracy) == {"0", "2", "4"}  # filters on the forward-mapped teacher states (embeddings too)
@@ -136,27 +138,3 @@ def test_train_command_writes_a_student_that_from_pretrained_loads(cache: Path, 
     assert AutoModel.from_pretrained(out / "student") is not None
     with torch.no_grad():
         assert model(input_ids=torch.tensor([[2, 5, 6, 3]])).logits.shape == (1, 2)
-
-
-@pytest.mark.parametrize("overrides, message", [
-    (["distill.layer_map=sideways"], "unknown layer map"),
-    (["distill.layer_map=explicit", "distill.layers=[1,9]"], "out of range"),
-    (["student.layers=6", "student.init=teacher"], "deeper than the teacher"),
-    (["student.hidden_size=128"], "wider"),
-    (["units.ratio=1.5"], "must be in (0, 1]"),
-    (["ted.width=0"], "filter width must be > 0"),
-    (["ted.filter=conv"], "unknown filter"),
-    (["task.name=glue9"], "unknown task"),
-    (["task.name=sst2", "task.data_dir=/nonexistent/sst2"], "task.data_dir"),
-    (["teacher=./no/such/model"], "no model directory"),
-])
-def test_train_command_rejects_bad_input_in_one_line_before_ray(overrides: list[str], message: str,
-                                                               capsys: pytest.CaptureFixture) -> None:
-    import ray
-
-    from kdsearch.train import main
-
-    assert main(overrides) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], lines
-    assert not ray.is_initialized()  # rejected before any cluster work
