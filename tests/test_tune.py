@@ -1,0 +1,178 @@
+"""The search front door end to end: a real Ray runtime, a real Optuna study, a real MLflow store.
+
+A search of 5 trials (2 at a time) where ASHA must stop the bad trials early and one trial diverges (NaN)
+and must fail alone; an interrupted search resumed without rerunning finished trials; `ray job submit` to a
+local head. Trials are tiny: 256 rows, 4 steps per epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from kdsearch.tracking import find_search, list_trials
+
+REPO = Path(__file__).resolve().parents[1]
+
+SPACE = """
+description: test space
+base:
+  teacher: tiny-bert
+  student: {layers: 2}
+  task: {name: default, train_size: 256, eval_size: 128}
+  train: {epochs: 3, max_steps_per_epoch: 4, batch_size: 16}
+  finetune: {epochs: 1}
+  resources: {num_workers: 1, cpus_per_trial: 1, gpus_per_trial: 0}
+metric: eval_loss
+mode: min
+budget: {num_samples: NUM, grace_period: 1, reduction_factor: 2, max_concurrent_trials: 2}
+params:
+  train.lr: {type: categorical, choices: [1.0e-7, 0.3, .inf]}
+  distill.layer_map: {type: categorical, choices: [forward, none]}
+points_to_evaluate:
+  - {train.lr: 1.0e-7, distill.layer_map: forward}
+  - {train.lr: 1.0e-7, distill.layer_map: none}
+  - {train.lr: 0.3, distill.layer_map: forward}
+  - {train.lr: 0.3, distill.layer_map: none}
+  - {train.lr: .inf, distill.layer_map: forward}
+"""
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def _args(tmp: Path, num: int, name: str) -> list[str]:
+    space = tmp / f"{name}.yaml"
+    space.write_text(SPACE.replace("NUM", str(num)))
+    return [f"space={space}", f"name={name}", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+            f"results_dir={tmp}/results", f"cache_dir={tmp.parent}/shared_cache"]
+
+
+@pytest.mark.slow
+def test_search_logs_every_trial_stops_bad_ones_early_and_survives_a_failing_trial(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "kdsearch.tune", *_args(tmp_path, 5, "s1")], cwd=tmp_path,
+                          env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    best_dir = tmp_path / "results" / "s1" / "best_student"
+    assert last == f"best student saved to {best_dir}"
+    assert (best_dir / "config.json").exists() and "eval_loss" in (best_dir / "README.md").read_text()
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent = find_search(uri=uri, experiment="kdsearch", search="s1")
+    assert parent.status == "FINISHED" and parent.tags["kdsearch.metric"] == "eval_loss"
+    trials = list_trials(uri=uri, experiment="kdsearch", search_run_id=parent.run_id)
+    assert len(trials) == 5  # exactly one run per trial
+    assert len({t.tags["kdsearch.trial_id"] for t in trials}) == 5
+    failed = [t for t in trials if t.status == "FAILED"]
+    assert len(failed) == 1 and failed[0].params["train.lr"] == "inf"
+    assert "lower train.lr" in failed[0].tags["kdsearch.error"]
+    finished = [t for t in trials if t.status == "FINISHED"]
+    assert len(finished) == 4
+    assert all(t.params["distill.layer_map"] in ("forward", "none") and "eval_loss" in t.metrics for t in finished)
+    epochs = sorted(int(t.metrics["epoch"]) for t in finished)
+    assert epochs[0] < 3 and epochs[-1] == 3  # ASHA stopped at least one trial early; the best ran to the end
+    board = tmp_path / "results" / "s1" / "leaderboard"
+    assert (board / "leaderboard.csv").exists() and (board / "leaderboard.md").exists()
+    assert "1e-07" in (board / "leaderboard.csv").read_text().splitlines()[1]  # the rank-1 row: the good lr
+
+
+def _wait_for(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    raise TimeoutError("condition not reached")
+
+
+@pytest.mark.slow
+def test_resume_finishes_an_interrupted_search_without_rerunning_finished_trials(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [sys.executable, "-m", "kdsearch.tune", *_args(tmp_path, 4, "s2")]
+
+    def finished_trials() -> list:
+        try:
+            parent = find_search(uri=uri, experiment="kdsearch", search="s2")
+            return [t for t in list_trials(uri=uri, experiment="kdsearch", search_run_id=parent.run_id)
+                    if t.status == "FINISHED"]
+        except Exception:  # store or parent run not created yet
+            return []
+
+    driver = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        _wait_for(lambda: len(finished_trials()) >= 1, timeout=600)
+        os.killpg(driver.pid, signal.SIGINT)  # interrupt the search driver
+        driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    before = {t.tags["kdsearch.trial_id"]: t for t in finished_trials()}
+    assert before
+
+    proc = subprocess.run([*args, "resume=true"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    parent = find_search(uri=uri, experiment="kdsearch", search="s2")
+    trials = list_trials(uri=uri, experiment="kdsearch", search_run_id=parent.run_id)
+    ids = [t.tags["kdsearch.trial_id"] for t in trials]
+    assert len(ids) == len(set(ids)) == 4
+    for trial_id, old in before.items():  # finished before the interruption: untouched by the resumed search
+        new = next(t for t in trials if t.tags["kdsearch.trial_id"] == trial_id)
+        assert new.end_time == old.end_time and new.metrics == old.metrics
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_smoke_search_on_a_local_head(tmp_path: Path) -> None:
+    ray_bin = Path(sys.executable).with_name("ray")
+    temp_dir = tempfile.mkdtemp(prefix="kdr", dir="/tmp")  # Ray's socket paths must stay short
+    gcs, dashboard = _free_port(), _free_port()
+    env = {**_env(), "RAY_AUTH_MODE": "disabled"}
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        _wait_for(lambda: subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
+                                         capture_output=True).returncode == 0, timeout=120)
+        job = subprocess.run(
+            [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+             sys.executable, "-m", "kdsearch.tune", "space=smoke", "name=job", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+             f"results_dir={tmp_path}/results", f"cache_dir={tmp_path}/cache"],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
+        assert "succeeded" in (job.stdout + job.stderr).lower()
+        assert f"best student saved to {tmp_path}/results/job/best_student" in job.stdout
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent = find_search(uri=uri, experiment="kdsearch", search="job")
+    trials = list_trials(uri=uri, experiment="kdsearch", search_run_id=parent.run_id)
+    assert len(trials) == 2 and all(t.status == "FINISHED" for t in trials)
