@@ -129,7 +129,7 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
 def _seed_epoch(loader: Any, seed: int, epoch: int) -> None:
     """Epoch e draws the same batches and dropout masks whether the run started fresh or resumed."""
     torch.manual_seed(seed + epoch)
-    sampler = getattr(loader, "sampler", None)
+    sampler: Any = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):  # DistributedSampler (several workers): shuffles with seed + epoch
         sampler.set_epoch(epoch)
     elif getattr(loader, "generator", None) is not None:
@@ -168,6 +168,7 @@ def export_student(cfg: Config, prepared: Prepared, checkpoint: Path, out: Path)
     _, distiller = build_distiller(cfg, prepared, torch.device("cpu"))
     load_model(distiller, str(checkpoint / "distiller.safetensors"))
     out.mkdir(parents=True, exist_ok=True)
-    distiller.student.save_pretrained(out)
+    student: Any = distiller.student
+    student.save_pretrained(out)
     AutoTokenizer.from_pretrained(prepared.teacher_dir).save_pretrained(out)
     return out

@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from .config import ConfigError
 
@@ -93,7 +99,7 @@ def depth_width(config: PretrainedConfig) -> tuple[int, int]:
     return int(config.num_hidden_layers), int(config.hidden_size)
 
 
-def task_model_class(family: Family) -> type:
+def task_model_class(family: Family) -> Any:
     return AutoModelForCausalLM if family == "causal" else AutoModelForSequenceClassification
 
 
@@ -172,7 +178,7 @@ def forward_teacher_layers(n_student: int, n_teacher: int) -> list[int]:
     return [math.ceil(i * n_teacher / n_student) - 1 for i in range(1, n_student + 1)]
 
 
-def build_student(teacher: torch.nn.Module, *, layers: int, hidden_size: int | None,
+def build_student(teacher: PreTrainedModel, *, layers: int, hidden_size: int | None,
                   init: Literal["teacher", "random"], seed: int, dropout: float | None = None) -> torch.nn.Module:
     config = student_config(teacher.config, layers=layers, hidden_size=hidden_size, dropout=dropout)
     torch.manual_seed(seed)
@@ -211,7 +217,8 @@ def train_tokenizer(texts: Iterable[str], *, family: Family, vocab_size: int = 2
     if family == "encoder":
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
         return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
                                        cls_token="[CLS]", sep_token="[SEP]")
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")

@@ -127,7 +127,7 @@ def load_teacher(prepared: Prepared, device: torch.device) -> torch.nn.Module:
     return models.freeze(model.to(device))
 
 
-def make_student(cfg: Config, teacher: torch.nn.Module) -> torch.nn.Module:
+def make_student(cfg: Config, teacher: Any) -> torch.nn.Module:
     """The run's initial student; deterministic in cfg, so stage 1 and every worker build the same one."""
     return models.build_student(teacher, layers=cfg.student.layers, hidden_size=cfg.student.hidden_size,
                                 init=cfg.student.init, seed=cfg.train.seed, dropout=cfg.train.dropout)

@@ -7,8 +7,9 @@ config it can know in advance (the papers' points, the base) and renders the dry
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ class SearchSettings:
     """Multi-objective, e.g. [eval_score:max,student_params:min]; empty = the space's metric and mode."""
     seed: int = 0
     """Seed of the Optuna sampler."""
-    tracking_uri: str = DEFAULT_URI
+    tracking_uri: str = field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI))
+    """MLflow store: `tracking.uri=`, else $MLFLOW_TRACKING_URI (clusters), else sqlite:///mlflow.db."""
     experiment: str = DEFAULT_EXPERIMENT
     results_dir: str = "outputs/search"
     """Local folder for Tune results (when storage_path is not set), the leaderboard and the best student."""
@@ -62,8 +64,9 @@ def parse_search_args(argv: list[str]) -> tuple[SearchSettings, spaces.Space]:
     if "objectives" in settings_kw:
         value = settings_kw["objectives"]
         settings_kw["objectives"] = tuple(value if isinstance(value, list) else str(value).split(","))
+    if "uri" in tracking:
+        settings_kw["tracking_uri"] = str(tracking["uri"])
     settings = SearchSettings(**settings_kw, results_dir=str(raw.pop("results_dir", "outputs/search")),
-                              tracking_uri=str(tracking.get("uri", DEFAULT_URI)),
                               experiment=str(tracking.get("experiment", DEFAULT_EXPERIMENT)))
     space = spaces.load_space(settings.space)
     if settings.smoke:

@@ -20,6 +20,7 @@ from .losses import DISTANCES, combine, logit_kl, task_loss
 if TYPE_CHECKING:
     from .bridges import Bridge
     from .config import DistillConfig
+    from .tasks import TaskKind
 
 Pairs = list[tuple[int, int]]
 
@@ -46,7 +47,7 @@ def loss_weights(cfg: DistillConfig) -> dict[str, float]:
 class Distiller(nn.Module):
     """Student + bridge; forward returns the named loss terms (detached copies are for logging only)."""
 
-    def __init__(self, student: nn.Module, bridge: Bridge, *, kind: str, cfg: DistillConfig) -> None:
+    def __init__(self, student: nn.Module, bridge: Bridge, *, kind: TaskKind, cfg: DistillConfig) -> None:
         super().__init__()
         self.student = student
         self.bridge = bridge

@@ -15,6 +15,7 @@ from torch import nn
 
 from .losses import task_loss
 from .registry import Registry
+from .tasks import TaskKind
 
 if TYPE_CHECKING:
     from .config import TedConfig
@@ -40,7 +41,7 @@ def mlp_filter(d_in: int, d_out: int, cfg: TedConfig) -> nn.Module:
     hidden = cfg.mlp_hidden or d_in
     dims = [d_in] + [hidden] * (cfg.depth - 1) + [d_out]
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
         if i:
             layers.append(ACTIVATIONS.get(cfg.activation)())
         layers.append(nn.Linear(a, b))
@@ -67,6 +68,7 @@ class FilterHead(nn.Module):
     def forward(self, filtered: torch.Tensor) -> torch.Tensor:  # (B, T, d_f)
         if self.causal:
             return self.head(filtered)  # (B, T, V)
+        assert self.pooler is not None
         return self.head(self.pooler(filtered[:, 0]))  # (B, C)
 
 
@@ -81,7 +83,7 @@ def stage1_accuracy(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tu
     return float((logits.argmax(-1) == labels).sum()), len(labels)
 
 
-def train_stage1(model: nn.Module, filters: nn.ModuleDict, *, d_f: int, loader: Iterable[dict], kind: str,
+def train_stage1(model: nn.Module, filters: nn.ModuleDict, *, d_f: int, loader: Iterable[dict], kind: TaskKind,
                  n_out: int, epochs: int, lr: float, device: torch.device) -> dict[str, float]:
     """Train `filters` (+ fresh heads) on the frozen `model`; loss = mean over filters of the task loss.
 

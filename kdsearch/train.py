@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.error is not None:
         print(f"error: training failed: {result.error}", file=sys.stderr)
         return 1
-    final = result.metrics
+    final = result.metrics or {}
     assert result.checkpoint is not None
     with result.checkpoint.as_directory() as directory:
         out = export_student(cfg, prepared, Path(directory), Path(cfg.output_dir, "student"))

@@ -20,12 +20,19 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from . import spaces, sizing
+from . import sizing, spaces
 from .config import ConfigError
 from .export import export_best
 from .loop import WorkerContext, run_distillation
 from .prepare import prepare
-from .search import SearchSettings, check_search, code_version, objectives_of, parse_search_args, render_dry_run
+from .search import (
+    SearchSettings,
+    check_search,
+    code_version,
+    objectives_of,
+    parse_search_args,
+    render_dry_run,
+)
 from .train import init_ray, make_trainer
 from .tune_callbacks import MlflowTrials, ProgressTable
 from .validate import validate

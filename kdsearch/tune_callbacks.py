@@ -60,7 +60,8 @@ class MlflowTrials(tune.Callback):
                                        config={"space": self.space_name, **{f"base.{k}": v for k, v in base.items()}})
         return self._tracker
 
-    def setup(self, **info: Any) -> None:
+    def setup(self, stop: Any = None, num_samples: Any = None, total_num_samples: Any = None,
+              **info: Any) -> None:
         self.tracker  # noqa: B018  (create the store and the parent run before any trial starts)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

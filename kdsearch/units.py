@@ -8,15 +8,16 @@ computed once, for every hidden state of the fine-tuned teacher, and cached by t
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from .losses import task_loss
+from .tasks import TaskKind
 
 
-def score_units(teacher: nn.Module, loader: Iterable[dict], *, kind: str, method: Literal["grad", "grad_x_act"],
+def score_units(teacher: Any, loader: Iterable[dict], *, kind: TaskKind, method: Literal["grad", "grad_x_act"],
                 batches: int, device: torch.device) -> torch.Tensor:
     """Relevance of every unit of every hidden state: (n_t + 1, d_t), row k = hidden_states[k]."""
     teacher.eval()
@@ -27,7 +28,8 @@ def score_units(teacher: nn.Module, loader: Iterable[dict], *, kind: str, method
             break
         batch = {k: v.to(device) for k, v in batch.items()}
         # Gradients w.r.t. activations of a frozen model: make the embedding lookup the leaf that requires grad.
-        embeds = teacher.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+        lookup = teacher.get_input_embeddings()
+        embeds = lookup(batch["input_ids"]).detach().requires_grad_(True)
         out = teacher(inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_hidden_states=True)
         for h in out.hidden_states:
             h.retain_grad()
