@@ -11,7 +11,6 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
 from .losses import task_loss
 from .tasks import TaskKind
