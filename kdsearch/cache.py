@@ -52,7 +52,7 @@ class Store:
     """`store.get_or_build(kind, key, build)`: the directory of a finished entry, built at most once."""
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # Ray workers run in other working directories
 
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / key

@@ -305,5 +305,18 @@ def build_config(data: dict[str, Any]) -> Config:
     return _build(Config, data, "", config_keys())
 
 
+def with_absolute_paths(cfg: Config) -> Config:
+    """Resolve relative local paths now: Ray Train workers and Tune trials run in other working directories."""
+    from pathlib import Path
+
+    def absolute(value: str | None) -> str | None:
+        return value if value is None or "://" in value else str(Path(value).expanduser().resolve())
+
+    teacher = absolute(cfg.teacher) if Path(cfg.teacher).exists() else cfg.teacher
+    return dataclasses.replace(cfg, teacher=teacher or cfg.teacher, cache_dir=absolute(cfg.cache_dir) or "",
+                               output_dir=absolute(cfg.output_dir) or "", storage_path=absolute(cfg.storage_path),
+                               task=dataclasses.replace(cfg.task, data_dir=absolute(cfg.task.data_dir)))
+
+
 def load_config(overrides: list[str] | None = None, *, base: dict[str, Any] | None = None) -> Config:
     return build_config(merge(base or {}, parse_overrides(overrides or [])))

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, with_absolute_paths
 from .loop import WorkerContext, export_student, run_distillation
 from .prepare import Prepared, prepare
 from .validate import validate
@@ -96,7 +96,7 @@ def init_ray(**kwargs: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = load_config(overrides)
+        cfg = with_absolute_paths(load_config(overrides))
         validate(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
