@@ -34,6 +34,12 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
+def _log(line: str) -> None:
+    # Not print(): Ray Train patches print on workers to log each line twice (stdout and its logger).
+    sys.stdout.write(f"[kdsearch.train] {line}\n")
+    sys.stdout.flush()
+
+
 def _report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
     checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
     ray.train.report(metrics, checkpoint=checkpoint)
@@ -52,7 +58,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             wrap_model=lambda m: ray.train.torch.prepare_model(
                 m, parallel_strategy_kwargs={"find_unused_parameters": True}),
             wrap_loader=ray.train.torch.prepare_data_loader,
-            log=lambda line: print(f"[kdsearch.train] {line}", flush=True))
+            log=_log)
         run_distillation(loop_config["cfg"], loop_config["prepared"], ctx)
 
     if checkpoint is None:

@@ -27,3 +27,41 @@ def test_train_command_rejects_bad_input_in_one_line_before_ray(overrides: list[
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
     assert not ray.is_initialized()  # rejected before any cluster work
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["space=nope"], "ted"),  # lists the shipped spaces
+    (["space=ted", "distill.w_hiden=3"], "did you mean distill.w_hidden"),
+    (["space=ted", "num_samples=0"], "num_samples"),
+    (["space=smoke", "tracking.uri=http://127.0.0.1:9"], "tracking"),
+    (["space=smoke", "tracking.uri=./mlruns"], "sqlite"),
+    (["space=flex", "units.ratio=0.9"], "units.ratio"),
+    (["space=smoke", "objectives=[eval_score:up]"], "objectives"),
+])
+def test_tune_command_rejects_bad_input_in_one_line_before_ray(argv: list[str], message: str,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    import ray
+
+    from kdsearch.tune import main
+
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not ray.is_initialized()
+
+
+def test_bad_space_files_are_rejected_with_the_reason(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    from kdsearch.tune import main
+
+    cases = {
+        "empty": "params:\n  distill.layer_map: {type: categorical, choices: []}\n",
+        "range": "params:\n  train.lr: {type: float, low: 0.1, high: 0.01}\n",
+        "log": "params:\n  train.lr: {type: float, low: 0.0, high: 0.01, log: true}\n",
+    }
+    for name, params in cases.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text("description: bad\nbase: {}\nmetric: eval_score\nmode: max\n"
+                        "budget: {num_samples: 2}\n" + params)
+        assert main([f"space={path}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
