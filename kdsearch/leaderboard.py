@@ -139,13 +139,23 @@ def table(ranked: Sequence[Mapping[str, Any]], objectives: Sequence[Objective], 
     columns += ["pareto"] if front is not None else []
     cells = []
     for i, row in enumerate(ranked):
-        line = [str(row.get("rank") or "-"), str(row["trial"]), *(str(row.get(p, "")) for p in params)]
+        line = [str(row.get("rank") or "-"), str(row["trial"]), *(_param(row.get(p, "")) for p in params)]
         line += [_fmt(value(row, m)) for m in metrics]
-        line += [_fmt(row.get("time_s"), 1), str(row.get("status", ""))]
+        time_s = row.get("time_s")
+        line += ["" if time_s is None else f"{time_s:.1f}", str(row.get("status", ""))]
         if front is not None:
             line.append("*" if i in front else "")
         cells.append(line)
     return columns, cells
+
+
+def _param(raw: Any) -> str:
+    """A logged param for the table: floats to 4 significant digits, everything else as logged."""
+    try:
+        number = float(raw)
+    except (TypeError, ValueError):
+        return str(raw)
+    return str(raw) if str(raw).lstrip("-").isdigit() else _fmt(number)
 
 
 def _fmt(number: float | None, digits: int = 4) -> str:

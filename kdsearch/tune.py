@@ -115,7 +115,7 @@ def make_tuner(settings: SearchSettings, space: spaces.Space, tracker_args: dict
     callbacks = [MlflowTrials(space=space, **tracker_args), ProgressTable(objectives=objectives)]
     run_config = tune.RunConfig(name=settings.search_name, storage_path=storage, callbacks=callbacks,
                                 failure_config=tune.FailureConfig(max_failures=1), verbose=0,
-                                checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
     path = os.path.join(storage, settings.search_name)
     if settings.resume:
         if not tune.Tuner.can_restore(path):
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     if settings.dry_run:
         print(render_dry_run(settings, space))
         return 0
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Checkpoints are pruned (num_to_keep), which makes Tune snapshot often; that is intended here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     objectives = objectives_of(settings, space)
     # Prepare the shared artifacts (teacher fine-tuning, tokenised data) once, before trials race for them.
     prepare(spaces.trial_config(space, {}))
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     results = tuner.fit()
+    ray.shutdown()  # flush the trials' logs now, so that the summary below is the last thing printed
     out = export_best(results, settings=settings, space=space, objectives=objectives)
     return 0 if out is not None else 1
 

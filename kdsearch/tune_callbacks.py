@@ -89,9 +89,9 @@ class MlflowTrials(tune.Callback):
 class ProgressTable(tune.Callback):
     """A compact trial table every `every_s` seconds, and one line per finished trial."""
 
-    def __init__(self, *, objectives: list[tuple[str, str]], every_s: float = 20.0) -> None:
-        self.metric = objectives[0][0]
-        self.every_s = every_s
+    def __init__(self, *, objectives: list[tuple[str, str]], every_s: float = 20.0, best: int = 3) -> None:
+        self.metric, self.mode = objectives[0]
+        self.every_s, self.best = every_s, best
         self._last = 0.0
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
@@ -103,13 +103,21 @@ class ProgressTable(tune.Callback):
             counts[t.status] = counts.get(t.status, 0) + 1
         print(f"[kdsearch.tune] {len(trials)} trials: " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items()))
         print(f"  {'trial':<14}{'status':<11}{'epoch':>6}{self.metric:>14}  params")
-        for t in trials:
+        for t in self._shown(trials):
             last = t.last_result or {}
             value = last.get(self.metric)
             shown = f"{value:.4f}" if isinstance(value, float) else "-"
             params = " ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
                               for k, v in t.config.items())
             print(f"  {t.trial_id:<14}{t.status:<11}{last.get('epoch', '-'):>6}{shown:>14}  {params}")
+
+    def _shown(self, trials: list) -> list:
+        """Running trials, then the best `best` finished ones: compact however large the search."""
+        sign = 1 if self.mode == "max" else -1
+        scored = [t for t in trials if t.status != "RUNNING" and isinstance((t.last_result or {}).get(self.metric),
+                                                                            (int, float))]
+        scored.sort(key=lambda t: -sign * t.last_result[self.metric])
+        return [t for t in trials if t.status == "RUNNING"] + scored[: self.best]
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}

@@ -1,0 +1,228 @@
+"""Step overhead of every strategy family: the loop's full distillation step against a bare training step.
+
+    nice python bench/step_overhead.py [--steps N] [--teacher tiny-bert|minilm] [--threads 1] [--device cpu|cuda]
+
+For each strategy (forward identity, none = logit KD only, all_to_one, projector with a narrower student, ted
+with linear filters, units = Flex-KD) it times, on the same batches and interleaved step by step:
+
+  kd    the shared step exactly as the loop runs it: `kdsearch.loop._train_epoch` on one batch
+        (teacher_forward + Distiller forward + loss.item() check + backward + grad clip + AdamW + scheduler + the
+        per-term .item() sums)
+  loop  the same loop with the same student but a task-loss-only Distiller (w_logit = w_hidden = 0, no pairs):
+        what the loop's bookkeeping costs without any distillation term
+  base  teacher forward under no_grad (no hidden states) + plain student forward + task loss + backward +
+        AdamW, nothing else: "teacher forward + student forward/backward timed alone"
+
+Each of the three has its own student (same initial weights) and optimiser, so every variant trains normally.
+The order of the variants rotates every step so drift (other processes, frequency scaling) hits all alike.
+Reported: median step time per variant after warm-up, kd/base (the target: <= 1.10) and loop/base, plus the
+median of the per-batch paired ratios kd_i/base_i as a drift-robust check. Artifacts (fine-tuned teacher, TED
+stage-1 filters, Flex-KD scores) are real, built by `kdsearch.prepare.prepare` on a small config and cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from kdsearch import models  # noqa: E402
+from kdsearch.config import Config, load_config  # noqa: E402
+from kdsearch.evaluation import make_loader  # noqa: E402
+from kdsearch.loop import WorkerContext, _train_epoch, build_distiller, layer_pairs  # noqa: E402
+from kdsearch.losses import task_loss  # noqa: E402
+from kdsearch.prepare import Prepared, make_student, prepare  # noqa: E402
+from kdsearch.validate import validate  # noqa: E402
+
+TARGET = 1.10
+
+# Overrides per strategy family; NARROW is replaced by half the teacher's width.
+STRATEGIES: dict[str, list[str]] = {
+    "forward": ["distill.layer_map=forward", "distill.bridge=identity"],
+    "none": ["distill.layer_map=none", "distill.w_hidden=0"],
+    "all_to_one": ["distill.layer_map=all_to_one", "distill.bridge=identity"],
+    "projector": ["distill.layer_map=forward", "distill.bridge=projector", "student.hidden_size=NARROW",
+                  "student.init=random"],
+    "ted": ["distill.layer_map=forward", "distill.bridge=ted", "ted.filter=linear"],
+    "units": ["distill.layer_map=forward", "distill.bridge=units", "student.hidden_size=NARROW",
+              "student.init=random"],
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def base_config(args: argparse.Namespace) -> list[str]:
+    return [f"teacher={args.teacher}", f"student.layers={args.student_layers}", "task.name=default",
+            f"task.train_size={args.train_size}", "task.eval_size=128", f"task.max_length={args.max_length}",
+            "finetune.epochs=1", "ted.stage1_epochs=1", "units.score_batches=4",
+            f"train.batch_size={args.batch_size}", f"cache_dir={args.cache_dir}"]
+
+
+def strategy_config(args: argparse.Namespace, name: str) -> Config:
+    d_t = models.depth_width(models.teacher_config(models.resolve_teacher(args.teacher)))[1]
+    overrides = [o.replace("NARROW", str(d_t // 2)) for o in STRATEGIES[name]]
+    cfg = load_config(base_config(args) + overrides)
+    validate(cfg)
+    return cfg
+
+
+class Variants:
+    """The three step functions of one strategy, each with its own student and optimiser."""
+
+    def __init__(self, cfg: Config, prepared: Prepared, device: torch.device) -> None:
+        self.device = device
+        self.ctx = WorkerContext(device=device, log=lambda line: None)
+        self.teacher, self.distiller = build_distiller(cfg, prepared, device)
+        self.pairs = layer_pairs(cfg, prepared, epoch=0)
+        self.opt, self.sched = self._optimiser(self.distiller, cfg)
+        plain = replace(cfg, distill=replace(cfg.distill, w_logit=0.0, w_hidden=0.0, layer_map="none",
+                                                   bridge="auto"))
+        _, self.plain = build_distiller(plain, prepared, device)
+        self.plain_opt, self.plain_sched = self._optimiser(self.plain, cfg)
+        self.student = make_student(cfg, self.teacher).to(device)
+        self.student_opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.train.lr,
+                                             weight_decay=cfg.train.weight_decay)
+        self.kind = prepared.spec.kind
+
+    @staticmethod
+    def _optimiser(module: torch.nn.Module, cfg: Config):
+        # the loop's optimiser and a LambdaLR of the same cost (the schedule's shape does not matter here)
+        opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=cfg.train.lr,
+                                weight_decay=cfg.train.weight_decay)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    def kd(self, batch: dict[str, torch.Tensor]) -> None:
+        _train_epoch(self.distiller, self.teacher, [batch], self.opt, self.sched, self.pairs, 1, self.ctx, 0)
+
+    def loop(self, batch: dict[str, torch.Tensor]) -> None:
+        _train_epoch(self.plain, self.teacher, [batch], self.plain_opt, self.plain_sched, [], 1, self.ctx, 0)
+
+    def base(self, batch: dict[str, torch.Tensor]) -> None:
+        self.student.train()
+        with torch.no_grad():
+            self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss = task_loss(out.logits, batch["labels"], kind=self.kind)
+        self.student_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.student_opt.step()
+
+
+def time_variants(variants: Variants, batches: list[dict[str, torch.Tensor]], *, steps: int,
+                  warmup: int) -> dict[str, list[float]]:
+    fns: list[tuple[str, Callable[[dict[str, torch.Tensor]], None]]] = [
+        ("kd", variants.kd), ("loop", variants.loop), ("base", variants.base)]
+    times: dict[str, list[float]] = {name: [] for name, _ in fns}
+    for step in range(warmup + steps):
+        batch = batches[step % len(batches)]
+        shift = step % len(fns)
+        for name, fn in fns[shift:] + fns[:shift]:
+            _sync(variants.device)
+            began = time.perf_counter()
+            fn(batch)
+            _sync(variants.device)
+            if step >= warmup:
+                times[name].append(time.perf_counter() - began)
+    return times
+
+
+def summarise(times: dict[str, list[float]]) -> dict[str, float]:
+    med = {name: statistics.median(values) for name, values in times.items()}
+    paired = statistics.median(k / b for k, b in zip(times["kd"], times["base"], strict=True))
+    q = statistics.quantiles(times["base"], n=4)
+    return {"kd_ms": med["kd"] * 1e3, "loop_ms": med["loop"] * 1e3, "base_ms": med["base"] * 1e3,
+            "base_iqr_pct": 100 * (q[2] - q[0]) / med["base"], "ratio": med["kd"] / med["base"],
+            "loop_ratio": med["loop"] / med["base"], "paired": paired}
+
+
+def profile(variants: Variants, batches: list[dict[str, torch.Tensor]], steps: int, rows: int) -> None:
+    """torch.profiler tables of the kd and base steps (self CPU time per op), to see where the extra goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if variants.device.type == "cuda" else [])
+    for name, fn in (("kd", variants.kd), ("base", variants.base)):
+        for batch in batches[:3]:
+            fn(batch)
+        with torch_profile(activities=activities) as prof:
+            for i in range(steps):
+                fn(batches[i % len(batches)])
+        print(f"\n--- profile: {name} step, {steps} steps ---")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per strategy (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--teacher", default="tiny-bert", help="tiny-bert (default), minilm, or a model path")
+    parser.add_argument("--student-layers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--train-size", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (same for every variant)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset")
+    parser.add_argument("--cache-dir", default="/tmp/kdsearch_bench_cache")
+    parser.add_argument("--profile", default=None, help="a strategy to profile with torch.profiler instead")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    transformers.logging.disable_progress_bar()
+    device = torch.device(args.device)
+    names = [s for s in args.strategies.split(",") if s]
+    unknown = [s for s in names + ([args.profile] if args.profile else []) if s not in STRATEGIES]
+    if unknown:
+        parser.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+
+    setups = {}
+    for name in [args.profile] if args.profile else names:
+        cfg = strategy_config(args, name)
+        prepared = prepare(cfg, device=device)
+        loader = make_loader(prepared.data["train"], batch_size=cfg.train.batch_size, shuffle=True,
+                             seed=cfg.train.seed, pad_id=prepared.pad_id)
+        batches = [{k: v.to(device) for k, v in b.items()} for b in loader]
+        setups[name] = (cfg, prepared, batches)
+
+    if args.profile:
+        cfg, prepared, batches = setups[args.profile]
+        profile(Variants(cfg, prepared, device), batches, steps=args.steps, rows=25)
+        return 0
+
+    print(f"\nteacher={args.teacher} student.layers={args.student_layers} batch={args.batch_size} "
+          f"max_length={args.max_length} device={device} threads={torch.get_num_threads()} "
+          f"steps={args.steps} (+{args.warmup} warm-up), torch {torch.__version__}")
+    header = (f"{'strategy':<11} {'pairs':>5} {'base ms':>8} {'(IQR%)':>6} {'loop ms':>8} {'kd ms':>8} "
+              f"{'loop/base':>9} {'kd/base':>8} {'paired':>7}  target <= {TARGET:.2f}")
+    rows = []
+    for name in names:
+        cfg, prepared, batches = setups[name]
+        variants = Variants(cfg, prepared, device)
+        s = summarise(time_variants(variants, batches, steps=args.steps, warmup=args.warmup))
+        verdict = "PASS" if s["ratio"] <= TARGET else "FAIL"
+        rows.append(f"{name:<11} {len(variants.pairs):>5} {s['base_ms']:>8.2f} {s['base_iqr_pct']:>5.0f}% "
+                    f"{s['loop_ms']:>8.2f} {s['kd_ms']:>8.2f} {s['loop_ratio']:>9.3f} {s['ratio']:>8.3f} "
+                    f"{s['paired']:>7.3f}  {verdict}")
+        print(rows[-1], flush=True)
+    print("\n" + header + "\n" + "\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
