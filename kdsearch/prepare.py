@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from . import models
 from .bridges import resolve_bridge
@@ -53,7 +53,7 @@ def _log(message: str) -> None:
     print(f"[kdsearch.prepare] {message}", flush=True)
 
 
-def _tokenizer(cfg: Config, source: models.TeacherSource, raw: Any, spec: TaskSpec, store: Store):
+def _tokenizer(source: models.TeacherSource, raw: Any, spec: TaskSpec, store: Store) -> Any:
     if not source.builtin:
         assert source.location is not None
         tok = AutoTokenizer.from_pretrained(source.location)
@@ -73,7 +73,7 @@ def fit_task(model: torch.nn.Module, data: Any, *, spec: TaskSpec, cfg: Config, 
     """Fine-tune `model` on the task (AdamW, linear decay); returns its evaluation metrics."""
     ft = cfg.finetune
     model.to(device).train()
-    loader = make_loader(data["train"], batch_size=ft.batch_size, shuffle=True, seed=cfg.train.seed, pad_id=pad_id)
+    loader = make_loader(data["train"], batch_size=ft.batch_size, shuffle=True, seed=ft.seed, pad_id=pad_id)
     opt = torch.optim.AdamW(model.parameters(), lr=ft.lr, weight_decay=0.01)
     total = ft.epochs * len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1 - step / total))
@@ -98,10 +98,10 @@ def _teacher(cfg: Config, source: models.TeacherSource, tok: Any, data: Any, spe
     family = models.family_of(models.teacher_config(source))
     weights = file_digest(source.location) if source.location and Path(source.location).is_dir() else source.name
     key = content_key(teacher=source.name, weights=weights, data=data["train"]._fingerprint,
-                      vocab=len(tok), finetune=flatten(cfg.finetune), seed=cfg.train.seed, task=spec.name)
+                      vocab=len(tok), finetune=flatten(cfg.finetune), task=spec.name)
 
     def build(out: Path) -> None:
-        torch.manual_seed(cfg.train.seed)
+        torch.manual_seed(cfg.finetune.seed)
         if source.builtin:
             config = models.with_task_head(models.teacher_config(source, vocab_size=len(tok)), spec)
             model, has_head = models.task_model_class(family).from_config(config), False
@@ -193,10 +193,10 @@ def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:
     family = models.family_of(models.teacher_config(source))
     if family == "causal" and spec.kind != "causal_lm":  # a causal LM reads any task as prompt -> answer tokens
         spec = dataclasses.replace(spec, kind="causal_lm", num_labels=0, primary_metric="token_accuracy")
-    tok = _tokenizer(cfg, source, raw, spec, store)
+    tok = _tokenizer(source, raw, spec, store)
     data = tokenize_task(raw, spec, tok, max_length=cfg.task.max_length, cache_dir=cfg.cache_dir, family=family)
     teacher_dir = _teacher(cfg, source, tok, data, spec, store, device)
-    n_t, d_t = models.depth_width(models.teacher_config(models.TeacherSource("", False, str(teacher_dir))))
+    n_t, d_t = models.depth_width(AutoConfig.from_pretrained(teacher_dir))
     prepared = Prepared(spec=spec, family=family, teacher_dir=str(teacher_dir), data=data,
                         pad_id=tok.pad_token_id, n_teacher=n_t, d_teacher=d_t,
                         teacher_metrics=json.loads((teacher_dir / "teacher_metrics.json").read_text()))
@@ -206,4 +206,4 @@ def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:
         extra["teacher_filters"], extra["student_filters"] = _ted_filters(cfg, prepared, store, device)
     if bridge == "units" and cfg.distill.w_hidden > 0:
         extra["unit_scores"] = _unit_scores(cfg, prepared, store, device)
-    return Prepared(**{**prepared.__dict__, **extra})
+    return dataclasses.replace(prepared, **extra)
