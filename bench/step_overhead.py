@@ -167,6 +167,79 @@ def profile(variants: Variants, batches: list[dict[str, torch.Tensor]], steps: i
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
+def breakdown(variants: Variants, batches: list[dict[str, torch.Tensor]], *, steps: int, warmup: int) -> None:
+    """Median time of each phase of the kd step (re-enacted phase by phase) and of the base step."""
+    from kdsearch.losses import combine
+    from kdsearch.step import teacher_forward
+
+    v, d = variants, variants.distiller
+    params = [p for p in d.parameters() if p.requires_grad]
+    kd_t: dict[str, list[float]] = {}
+    base_t: dict[str, list[float]] = {}
+
+    def tick(table: dict[str, list[float]], name: str, began: float, record: bool) -> float:
+        _sync(v.device)
+        now = time.perf_counter()
+        if record:
+            table.setdefault(name, []).append(now - began)
+        return now
+
+    for step in range(warmup + steps):
+        batch, rec = batches[step % len(batches)], step >= warmup
+        use_hidden = bool(v.pairs)
+        d.train()
+        t = tick(kd_t, "", time.perf_counter(), False)
+        teacher = teacher_forward(v.teacher, batch, hidden=use_hidden)
+        t = tick(kd_t, "teacher forward (hidden states)", t, rec)
+        out = d.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        output_hidden_states=use_hidden)
+        t = tick(kd_t, "student forward (hidden states)", t, rec)
+        terms = {"task": task_loss(out.logits, batch["labels"], kind=v.kind)}
+        t = tick(kd_t, "task loss", t, rec)
+        if d.weights["logit"] > 0:
+            terms["logit"] = d._logit_term(out.logits, teacher.logits, batch["labels"])
+            t = tick(kd_t, "logit KL", t, rec)
+        if use_hidden:
+            assert teacher.hidden is not None
+            terms["hidden"] = d._hidden_term(out.hidden_states, teacher.hidden, batch["attention_mask"], v.pairs)
+            t = tick(kd_t, f"hidden term ({len(v.pairs)} pairs)", t, rec)
+        loss = combine(terms, d.weights if use_hidden else {**d.weights, "hidden": 0.0})
+        loss.item()
+        t = tick(kd_t, "combine + loss.item()", t, rec)
+        v.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t = tick(kd_t, "backward", t, rec)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        t = tick(kd_t, "clip_grad_norm_", t, rec)
+        v.opt.step()
+        v.sched.step()
+        t = tick(kd_t, "AdamW + scheduler", t, rec)
+        for value in terms.values():
+            value.item()
+        t = tick(kd_t, "per-term .item()", t, rec)
+
+        v.student.train()
+        t = tick(base_t, "", time.perf_counter(), False)
+        with torch.no_grad():
+            v.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        t = tick(base_t, "teacher forward", t, rec)
+        out = v.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        t = tick(base_t, "student forward", t, rec)
+        loss = task_loss(out.logits, batch["labels"], kind=v.kind)
+        t = tick(base_t, "task loss", t, rec)
+        v.student_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t = tick(base_t, "backward", t, rec)
+        v.student_opt.step()
+        t = tick(base_t, "AdamW", t, rec)
+
+    for title, table in (("kd step, phase by phase", kd_t), ("base step", base_t)):
+        total = sum(statistics.median(x) for x in table.values())
+        print(f"\n{title}: sum of phase medians {total * 1e3:.2f} ms")
+        for name, values in table.items():
+            print(f"  {name:<34} {statistics.median(values) * 1e3:8.3f} ms")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200, help="timed steps per strategy (after warm-up)")
@@ -181,18 +254,20 @@ def main() -> int:
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset")
     parser.add_argument("--cache-dir", default="/tmp/kdsearch_bench_cache")
     parser.add_argument("--profile", default=None, help="a strategy to profile with torch.profiler instead")
+    parser.add_argument("--breakdown", default=None, help="a strategy whose step to time phase by phase instead")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     transformers.logging.disable_progress_bar()
     device = torch.device(args.device)
     names = [s for s in args.strategies.split(",") if s]
-    unknown = [s for s in names + ([args.profile] if args.profile else []) if s not in STRATEGIES]
+    single = args.profile or args.breakdown
+    unknown = [s for s in names + ([single] if single else []) if s not in STRATEGIES]
     if unknown:
         parser.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
 
     setups = {}
-    for name in [args.profile] if args.profile else names:
+    for name in [single] if single else names:
         cfg = strategy_config(args, name)
         prepared = prepare(cfg, device=device)
         loader = make_loader(prepared.data["train"], batch_size=cfg.train.batch_size, shuffle=True,
@@ -203,6 +278,10 @@ def main() -> int:
     if args.profile:
         cfg, prepared, batches = setups[args.profile]
         profile(Variants(cfg, prepared, device), batches, steps=args.steps, rows=25)
+        return 0
+    if args.breakdown:
+        cfg, prepared, batches = setups[args.breakdown]
+        breakdown(Variants(cfg, prepared, device), batches, steps=args.steps, warmup=args.warmup)
         return 0
 
     print(f"\nteacher={args.teacher} student.layers={args.student_layers} batch={args.batch_size} "

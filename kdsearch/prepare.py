@@ -135,13 +135,15 @@ def make_student(cfg: Config, teacher: Any) -> torch.nn.Module:
 
 def _ted_filters(cfg: Config, prepared: Prepared, store: Store, device: torch.device) -> tuple[str, str | None]:
     """Stage 1 on the frozen teacher (teacher filters) and on the initial student (student filters)."""
-    ted, n_out = cfg.ted, max(prepared.spec.num_labels, 1)
+    teacher = load_teacher(prepared, device)
+    ted = cfg.ted
+    # Stage-1 heads predict the task: classes, a score, or (causal LMs) the next token over the vocabulary.
+    n_out = teacher.config.vocab_size if prepared.spec.kind == "causal_lm" else max(prepared.spec.num_labels, 1)
     d_f = ted.width or prepared.d_teacher
     pairs = map_layers(cfg.distill.layer_map, cfg.student.layers, prepared.n_teacher,
                        embeddings=cfg.distill.embeddings, seed=cfg.train.seed, epoch=0, layers=cfg.distill.layers)
     loader = make_loader(prepared.data["train"], batch_size=cfg.train.batch_size, shuffle=True,
                          seed=cfg.train.seed, pad_id=prepared.pad_id)
-    teacher = load_teacher(prepared, device)
     kind = prepared.spec.kind
     common = dict(filter=flatten(ted), d_f=d_f, teacher=prepared.teacher_dir, seed=cfg.train.seed)
 
@@ -191,10 +193,10 @@ def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:
     spec, raw = load_raw_task(cfg.task, cache_dir=cfg.cache_dir)
     source = models.resolve_teacher(cfg.teacher)
     family = models.family_of(models.teacher_config(source))
-    if family == "causal" and spec.kind != "causal_lm":  # a causal LM reads any task as prompt -> answer tokens
-        spec = dataclasses.replace(spec, kind="causal_lm", num_labels=0, primary_metric="token_accuracy")
     tok = _tokenizer(source, raw, spec, store)
     data = tokenize_task(raw, spec, tok, max_length=cfg.task.max_length, cache_dir=cfg.cache_dir, family=family)
+    if family == "causal" and spec.kind != "causal_lm":  # a causal LM reads any task as prompt -> answer tokens
+        spec = dataclasses.replace(spec, kind="causal_lm", num_labels=0, primary_metric="token_accuracy")
     teacher_dir = _teacher(cfg, source, tok, data, spec, store, device)
     n_t, d_t = models.depth_width(AutoConfig.from_pretrained(teacher_dir))
     prepared = Prepared(spec=spec, family=family, teacher_dir=str(teacher_dir), data=data,

@@ -15,6 +15,7 @@ from typing import Any
 
 import optuna
 import ray
+import torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
@@ -49,8 +50,6 @@ def run_trial(params: dict[str, Any], *, space: spaces.Space, search: str, stora
     validate(cfg)
     prepared = prepare(cfg)
     if cfg.resources.num_workers == 1:
-        import torch
-
         torch.set_num_threads(max(1, int(cfg.resources.cpus_per_trial)))
         checkpoint = tune.get_checkpoint()
         ctx = WorkerContext(device=torch.device("cuda" if cfg.resources.use_gpu else "cpu"), report=_tune_report,
