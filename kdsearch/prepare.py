@@ -122,7 +122,7 @@ def _teacher(cfg: Config, source: models.TeacherSource, tok: Any, data: Any, spe
     return store.get_or_build("teacher", key, build, meta={"teacher": source.name, "task": spec.name})
 
 
-def load_teacher(prepared: Prepared, device: torch.device) -> torch.nn.Module:
+def load_teacher(prepared: Prepared, device: torch.device) -> Any:
     model = models.task_model_class(prepared.family).from_pretrained(prepared.teacher_dir)
     return models.freeze(model.to(device))
 
