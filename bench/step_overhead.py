@@ -15,9 +15,11 @@ with linear filters, units = Flex-KD) it times, on the same batches and interlea
 
 Each of the three has its own student (same initial weights) and optimiser, so every variant trains normally.
 The order of the variants rotates every step so drift (other processes, frequency scaling) hits all alike.
-Reported: median step time per variant after warm-up, kd/base (the target: <= 1.10) and loop/base, plus the
-median of the per-batch paired ratios kd_i/base_i as a drift-robust check. Artifacts (fine-tuned teacher, TED
-stage-1 filters, Flex-KD scores) are real, built by `kdsearch.prepare.prepare` on a small config and cached.
+Reported: median step time per variant after warm-up, kd/base and loop/base (ratios of medians), and the median
+of the per-batch paired ratios kd_i/base_i, which the verdict uses (target: <= 1.10): on a shared machine it
+cancels drift and other processes' load best. Every number is a median over --rounds rounds. Artifacts
+(fine-tuned teacher, TED stage-1 filters, Flex-KD scores) are real, built by `kdsearch.prepare.prepare` on a
+small config and cached.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from kdsearch.prepare import Prepared, make_student, prepare  # noqa: E402
 from kdsearch.validate import validate  # noqa: E402
 
 TARGET = 1.10
+CLOCK = time.perf_counter
+"""Wall clock; main() switches to this thread's CPU time when the step runs on one CPU thread (see --clock)."""
 
 # Overrides per strategy family; NARROW is replaced by half the teacher's width.
 STRATEGIES: dict[str, list[str]] = {
@@ -85,8 +89,8 @@ def strategy_config(args: argparse.Namespace, name: str) -> Config:
 class Variants:
     """The three step functions of one strategy, each with its own student and optimiser."""
 
-    def __init__(self, cfg: Config, prepared: Prepared, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, cfg: Config, prepared: Prepared, device: torch.device, *, fused: bool = False) -> None:
+        self.device, self.fused = device, fused
         self.ctx = WorkerContext(device=device, log=lambda line: None)
         self.teacher, self.distiller = build_distiller(cfg, prepared, device)
         self.pairs = layer_pairs(cfg, prepared, epoch=0)
@@ -97,14 +101,13 @@ class Variants:
         self.plain_opt, self.plain_sched = self._optimiser(self.plain, cfg)
         self.student = make_student(cfg, self.teacher).to(device)
         self.student_opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.train.lr,
-                                             weight_decay=cfg.train.weight_decay)
+                                             weight_decay=cfg.train.weight_decay, fused=fused or None)
         self.kind = prepared.spec.kind
 
-    @staticmethod
-    def _optimiser(module: torch.nn.Module, cfg: Config):
+    def _optimiser(self, module: torch.nn.Module, cfg: Config):
         # the loop's optimiser and a LambdaLR of the same cost (the schedule's shape does not matter here)
         opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=cfg.train.lr,
-                                weight_decay=cfg.train.weight_decay)
+                                weight_decay=cfg.train.weight_decay, fused=self.fused or None)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
     def kd(self, batch: dict[str, torch.Tensor]) -> None:
@@ -134,11 +137,11 @@ def time_variants(variants: Variants, batches: list[dict[str, torch.Tensor]], *,
         shift = step % len(fns)
         for name, fn in fns[shift:] + fns[:shift]:
             _sync(variants.device)
-            began = time.perf_counter()
+            began = CLOCK()
             fn(batch)
             _sync(variants.device)
             if step >= warmup:
-                times[name].append(time.perf_counter() - began)
+                times[name].append(CLOCK() - began)
     return times
 
 
@@ -149,6 +152,20 @@ def summarise(times: dict[str, list[float]]) -> dict[str, float]:
     return {"kd_ms": med["kd"] * 1e3, "loop_ms": med["loop"] * 1e3, "base_ms": med["base"] * 1e3,
             "base_iqr_pct": 100 * (q[2] - q[0]) / med["base"], "ratio": med["kd"] / med["base"],
             "loop_ratio": med["loop"] / med["base"], "paired": paired}
+
+
+def op_counts(variants: Variants, batches: list[dict[str, torch.Tensor]], steps: int = 1) -> dict[str, float]:
+    """ATen ops dispatched per step (nested ops included), per variant: on a tiny model step time follows this."""
+    from torch.profiler import profile as torch_profile
+
+    counts = {}
+    for name, fn in (("kd", variants.kd), ("loop", variants.loop), ("base", variants.base)):
+        fn(batches[0])  # not the optimiser's first step, which creates its state
+        with torch_profile() as prof:
+            for i in range(steps):
+                fn(batches[i % len(batches)])
+        counts[name] = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / steps
+    return counts
 
 
 def profile(variants: Variants, batches: list[dict[str, torch.Tensor]], steps: int, rows: int) -> None:
@@ -179,7 +196,7 @@ def breakdown(variants: Variants, batches: list[dict[str, torch.Tensor]], *, ste
 
     def tick(table: dict[str, list[float]], name: str, began: float, record: bool) -> float:
         _sync(v.device)
-        now = time.perf_counter()
+        now = CLOCK()
         if record:
             table.setdefault(name, []).append(now - began)
         return now
@@ -188,7 +205,7 @@ def breakdown(variants: Variants, batches: list[dict[str, torch.Tensor]], *, ste
         batch, rec = batches[step % len(batches)], step >= warmup
         use_hidden = bool(v.pairs)
         d.train()
-        t = tick(kd_t, "", time.perf_counter(), False)
+        t = tick(kd_t, "", CLOCK(), False)
         teacher = teacher_forward(v.teacher, batch, hidden=use_hidden)
         t = tick(kd_t, "teacher forward (hidden states)", t, rec)
         out = d.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -219,7 +236,7 @@ def breakdown(variants: Variants, batches: list[dict[str, torch.Tensor]], *, ste
         t = tick(kd_t, "per-term .item()", t, rec)
 
         v.student.train()
-        t = tick(base_t, "", time.perf_counter(), False)
+        t = tick(base_t, "", CLOCK(), False)
         with torch.no_grad():
             v.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         t = tick(base_t, "teacher forward", t, rec)
@@ -240,10 +257,33 @@ def breakdown(variants: Variants, batches: list[dict[str, torch.Tensor]], *, ste
             print(f"  {name:<34} {statistics.median(values) * 1e3:8.3f} ms")
 
 
+def report(names: list[str], pairs: dict[str, int], rounds: list[dict[str, dict[str, float]]],
+           ops: dict[str, dict[str, float]]) -> str:
+    """One table: per strategy, medians over rounds (each round's numbers are medians over its steps)."""
+    lines = [f"{'strategy':<11} {'pairs':>5} {'base ms':>8} {'IQR':>5} {'loop ms':>8} {'kd ms':>8} "
+             f"{'loop/base':>9} {'kd/base':>8} {'(min-max)':>13} {'paired':>7} {'ops base/loop/kd':>16}  "
+             f"target <= {TARGET:.2f}"]
+    for name in names:
+        per = [r[name] for r in rounds]
+
+        def med(key: str, per: list[dict[str, float]] = per) -> float:
+            return statistics.median(p[key] for p in per)
+
+        ratios = [p["ratio"] for p in per]
+        verdict = "PASS" if med("paired") <= TARGET else "FAIL"
+        lines.append(f"{name:<11} {pairs[name]:>5} {med('base_ms'):>8.2f} {med('base_iqr_pct'):>4.0f}% "
+                     f"{med('loop_ms'):>8.2f} {med('kd_ms'):>8.2f} {med('loop_ratio'):>9.3f} {med('ratio'):>8.3f} "
+                     f"{f'({min(ratios):.3f}-{max(ratios):.3f})':>13} {med('paired'):>7.3f} "
+                     f"{ops[name]['base']:>5.0f}/{ops[name]['loop']:.0f}/{ops[name]['kd']:<5.0f}"
+                     f"  {verdict}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200, help="timed steps per strategy (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per strategy per round")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps per strategy per round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all strategies; medians over rounds")
     parser.add_argument("--teacher", default="tiny-bert", help="tiny-bert (default), minilm, or a model path")
     parser.add_argument("--student-layers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -253,53 +293,62 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset")
     parser.add_argument("--cache-dir", default="/tmp/kdsearch_bench_cache")
+    parser.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
+                        help="auto: this thread's CPU time on CPU with --threads 1 (time other processes take "
+                             "from the core is not counted), else wall time")
+    parser.add_argument("--fused-adamw", action="store_true",
+                        help="AdamW(fused=True) in every variant (the loop uses torch's default AdamW)")
     parser.add_argument("--profile", default=None, help="a strategy to profile with torch.profiler instead")
     parser.add_argument("--breakdown", default=None, help="a strategy whose step to time phase by phase instead")
     args = parser.parse_args()
 
+    global CLOCK
     torch.set_num_threads(args.threads)
     transformers.logging.disable_progress_bar()
     device = torch.device(args.device)
+    cpu_clock = args.clock == "cpu" or (args.clock == "auto" and device.type == "cpu" and args.threads == 1)
+    CLOCK = time.thread_time if cpu_clock else time.perf_counter
     names = [s for s in args.strategies.split(",") if s]
     single = args.profile or args.breakdown
     unknown = [s for s in names + ([single] if single else []) if s not in STRATEGIES]
     if unknown:
         parser.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
 
-    setups = {}
+    setups: dict[str, tuple[Variants, list[dict[str, torch.Tensor]]]] = {}
     for name in [single] if single else names:
         cfg = strategy_config(args, name)
-        prepared = prepare(cfg, device=device)
+        prepared = prepare(cfg, device=device)  # cached: only the first run builds the artifacts
         loader = make_loader(prepared.data["train"], batch_size=cfg.train.batch_size, shuffle=True,
                              seed=cfg.train.seed, pad_id=prepared.pad_id)
         batches = [{k: v.to(device) for k, v in b.items()} for b in loader]
-        setups[name] = (cfg, prepared, batches)
+        setups[name] = (Variants(cfg, prepared, device, fused=args.fused_adamw), batches)
 
     if args.profile:
-        cfg, prepared, batches = setups[args.profile]
-        profile(Variants(cfg, prepared, device), batches, steps=args.steps, rows=25)
+        profile(*setups[args.profile], steps=args.steps, rows=25)
         return 0
     if args.breakdown:
-        cfg, prepared, batches = setups[args.breakdown]
-        breakdown(Variants(cfg, prepared, device), batches, steps=args.steps, warmup=args.warmup)
+        breakdown(*setups[args.breakdown], steps=args.steps, warmup=args.warmup)
         return 0
 
+    ops = {name: op_counts(*setups[name]) for name in names}
+    rounds: list[dict[str, dict[str, float]]] = []
+    for r in range(args.rounds):
+        rounds.append({})
+        for name in names:
+            variants, batches = setups[name]
+            rounds[-1][name] = summarise(time_variants(variants, batches, steps=args.steps, warmup=args.warmup))
+        print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{n} {rounds[-1][n]['ratio']:.3f}" for n in names),
+              flush=True)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nteacher={args.teacher} student.layers={args.student_layers} batch={args.batch_size} "
           f"max_length={args.max_length} device={device} threads={torch.get_num_threads()} "
-          f"steps={args.steps} (+{args.warmup} warm-up), torch {torch.__version__}")
-    header = (f"{'strategy':<11} {'pairs':>5} {'base ms':>8} {'(IQR%)':>6} {'loop ms':>8} {'kd ms':>8} "
-              f"{'loop/base':>9} {'kd/base':>8} {'paired':>7}  target <= {TARGET:.2f}")
-    rows = []
-    for name in names:
-        cfg, prepared, batches = setups[name]
-        variants = Variants(cfg, prepared, device)
-        s = summarise(time_variants(variants, batches, steps=args.steps, warmup=args.warmup))
-        verdict = "PASS" if s["ratio"] <= TARGET else "FAIL"
-        rows.append(f"{name:<11} {len(variants.pairs):>5} {s['base_ms']:>8.2f} {s['base_iqr_pct']:>5.0f}% "
-                    f"{s['loop_ms']:>8.2f} {s['kd_ms']:>8.2f} {s['loop_ratio']:>9.3f} {s['ratio']:>8.3f} "
-                    f"{s['paired']:>7.3f}  {verdict}")
-        print(rows[-1], flush=True)
-    print("\n" + header + "\n" + "\n".join(rows))
+          f"{args.rounds} rounds x {args.steps} steps (+{args.warmup} warm-up) per strategy, "
+          f"AdamW {'fused' if args.fused_adamw else 'default'}, {'thread CPU' if cpu_clock else 'wall'} clock, "
+          f"torch {torch.__version__}, load average {load:.1f} on {os.cpu_count()} CPUs")
+    print("ms = median step time; kd/base = ratio of medians (median over rounds, min-max over rounds); "
+          "paired = median of per-batch kd_i/base_i (the verdict: it cancels drift and other processes' load); "
+          "ops = ATen ops dispatched per step")
+    print(report(names, {n: len(v.pairs) for n, (v, _) in setups.items()}, rounds, ops))
     return 0
 
 

@@ -294,6 +294,30 @@ def log_run_artifacts(*, uri: str, experiment: str, run_id: str,
     _log_files(client, run_id, files, dirs)
 
 
+def log_analysis_run(*, uri: str, experiment: str, name: str, params: Mapping[str, Any],
+                     metrics: Mapping[str, float], tags: Mapping[str, str] | None = None,
+                     dirs: Mapping[str, Path | str] | None = None) -> str:
+    """One finished run outside any search (tag kdsearch.role=analysis, so leaderboards never list it):
+    params, finite metrics at step 0, artifact folders. Returns its run id."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    client, experiment_id = open_client(uri, experiment)
+    run = retry_locked(lambda: client.create_run(experiment_id, run_name=name,
+                                                 tags={"kdsearch.role": "analysis", **(tags or {})}))
+    run_id = run.info.run_id
+    now = int(time.time() * 1000)
+    entities: list[Any] = [Param(k, v) for k, v in flatten_params(params).items()]
+    entities += [Metric(k, float(v), now, 0) for k, v in metrics.items() if _finite(v)]
+    for i in range(0, len(entities), _BATCH):
+        chunk = entities[i:i + _BATCH]
+        retry_locked(functools.partial(
+            client.log_batch, run_id, params=[e for e in chunk if isinstance(e, Param)],
+            metrics=[e for e in chunk if isinstance(e, Metric)], tags=[e for e in chunk if isinstance(e, RunTag)]))
+    _log_files(client, run_id, None, dirs)
+    retry_locked(lambda: client.set_terminated(run_id, "FINISHED"))
+    return run_id
+
+
 # ---------------------------------------------------------------------------- the driver's writer
 
 

@@ -17,7 +17,7 @@ import optuna
 import ray
 import torch
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
@@ -63,10 +63,32 @@ def run_trial(params: dict[str, Any], *, space: spaces.Space, search: str, stora
         return
     trial_id = tune.get_context().get_trial_id()
     trainer = make_trainer(cfg, prepared, name=f"{search}-{trial_id}", storage_path=storage,
-                           callbacks=[TuneReportCallback()])
+                           callbacks=[_ReportAllButLast(last_epoch=cfg.train.epochs)])
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    last = result.metrics or {}
+    if last.get("epoch") == cfg.train.epochs:  # the held-back last epoch
+        tune.report({**last, **({CHECKPOINT_PATH_KEY: result.checkpoint.path} if result.checkpoint else {})})
+
+
+class _ReportAllButLast(TuneReportCallback):
+    """Forwards each epoch's rank-0 metrics to Tune, except the last: `run_trial` reports that one once `fit()`
+    has returned.
+
+    Tune stops a trial as soon as it sees the epoch that reaches max_t, which kills the trial actor and the Train
+    controller it owns while the controller is still shutting down: its autoscaler request is never cancelled,
+    and on an autoscaling cluster the run's worker nodes stay up ~3 min more (Train's request expiry, 180 s)
+    instead of idle_timeout_minutes. (A trial that ASHA stops early still ends that way.)
+    """
+
+    def __init__(self, *, last_epoch: int) -> None:
+        super().__init__()
+        self.last_epoch = last_epoch
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if metrics[0].get("epoch") != self.last_epoch:
+            super().after_report(run_context, metrics, checkpoint)
 
 
 def _trial_resources(space: spaces.Space, cluster: dict[str, float]):
@@ -105,6 +127,17 @@ def _concurrency(space: spaces.Space) -> int:
     return sizing.max_concurrent_trials(cluster, res.num_workers, res.cpus_per_trial, res.gpus_per_trial)
 
 
+def _reuse_actors(space: spaces.Space) -> bool:
+    """Reuse trial actors only when every trial runs in-process (1 worker).
+
+    A multi-worker trial's thread is still inside `TorchTrainer.fit()` (tearing its worker group down) when Tune
+    stops it at max_t or by ASHA; Tune's reset waits 2 s (TUNE_FUNCTION_THREAD_TIMEOUT_S) for it, then fails the
+    *next* trial ("Trainable runner reuse requires reset_config()...") without calling any callback. Reuse saves
+    nothing there anyway: the Train worker group is started afresh per trial.
+    """
+    return spaces.trial_config(space, {}).resources.num_workers == 1 and "resources.num_workers" not in space.params
+
+
 def make_tuner(settings: SearchSettings, space: spaces.Space, tracker_args: dict[str, Any]) -> tune.Tuner:
     objectives = objectives_of(settings, space)
     storage = _storage(settings, space)
@@ -125,10 +158,31 @@ def make_tuner(settings: SearchSettings, space: spaces.Space, tracker_args: dict
                               grace_period=space.budget.grace_period,
                               reduction_factor=space.budget.reduction_factor)
     tune_config = tune.TuneConfig(search_alg=_search_alg(settings, space, objectives), scheduler=scheduler,
-                                  num_samples=space.budget.num_samples, reuse_actors=True,
+                                  num_samples=space.budget.num_samples, reuse_actors=_reuse_actors(space),
                                   max_concurrent_trials=_concurrency(space),
                                   time_budget_s=space.budget.time_budget_s)
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def run_search(settings: SearchSettings, space: spaces.Space) -> tune.ResultGrid:
+    """Prepare the shared artifacts, start Ray, run every trial, stop Ray; Tune's ResultGrid.
+
+    Every trial lands in MLflow under one parent run (named settings.search_name), left open for the caller
+    to close (`export_best` here, the study table in kdsearch.report). ConfigError before any trial runs.
+    """
+    # Checkpoints are pruned (num_to_keep), which makes Tune snapshot often; that is intended here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Prepare the shared artifacts (teacher fine-tuning, tokenised data) once, before trials race for them.
+    prepare(spaces.trial_config(space, {}))
+    init_ray(resources={sizing.DRIVER_RESOURCE: sizing.HEAD_DRIVER_UNITS})
+    tracker_args = {"uri": settings.tracking_uri, "experiment": settings.experiment,
+                    "search": settings.search_name, "space_name": space.name, "code_version": code_version(),
+                    "objectives": objectives_of(settings, space)}
+    try:
+        results = make_tuner(settings, space, tracker_args).fit()
+    finally:
+        ray.shutdown()  # flush the trials' logs now, so that the caller's summary is the last thing printed
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,23 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     if settings.dry_run:
         print(render_dry_run(settings, space))
         return 0
-    # Checkpoints are pruned (num_to_keep), which makes Tune snapshot often; that is intended here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    objectives = objectives_of(settings, space)
-    # Prepare the shared artifacts (teacher fine-tuning, tokenised data) once, before trials race for them.
-    prepare(spaces.trial_config(space, {}))
-    init_ray(resources={sizing.DRIVER_RESOURCE: sizing.HEAD_DRIVER_UNITS})
-    tracker_args = {"uri": settings.tracking_uri, "experiment": settings.experiment,
-                    "search": settings.search_name, "space_name": space.name, "code_version": code_version(),
-                    "objectives": objectives}
     try:
-        tuner = make_tuner(settings, space, tracker_args)
+        results = run_search(settings, space)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    results = tuner.fit()
-    ray.shutdown()  # flush the trials' logs now, so that the summary below is the last thing printed
-    out = export_best(results, settings=settings, space=space, objectives=objectives)
+    out = export_best(results, settings=settings, space=space, objectives=objectives_of(settings, space))
     return 0 if out is not None else 1
 
 

@@ -46,6 +46,7 @@ class MlflowTrials(tune.Callback):
         self.space, self.uri, self.experiment = space, uri, experiment
         self.search, self.space_name, self.code_version, self.objectives = search, space_name, code_version, objectives
         self._tracker: SearchTracker | None = None
+        self._ended: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:  # pickled with the experiment for Tuner.restore
         return {**self.__dict__, "_tracker": None}
@@ -79,11 +80,21 @@ class MlflowTrials(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.tracker.end_trial(trial.trial_id, status="FINISHED",
                                final_metrics=trial_metrics(trial.last_result or {}))
+        self._ended.add(trial.trial_id)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = Path(trial.error_file).read_text() if trial.error_file and Path(trial.error_file).exists() \
             else "trial failed (no error file)"
         self.tracker.end_trial(trial.trial_id, status="FAILED", error=error)
+        self._ended.add(trial.trial_id)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Tune ends some trials ERROR without calling on_trial_error (e.g. a trial actor that failed to reset
+        for reuse): log those FAILED here, so that every trial has its run."""
+        for trial in trials:
+            if trial.status == "ERROR" and trial.trial_id not in self._ended:
+                self.on_trial_start(0, trials, trial)
+                self.on_trial_error(0, trials, trial)
 
 
 class ProgressTable(tune.Callback):

@@ -154,11 +154,16 @@ def test_ray_job_submit_runs_a_smoke_search_on_a_local_head(tmp_path: Path) -> N
     try:
         _wait_for(lambda: subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
                                          capture_output=True).returncode == 0, timeout=120)
-        job = subprocess.run(
-            [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-             sys.executable, "-m", "kdsearch.tune", "space=smoke", "name=job", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-             f"results_dir={tmp_path}/results", f"cache_dir={tmp_path}/cache"],
-            env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(10):  # the dashboard answers before its job agent is up: retry until it accepts the job
+            job = subprocess.run(
+                [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+                 sys.executable, "-m", "kdsearch.tune", "space=smoke", "name=job",
+                 f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"results_dir={tmp_path}/results",
+                 f"cache_dir={tmp_path}/cache"],
+                env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in job.stdout + job.stderr:
+                break
+            time.sleep(3)
         assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
         assert "succeeded" in (job.stdout + job.stderr).lower()
         assert f"best student saved to {tmp_path}/results/job/best_student" in job.stdout
