@@ -131,10 +131,14 @@ def seeded_rows(*, uri: str, experiment: str, search: str) -> tuple[dict[str, An
         raise ConfigError(f"search={search}: no finished trial with a {metric} to take the best from")
     logged = {k: yaml.safe_load(str(ranked[0][k])) for k in space.params if k in ranked[0]}
     typed = flatten(build_config(unflatten(logged)))  # logged strings -> the config's own types
-    rows = [Row(f"search best ({ranked[0]['trial']}, {metric} {float(ranked[0][metric]):.4f})", "",
-                {k: typed[k] for k in logged})]
-    rows += [Row(f"paper point {i}", "", dict(p)) for i, p in enumerate(spaces.initial_points(space), 1)]
-    return _flat(space.base), rows
+    best = {k: typed[k] for k in logged}
+    tag = f"search best: {ranked[0]['trial']}, {metric} {float(ranked[0][metric]):.4f}"
+    rows, found = [], False
+    for i, point in enumerate(spaces.initial_points(space), 1):
+        same = spaces.trial_config(space, point) == spaces.trial_config(space, best)
+        found |= same  # the best may be a paper point itself: one row, not two identical grid cells
+        rows.append(Row(f"paper point {i}" + (f" ({tag})" if same else ""), "", dict(point)))
+    return _flat(space.base), rows if found else [Row(f"({tag})", "", best), *rows]
 
 
 def _flat(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -153,6 +157,10 @@ def grid_space(study: Study, *, cli: dict[str, Any], seeds: list[int],
     probe = spaces.Space(study.name, study.description, base, "eval_score", "max", spaces.Budget(), {}, [])
     study = dataclasses.replace(study, rows=[dataclasses.replace(
         r, overrides={k: r.overrides.get(k, spaces.base_value(probe, k)) for k in keys}) for r in study.rows])
+    for i, row in enumerate(study.rows):  # identical cells would be run (and matched back) as one
+        twin = next((r for r in study.rows[:i] if r.overrides == row.overrides), None)
+        if twin is not None:
+            raise ConfigError(f"study={study.name}: rows {twin.label!r} and {row.label!r} run the same config")
     points = [{**r.overrides, "train.seed": s} for r in study.rows for s in seeds]
     params = {k: spaces.Param(k, "categorical", choices=tuple(_unique(p[k] for p in points)))
               for k in [*keys, "train.seed"]}

@@ -89,10 +89,21 @@ def test_seeded_study_takes_the_best_trial_and_the_spaces_paper_points(tmp_path:
     tracker.end_search()
     base, rows = seeded_rows(uri=uri, experiment="kdsearch", search="s")
     assert base["teacher"] == "tiny-bert" and base["student.layers"] == 2
-    assert rows[0].name.startswith("search best (b,")
+    assert rows[0].name.startswith("(search best: b,")
     assert rows[0].overrides["train.lr"] == 3e-4 and rows[0].overrides["distill.w_hidden"] == 12.5
     assert rows[0].overrides["distill.layer_map"] == "reverse"
     assert [r.overrides for r in rows[1:]] == spaces.initial_points(spaces.load_space("layer_select"))
+    # a best trial that is one of the paper points becomes that point's row, not a duplicate grid cell
+    tracker = SearchTracker(uri=uri, experiment="kdsearch")
+    tracker.start_search(name="p", space="smoke", config={}, code_version="v", objectives=[("eval_score", "max")])
+    for trial, (layer_map, score) in {"f": ("forward", 0.6), "n": ("none", 0.8)}.items():
+        tracker.trial_run(trial, params=flatten(load_config([f"distill.layer_map={layer_map}", "task.train_size=256",
+                                                             "task.eval_size=128", "train.epochs=2",
+                                                             "train.max_steps_per_epoch=4", "finetune.epochs=1",
+                                                             "ted.stage1_epochs=1"])))
+        tracker.end_trial(trial, status="FINISHED", final_metrics={"eval_score": score})
+    _, rows = seeded_rows(uri=uri, experiment="kdsearch", search="p")
+    assert [r.name for r in rows] == ["paper point 1", "paper point 2 (search best: n, eval_score 0.8000)"]
 
 
 @pytest.mark.slow
