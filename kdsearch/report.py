@@ -32,6 +32,7 @@ from .search import SearchSettings, absolute_paths, check_search, code_version
 from .tracking import (
     DEFAULT_EXPERIMENT,
     DEFAULT_URI,
+    RunRecord,
     SearchTracker,
     find_search,
     format_param,
@@ -122,7 +123,7 @@ def make_study(name: str, *, d_teacher: int, search_rows: list[Row] | None = Non
 def seeded_rows(*, uri: str, experiment: str, search: str) -> tuple[dict[str, Any], list[Row]]:
     """(the search space's base, rows): the best finished trial of `search` and the space's paper points."""
     parent = find_search(uri=uri, experiment=experiment, search=search)
-    space = spaces.load_space(parent.tags.get("kdsearch.space", ""))
+    space = _as_searched(spaces.load_space(parent.tags.get("kdsearch.space", "")), parent)
     metric, mode = search_objectives(parent)[0]
     ranked = [r for r in rank_rows(trial_rows(list_trials(uri=uri, experiment=experiment,
                                                            search_run_id=parent.run_id)), metric, mode)
@@ -139,6 +140,18 @@ def seeded_rows(*, uri: str, experiment: str, search: str) -> tuple[dict[str, An
         found |= same  # the best may be a paper point itself: one row, not two identical grid cells
         rows.append(Row(f"paper point {i}" + (f" ({tag})" if same else ""), "", dict(point)))
     return _flat(space.base), rows if found else [Row(f"({tag})", "", best), *rows]
+
+
+def _as_searched(space: spaces.Space, parent: RunRecord) -> spaces.Space:
+    """The space as the search ran it: params fixed on its command line (`student.init=teacher`) are fixed
+    here too, at the search's value, so its paper points are the ones the search was seeded with."""
+    searched = parent.tags.get("kdsearch.searched")
+    if searched is None:  # a search logged before the tag existed: take the space as shipped
+        return space
+    fixed = {k: yaml.safe_load(parent.params[f"base.{k}"]) for k in space.params
+             if k not in searched.split(",") and f"base.{k}" in parent.params}
+    typed = flatten(build_config(unflatten(fixed)))
+    return spaces.apply_overrides(space, {k: typed[k] for k in fixed})
 
 
 def _flat(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:

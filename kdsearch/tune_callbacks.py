@@ -58,6 +58,7 @@ class MlflowTrials(tune.Callback):
             base = flatten(spaces.trial_config(self.space, {}))
             self._tracker.start_search(name=self.search, space=self.space_name, code_version=self.code_version,
                                        objectives=self.objectives,
+                                       tags={"kdsearch.searched": ",".join(self.space.params)},
                                        config={"space": self.space_name, **{f"base.{k}": v for k, v in base.items()}})
         return self._tracker
 

@@ -106,6 +106,22 @@ def test_seeded_study_takes_the_best_trial_and_the_spaces_paper_points(tmp_path:
     assert [r.name for r in rows] == ["paper point 1", "paper point 2 (search best: n, eval_score 0.8000)"]
 
 
+def test_seeded_study_keeps_what_the_search_fixed_on_its_command_line(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    space = spaces.apply_overrides(spaces.load_space("layer_select"), {"student.init": "teacher"})
+    tracker = SearchTracker(uri=uri, experiment="kdsearch")
+    tracker.start_search(name="t", space="layer_select", code_version="v", objectives=[("eval_score", "max")],
+                         tags={"kdsearch.searched": ",".join(space.params)},
+                         config={f"base.{k}": v for k, v in flatten(spaces.trial_config(space, {})).items()})
+    cfg = load_config(["student.init=teacher", "distill.layer_map=reverse", "train.lr=3e-4"])
+    tracker.trial_run("a", params=flatten(cfg))
+    tracker.end_trial("a", status="FINISHED", final_metrics={"eval_score": 0.9})
+    tracker.end_search()
+    base, rows = seeded_rows(uri=uri, experiment="kdsearch", search="t")
+    assert base["student.init"] == "teacher" and all("student.init" not in r.overrides for r in rows)
+    assert len(rows) == 1 + 5  # the best, then the 5 teacher-init paper points (not the 10 of the shipped space)
+
+
 @pytest.mark.slow
 def test_a_tiny_study_runs_through_tune_and_writes_mean_and_std_to_docs_and_one_parent_run(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
