@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from . import spaces
+from . import space_model
 from .config import flatten
 from .leaderboard import build_leaderboard
 from .loop import export_student
@@ -63,7 +63,7 @@ Load it with `transformers.AutoModelForSequenceClassification.from_pretrained(<t
 """
 
 
-def export_best(results: Any, *, settings: SearchSettings, space: spaces.Space,
+def export_best(results: Any, *, settings: SearchSettings, space: space_model.Space,
                 objectives: list[tuple[str, str]]) -> Path | None:
     metric, mode = objectives[0]
     tracker = SearchTracker(uri=settings.tracking_uri, experiment=settings.experiment)
@@ -75,7 +75,7 @@ def export_best(results: Any, *, settings: SearchSettings, space: spaces.Space,
         print(f"[kdsearch.tune] no trial finished with a {metric}; {failed} failed", flush=True)
         tracker.end_search(status="FAILED", summary={"failed_trials": failed})
         return None
-    cfg = spaces.trial_config(space, best.config)
+    cfg = space_model.trial_config(space, best.config)
     trial_id = str(best.metrics.get("trial_id", Path(best.path).name))
     out = Path(settings.results_dir, settings.search_name, "best_student").resolve()
     with _checkpoint_dir(best).as_directory() as directory:

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from . import models, spaces
+from . import models, space_model, spaces
 from .config import ConfigError, build_config, flatten, merge, parse_overrides, unflatten
 from .leaderboard import rank_rows, search_objectives, trial_rows
 from .search import SearchSettings, absolute_paths, check_search, code_version
@@ -135,14 +135,14 @@ def seeded_rows(*, uri: str, experiment: str, search: str) -> tuple[dict[str, An
     best = {k: typed[k] for k in logged}
     tag = f"search best: {ranked[0]['trial']}, {metric} {float(ranked[0][metric]):.4f}"
     rows, found = [], False
-    for i, point in enumerate(spaces.initial_points(space), 1):
-        same = spaces.trial_config(space, point) == spaces.trial_config(space, best)
+    for i, point in enumerate(space_model.initial_points(space), 1):
+        same = space_model.trial_config(space, point) == space_model.trial_config(space, best)
         found |= same  # the best may be a paper point itself: one row, not two identical grid cells
         rows.append(Row(f"paper point {i}" + (f" ({tag})" if same else ""), "", dict(point)))
     return _flat(space.base), rows if found else [Row(f"({tag})", "", best), *rows]
 
 
-def _as_searched(space: spaces.Space, parent: RunRecord) -> spaces.Space:
+def _as_searched(space: space_model.Space, parent: RunRecord) -> space_model.Space:
     """The space as the search ran it: params fixed on its command line (`student.init=teacher`) are fixed
     here too, at the search's value, so its paper points are the ones the search was seeded with."""
     searched = parent.tags.get("kdsearch.searched")
@@ -162,23 +162,23 @@ def _flat(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def grid_space(study: Study, *, cli: dict[str, Any], seeds: list[int],
-               concurrency: int | None) -> tuple[spaces.Space, Study]:
+               concurrency: int | None) -> tuple[space_model.Space, Study]:
     """The study as a Space: every varied key (and train.seed) a categorical, the whole grid as its points.
     Also the study with each row completed over every varied key (so rows can be told apart by their params)."""
     keys = sorted({k for r in study.rows for k in r.overrides})
     base = merge(unflatten(dict(study.base)), cli)
-    probe = spaces.Space(study.name, study.description, base, "eval_score", "max", spaces.Budget(), {}, [])
+    probe = space_model.Space(study.name, study.description, base, "eval_score", "max", space_model.Budget(), {}, [])
     study = dataclasses.replace(study, rows=[dataclasses.replace(
-        r, overrides={k: r.overrides.get(k, spaces.base_value(probe, k)) for k in keys}) for r in study.rows])
+        r, overrides={k: r.overrides.get(k, space_model.base_value(probe, k)) for k in keys}) for r in study.rows])
     for i, row in enumerate(study.rows):  # identical cells would be run (and matched back) as one
         twin = next((r for r in study.rows[:i] if r.overrides == row.overrides), None)
         if twin is not None:
             raise ConfigError(f"study={study.name}: rows {twin.label!r} and {row.label!r} run the same config")
     points = [{**r.overrides, "train.seed": s} for r in study.rows for s in seeds]
-    params = {k: spaces.Param(k, "categorical", choices=tuple(_unique(p[k] for p in points)))
+    params = {k: space_model.Param(k, "categorical", choices=tuple(_unique(p[k] for p in points)))
               for k in [*keys, "train.seed"]}
-    epochs = int(spaces.base_value(probe, "train.epochs"))
-    budget = spaces.Budget(num_samples=len(points), grace_period=epochs, max_concurrent_trials=concurrency)
+    epochs = int(space_model.base_value(probe, "train.epochs"))
+    budget = space_model.Budget(num_samples=len(points), grace_period=epochs, max_concurrent_trials=concurrency)
     space = dataclasses.replace(probe, params=params, points_to_evaluate=points, budget=budget)
     spaces.validate(space)
     return absolute_paths(space), study
@@ -187,7 +187,7 @@ def grid_space(study: Study, *, cli: dict[str, Any], seeds: list[int],
 def _unique(values: Any) -> list[Any]:
     out: list[Any] = []
     for v in values:
-        if not any(spaces._same(v, o) for o in out):
+        if not any(space_model.same_value(v, o) for o in out):
             out.append(v)
     return out
 
@@ -385,7 +385,7 @@ def run_report(args: dict[str, Any], argv: Sequence[str]) -> tuple[Path, str]:
     parent = find_search(uri=args["uri"], experiment=args["experiment"], search=args["name"])
     trials = list_trials(uri=args["uri"], experiment=args["experiment"], search_run_id=parent.run_id)
     rows = aggregate(study, trials)
-    cfg = spaces.trial_config(space, {})
+    cfg = space_model.trial_config(space, {})
     finished = [t for t in trials if "eval_score" in t.metrics]
     teacher = finished[0].metrics.get("teacher_score") if finished else None
     task = cfg.task

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from . import spaces
+from . import space_model, spaces
 from .config import ConfigError, flatten, parse_overrides
 from .leaderboard import parse_objectives
 from .tracking import DEFAULT_EXPERIMENT, DEFAULT_URI, check_tracking_uri
@@ -54,7 +54,7 @@ class SearchSettings:
 _SEARCH_KEYS = {"space", "name", "smoke", "resume", "dry_run", "objectives", "seed"}
 
 
-def parse_search_args(argv: list[str]) -> tuple[SearchSettings, spaces.Space]:
+def parse_search_args(argv: list[str]) -> tuple[SearchSettings, space_model.Space]:
     """Command line -> (settings, adjusted space); one ConfigError line for anything wrong."""
     raw = parse_overrides(argv)
     tracking = raw.pop("tracking", {}) or {}
@@ -78,39 +78,39 @@ def parse_search_args(argv: list[str]) -> tuple[SearchSettings, spaces.Space]:
     return settings, absolute_paths(space)
 
 
-def absolute_paths(space: spaces.Space) -> spaces.Space:
+def absolute_paths(space: space_model.Space) -> space_model.Space:
     """Resolve relative local paths in the driver: Tune runs each trial in its own working directory."""
     fixed: dict[str, Any] = {}
     for key in ("cache_dir", "output_dir", "task.data_dir", "teacher", "storage_path"):
-        value = spaces.base_value(space, key)
+        value = space_model.base_value(space, key)
         if isinstance(value, str) and "://" not in value and (key != "teacher" or Path(value).exists()):
             fixed[key] = str(Path(value).expanduser().resolve())
     return spaces.apply_overrides(space, fixed)
 
 
-def objectives_of(settings: SearchSettings, space: spaces.Space) -> list[tuple[str, str]]:
+def objectives_of(settings: SearchSettings, space: space_model.Space) -> list[tuple[str, str]]:
     if settings.objectives:
         return [(o.name, o.mode) for text in settings.objectives for o in parse_objectives(text)]
     return [(space.metric, space.mode)]
 
 
-def check_search(settings: SearchSettings, space: spaces.Space) -> None:
+def check_search(settings: SearchSettings, space: space_model.Space) -> None:
     """Everything checkable before ray.init: the base config, every paper point, the tracking store."""
-    validate(spaces.trial_config(space, {}))
-    for point in spaces.initial_points(space):
-        validate(spaces.trial_config(space, point))
+    validate(space_model.trial_config(space, {}))
+    for point in space_model.initial_points(space):
+        validate(space_model.trial_config(space, point))
     if not settings.dry_run:
         check_tracking_uri(settings.tracking_uri)
 
 
-def render_dry_run(settings: SearchSettings, space: spaces.Space) -> str:
-    base = flatten(spaces.trial_config(space, {}))
+def render_dry_run(settings: SearchSettings, space: space_model.Space) -> str:
+    base = flatten(space_model.trial_config(space, {}))
     params = {name: {k: v for k, v in dataclasses.asdict(p).items() if v not in (None, {}, False) and k != "name"}
               for name, p in space.params.items()}
     doc = {"search": dataclasses.asdict(settings) | {"search_name": settings.search_name},
            "objectives": [f"{m}:{d}" for m, d in objectives_of(settings, space)],
            "budget": dataclasses.asdict(space.budget), "params": params,
-           "points_to_evaluate": spaces.initial_points(space),
+           "points_to_evaluate": space_model.initial_points(space),
            "base_config": {k: list(v) if isinstance(v, tuple) else v for k, v in base.items()}}
     return yaml.safe_dump(doc, sort_keys=False)
 

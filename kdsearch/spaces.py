@@ -1,8 +1,8 @@
-"""Search spaces: `search_spaces/<name>.yaml` -> validated `Space` -> Optuna define-by-run function.
+"""Search spaces: `search_spaces/<name>.yaml` -> validated `Space` (defined in `space_model`); CLI overrides, smoke.
 
 A space is data: a fixed `base` config, ordered `params` (dotted config keys, optionally conditional through
 `when`), the papers' settings as `points_to_evaluate`, the metric, mode and budget. Every check runs at load,
-before Ray starts. Imports Optuna (for types) and YAML only, never Ray.
+before Ray starts. Imports YAML only, never Optuna or Ray.
 """
 
 from __future__ import annotations
@@ -11,17 +11,15 @@ import copy
 import dataclasses
 import difflib
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import yaml
 
-from kdsearch.config import Config, ConfigError, build_config, config_keys, flatten, merge, unflatten
+from kdsearch.config import ConfigError, build_config, config_keys, merge, unflatten
 
-if TYPE_CHECKING:
-    import optuna
+from .space_model import Budget, Param, Space, base_value, complete_point, trial_config
 
 SPACES_DIR = "search_spaces"
 """Folder, relative to the working directory, searched before the spaces shipped in the package."""
@@ -38,79 +36,6 @@ _SMOKE = {"teacher": "tiny-bert", "task.name": "default", "task.data_dir": None,
 def _did_you_mean(word: str, options: list[str]) -> str:
     close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
     return f"; did you mean {close[0]}?" if close else ""
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equality that keeps True apart from 1 (YAML and Optuna both keep them apart)."""
-    if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
-        return a is b
-    return bool(a == b)
-
-
-@dataclass(frozen=True)
-class Param:
-    """One searched config key; `when` maps earlier params or config keys to the values that activate it."""
-
-    name: str
-    type: Literal["categorical", "int", "float"]
-    choices: tuple[Any, ...] = ()
-    low: float | None = None
-    high: float | None = None
-    step: float | None = None
-    log: bool = False
-    when: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
-
-    def suggest(self, trial: optuna.trial.BaseTrial) -> Any:
-        if self.type == "categorical":
-            return trial.suggest_categorical(self.name, list(self.choices))
-        assert self.low is not None and self.high is not None
-        if self.type == "int":
-            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1),
-                                     log=self.log)
-        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
-
-    def contains(self, value: Any) -> bool:
-        if self.type == "categorical":
-            return any(_same(value, c) for c in self.choices)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False
-        assert self.low is not None and self.high is not None
-        if self.type == "int" and not float(value).is_integer():
-            return False
-        return self.low <= value <= self.high
-
-    def domain(self) -> str:
-        if self.type == "categorical":
-            return f"one of {list(self.choices)}"
-        return f"[{self.low}, {self.high}]" + (" (log)" if self.log else "")
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How many trials and how ASHA cuts them (time_attr: epochs)."""
-
-    num_samples: int = 16
-    grace_period: int = 1
-    reduction_factor: int = 2
-    max_concurrent_trials: int | None = None
-    """None: the driver derives it from the cluster's resources and the per-trial request."""
-    time_budget_s: float | None = None
-
-
-@dataclass(frozen=True)
-class Space:
-    name: str
-    description: str
-    base: dict[str, Any]
-    """Nested config (kdsearch.config.Config keys) applied to every trial."""
-    metric: str
-    mode: Literal["max", "min"]
-    budget: Budget
-    params: dict[str, Param]
-    """In suggestion order: a `when` reads only earlier params."""
-    points_to_evaluate: list[dict[str, Any]]
-    """As written in the YAML (keys are params); `initial_points` completes them."""
-    source: Path | None = None
 
 
 # ---------------------------------------------------------------- reading YAML
@@ -344,88 +269,6 @@ def _check_point(space: Space, point: dict[str, Any], at: str) -> None:
     except ConfigError as err:
         raise ConfigError(f"{at}: {err}") from None
 
-
-# ---------------------------------------------------------------- conditions, define-by-run, trial configs
-
-
-def base_value(space: Space, key: str) -> Any:
-    """A dotted key's fixed value: from base, else the Config default."""
-    node: Any = space.base
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return flatten(Config())[key]
-        node = node[part]
-    return node
-
-
-def is_active(space: Space, param: Param, values: Mapping[str, Any]) -> bool:
-    """True when every `when` condition holds. A condition on a param reads its suggested value in `values`
-    (a param that was itself skipped makes its dependents inactive); on a config key it reads the base."""
-    for key, allowed in param.when.items():
-        if key in space.params:
-            if key not in values:
-                return False
-            value = values[key]
-        else:
-            value = base_value(space, key)
-        if not any(_same(value, a) for a in allowed):
-            return False
-    return True
-
-
-class DefineByRun:
-    """The Optuna define-by-run function of a space: suggests the active params in order, computes nothing,
-    returns None (Ray's OptunaSearch would merge a returned dict into every trial's config, flat).
-    A class, not a closure, so that Tune can pickle the searcher with the experiment state."""
-
-    def __init__(self, space: Space) -> None:
-        self.space = space
-
-    def __call__(self, trial: optuna.trial.BaseTrial) -> None:
-        values: dict[str, Any] = {}
-        for name, param in self.space.params.items():
-            if is_active(self.space, param, values):
-                values[name] = param.suggest(trial)
-
-
-def define_by_run(space: Space) -> Callable[[optuna.trial.BaseTrial], None]:
-    return DefineByRun(space)
-
-
-def complete_point(space: Space, point: Mapping[str, Any]) -> dict[str, Any]:
-    """A point with every active param it leaves out set to the base/default value when that lies in the
-    param's range; params with no such value stay out (the sampler draws them). Inactive keys are dropped."""
-    out: dict[str, Any] = {}
-    for name, param in space.params.items():
-        if not is_active(space, param, out):
-            continue
-        if name in point:
-            out[name] = point[name]
-        elif param.contains(default := base_value(space, name)):
-            out[name] = default
-    return out
-
-
-def initial_points(space: Space) -> list[dict[str, Any]]:
-    """The papers' settings, completed: pass these as OptunaSearch(points_to_evaluate=...)."""
-    return [complete_point(space, p) for p in space.points_to_evaluate]
-
-
-def trial_overrides(space: Space, params: Mapping[str, Any]) -> dict[str, Any]:
-    """base + the trial's params (flat dotted keys as Optuna/Ray give them, or nested) as one nested dict."""
-    return merge(copy.deepcopy(space.base), unflatten(dict(params)))
-
-
-def trial_config(space: Space, params: Mapping[str, Any]) -> Config:
-    return build_config(trial_overrides(space, params))
-
-
-def max_epochs(space: Space) -> int:
-    """The most epochs any trial runs: ASHA's max_t (train.epochs may be searched)."""
-    param = space.params.get("train.epochs")
-    if param is None:
-        return int(base_value(space, "train.epochs"))
-    return int(max(param.choices) if param.type == "categorical" else param.high)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- CLI overrides and smoke runs

@@ -21,7 +21,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from . import sizing, spaces
+from . import sizing, space_model
 from .config import ConfigError
 from .export import export_best
 from .loop import WorkerContext, run_distillation
@@ -44,9 +44,9 @@ def _tune_report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
     tune.report(metrics, checkpoint=checkpoint)
 
 
-def run_trial(params: dict[str, Any], *, space: spaces.Space, search: str, storage: str) -> None:
+def run_trial(params: dict[str, Any], *, space: space_model.Space, search: str, storage: str) -> None:
     """One trial: the space's base + this trial's params, validated, prepared (cached), then trained."""
-    cfg = spaces.trial_config(space, params)
+    cfg = space_model.trial_config(space, params)
     validate(cfg)
     prepared = prepare(cfg)
     if cfg.resources.num_workers == 1:
@@ -91,12 +91,12 @@ class _ReportAllButLast(TuneReportCallback):
             super().after_report(run_context, metrics, checkpoint)
 
 
-def _trial_resources(space: spaces.Space, cluster: dict[str, float]):
+def _trial_resources(space: space_model.Space, cluster: dict[str, float]):
     """Per-trial request: the whole trial in-process (1 worker), or only a driver that holds no CPU."""
     driver = sizing.driver_resources(cluster)
 
     def request(config: dict[str, Any]) -> tune.PlacementGroupFactory:
-        res = spaces.trial_config(space, config).resources
+        res = space_model.trial_config(space, config).resources
         if res.num_workers == 1:
             bundle = {"CPU": res.cpus_per_trial, **({"GPU": res.gpus_per_trial} if res.use_gpu else {})}
             return tune.PlacementGroupFactory([bundle])
@@ -105,29 +105,29 @@ def _trial_resources(space: spaces.Space, cluster: dict[str, float]):
     return request
 
 
-def _storage(settings: SearchSettings, space: spaces.Space) -> str:
-    configured = spaces.base_value(space, "storage_path")
+def _storage(settings: SearchSettings, space: space_model.Space) -> str:
+    configured = space_model.base_value(space, "storage_path")
     return configured or str(Path(settings.results_dir, "ray").resolve())
 
 
-def _search_alg(settings: SearchSettings, space: spaces.Space, objectives: list[tuple[str, str]]) -> OptunaSearch:
+def _search_alg(settings: SearchSettings, space: space_model.Space, objectives: list[tuple[str, str]]) -> OptunaSearch:
     sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=True, constant_liar=True,
                                          n_startup_trials=min(8, max(2, space.budget.num_samples // 3)))
     metric: Any = [m for m, _ in objectives] if len(objectives) > 1 else objectives[0][0]
     mode: Any = [d for _, d in objectives] if len(objectives) > 1 else objectives[0][1]
-    return OptunaSearch(space=spaces.define_by_run(space), metric=metric, mode=mode, sampler=sampler,
-                        points_to_evaluate=spaces.initial_points(space) or None)
+    return OptunaSearch(space=space_model.define_by_run(space), metric=metric, mode=mode, sampler=sampler,
+                        points_to_evaluate=space_model.initial_points(space) or None)
 
 
-def _concurrency(space: spaces.Space) -> int:
+def _concurrency(space: space_model.Space) -> int:
     if space.budget.max_concurrent_trials:
         return int(space.budget.max_concurrent_trials)
-    res = spaces.trial_config(space, {}).resources
+    res = space_model.trial_config(space, {}).resources
     cluster = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
     return sizing.max_concurrent_trials(cluster, res.num_workers, res.cpus_per_trial, res.gpus_per_trial)
 
 
-def _reuse_actors(space: spaces.Space) -> bool:
+def _reuse_actors(space: space_model.Space) -> bool:
     """Reuse trial actors only when every trial runs in-process (1 worker).
 
     A multi-worker trial's thread is still inside `TorchTrainer.fit()` (tearing its worker group down) when Tune
@@ -135,10 +135,11 @@ def _reuse_actors(space: spaces.Space) -> bool:
     *next* trial ("Trainable runner reuse requires reset_config()...") without calling any callback. Reuse saves
     nothing there anyway: the Train worker group is started afresh per trial.
     """
-    return spaces.trial_config(space, {}).resources.num_workers == 1 and "resources.num_workers" not in space.params
+    return (space_model.trial_config(space, {}).resources.num_workers == 1
+            and "resources.num_workers" not in space.params)
 
 
-def make_tuner(settings: SearchSettings, space: spaces.Space, tracker_args: dict[str, Any]) -> tune.Tuner:
+def make_tuner(settings: SearchSettings, space: space_model.Space, tracker_args: dict[str, Any]) -> tune.Tuner:
     objectives = objectives_of(settings, space)
     storage = _storage(settings, space)
     trainable = tune.with_resources(
@@ -154,7 +155,7 @@ def make_tuner(settings: SearchSettings, space: spaces.Space, tracker_args: dict
             raise ConfigError(f"resume=true: no search named {settings.search_name} under {storage} to resume")
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     metric, mode = objectives[0]
-    scheduler = ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=spaces.max_epochs(space),
+    scheduler = ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=space_model.max_epochs(space),
                               grace_period=space.budget.grace_period,
                               reduction_factor=space.budget.reduction_factor)
     tune_config = tune.TuneConfig(search_alg=_search_alg(settings, space, objectives), scheduler=scheduler,
@@ -164,7 +165,7 @@ def make_tuner(settings: SearchSettings, space: spaces.Space, tracker_args: dict
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
-def run_search(settings: SearchSettings, space: spaces.Space) -> tune.ResultGrid:
+def run_search(settings: SearchSettings, space: space_model.Space) -> tune.ResultGrid:
     """Prepare the shared artifacts, start Ray, run every trial, stop Ray; Tune's ResultGrid.
 
     Every trial lands in MLflow under one parent run (named settings.search_name), left open for the caller
@@ -173,7 +174,7 @@ def run_search(settings: SearchSettings, space: spaces.Space) -> tune.ResultGrid
     # Checkpoints are pruned (num_to_keep), which makes Tune snapshot often; that is intended here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Prepare the shared artifacts (teacher fine-tuning, tokenised data) once, before trials race for them.
-    prepare(spaces.trial_config(space, {}))
+    prepare(space_model.trial_config(space, {}))
     init_ray(resources={sizing.DRIVER_RESOURCE: sizing.HEAD_DRIVER_UNITS})
     tracker_args = {"uri": settings.tracking_uri, "experiment": settings.experiment,
                     "search": settings.search_name, "space_name": space.name, "code_version": code_version(),

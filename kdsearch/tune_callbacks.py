@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from ray import tune
 
-from . import spaces
+from . import space_model
 from .config import flatten
 from .layer_maps import map_layers
 from .models import depth_width, resolve_teacher, teacher_config
@@ -41,7 +41,7 @@ def layer_map_of(cfg: Any) -> list[tuple[int, int]]:
 class MlflowTrials(tune.Callback):
     """Parent run per search, child run per trial: params, per-epoch metrics, status, error, artifacts."""
 
-    def __init__(self, *, space: spaces.Space, uri: str, experiment: str, search: str, space_name: str,
+    def __init__(self, *, space: space_model.Space, uri: str, experiment: str, search: str, space_name: str,
                  code_version: str, objectives: list[tuple[str, str]]) -> None:
         self.space, self.uri, self.experiment = space, uri, experiment
         self.search, self.space_name, self.code_version, self.objectives = search, space_name, code_version, objectives
@@ -55,7 +55,7 @@ class MlflowTrials(tune.Callback):
     def tracker(self) -> SearchTracker:
         if self._tracker is None:
             self._tracker = SearchTracker(uri=self.uri, experiment=self.experiment)
-            base = flatten(spaces.trial_config(self.space, {}))
+            base = flatten(space_model.trial_config(self.space, {}))
             self._tracker.start_search(name=self.search, space=self.space_name, code_version=self.code_version,
                                        objectives=self.objectives,
                                        tags={"kdsearch.searched": ",".join(self.space.params)},
@@ -67,7 +67,7 @@ class MlflowTrials(tune.Callback):
         self.tracker  # noqa: B018  (create the store and the parent run before any trial starts)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        cfg = spaces.trial_config(self.space, trial.config)
+        cfg = space_model.trial_config(self.space, trial.config)
         self.tracker.trial_run(trial.trial_id, params=flatten(cfg))
         pairs = layer_map_of(cfg)
         self.tracker.log_trial_artifacts(trial.trial_id, files={

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kdsearch import spaces
+from kdsearch import space_model, spaces
 from kdsearch.config import ConfigError, flatten, load_config
 from kdsearch.report import Row, aggregate, grid_space, make_study, parse_args, render, row_of, seeded_rows
 from kdsearch.tracking import RunRecord, SearchTracker, find_search, flatten_params, list_trials
@@ -32,13 +32,13 @@ def test_layer_select_is_the_papers_grid_with_their_sst2_numbers() -> None:
 def test_grid_space_runs_every_strategy_with_every_seed_and_rows_stay_distinguishable() -> None:
     study = make_study("ted_vs_lwd", d_teacher=64)
     space, filled = grid_space(study, cli={"student": {"layers": 2}}, seeds=[0, 1], concurrency=None)
-    points = spaces.initial_points(space)
+    points = space_model.initial_points(space)
     assert len(points) == space.budget.num_samples == 5 * 2
-    assert space.budget.grace_period == spaces.max_epochs(space)  # ASHA never stops a cell early
+    assert space.budget.grace_period == space_model.max_epochs(space)  # ASHA never stops a cell early
     # "logit KD only" (layer_map none) and "no KD" (layer_map none, w_logit 0) must not be confused
     seen = []
     for point in points:
-        logged = flatten_params(flatten(spaces.trial_config(space, point)))
+        logged = flatten_params(flatten(space_model.trial_config(space, point)))
         seen.append((row_of(filled, logged).name, point["train.seed"]))
     assert sorted(seen) == sorted((r.name, s) for r in study.rows for s in (0, 1))
     narrow = make_study("flex", d_teacher=64)
@@ -92,7 +92,7 @@ def test_seeded_study_takes_the_best_trial_and_the_spaces_paper_points(tmp_path:
     assert rows[0].name.startswith("(search best: b,")
     assert rows[0].overrides["train.lr"] == 3e-4 and rows[0].overrides["distill.w_hidden"] == 12.5
     assert rows[0].overrides["distill.layer_map"] == "reverse"
-    assert [r.overrides for r in rows[1:]] == spaces.initial_points(spaces.load_space("layer_select"))
+    assert [r.overrides for r in rows[1:]] == space_model.initial_points(spaces.load_space("layer_select"))
     # a best trial that is one of the paper points becomes that point's row, not a duplicate grid cell
     tracker = SearchTracker(uri=uri, experiment="kdsearch")
     tracker.start_search(name="p", space="smoke", config={}, code_version="v", objectives=[("eval_score", "max")])
@@ -112,7 +112,7 @@ def test_seeded_study_keeps_what_the_search_fixed_on_its_command_line(tmp_path: 
     tracker = SearchTracker(uri=uri, experiment="kdsearch")
     tracker.start_search(name="t", space="layer_select", code_version="v", objectives=[("eval_score", "max")],
                          tags={"kdsearch.searched": ",".join(space.params)},
-                         config={f"base.{k}": v for k, v in flatten(spaces.trial_config(space, {})).items()})
+                         config={f"base.{k}": v for k, v in flatten(space_model.trial_config(space, {})).items()})
     cfg = load_config(["student.init=teacher", "distill.layer_map=reverse", "train.lr=3e-4"])
     tracker.trial_run("a", params=flatten(cfg))
     tracker.end_trial("a", status="FINISHED", final_metrics={"eval_score": 0.9})

@@ -11,20 +11,8 @@ import optuna
 import pytest
 
 from kdsearch.config import ConfigError, build_config
-from kdsearch.spaces import (
-    PACKAGED_SPACES,
-    apply_overrides,
-    available_spaces,
-    define_by_run,
-    find_space,
-    initial_points,
-    is_active,
-    load_space,
-    max_epochs,
-    smoke,
-    trial_config,
-    trial_overrides,
-)
+from kdsearch.space_model import define_by_run, initial_points, is_active, max_epochs, trial_config, trial_overrides
+from kdsearch.spaces import PACKAGED_SPACES, apply_overrides, available_spaces, find_space, load_space, smoke
 
 SHIPPED = sorted(p.stem for p in PACKAGED_SPACES.glob("*.yaml"))
 

@@ -1,0 +1,27 @@
+"""MLflow tracking: one parent run per search, one child run per trial, written from the search driver only.
+
+The only package that imports mlflow; must not import ray. `store` opens the store (every write goes through
+`retry_locked`), `runs` reads runs as plain records and logs one-shot runs, `tracker` is the driver's writer.
+"""
+
+from .runs import RunRecord, find_search, flatten_params, format_param, list_trials, log_analysis_run, log_run_artifacts
+from .store import DEFAULT_EXPERIMENT, DEFAULT_URI, check_tracking_uri, is_locked_error, open_client, retry_locked
+from .tracker import ERROR_TAG_CHARS, SearchTracker
+
+__all__ = [
+    "DEFAULT_EXPERIMENT",
+    "DEFAULT_URI",
+    "ERROR_TAG_CHARS",
+    "RunRecord",
+    "SearchTracker",
+    "check_tracking_uri",
+    "find_search",
+    "flatten_params",
+    "format_param",
+    "is_locked_error",
+    "list_trials",
+    "log_analysis_run",
+    "log_run_artifacts",
+    "open_client",
+    "retry_locked",
+]
