@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 _MAX_PARAM_CHARS = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
-_BATCH = 100  # MLflow accepts at most 100 params/tags per log_batch
+BATCH = 100  # MLflow accepts at most 100 params/tags per log_batch
 
 
 def format_param(value: Any) -> str:
@@ -50,7 +50,7 @@ def flatten_params(params: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _quote(value: str) -> str:
+def quote(value: str) -> str:
     if "'" not in value:
         return f"'{value}'"
     if '"' not in value:
@@ -58,7 +58,7 @@ def _quote(value: str) -> str:
     raise ValueError(f"{value!r}: names with both quote characters cannot be searched in MLflow")
 
 
-def _search_all(client: MlflowClient, experiment_id: str, query: str,
+def search_all(client: MlflowClient, experiment_id: str, query: str,
                 order_by: list[str] | None = None) -> list:
     runs: list = []
     token = None
@@ -97,12 +97,12 @@ def find_search(*, uri: str, experiment: str, search: str | None = None) -> RunR
     client, experiment_id = open_client(uri, experiment, create=False)
     query = "tags.`kdsearch.role` = 'search'"
     if search:
-        runs = _search_all(client, experiment_id, f"{query} AND tags.`kdsearch.search` = {_quote(search)}",
+        runs = search_all(client, experiment_id, f"{query} AND tags.`kdsearch.search` = {quote(search)}",
                            ["attributes.start_time DESC"])
         if not runs and re.fullmatch(r"[0-9a-f]{32}", search):
-            runs = [r for r in _search_all(client, experiment_id, query) if r.info.run_id == search]
+            runs = [r for r in search_all(client, experiment_id, query) if r.info.run_id == search]
     else:
-        runs = _search_all(client, experiment_id, query, ["attributes.start_time DESC"])
+        runs = search_all(client, experiment_id, query, ["attributes.start_time DESC"])
     if not runs:
         which = f"named {search!r}" if search else "at all"
         raise ConfigError(f"search={search or ''}: no search {which} in experiment {experiment} at {uri}")
@@ -112,11 +112,11 @@ def find_search(*, uri: str, experiment: str, search: str | None = None) -> RunR
 def list_trials(*, uri: str, experiment: str, search_run_id: str) -> list[RunRecord]:
     """Every child run of a search, oldest first (trial id breaks ties of the ms start time)."""
     client, experiment_id = open_client(uri, experiment, create=False)
-    runs = _search_all(client, experiment_id, f"tags.`mlflow.parentRunId` = {_quote(search_run_id)}")
+    runs = search_all(client, experiment_id, f"tags.`mlflow.parentRunId` = {quote(search_run_id)}")
     return sorted((_record(run) for run in runs), key=lambda r: (r.start_time or 0, r.name))
 
 
-def _log_files(client: MlflowClient, run_id: str, files: Mapping[str, str | bytes] | None,
+def log_files(client: MlflowClient, run_id: str, files: Mapping[str, str | bytes] | None,
                dirs: Mapping[str, Path | str] | None) -> None:
     if files:
         with tempfile.TemporaryDirectory() as tmp:
@@ -134,7 +134,7 @@ def log_run_artifacts(*, uri: str, experiment: str, run_id: str,
                       dirs: Mapping[str, Path | str] | None = None) -> None:
     """Log `files` ({artifact path: content}) and `dirs` ({artifact folder: local folder}) to any run."""
     client, _ = open_client(uri, experiment, create=False)
-    _log_files(client, run_id, files, dirs)
+    log_files(client, run_id, files, dirs)
 
 
 def log_analysis_run(*, uri: str, experiment: str, name: str, params: Mapping[str, Any],
@@ -150,20 +150,20 @@ def log_analysis_run(*, uri: str, experiment: str, name: str, params: Mapping[st
     run_id = run.info.run_id
     now = int(time.time() * 1000)
     entities: list[Any] = [Param(k, v) for k, v in flatten_params(params).items()]
-    entities += [Metric(k, float(v), now, 0) for k, v in metrics.items() if _finite(v)]
-    for i in range(0, len(entities), _BATCH):
-        chunk = entities[i:i + _BATCH]
+    entities += [Metric(k, float(v), now, 0) for k, v in metrics.items() if is_finite(v)]
+    for i in range(0, len(entities), BATCH):
+        chunk = entities[i:i + BATCH]
         retry_locked(functools.partial(
             client.log_batch, run_id, params=[e for e in chunk if isinstance(e, Param)],
             metrics=[e for e in chunk if isinstance(e, Metric)], tags=[e for e in chunk if isinstance(e, RunTag)]))
-    _log_files(client, run_id, None, dirs)
+    log_files(client, run_id, None, dirs)
     retry_locked(lambda: client.set_terminated(run_id, "FINISHED"))
     return run_id
 
 
-def _number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _finite(value: Any) -> bool:
-    return _number(value) and math.isfinite(value)
+def is_finite(value: Any) -> bool:
+    return is_number(value) and math.isfinite(value)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .runs import _BATCH, _finite, _log_files, _number, _quote, _search_all, flatten_params
+from .runs import BATCH, flatten_params, is_finite, is_number, log_files, quote, search_all
 from .store import DEFAULT_EXPERIMENT, DEFAULT_URI, open_client, retry_locked
 
 ERROR_TAG_CHARS = 5000
@@ -63,10 +63,10 @@ class SearchTracker:
         if objectives:
             run_tags |= {"kdsearch.metric": objectives[0][0], "kdsearch.mode": objectives[0][1],
                          "kdsearch.objectives": ",".join(f"{m}:{d}" for m, d in objectives)}
-        query = f"tags.`kdsearch.role` = 'search' AND tags.`kdsearch.search` = {_quote(name)}"
+        query = f"tags.`kdsearch.role` = 'search' AND tags.`kdsearch.search` = {quote(name)}"
 
         def find_or_create() -> Any:
-            runs = _search_all(self.client, self.experiment_id, query, ["attributes.start_time ASC"])
+            runs = search_all(self.client, self.experiment_id, query, ["attributes.start_time ASC"])
             if runs:
                 return runs[0]
             return self.client.create_run(self.experiment_id, tags=run_tags, run_name=name)
@@ -87,11 +87,11 @@ class SearchTracker:
         dict the artifact summary.json.
         """
         parent = self._parent()
-        query = f"tags.`mlflow.parentRunId` = {_quote(parent)} AND attributes.status = 'RUNNING'"
-        for run in _search_all(self.client, self.experiment_id, query):
+        query = f"tags.`mlflow.parentRunId` = {quote(parent)} AND attributes.status = 'RUNNING'"
+        for run in search_all(self.client, self.experiment_id, query):
             retry_locked(functools.partial(self.client.set_terminated, run.info.run_id, "KILLED"))
         if summary:
-            numbers_ = {k: float(v) for k, v in summary.items() if _finite(v)}
+            numbers_ = {k: float(v) for k, v in summary.items() if is_finite(v)}
             strings = {f"kdsearch.summary.{k}": v for k, v in summary.items() if isinstance(v, str)}
             self._metrics(parent, numbers_, step=0)
             self._write(parent, {}, {}, strings)
@@ -115,9 +115,9 @@ class SearchTracker:
     def log_metrics(self, trial_id: str, metrics: Mapping[str, Any], *, step: int) -> None:
         """Log the finite numbers of `metrics` at `step`; NaN/inf are dropped and named in a tag."""
         state = self._trial(trial_id)
-        finite = {k: float(v) for k, v in metrics.items() if _finite(v)}
+        finite = {k: float(v) for k, v in metrics.items() if is_finite(v)}
         self._metrics(state.run_id, finite, step=step, state=state)
-        bad = {k for k, v in metrics.items() if _number(v) and not math.isfinite(v)} - state.nonfinite
+        bad = {k for k, v in metrics.items() if is_number(v) and not math.isfinite(v)} - state.nonfinite
         if bad:
             state.nonfinite |= bad
             tag = ",".join(sorted(state.nonfinite))
@@ -128,7 +128,7 @@ class SearchTracker:
         """Final metrics (at each metric's last step, so they are what the run shows), error, status."""
         state = self._trial(trial_id)
         if final_metrics:
-            finite = {k: float(v) for k, v in final_metrics.items() if _finite(v)}
+            finite = {k: float(v) for k, v in final_metrics.items() if is_finite(v)}
             for key in finite.keys() - state.steps.keys():  # a resumed driver: continue the stored history
                 history = retry_locked(functools.partial(self.client.get_metric_history, state.run_id, key))
                 state.steps[key] = max((m.step for m in history), default=0)
@@ -156,13 +156,13 @@ class SearchTracker:
         if trial_id in self._trials and not reopen:
             return self._trials[trial_id]
         parent = self._parent()
-        query = (f"tags.`kdsearch.trial_id` = {_quote(trial_id)} "
-                 f"AND tags.`mlflow.parentRunId` = {_quote(parent)}")
+        query = (f"tags.`kdsearch.trial_id` = {quote(trial_id)} "
+                 f"AND tags.`mlflow.parentRunId` = {quote(parent)}")
         tags = {"kdsearch.trial_id": trial_id, "mlflow.parentRunId": parent, "kdsearch.role": "trial",
                 "kdsearch.search": self.search_name or ""}
 
         def find_or_create() -> Any:  # one transaction's worth: a retry re-checks before creating
-            runs = _search_all(self.client, self.experiment_id, query, ["attributes.start_time ASC"])
+            runs = search_all(self.client, self.experiment_id, query, ["attributes.start_time ASC"])
             if runs:
                 return runs[0]
             return self.client.create_run(self.experiment_id, tags=tags, run_name=trial_id)
@@ -198,8 +198,8 @@ class SearchTracker:
                           stacklevel=3)
         new = [Param(k, v) for k, v in params.items() if k not in logged]
         entities: list[Any] = new + [RunTag(k, str(v)[:8000]) for k, v in tags.items()]
-        for i in range(0, len(entities), _BATCH):
-            chunk = entities[i:i + _BATCH]
+        for i in range(0, len(entities), BATCH):
+            chunk = entities[i:i + BATCH]
             params_ = [e for e in chunk if isinstance(e, Param)]
             tags_ = [e for e in chunk if isinstance(e, RunTag)]
             retry_locked(functools.partial(self.client.log_batch, run_id, params=params_, tags=tags_))
@@ -220,4 +220,4 @@ class SearchTracker:
 
     def _log(self, run_id: str, *, files: Mapping[str, str | bytes] | None = None,
              dirs: Mapping[str, Path | str] | None = None) -> None:
-        _log_files(self.client, run_id, files, dirs)
+        log_files(self.client, run_id, files, dirs)
