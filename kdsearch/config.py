@@ -272,11 +272,16 @@ def _build(cls: type, data: dict[str, Any], prefix: str, all_keys: list[str]) ->
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`["a.b=1", "c=[1,2]"]` -> nested dict, values parsed as YAML."""
+    """`["a.b=1", "c=[1,2]"]` -> nested dict, values parsed as YAML.
+
+    `task=sst2` is short for `task.name=sst2`, rewritten before parsing so that a `task.data_dir=...` beside it
+    adds to the task instead of replacing it.
+    """
     for item in overrides:
         _require("=" in item, f"{item!r}: overrides take the form key=value")
+    items = [f"task.name={item[5:]}" if item.startswith("task=") and "{" not in item else item for item in overrides]
     try:
-        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))  # type: ignore[return-value]
+        return OmegaConf.to_container(OmegaConf.from_dotlist(items))  # type: ignore[return-value]
     except Exception as err:  # OmegaConf grammar errors
         raise ConfigError(f"cannot parse overrides {overrides}: {err}") from None
 

@@ -104,9 +104,12 @@ def make_study(name: str, *, d_teacher: int, search_rows: list[Row] | None = Non
                             "in papers.md)"])
     if name == "flex":
         half = d_teacher // 2
-        rows = [Row("Flex-KD units", "", {"distill.bridge": "units", "distill.distance": "correlation"}),
-                Row("linear projector", "", {"distill.bridge": "projector", "distill.distance": "mse"}),
-                Row("no feature KD", "", {"distill.layer_map": "none"})]
+        # group = the feature distance: the paper pairs units with correlation and the projector with MSE; the
+        # swapped pairs tell how much of a gap is the unit selection and how much the distance.
+        rows = [Row(name, distance, {"distill.bridge": bridge, "distill.distance": distance})
+                for distance in ("correlation", "mse")
+                for name, bridge in (("Flex-KD units", "units"), ("linear projector", "projector"))]
+        rows.append(Row("no feature KD", "", {"distill.layer_map": "none"}))
         base = {"student.hidden_size": half, "student.init": "random", "distill.embeddings": False,
                 "distill.layer_map": "forward", "units.score": "grad", "units.scope": "last",
                 "distill.hidden_reduce": "mean", "distill.w_hidden": 1.0, "distill.w_logit": 0.0}
@@ -329,8 +332,7 @@ def plot(study: Study, rows: list[dict[str, Any]], path: Path) -> Path:
 
 def parse_args(argv: Sequence[str]) -> dict[str, Any]:
     """The command line -> {own settings..., "cli": nested config overrides}; ConfigError on bad input."""
-    # `task=sst2` is short for task.name=sst2 (rewritten first: a later task.data_dir=... would replace it)
-    raw = parse_overrides([f"task.name={a[5:]}" if a.startswith("task=") and "{" not in a else a for a in argv])
+    raw = parse_overrides(list(argv))
     own = {k: raw.pop(k) for k in list(raw) if k in _OWN}
     study = own.get("study")
     if study not in STUDIES:

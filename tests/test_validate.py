@@ -65,3 +65,17 @@ def test_bad_space_files_are_rejected_with_the_reason(tmp_path, capsys: pytest.C
         assert main([f"space={path}"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1, err
+
+
+def test_task_shorthand_composes_with_task_keys_on_every_command() -> None:
+    """`task=sst2 task.data_dir=...` names the task and adds its files (the later key must not replace the first)."""
+    from kdsearch.config import load_config
+    from kdsearch.report import parse_args
+    from kdsearch.search import parse_search_args
+
+    argv = ["task=sst2", "task.data_dir=/data/sst2", "task.train_size=64"]
+    task = load_config(argv).task  # python -m kdsearch.train
+    assert (task.name, task.data_dir, task.train_size) == ("sst2", "/data/sst2", 64)
+    _, space = parse_search_args(["space=kd", *argv])  # python -m kdsearch.tune
+    assert space.base["task"] == {"name": "sst2", "data_dir": "/data/sst2", "train_size": 64}
+    assert parse_args(["study=flex", *argv])["cli"]["task"] == space.base["task"]  # python -m kdsearch.report
