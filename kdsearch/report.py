@@ -124,9 +124,11 @@ def make_study(name: str, *, d_teacher: int, search_rows: list[Row] | None = Non
 
 
 def seeded_rows(*, uri: str, experiment: str, search: str) -> tuple[dict[str, Any], list[Row]]:
-    """(the search space's base, rows): the best finished trial of `search` and the space's paper points."""
+    """(the search's base config, rows): the best finished trial of `search` and the paper points it was seeded
+    with. The base is what the search ran on (teacher, task, data, budget), so `search=` alone reproduces it."""
     parent = find_search(uri=uri, experiment=experiment, search=search)
-    space = _as_searched(spaces.load_space(parent.tags.get("kdsearch.space", "")), parent)
+    base = _search_base(parent)
+    space = _as_searched(spaces.load_space(parent.tags.get("kdsearch.space", "")), parent, base)
     metric, mode = search_objectives(parent)[0]
     ranked = [r for r in rank_rows(trial_rows(list_trials(uri=uri, experiment=experiment,
                                                            search_run_id=parent.run_id)), metric, mode)
@@ -142,19 +144,24 @@ def seeded_rows(*, uri: str, experiment: str, search: str) -> tuple[dict[str, An
         same = space_model.trial_config(space, point) == space_model.trial_config(space, best)
         found |= same  # the best may be a paper point itself: one row, not two identical grid cells
         rows.append(Row(f"paper point {i}" + (f" ({tag})" if same else ""), "", dict(point)))
-    return _flat(space.base), rows if found else [Row(f"({tag})", "", best), *rows]
+    return {**_flat(space.base), **base}, rows if found else [Row(f"({tag})", "", best), *rows]
 
 
-def _as_searched(space: space_model.Space, parent: RunRecord) -> space_model.Space:
+def _search_base(parent: RunRecord) -> dict[str, Any]:
+    """The search's own base config (teacher, task, data, budget as its command line set them), typed; {} for a
+    search that logged none."""
+    logged = {k.removeprefix("base."): None if v == "None" else yaml.safe_load(v)
+              for k, v in parent.params.items() if k.startswith("base.")}
+    return flatten(build_config(unflatten(logged))) if logged else {}
+
+
+def _as_searched(space: space_model.Space, parent: RunRecord, base: dict[str, Any]) -> space_model.Space:
     """The space as the search ran it: params fixed on its command line (`student.init=teacher`) are fixed
     here too, at the search's value, so its paper points are the ones the search was seeded with."""
     searched = parent.tags.get("kdsearch.searched")
-    if searched is None:  # a search logged before the tag existed: take the space as shipped
+    if searched is None or not base:  # a search logged before the tag existed: take the space as shipped
         return space
-    fixed = {k: yaml.safe_load(parent.params[f"base.{k}"]) for k in space.params
-             if k not in searched.split(",") and f"base.{k}" in parent.params}
-    typed = flatten(build_config(unflatten(fixed)))
-    return spaces.apply_overrides(space, {k: typed[k] for k in fixed})
+    return spaces.apply_overrides(space, {k: base[k] for k in space.params if k not in searched.split(",")})
 
 
 def _flat(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
