@@ -17,6 +17,7 @@ import re
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -327,7 +328,7 @@ def plot(study: Study, rows: list[dict[str, Any]], path: Path) -> Path:
     if scores:
         ax.set_ylim(max(0, min(scores) - 5), min(100, max(scores) + 3))
     ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
-    ax.set(ylabel="final eval_score (%)", title=study.description[:90])
+    ax.set(ylabel="final eval_score (%)", title=textwrap.fill(study.description, int(14 * fig.get_figwidth())))
     ax.title.set_fontsize(8)
     ax.legend(fontsize=7)
     fig.tight_layout()
