@@ -139,13 +139,24 @@ def seeded_rows(*, uri: str, experiment: str, search: str) -> tuple[dict[str, An
     logged = {k: yaml.safe_load(str(ranked[0][k])) for k in space.params if k in ranked[0]}
     typed = flatten(build_config(unflatten(logged)))  # logged strings -> the config's own types
     best = {k: typed[k] for k in logged}
-    tag = f"search best: {ranked[0]['trial']}, {metric} {float(ranked[0][metric]):.4f}"
+    tag = f"search best ({ranked[0]['trial']}, {metric} {float(ranked[0][metric]):.4f})"
+    points = space_model.initial_points(space)
     rows, found = [], False
-    for i, point in enumerate(space_model.initial_points(space), 1):
+    for i, point in enumerate(points, 1):
         same = space_model.trial_config(space, point) == space_model.trial_config(space, best)
         found |= same  # the best may be a paper point itself: one row, not two identical grid cells
-        rows.append(Row(f"paper point {i}" + (f" ({tag})" if same else ""), "", dict(point)))
-    return {**_flat(space.base), **base}, rows if found else [Row(f"({tag})", "", best), *rows]
+        name = f"paper {i}" + (f" = {tag}" if same else "")
+        rows.append(Row(f"{name}: {_describe(point, [best, *points])}", "", dict(point)))
+    if not found:
+        rows.insert(0, Row(f"{tag}: {_describe(best, [best, *points])}", "", best))
+    return {**_flat(space.base), **base}, rows
+
+
+def _describe(point: dict[str, Any], among: list[dict[str, Any]]) -> str:
+    """The point's values of the keys that tell the rows apart, e.g. `layer_map=forward, w_hidden=3`."""
+    varying = [k for k in point if len({format_param(p.get(k)) for p in among}) > 1]
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+                     for k in varying for v in [point[k]])
 
 
 def _search_base(parent: RunRecord) -> dict[str, Any]:

@@ -89,7 +89,8 @@ def test_seeded_study_takes_the_best_trial_and_the_spaces_paper_points(tmp_path:
     tracker.end_search()
     base, rows = seeded_rows(uri=uri, experiment="kdsearch", search="s")
     assert base["teacher"] == "tiny-bert" and base["student.layers"] == 2
-    assert rows[0].name.startswith("(search best: b,")
+    assert rows[0].name.startswith("search best (b, eval_score 0.9000): ")
+    assert "layer_map=reverse" in rows[0].name and "lr=0.0003" in rows[0].name
     assert rows[0].overrides["train.lr"] == 3e-4 and rows[0].overrides["distill.w_hidden"] == 12.5
     assert rows[0].overrides["distill.layer_map"] == "reverse"
     assert [r.overrides for r in rows[1:]] == space_model.initial_points(spaces.load_space("layer_select"))
@@ -103,7 +104,8 @@ def test_seeded_study_takes_the_best_trial_and_the_spaces_paper_points(tmp_path:
                                                              "ted.stage1_epochs=1"])))
         tracker.end_trial(trial, status="FINISHED", final_metrics={"eval_score": score})
     _, rows = seeded_rows(uri=uri, experiment="kdsearch", search="p")
-    assert [r.name for r in rows] == ["paper point 1", "paper point 2 (search best: n, eval_score 0.8000)"]
+    assert [r.name for r in rows] == ["paper 1: layer_map=forward, w_hidden=3",
+                                      "paper 2 = search best (n, eval_score 0.8000): layer_map=none"]
 
 
 def test_seeded_study_keeps_what_the_search_fixed_on_its_command_line(tmp_path: Path) -> None:
