@@ -244,20 +244,25 @@ def _pm(mean: float | None, std: float | None) -> str:
 
 
 def summary_lines(study: Study, rows: list[dict[str, Any]]) -> list[str]:
-    """Per group: the spread of the strategies' means and each one's gain over the baseline row."""
+    """Per group: the spread of the strategies' means and each one's gain over the baseline row (the group's own,
+    else the study's ungrouped one)."""
     lines = []
+    shared = next((r for r in rows if r["name"] == study.baseline and r["mean"] is not None), None)
     for group in _unique(r["group"] for r in rows):
         mine = [r for r in rows if r["group"] == group and r["mean"] is not None]
-        base = next((r for r in mine if r["name"] == study.baseline), None)
+        base = next((r for r in mine if r["name"] == study.baseline), shared)
         others = [r for r in mine if r is not base]
         if len(others) < 1:
             continue
         means = [r["mean"] for r in others]
-        where = f"{group}: " if group else ""
-        text = f"- {where}strategies span {max(means) - min(means):.1f} points ({min(means):.1f}-{max(means):.1f})"
+        parts = [f"strategies span {max(means) - min(means):.1f} points ({min(means):.1f}-{max(means):.1f})"
+                 ] if len(others) > 1 else []
         if base is not None:
             gains = ", ".join(f"{r['name']} {r['mean'] - base['mean']:+.1f}" for r in others)
-            text += f"; vs {base['name']} ({base['mean']:.1f}): {gains}"
+            parts.append(f"vs {base['name']} ({base['mean']:.1f}): {gains}")
+        if not parts:
+            continue
+        text = "- " + (f"{group}: " if group else "") + "; ".join(parts)
         paper = [r for r in others if r["paper"] is not None]
         if len(paper) > 1:
             pm = [r["paper"] for r in paper]

@@ -13,7 +13,17 @@ import pytest
 
 from kdsearch import space_model, spaces
 from kdsearch.config import ConfigError, flatten, load_config
-from kdsearch.report import Row, aggregate, grid_space, make_study, parse_args, render, row_of, seeded_rows
+from kdsearch.report import (
+    Row,
+    aggregate,
+    grid_space,
+    make_study,
+    parse_args,
+    render,
+    row_of,
+    seeded_rows,
+    summary_lines,
+)
 from kdsearch.tracking import RunRecord, SearchTracker, find_search, flatten_params, list_trials
 
 os.environ.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
@@ -64,6 +74,18 @@ def test_aggregate_gives_mean_and_sample_std_over_seeds_and_counts_failures() ->
     text = render(study, rows, {"commit": "abc"})
     assert "| forward | teacher | 82.0 ± 2.0 | 3 | 80.0, 82.0, 84.0 |" in text
     assert "forward +12.0" in text
+
+
+def test_summary_compares_each_distance_group_with_the_shared_ungrouped_baseline() -> None:
+    study = make_study("flex", d_teacher=64)
+    rows = [{"name": r.name, "group": r.group, "mean": m, "paper": None}
+            for r, m in zip(study.rows, [73.0, 72.0, 74.0, 71.0, 70.0], strict=True)]
+    lines = summary_lines(study, rows)
+    assert lines == ["- correlation: strategies span 1.0 points (72.0-73.0); vs no feature KD (70.0): "
+                     "Flex-KD units +3.0, linear projector +2.0",
+                     "- mse: strategies span 3.0 points (71.0-74.0); vs no feature KD (70.0): "
+                     "Flex-KD units +4.0, linear projector +1.0"]
+    assert summary_lines(study, rows[:1] + rows[-1:]) == ["- correlation: vs no feature KD (70.0): Flex-KD units +3.0"]
 
 
 @pytest.mark.parametrize(("argv", "message"), [
