@@ -1,9 +1,9 @@
 """`python -m kdsearch.report study=<name> ...`: the papers' fixed comparisons, mean +- std over seeds.
 
-A study is a fixed grid (strategies x seeds), not a search: it becomes a `Space` whose params are the varied
-config keys and whose points_to_evaluate are the whole grid, so each cell runs once as a Tune trial through the
-same driver, Train loop and MLflow logging as `kdsearch.tune` (one parent run, one child run per trial). The
-table, JSON and plot go to docs/results/<study>/ and to the parent run. No Ray or mlflow import here.
+A study (`kdsearch.studies`) is a fixed grid (strategies x seeds), not a search: it runs as a `Space` of fixed
+points through the same driver, Train loop and MLflow logging as `kdsearch.tune` (one parent run, one child run
+per trial). Here: the command line, aggregation over seeds, and the table, JSON and plot that go to
+docs/results/<study>/ and to the parent run. No Ray or mlflow import here.
 """
 
 from __future__ import annotations
@@ -20,206 +20,23 @@ import sys
 import textwrap
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from . import models, space_model, spaces
-from .config import ConfigError, build_config, flatten, merge, parse_overrides, unflatten
-from .leaderboard import rank_rows, search_objectives, trial_rows
-from .search import SearchSettings, absolute_paths, check_search, code_version
+from . import models, space_model
+from .config import ConfigError, build_config, parse_overrides
+from .search import SearchSettings, check_search, code_version
+from .studies import STUDIES, Study, grid_space, make_study, row_of, seeded_rows, unique
 from .tracking import (
     DEFAULT_EXPERIMENT,
     DEFAULT_URI,
-    RunRecord,
     SearchTracker,
     find_search,
-    format_param,
     list_trials,
     log_run_artifacts,
 )
 
-STUDIES = ("layer_select", "ted_vs_lwd", "flex", "seeded")
 _OWN = ("study", "seeds", "out", "name", "concurrency", "search", "only", "results_dir", "tracking")
-
-
-@dataclass(frozen=True)
-class Row:
-    """One strategy: a name, an optional group (a second axis, e.g. the student init) and its config keys."""
-
-    name: str
-    group: str
-    overrides: dict[str, Any]
-    paper: float | None = None
-    """The published number for this cell (papers.md), where one exists."""
-
-    @property
-    def label(self) -> str:
-        return f"{self.name}/{self.group}" if self.group else self.name
-
-
-@dataclass(frozen=True)
-class Study:
-    name: str
-    description: str
-    base: dict[str, Any]  # flat dotted config keys, below the command line's overrides
-    rows: list[Row]
-    baseline: str | None = None  # the row name every other row of its group is compared with
-    notes: list[str] = field(default_factory=list)
-
-
-# SST-2 dev accuracy of BERT-base -> 3-layer BERT in Yu, Wen, Mou 2025 (papers.md section 2).
-_LAYER_PAPER = {("none", "random"): 81.1, ("forward", "random"): 85.1, ("reverse", "random"): 83.3,
-                ("all_to_one", "random"): 85.4, ("random", "random"): 82.9, ("none", "teacher"): 88.7,
-                ("forward", "teacher"): 92.3, ("reverse", "teacher"): 90.0, ("all_to_one", "teacher"): 91.4}
-
-
-def make_study(name: str, *, d_teacher: int, search_rows: list[Row] | None = None,
-               search_base: dict[str, Any] | None = None) -> Study:
-    """The grid of one study; widths come from the real teacher (flex halves it)."""
-    if name == "layer_select":
-        rows = [Row(m, init, {"distill.layer_map": m, "student.init": init}, _LAYER_PAPER.get((m, init)))
-                for init in ("random", "teacher") for m in ("none", "forward", "reverse", "all_to_one", "random")]
-        base = {"distill.bridge": "auto", "distill.distance": "token_mse", "distill.hidden_reduce": "sum",
-                "distill.embeddings": True, "distill.w_task": 1.0, "distill.w_logit": 1.0, "distill.w_hidden": 3.0,
-                "distill.temperature": 1.0}
-        return Study(name, "layer maps x student init (Yu, Wen, Mou 2025; papers.md section 2)", base, rows,
-                     baseline="none", notes=["paper: BERT-base (93.1) -> 3-layer BERT, full SST-2, GLUE dev; "
-                                             "its random/teacher cell is not in papers.md"])
-    if name == "ted_vs_lwd":
-        rows = [Row("TED", "", {"distill.bridge": "ted"}),
-                Row("LWD projector", "", {"distill.bridge": "projector"}),
-                Row("LWD identity", "", {"distill.bridge": "identity"}),
-                Row("logit KD only", "", {"distill.layer_map": "none"}),
-                Row("no KD", "", {"distill.layer_map": "none", "distill.w_logit": 0.0})]
-        base = {"student.init": "teacher", "distill.layer_map": "forward", "distill.embeddings": False,
-                "distill.hidden_reduce": "mean", "distill.distance": "mse", "distill.w_logit": 20.0,
-                "distill.w_hidden": 20.0, "distill.temperature": 2.0, "ted.filter": "linear", "distill.bridge": "auto"}
-        return Study(name, "TED vs plain layer-wise distillation vs logit KD vs none (Liang et al. 2023; "
-                     "papers.md section 1)", base, rows, baseline="no KD",
-                     notes=["TED code's SST-2 stage-2 weights: kl_alpha 20, mse_alpha 20, T 2, element-mean MSE, "
-                            "uniform (forward) map without the embedding pair",
-                            "paper: DeBERTaV3-base -> xsmall, TED 94.4 on SST-2 (no same-setup baseline numbers "
-                            "in papers.md)"])
-    if name == "flex":
-        half = d_teacher // 2
-        # group = the feature distance: the paper pairs units with correlation and the projector with MSE; the
-        # swapped pairs tell how much of a gap is the unit selection and how much the distance.
-        rows = [Row(name, distance, {"distill.bridge": bridge, "distill.distance": distance})
-                for distance in ("correlation", "mse")
-                for name, bridge in (("Flex-KD units", "units"), ("linear projector", "projector"))]
-        rows.append(Row("no feature KD", "", {"distill.layer_map": "none"}))
-        base = {"student.hidden_size": half, "student.init": "random", "distill.embeddings": False,
-                "distill.layer_map": "forward", "units.score": "grad", "units.scope": "last",
-                "distill.hidden_reduce": "mean", "distill.w_hidden": 1.0, "distill.w_logit": 0.0}
-        return Study(name, f"Flex-KD unit selection vs a linear projector, student width {half} = d_t/2 "
-                     "(Saadi & Wang 2025; papers.md section 3)", base, rows, baseline="no feature KD",
-                     notes=["paper: up to +3% over the projector (third-party figures, unverified)"])
-    if name == "seeded":
-        assert search_rows is not None and search_base is not None
-        return Study(name, "a search's best strategy vs the paper settings it was seeded with", search_base,
-                     search_rows, baseline=None)
-    raise ConfigError(f"study={name}: choose one of {', '.join(STUDIES)}")
-
-
-def seeded_rows(*, uri: str, experiment: str, search: str) -> tuple[dict[str, Any], list[Row]]:
-    """(the search's base config, rows): the best finished trial of `search` and the paper points it was seeded
-    with. The base is what the search ran on (teacher, task, data, budget), so `search=` alone reproduces it."""
-    parent = find_search(uri=uri, experiment=experiment, search=search)
-    base = _search_base(parent)
-    space = _as_searched(spaces.load_space(parent.tags.get("kdsearch.space", "")), parent, base)
-    metric, mode = search_objectives(parent)[0]
-    ranked = [r for r in rank_rows(trial_rows(list_trials(uri=uri, experiment=experiment,
-                                                           search_run_id=parent.run_id)), metric, mode)
-              if r.get("rank") and r.get("status") == "FINISHED"]
-    if not ranked:
-        raise ConfigError(f"search={search}: no finished trial with a {metric} to take the best from")
-    logged = {k: yaml.safe_load(str(ranked[0][k])) for k in space.params if k in ranked[0]}
-    typed = flatten(build_config(unflatten(logged)))  # logged strings -> the config's own types
-    best = {k: typed[k] for k in logged}
-    tag = f"search best ({ranked[0]['trial']}, {metric} {float(ranked[0][metric]):.4f})"
-    points = space_model.initial_points(space)
-    rows, found = [], False
-    for i, point in enumerate(points, 1):
-        same = space_model.trial_config(space, point) == space_model.trial_config(space, best)
-        found |= same  # the best may be a paper point itself: one row, not two identical grid cells
-        name = f"paper {i}" + (f" = {tag}" if same else "")
-        rows.append(Row(f"{name}: {_describe(point, [best, *points])}", "", dict(point)))
-    if not found:
-        rows.insert(0, Row(f"{tag}: {_describe(best, [best, *points])}", "", best))
-    return {**_flat(space.base), **base}, rows
-
-
-def _describe(point: dict[str, Any], among: list[dict[str, Any]]) -> str:
-    """The point's values of the keys that tell the rows apart, e.g. `layer_map=forward, w_hidden=3`."""
-    varying = [k for k in point if len({format_param(p.get(k)) for p in among}) > 1]
-    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
-                     for k in varying for v in [point[k]])
-
-
-def _search_base(parent: RunRecord) -> dict[str, Any]:
-    """The search's own base config (teacher, task, data, budget as its command line set them), typed; {} for a
-    search that logged none."""
-    logged = {k.removeprefix("base."): None if v == "None" else yaml.safe_load(v)
-              for k, v in parent.params.items() if k.startswith("base.")}
-    return flatten(build_config(unflatten(logged))) if logged else {}
-
-
-def _as_searched(space: space_model.Space, parent: RunRecord, base: dict[str, Any]) -> space_model.Space:
-    """The space as the search ran it: params fixed on its command line (`student.init=teacher`) are fixed
-    here too, at the search's value, so its paper points are the ones the search was seeded with."""
-    searched = parent.tags.get("kdsearch.searched")
-    if searched is None or not base:  # a search logged before the tag existed: take the space as shipped
-        return space
-    return spaces.apply_overrides(space, {k: base[k] for k in space.params if k not in searched.split(",")})
-
-
-def _flat(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in nested.items():
-        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
-    return out
-
-
-def grid_space(study: Study, *, cli: dict[str, Any], seeds: list[int],
-               concurrency: int | None) -> tuple[space_model.Space, Study]:
-    """The study as a Space: every varied key (and train.seed) a categorical, the whole grid as its points.
-    Also the study with each row completed over every varied key (so rows can be told apart by their params)."""
-    keys = sorted({k for r in study.rows for k in r.overrides})
-    base = merge(unflatten(dict(study.base)), cli)
-    probe = space_model.Space(study.name, study.description, base, "eval_score", "max", space_model.Budget(), {}, [])
-    study = dataclasses.replace(study, rows=[dataclasses.replace(
-        r, overrides={k: r.overrides.get(k, space_model.base_value(probe, k)) for k in keys}) for r in study.rows])
-    for i, row in enumerate(study.rows):  # identical cells would be run (and matched back) as one
-        twin = next((r for r in study.rows[:i] if r.overrides == row.overrides), None)
-        if twin is not None:
-            raise ConfigError(f"study={study.name}: rows {twin.label!r} and {row.label!r} run the same config")
-    points = [{**r.overrides, "train.seed": s} for r in study.rows for s in seeds]
-    params = {k: space_model.Param(k, "categorical", choices=tuple(_unique(p[k] for p in points)))
-              for k in [*keys, "train.seed"]}
-    epochs = int(space_model.base_value(probe, "train.epochs"))
-    budget = space_model.Budget(num_samples=len(points), grace_period=epochs, max_concurrent_trials=concurrency)
-    space = dataclasses.replace(probe, params=params, points_to_evaluate=points, budget=budget)
-    spaces.validate(space)
-    return absolute_paths(space), study
-
-
-def _unique(values: Any) -> list[Any]:
-    out: list[Any] = []
-    for v in values:
-        if not any(space_model.same_value(v, o) for o in out):
-            out.append(v)
-    return out
-
-
-def row_of(study: Study, params: dict[str, str]) -> Row | None:
-    """The study row a trial ran (matched on its logged params)."""
-    for row in study.rows:
-        if all(params.get(k) == format_param(v) for k, v in row.overrides.items()):
-            return row
-    return None
 
 
 def aggregate(study: Study, trials: Sequence[Any]) -> list[dict[str, Any]]:
@@ -248,7 +65,7 @@ def summary_lines(study: Study, rows: list[dict[str, Any]]) -> list[str]:
     else the study's ungrouped one)."""
     lines = []
     shared = next((r for r in rows if r["name"] == study.baseline and r["mean"] is not None), None)
-    for group in _unique(r["group"] for r in rows):
+    for group in unique(r["group"] for r in rows):
         mine = [r for r in rows if r["group"] == group and r["mean"] is not None]
         base = next((r for r in mine if r["name"] == study.baseline), shared)
         others = [r for r in mine if r is not base]
@@ -325,8 +142,8 @@ def plot(study: Study, rows: list[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
     import matplotlib.pyplot as plt
 
-    names = _unique(r["name"] for r in rows)
-    groups = _unique(r["group"] for r in rows)
+    names = unique(r["name"] for r in rows)
+    groups = unique(r["group"] for r in rows)
     width = 0.8 / len(groups)
     fig, ax = plt.subplots(figsize=(1.3 + 1.2 * len(names) * max(1, len(groups) / 2), 3.8))
     for g, group in enumerate(groups):

@@ -13,17 +13,8 @@ import pytest
 
 from kdsearch import space_model, spaces
 from kdsearch.config import ConfigError, flatten, load_config
-from kdsearch.report import (
-    Row,
-    aggregate,
-    grid_space,
-    make_study,
-    parse_args,
-    render,
-    row_of,
-    seeded_rows,
-    summary_lines,
-)
+from kdsearch.report import aggregate, parse_args, render, summary_lines
+from kdsearch.studies import Row, grid_space, make_study, row_of, seeded_rows
 from kdsearch.tracking import RunRecord, SearchTracker, find_search, flatten_params, list_trials
 
 os.environ.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
