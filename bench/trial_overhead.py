@@ -182,19 +182,19 @@ def run_bare(space_path: Path, trials: int) -> None:
     """The same trials as the search's first points, run back to back by the plain loop."""
     import torch
 
-    from kdsearch import spaces
+    from kdsearch import space_model, spaces
     from kdsearch.loop import WorkerContext, run_distillation
     from kdsearch.prepare import prepare
     from kdsearch.validate import validate
 
     space = spaces.load_space(space_path)
-    points = spaces.initial_points(space)
+    points = space_model.initial_points(space)
     for k in range(trials):
         trial = f"bare_{k:05d}"
         emit("trial_start", trial=trial)
         emit("trial_enter", trial=trial)
         hook_first_step(trial)
-        cfg = spaces.trial_config(space, points[k % len(points)])
+        cfg = space_model.trial_config(space, points[k % len(points)])
         validate(cfg)
         prepared = prepare(cfg)
         torch.set_num_threads(max(1, int(cfg.resources.cpus_per_trial)))
@@ -337,10 +337,11 @@ def main() -> int:
         "train": write_space(tmp, "train", args, workers=2, cpus=2, trials=args.train_trials),
     }
     import kdsearch.tune  # noqa: F401  (import before patching: Ray, Optuna, MLflow)
+    from kdsearch import space_model
     from kdsearch import spaces as kspaces
     from kdsearch.prepare import prepare
 
-    prepare(kspaces.trial_config(kspaces.load_space(spaces["bare"]), {}))  # warm the cache: no design pays it
+    prepare(space_model.trial_config(kspaces.load_space(spaces["bare"]), {}))  # warm the cache: no design pays it
     patch_driver()
     began = time.time()
     for design in designs:

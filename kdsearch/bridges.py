@@ -97,17 +97,18 @@ def ted_bridge(inputs: BridgeInputs) -> Bridge:
 
 
 class UnitsBridge(Bridge):
-    def __init__(self, teacher_units: dict[int, torch.Tensor], k: int) -> None:
+    def __init__(self, teacher_units: torch.Tensor) -> None:
         super().__init__()
-        for index, units in teacher_units.items():
-            self.register_buffer(f"units_{index}", units)
-        self.k = k
+        # (n_t + 1, k): the chosen units of every teacher layer, so maps that re-draw layers each epoch
+        # (inorder_random) find theirs.
+        self.register_buffer("teacher_units", teacher_units)
+        self.k = teacher_units.shape[1]
 
     def student_view(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         return hidden[..., : self.k]  # a fixed subset of student units (all of them when k = d_s)
 
     def teacher_view(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden.index_select(-1, getattr(self, f"units_{index}"))
+        return hidden.index_select(-1, self.teacher_units[index])
 
 
 @BRIDGES.register("units")
@@ -116,10 +117,10 @@ def units_bridge(inputs: BridgeInputs) -> Bridge:
     units = inputs.cfg.units
     assert inputs.unit_scores is not None, "units bridge needs Flex-KD scores (prepared)"
     k = units_to_keep(units.ratio, inputs.d_student, inputs.d_teacher)
-    last = inputs.unit_scores.shape[0] - 1
-    chosen = {t: select_units(inputs.unit_scores[last if units.scope == "last" else t], k)
-              for t in {t for _, t in inputs.pairs}}
-    return UnitsBridge(chosen, k)
+    scores = inputs.unit_scores  # (n_t + 1, d_t)
+    if units.scope == "last":
+        scores = scores[-1:].expand_as(scores)
+    return UnitsBridge(torch.stack([select_units(row, k) for row in scores]))
 
 
 def resolve_bridge(name: str, d_student: int, d_teacher: int) -> str:

@@ -66,6 +66,18 @@ def test_units_bridge_picks_the_top_scored_teacher_units() -> None:
     assert bridge.student_view(1, torch.randn(1, 1, 32)).shape[-1] == 16
 
 
+def test_units_bridge_serves_teacher_layers_a_map_draws_in_later_epochs() -> None:
+    # inorder_random re-draws the teacher layers every epoch; the bridge is built from epoch 0's pairs.
+    given = inputs("units", 32, **{"units.ratio": 0.25})
+    bridge = BRIDGES.get("units")(given)
+    ht = torch.arange(64.0).expand(1, 1, 64)
+    for t in range(5):
+        picked = bridge.teacher_view(t, ht).flatten().long()
+        assert picked.tolist() == sorted(torch.topk(given.unit_scores[t], 16).indices.tolist())
+    last = BRIDGES.get("units")(inputs("units", 32, **{"units.ratio": 0.25, "units.scope": "last"}))
+    assert all(torch.equal(last.teacher_view(t, ht), last.teacher_view(4, ht)) for t in range(5))
+
+
 def test_select_units_returns_the_asked_number_of_unique_units() -> None:
     for k in (1, 7, 64):
         chosen = select_units(torch.rand(64), k)
