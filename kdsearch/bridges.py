@@ -101,6 +101,7 @@ class UnitsBridge(Bridge):
         super().__init__()
         # (n_t + 1, k): the chosen units of every teacher layer, so maps that re-draw layers each epoch
         # (inorder_random) find theirs.
+        self.teacher_units: torch.Tensor
         self.register_buffer("teacher_units", teacher_units)
         self.k = teacher_units.shape[1]
 
@@ -114,6 +115,8 @@ class UnitsBridge(Bridge):
 @BRIDGES.register("units")
 def units_bridge(inputs: BridgeInputs) -> Bridge:
     """Flex-KD: distil the student's units straight onto the teacher's top ratio*d_t task-relevant units."""
+    if not inputs.pairs:  # nothing to compare, and no scores were prepared
+        return Bridge()
     units = inputs.cfg.units
     assert inputs.unit_scores is not None, "units bridge needs Flex-KD scores (prepared)"
     k = units_to_keep(units.ratio, inputs.d_student, inputs.d_teacher)

@@ -143,6 +143,9 @@ def student_config(teacher: PretrainedConfig, *, layers: int, hidden_size: int |
             config.num_key_value_heads = kv if heads % kv == 0 else heads
         if getattr(config, "head_dim", None):
             config.head_dim = d_s // heads
+        for key in ("pooler_hidden_size", "embedding_size"):  # DeBERTa's pooler and embeddings follow d_s
+            if getattr(config, key, None) == d_t:
+                setattr(config, key, d_s)
     return config
 
 

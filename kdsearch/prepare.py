@@ -133,15 +133,14 @@ def make_student(cfg: Config, teacher: Any) -> torch.nn.Module:
                                 init=cfg.student.init, seed=cfg.train.seed, dropout=cfg.train.dropout)
 
 
-def _ted_filters(cfg: Config, prepared: Prepared, store: Store, device: torch.device) -> tuple[str, str | None]:
+def _ted_filters(cfg: Config, prepared: Prepared, pairs: list[tuple[int, int]], store: Store,
+                 device: torch.device) -> tuple[str, str | None]:
     """Stage 1 on the frozen teacher (teacher filters) and on the initial student (student filters)."""
     teacher = load_teacher(prepared, device)
     ted = cfg.ted
     # Stage-1 heads predict the task: classes, a score, or (causal LMs) the next token over the vocabulary.
     n_out = teacher.config.vocab_size if prepared.spec.kind == "causal_lm" else max(prepared.spec.num_labels, 1)
     d_f = ted.width or prepared.d_teacher
-    pairs = map_layers(cfg.distill.layer_map, cfg.student.layers, prepared.n_teacher,
-                       embeddings=cfg.distill.embeddings, seed=cfg.train.seed, epoch=0, layers=cfg.distill.layers)
     loader = make_loader(prepared.data["train"], batch_size=cfg.train.batch_size, shuffle=True,
                          seed=cfg.train.seed, pad_id=prepared.pad_id)
     kind = prepared.spec.kind
@@ -203,9 +202,13 @@ def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:
                         pad_id=tok.pad_token_id, n_teacher=n_t, d_teacher=d_t,
                         teacher_metrics=json.loads((teacher_dir / "teacher_metrics.json").read_text()))
     bridge = resolve_bridge(cfg.distill.bridge, cfg.student.hidden_size or d_t, d_t)
+    # No hidden pairs (w_hidden = 0, layer_map=none): no filters or scores to prepare.
+    pairs = [] if cfg.distill.w_hidden == 0 else map_layers(
+        cfg.distill.layer_map, cfg.student.layers, n_t, embeddings=cfg.distill.embeddings, seed=cfg.train.seed,
+        epoch=0, layers=cfg.distill.layers)
     extra: dict[str, Any] = {}
-    if bridge == "ted" and cfg.distill.w_hidden > 0:
-        extra["teacher_filters"], extra["student_filters"] = _ted_filters(cfg, prepared, store, device)
-    if bridge == "units" and cfg.distill.w_hidden > 0:
+    if bridge == "ted" and pairs:
+        extra["teacher_filters"], extra["student_filters"] = _ted_filters(cfg, prepared, pairs, store, device)
+    if bridge == "units" and pairs:
         extra["unit_scores"] = _unit_scores(cfg, prepared, store, device)
     return dataclasses.replace(prepared, **extra)

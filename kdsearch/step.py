@@ -44,6 +44,16 @@ def loss_weights(cfg: DistillConfig) -> dict[str, float]:
     return {"task": cfg.w_task, "logit": cfg.w_logit, "hidden": cfg.w_hidden}
 
 
+def leaves_parameters_unused(cfg: DistillConfig) -> bool:
+    """Whether a step can leave trainable parameters without a gradient.
+
+    Only when neither the task loss nor logit KD reads the student's output: the hidden pairs alone then train
+    it, and its task head (and any layer above the deepest paired one) stays idle. DDP needs to know, since
+    looking for unused parameters costs a traversal of the autograd graph every step.
+    """
+    return cfg.w_task == 0 and cfg.w_logit == 0
+
+
 class Distiller(nn.Module):
     """Student + bridge; forward returns the named loss terms (detached copies are for logging only)."""
 

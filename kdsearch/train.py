@@ -23,6 +23,7 @@ from ray.train.torch import TorchTrainer
 from .config import Config, ConfigError, load_config, with_absolute_paths
 from .loop import WorkerContext, export_student, run_distillation
 from .prepare import Prepared, prepare
+from .step import leaves_parameters_unused
 from .validate import validate
 
 
@@ -55,8 +56,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ctx = WorkerContext(
             rank=rank, world_size=context.get_world_size(), device=ray.train.torch.get_device(),
             report=_report, gather=_gather, checkpoint=checkpoint_dir,
-            wrap_model=lambda m: ray.train.torch.prepare_model(
-                m, parallel_strategy_kwargs={"find_unused_parameters": True}),
+            wrap_model=lambda m: ray.train.torch.prepare_model(m, parallel_strategy_kwargs={
+                "find_unused_parameters": leaves_parameters_unused(loop_config["cfg"].distill)}),
             wrap_loader=ray.train.torch.prepare_data_loader,
             log=_log)
         run_distillation(loop_config["cfg"], loop_config["prepared"], ctx)

@@ -9,7 +9,7 @@ from torch import nn
 from kdsearch import models
 from kdsearch.bridges import BRIDGES, BridgeInputs
 from kdsearch.config import load_config
-from kdsearch.step import Distiller, teacher_forward
+from kdsearch.step import Distiller, leaves_parameters_unused, teacher_forward
 from kdsearch.tasks import task_spec
 from kdsearch.ted import FILTERS, build_filters
 from kdsearch.units import score_units, select_units
@@ -140,3 +140,33 @@ def test_step_with_the_teacher_as_student_has_zero_distillation_terms() -> None:
     terms = distiller(batch, teacher_forward(teacher, batch, hidden=True), [(k, k) for k in range(5)])
     assert float(terms["logit"].detach()) == pytest.approx(0.0, abs=1e-6)
     assert float(terms["hidden"].detach()) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["tiny-bert", "tiny-roberta", "tiny-deberta", "tiny-gpt2", "tiny-qwen"])
+@pytest.mark.parametrize("bridge", BRIDGES.names())
+@pytest.mark.parametrize("weights", [(1, 1, 1), (0, 1, 1), (0, 0, 1)])
+def test_a_step_leaves_parameters_unused_only_when_declared(family: str, bridge: str, weights: tuple) -> None:
+    # DDP runs with find_unused_parameters=leaves_parameters_unused(cfg): a parameter idle when it says False
+    # would fail the run ("Expected to have finished reduction..."), a needless True costs a graph traversal.
+    source = models.resolve_teacher(family)
+    teacher_cfg = models.teacher_config(source, vocab_size=30)
+    spec = task_spec("default")
+    kind = "classification" if models.family_of(teacher_cfg) == "encoder" else "causal_lm"
+    torch.manual_seed(0)
+    teacher = models.freeze(models.task_model_class(models.family_of(teacher_cfg)).from_config(
+        models.with_task_head(teacher_cfg, spec) if kind == "classification" else teacher_cfg))
+    d_s = 64 if bridge == "identity" else 32
+    student = models.build_student(teacher, layers=2, hidden_size=d_s, init="random", seed=0)
+    w_task, w_logit, w_hidden = weights
+    given = inputs(bridge, d_s, **{"distill.w_task": w_task, "distill.w_logit": w_logit,
+                                   "distill.w_hidden": w_hidden, "units.ratio": 0.25})
+    distiller = Distiller(student, BRIDGES.get(bridge)(given), kind=kind, cfg=given.cfg.distill)
+    ids = torch.randint(1, 30, (4, 6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones(4, 6, dtype=torch.long),
+             "labels": torch.randint(0, 2, (4,)) if kind == "classification" else ids}
+    distiller(batch, teacher_forward(teacher, batch, hidden=True), PAIRS)["loss"].backward()
+    idle = [n for n, p in distiller.named_parameters() if p.requires_grad and p.grad is None]
+    if not leaves_parameters_unused(given.cfg.distill):
+        assert idle == []
+    elif family != "tiny-gpt2":  # GPT-2's last hidden state is after ln_f and its head shares the embeddings
+        assert idle, "hidden pairs alone leave the task head idle"

@@ -51,7 +51,7 @@ def test_random_init_differs_from_teacher() -> None:
     assert not torch.equal(student.state_dict()[key], teacher.state_dict()[key])
 
 
-@pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2", "tiny-qwen"])
+@pytest.mark.parametrize("name", models.TINY_MODELS)
 def test_narrow_student_runs(name: str) -> None:
     teacher = tiny(name)
     student = models.build_student(teacher, layers=2, hidden_size=32, init="random", seed=0)

@@ -86,6 +86,7 @@ def test_ted_stage1_heads_beat_chance_on_the_default_task(cache: Path) -> None:
     ["distill.bridge=projector", "student.hidden_size=32", "student.init=random", "distill.distance=cosine"],
     ["distill.bridge=ted", "ted.filter=mlp", "distill.hidden_reduce=mean"],
     ["distill.layer_map=none", "distill.w_logit=0"],
+    ["distill.layer_map=none", "distill.bridge=ted"],  # no pairs: no stage 1 to run
     ["teacher=tiny-gpt2", "distill.distance=token_mse"],  # causal LM: the task read as prompt -> answer
     ["teacher=tiny-qwen", "distill.bridge=ted"],
 ])
