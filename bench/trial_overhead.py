@@ -217,6 +217,36 @@ def run_search(space_path: Path, tmp: Path, name: str) -> None:
         raise SystemExit(f"search {name} failed (exit {code})")
 
 
+def _empty_loop(config: dict[str, Any]) -> None:
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() == 0:
+        Path(config["stamp"]).write_text(str(time.time()))
+
+
+def train_floor(tmp: Path, runs: int, workers: int) -> tuple[float, float]:
+    """Ray Train's own start-up: a TorchTrainer whose loop does nothing (no kdsearch import in its processes).
+
+    Median seconds fit() -> loop entered on rank 0, and fit() -> fit() returned.
+    """
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ray.init(include_dashboard=False, configure_logging=False)
+    enter, total = [], []
+    for k in range(runs):
+        stamp = tmp / f"floor_{k}"
+        began = time.time()
+        TorchTrainer(_empty_loop, train_loop_config={"stamp": str(stamp)},
+                     scaling_config=ScalingConfig(num_workers=workers),
+                     run_config=RunConfig(name=f"floor-{k}", storage_path=str(tmp / "floor"))).fit()
+        total.append(time.time() - began)
+        enter.append(float(stamp.read_text()) - began)
+    ray.shutdown()
+    return statistics.median(enter), statistics.median(total)
+
+
 def analyse(events: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-trial segments of one design's events (ordered by trial start)."""
     first: dict[str, dict[str, float]] = {}
@@ -352,12 +382,16 @@ def main() -> int:
             run_search(spaces[design], tmp, f"bench-{design}")
         emit("design_end", design=design)
         print(f"[bench] {design}: done after {time.time() - began:.1f} s", flush=True)
+    floor = train_floor(tmp, args.train_trials, workers=2) if "train" in designs else None
     results = analyse_file(Path(EVENTS))
     load = os.getloadavg()[0]
     print(f"\n{args.trials} trials (Ray Train: {args.train_trials}) of {args.epochs} epoch(s) x {args.steps} steps, "
           f"tiny-bert, max_concurrent_trials=1; {os.cpu_count()} CPUs, load average {load:.1f}; "
           f"total {time.time() - began:.0f} s; seconds:")
     print(report(results))
+    if floor is not None:
+        print(f"\nRay Train floor (TorchTrainer, 2 workers, a loop that does nothing, median of "
+              f"{args.train_trials}): fit -> loop entered {floor[0]:.2f} s, fit -> returned {floor[1]:.2f} s")
     if args.keep:
         print(f"events: {EVENTS}")
     else:
