@@ -41,7 +41,9 @@ _TINY: dict[str, tuple[str, dict[str, Any]]] = {
                                            intermediate_size=128, max_position_embeddings=258)),
     "tiny-deberta": ("DebertaV2Config", dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                                              intermediate_size=128, max_position_embeddings=256)),
-    "tiny-gpt2": ("GPT2Config", dict(n_embd=64, n_layer=4, n_head=4, n_positions=256)),
+    # GPT-2's special ids (50256) lie outside a tiny vocabulary; the trained tokenizer owns its own.
+    "tiny-gpt2": ("GPT2Config", dict(n_embd=64, n_layer=4, n_head=4, n_positions=256, bos_token_id=None,
+                                     eos_token_id=None)),
     "tiny-qwen": ("Qwen2Config", dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                                       num_key_value_heads=2, intermediate_size=128,
                                       max_position_embeddings=256)),

@@ -105,10 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = with_absolute_paths(load_config(overrides))
         validate(cfg)
+        prepared = prepare(cfg)  # reads the data in full: label values, hub splits
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    prepared = prepare(cfg)
     print(f"[kdsearch.train] teacher {cfg.teacher} on {prepared.spec.name}: "
           f"eval_score={prepared.teacher_metrics['eval_score']:.4f}", flush=True)
     init_ray()

@@ -69,4 +69,7 @@ def validate(cfg: Config) -> None:
     spec = check_task(cfg.task)
     if family_of(teacher) == "encoder" and spec.kind == "causal_lm":
         raise ConfigError(f"task.name={spec.name} is a causal-LM task but teacher={cfg.teacher} is an encoder")
+    if family_of(teacher) == "causal" and spec.kind == "regression":
+        raise ConfigError(f"task.name={spec.name} is a regression task (one score per input), which needs an "
+                          f"encoder teacher; teacher={cfg.teacher} is a causal LM")
     _check_shapes(cfg, *depth_width(teacher))

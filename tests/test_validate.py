@@ -29,6 +29,26 @@ def test_train_command_rejects_bad_input_in_one_line_before_ray(overrides: list[
     assert not ray.is_initialized()  # rejected before any cluster work
 
 
+@pytest.mark.parametrize("rows, overrides, message", [
+    ("a b\tc d\t3.5\n", ["task.name=stsb", "teacher=tiny-gpt2"], "regression task"),
+    ("a good film\t7\n", ["task.name=sst2"], "labels span 7..7"),  # found only by reading the rows
+])
+def test_train_command_rejects_bad_data_in_one_line(tmp_path, rows: str, overrides: list[str], message: str,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    import ray
+
+    from kdsearch.train import main
+
+    header = "sentence1\tsentence2\tlabel\n" if "stsb" in overrides[0] else "sentence\tlabel\n"
+    for split in ("train", "dev"):
+        (tmp_path / f"{split}.tsv").write_text(header + rows)
+    assert main([*overrides, f"task.data_dir={tmp_path}", f"cache_dir={tmp_path / 'cache'}"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()  # reading the rows may show datasets' progress
+    errors = [line for line in lines if line.startswith("error:")]
+    assert errors == lines[-1:] and message in errors[0], lines
+    assert not ray.is_initialized()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["space=nope"], "ted"),  # lists the shipped spaces
     (["space=ted", "distill.w_hiden=3"], "did you mean distill.w_hidden"),
