@@ -65,9 +65,16 @@ def all_to_one(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, e
 @LAYER_MAPS.register("random")
 def random_order(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
                  layers: tuple[int, ...] | None) -> LayerMap:
-    """One seeded permutation of the forward targets, the same every epoch (Yu et al. 2025, "random")."""
-    targets = _forward_targets(n_student, n_teacher)
-    random.Random(seed).shuffle(targets)
+    """One seeded permutation of the forward targets, the same every epoch (Yu et al. 2025, "random").
+
+    Out of order by definition: a draw in forward order is drawn again, so random never silently repeats
+    forward (with two student layers it is therefore the reverse order).
+    """
+    forward_order = _forward_targets(n_student, n_teacher)
+    targets, rng = list(forward_order), random.Random(seed)
+    rng.shuffle(targets)
+    while targets == forward_order and len(set(targets)) > 1:
+        rng.shuffle(targets)
     return _with_embeddings(targets, embeddings)
 
 
