@@ -14,7 +14,7 @@ import io
 import math
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -22,6 +22,8 @@ from kdsearch.config import ConfigError, config_keys
 from kdsearch.tracking import (
     DEFAULT_EXPERIMENT,
     DEFAULT_URI,
+    SAMPLED_TAG,
+    SEARCHED_TAG,
     RunRecord,
     find_search,
     list_trials,
@@ -113,13 +115,19 @@ def pareto_front(rows: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[s
     return {i for i, p in points.items() if not any(dominates(q, p) for j, q in points.items() if j != i)}
 
 
-def trial_rows(trials: Sequence[RunRecord]) -> list[Row]:
-    """One flat row per trial run: params, metrics (they win a clash), trial, status, time_s, start_ms."""
+def trial_rows(trials: Sequence[RunRecord], searched: Collection[str] = ()) -> list[Row]:
+    """One flat row per trial run: params, metrics (they win a clash), trial, status, time_s, start_ms.
+
+    A `searched` param that a trial did not draw (a conditional one, inactive there) is left out of its row,
+    although the run logs the whole config: ted.filter means nothing for a projector trial.
+    """
     rows = []
     for t in trials:
+        sampled = t.tags.get(SAMPLED_TAG)
+        inactive = set(searched) - set(sampled.split(",")) if sampled is not None else set()
         time_s = (t.end_time - t.start_time) / 1000 if t.end_time and t.start_time else None
-        rows.append({**t.params, **t.metrics, "trial": t.name, "status": t.status, "time_s": time_s,
-                     "start_ms": t.start_time or 0})
+        rows.append({**{k: v for k, v in t.params.items() if k not in inactive}, **t.metrics, "trial": t.name,
+                     "status": t.status, "time_s": time_s, "start_ms": t.start_time or 0})
     return rows
 
 
@@ -139,7 +147,7 @@ def table(ranked: Sequence[Mapping[str, Any]], objectives: Sequence[Objective], 
     columns += ["pareto"] if front is not None else []
     cells = []
     for i, row in enumerate(ranked):
-        line = [str(row.get("rank") or "-"), str(row["trial"]), *(_param(row.get(p, "")) for p in params)]
+        line = [str(row.get("rank") or "-"), str(row["trial"]), *(_param(row.get(p, "-")) for p in params)]
         line += [_fmt(value(row, m)) for m in metrics]
         time_s = row.get("time_s")
         line += ["" if time_s is None else f"{time_s:.1f}", str(row.get("status", ""))]
@@ -321,7 +329,7 @@ def build_leaderboard(*, uri: str = DEFAULT_URI, experiment: str = DEFAULT_EXPER
     `leaderboard/`. Returns (the full text table, out). The tune driver calls this at the end of a search."""
     parent = find_search(uri=uri, experiment=experiment, search=search)
     trials = list_trials(uri=uri, experiment=experiment, search_run_id=parent.run_id)
-    rows = trial_rows(trials)
+    rows = trial_rows(trials, searched=parent.tags.get(SEARCHED_TAG, "").split(","))
     objectives = objectives or search_objectives(parent)
     ranked = rank_rows(rows, *objectives[0])
     front = pareto_front(ranked, objectives) if len(objectives) > 1 else None

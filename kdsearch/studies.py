@@ -16,7 +16,7 @@ from . import space_model, spaces
 from .config import ConfigError, build_config, flatten, merge, unflatten
 from .leaderboard import rank_rows, search_objectives, trial_rows
 from .search import absolute_paths
-from .tracking import RunRecord, find_search, format_param, list_trials
+from .tracking import SEARCHED_TAG, RunRecord, find_search, format_param, list_trials
 
 STUDIES = ("layer_select", "ted_vs_lwd", "flex", "seeded")
 
@@ -145,7 +145,7 @@ def _search_base(parent: RunRecord) -> dict[str, Any]:
 def _as_searched(space: space_model.Space, parent: RunRecord, base: dict[str, Any]) -> space_model.Space:
     """The space as the search ran it: params fixed on its command line (`student.init=teacher`) are fixed
     here too, at the search's value, so its paper points are the ones the search was seeded with."""
-    searched = parent.tags.get("kdsearch.searched")
+    searched = parent.tags.get(SEARCHED_TAG)
     if searched is None or not base:  # a search logged before the tag existed: take the space as shipped
         return space
     return spaces.apply_overrides(space, {k: base[k] for k in space.params if k not in searched.split(",")})

@@ -18,7 +18,7 @@ from . import space_model
 from .config import flatten
 from .layer_maps import map_layers
 from .models import depth_width, resolve_teacher, teacher_config
-from .tracking import SearchTracker
+from .tracking import SAMPLED_TAG, SEARCHED_TAG, SearchTracker
 
 _LOGGED = ("epoch", "student_params", "teacher_score", "epoch_time_s", "time_total_s")
 
@@ -58,7 +58,7 @@ class MlflowTrials(tune.Callback):
             base = flatten(space_model.trial_config(self.space, {}))
             self._tracker.start_search(name=self.search, space=self.space_name, code_version=self.code_version,
                                        objectives=self.objectives,
-                                       tags={"kdsearch.searched": ",".join(self.space.params)},
+                                       tags={SEARCHED_TAG: ",".join(self.space.params)},
                                        config={"space": self.space_name, **{f"base.{k}": v for k, v in base.items()}})
         return self._tracker
 
@@ -68,7 +68,9 @@ class MlflowTrials(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         cfg = space_model.trial_config(self.space, trial.config)
-        self.tracker.trial_run(trial.trial_id, params=flatten(cfg))
+        # The run logs the whole resolved config; the tag says which searched params this trial drew (a
+        # conditional one left out is inactive: the leaderboard leaves its cell blank).
+        self.tracker.trial_run(trial.trial_id, params=flatten(cfg), tags={SAMPLED_TAG: ",".join(sorted(trial.config))})
         pairs = layer_map_of(cfg)
         self.tracker.log_trial_artifacts(trial.trial_id, files={
             "trial_config.yaml": yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v

@@ -23,7 +23,7 @@ from kdsearch.leaderboard import (  # noqa: E402
     rank_rows,
     variance_importance,
 )
-from kdsearch.tracking import SearchTracker, find_search  # noqa: E402
+from kdsearch.tracking import SAMPLED_TAG, SEARCHED_TAG, SearchTracker, find_search  # noqa: E402
 
 EXP = "kd-board"
 Status = Literal["FINISHED", "FAILED"]
@@ -100,13 +100,16 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """A real store with the two-objective search `multi` (TRIALS), then the one-objective `single`."""
     uri = f"sqlite:///{tmp_path_factory.mktemp('board') / 'mlflow.db'}"
     tracker = SearchTracker(uri=uri, experiment=EXP)
+    searched = ["distill.layer_map", "distill.w_hidden", "units.ratio"]
     parent = tracker.start_search(name="multi", space="all", config={}, code_version="v",
-                                  objectives=[("eval_score", "max"), ("student_params", "min")])
+                                  objectives=[("eval_score", "max"), ("student_params", "min")],
+                                  tags={SEARCHED_TAG: ",".join(searched)})
     for trial, (layer_map, w_hidden, ratio, score, size, status) in TRIALS.items():
-        ratio_text = "null" if ratio is None else ratio
+        # units.ratio is conditional: the trials without one log the config's value but never drew it
         cfg = load_config([f"distill.layer_map={layer_map}", f"distill.w_hidden={w_hidden}",
-                           f"units.ratio={ratio_text}", f"output_dir=outputs/{trial}"])
-        tracker.trial_run(trial, params=cfg)
+                           f"units.ratio={ratio or 0.75}", f"output_dir=outputs/{trial}"])
+        drawn = searched if ratio is not None else searched[:2]
+        tracker.trial_run(trial, params=cfg, tags={SAMPLED_TAG: ",".join(drawn)})
         tracker.log_metrics(trial, {"eval_score": score - 0.1}, step=0)
         tracker.end_trial(trial, status=status, error="boom" if status == "FAILED" else None,
                           final_metrics={"eval_score": score, "student_params": size})
@@ -140,6 +143,7 @@ def test_cli_multi_objective(store: tuple[str, str], tmp_path: Path,
         ("1", "t1"), ("2", "t3"), ("3", "t0"), ("4", "t2"), ("5", "t5"), ("-", "t4")]
     assert {r["trial"] for r in rows if r["pareto"] == "*"} == {"t1", "t0", "t2"}
     assert rows[0]["eval_score"] == "0.85" and rows[0]["student_params"] == "2000"
+    assert [r["units.ratio"] for r in rows] == ["0.5", "0.5", "-", "-", "0.25", "-"]  # blank where inactive
     assert rows[-1]["status"] == "FAILED" and float(rows[0]["time (s)"]) >= 0
     assert "output_dir" not in rows[0] and "teacher" not in rows[0]  # bookkeeping and constants hidden
     assert "| 1 | t1 | reverse |" in (tmp_path / "leaderboard.md").read_text()

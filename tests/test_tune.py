@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kdsearch.tracking import find_search, list_trials
+from kdsearch.tracking import SAMPLED_TAG, find_search, list_trials
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,6 +74,7 @@ def test_search_logs_every_trial_stops_bad_ones_early_and_survives_a_failing_tri
     trials = list_trials(uri=uri, experiment="kdsearch", search_run_id=parent.run_id)
     assert len(trials) == 5  # exactly one run per trial
     assert len({t.tags["kdsearch.trial_id"] for t in trials}) == 5
+    assert {t.tags[SAMPLED_TAG] for t in trials} == {"distill.layer_map,train.lr"}
     failed = [t for t in trials if t.status == "FAILED"]
     assert len(failed) == 1 and failed[0].params["train.lr"] == "inf"
     assert "lower train.lr" in failed[0].tags["kdsearch.error"]

@@ -4,7 +4,17 @@ The only package that imports mlflow; must not import ray. `store` opens the sto
 `retry_locked`), `runs` reads runs as plain records and logs one-shot runs, `tracker` is the driver's writer.
 """
 
-from .runs import RunRecord, find_search, flatten_params, format_param, list_trials, log_analysis_run, log_run_artifacts
+from .runs import (
+    SAMPLED_TAG,
+    SEARCHED_TAG,
+    RunRecord,
+    find_search,
+    flatten_params,
+    format_param,
+    list_trials,
+    log_analysis_run,
+    log_run_artifacts,
+)
 from .store import DEFAULT_EXPERIMENT, DEFAULT_URI, check_tracking_uri, is_locked_error, open_client, retry_locked
 from .tracker import ERROR_TAG_CHARS, SearchTracker
 
@@ -12,6 +22,8 @@ __all__ = [
     "DEFAULT_EXPERIMENT",
     "DEFAULT_URI",
     "ERROR_TAG_CHARS",
+    "SAMPLED_TAG",
+    "SEARCHED_TAG",
     "RunRecord",
     "SearchTracker",
     "check_tracking_uri",

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 
 _MAX_PARAM_CHARS = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 BATCH = 100  # MLflow accepts at most 100 params/tags per log_batch
+SEARCHED_TAG = "kdsearch.searched"
+"""On a search's parent run: the space's searched params, comma-separated."""
+SAMPLED_TAG = "kdsearch.sampled"
+"""On a trial run: the searched params this trial drew; a conditional param left out was inactive."""
 
 
 def format_param(value: Any) -> str:

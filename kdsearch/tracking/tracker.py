@@ -106,10 +106,10 @@ class SearchTracker:
 
     # -- trials (child runs)
 
-    def trial_run(self, trial_id: str, *, params: Any) -> str:
+    def trial_run(self, trial_id: str, *, params: Any, tags: Mapping[str, str] | None = None) -> str:
         """Run id of the trial's child run: found by tags (retry, resume) or created; logs new params only."""
         state = self._trial(trial_id, reopen=True)
-        self._write(state.run_id, state.params, flatten_params(params), {})
+        self._write(state.run_id, state.params, flatten_params(params), dict(tags or {}))
         return state.run_id
 
     def log_metrics(self, trial_id: str, metrics: Mapping[str, Any], *, step: int) -> None:
