@@ -6,13 +6,12 @@ imports no Ray itself. The last line it prints says where the best student is.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from . import space_model
 from .config import flatten
-from .leaderboard import build_leaderboard
+from .leaderboard import Objective, build_leaderboard, search_ranking
 from .loop import export_student
 from .prepare import prepare
 from .search import SearchSettings, code_version
@@ -31,13 +30,12 @@ def _checkpoint_dir(result: Any) -> Any:
     return None
 
 
-def best_result(results: Any, metric: str, mode: str) -> Any | None:
-    done = [r for r in results if r.error is None and isinstance((r.metrics or {}).get(metric), (int, float))
-            and math.isfinite(r.metrics[metric]) and _checkpoint_dir(r) is not None]
-    if not done:
-        return None
-    sign = 1 if mode == "max" else -1
-    return max(done, key=lambda r: sign * r.metrics[metric])
+def best_result(results: Any, ranked_trials: list[str]) -> Any | None:
+    """The first of `ranked_trials` (the leaderboard's order, so that ties resolve alike) that finished with a
+    checkpoint to export."""
+    usable = {str((r.metrics or {}).get("trial_id")): r for r in results
+              if r.error is None and _checkpoint_dir(r) is not None}
+    return next((usable[t] for t in ranked_trials if t in usable), None)
 
 
 def model_card(cfg: Any, metrics: dict[str, Any], *, search: str, trial_id: str, metric: str) -> str:
@@ -70,13 +68,16 @@ def export_best(results: Any, *, settings: SearchSettings, space: space_model.Sp
     tracker.start_search(name=settings.search_name, space=space.name, config={"space": space.name},
                          code_version=code_version(), objectives=objectives)
     failed = sum(1 for r in results if r.error is not None)
-    best = best_result(results, metric, mode)
+    ranking = search_ranking(uri=settings.tracking_uri, experiment=settings.experiment,
+                             search=settings.search_name,
+                             objectives=[Objective(m, "max" if d == "max" else "min") for m, d in objectives])
+    best = best_result(results, [row["trial"] for row in ranking.rows if row.get("rank")])
     if best is None:
         print(f"[kdsearch.tune] no trial finished with a {metric}; {failed} failed", flush=True)
         tracker.end_search(status="FAILED", summary={"failed_trials": failed})
         return None
     cfg = space_model.trial_config(space, best.config)
-    trial_id = str(best.metrics.get("trial_id", Path(best.path).name))
+    trial_id = str(best.metrics["trial_id"])
     out = Path(settings.results_dir, settings.search_name, "best_student").resolve()
     with _checkpoint_dir(best).as_directory() as directory:
         export_student(cfg, prepare(cfg), Path(directory), out)

@@ -321,20 +321,33 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+class Ranking(NamedTuple):
+    parent: RunRecord
+    objectives: list[Objective]
+    rows: list[Row]  # rank_rows order: the leaderboard's
+    params: list[str]  # every param name the trials logged
+
+
+def search_ranking(*, uri: str, experiment: str, search: str | None,
+                   objectives: list[Objective] | None = None) -> Ranking:
+    """A search's trials ranked by its first objective, as the leaderboard shows them (and the export picks)."""
+    parent = find_search(uri=uri, experiment=experiment, search=search)
+    trials = list_trials(uri=uri, experiment=experiment, search_run_id=parent.run_id)
+    rows = trial_rows(trials, searched=parent.tags.get(SEARCHED_TAG, "").split(","))
+    objectives = objectives or search_objectives(parent)
+    return Ranking(parent, objectives, rank_rows(rows, *objectives[0]), sorted({k for t in trials for k in t.params}))
+
+
 def build_leaderboard(*, uri: str = DEFAULT_URI, experiment: str = DEFAULT_EXPERIMENT,
                       search: str | None = None, out: Path | None = None,
                       objectives: list[Objective] | None = None,
                       log: bool = True) -> tuple[str, Path]:
     """Rank a search's trials, write tables and plots under `out`, log them to the parent run under
     `leaderboard/`. Returns (the full text table, out). The tune driver calls this at the end of a search."""
-    parent = find_search(uri=uri, experiment=experiment, search=search)
-    trials = list_trials(uri=uri, experiment=experiment, search_run_id=parent.run_id)
-    rows = trial_rows(trials, searched=parent.tags.get(SEARCHED_TAG, "").split(","))
-    objectives = objectives or search_objectives(parent)
-    ranked = rank_rows(rows, *objectives[0])
+    parent, objectives, ranked, logged = search_ranking(uri=uri, experiment=experiment, search=search,
+                                                        objectives=objectives)
     front = pareto_front(ranked, objectives) if len(objectives) > 1 else None
-    metric_names = {o.name for o in objectives} | {"student_params"}
-    params = varying_params(rows, sorted({k for t in trials for k in t.params} - metric_names))
+    params = varying_params(ranked, sorted(set(logged) - {o.name for o in objectives} - {"student_params"}))
     columns, cells = table(ranked, objectives, params, front)
     out = out or Path("outputs", "leaderboard", re.sub(r"[^A-Za-z0-9_.-]+", "_", parent.name))
     title = f"kdsearch leaderboard: {parent.name} ({', '.join(f'{n}:{m}' for n, m in objectives)})"
