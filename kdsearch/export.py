@@ -63,7 +63,7 @@ Load it with `transformers.AutoModelForSequenceClassification.from_pretrained(<t
 
 def export_best(results: Any, *, settings: SearchSettings, space: space_model.Space,
                 objectives: list[tuple[str, str]]) -> Path | None:
-    metric, mode = objectives[0]
+    metric = objectives[0][0]
     tracker = SearchTracker(uri=settings.tracking_uri, experiment=settings.experiment)
     tracker.start_search(name=settings.search_name, space=space.name, config={"space": space.name},
                          code_version=code_version(), objectives=objectives)
