@@ -20,7 +20,7 @@ from kdsearch.data import check_task, collate, load_raw_task, tokenize_task, tra
 from kdsearch.metrics import compute_metrics, rank_average
 from kdsearch.tasks import DEFAULT_TASK_VOCAB, TASKS, default_label, default_rows, task_spec
 
-SST2 = Path("/work/shared/data/sst2")
+SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"  # ../shared beside the checkout
 ROWS = [("a fine film", 1), ("dull and slow", 0), ("it works", 1), ("not good", 0), ("great fun", 1)]
 
 
@@ -83,6 +83,22 @@ def default_task():
 
 
 # --- loading ------------------------------------------------------------------------------------------
+def test_hub_loader_reads_a_dataset_repo_laid_out_like_the_hubs_glue(tmp_path: Path) -> None:
+    # The hub's GLUE repo: one parquet folder per task config, declared in the README's YAML header. A local
+    # copy goes through the very same load_dataset(hub, config) call as `task.hub=nyu-mll/glue` online.
+    repo = tmp_path / "glue"
+    rows = [{"sentence": s, "label": y, "idx": i} for i, (s, y) in enumerate(ROWS)]
+    for split in ("train", "validation", "test"):
+        write(repo / "sst2" / f"{split}-00000-of-00001.parquet", rows, "parquet")
+    splits = "".join(f"  - split: {s}\n    path: sst2/{s}-*\n" for s in ("train", "validation", "test"))
+    (repo / "README.md").write_text(f"---\nconfigs:\n- config_name: sst2\n  data_files:\n{splits}---\n")
+    spec, raw = load(tmp_path, name="sst2", hub=str(repo))
+    assert spec.name == "sst2" and set(raw) == {"train", "validation"}
+    assert raw["train"].column_names == ["sentence", "label"] and raw["train"]["label"] == [y for _, y in ROWS]
+    with pytest.raises(ConfigError, match="task.hub=.*cannot load cola"):
+        load(tmp_path, name="cola", hub=str(repo))
+
+
 @pytest.mark.parametrize("fmt", ["tsv", "csv", "jsonl", "parquet"])
 def test_every_file_format_loads_the_same_rows(tmp_path: Path, fmt: str) -> None:
     spec, raw = load(tmp_path, name="sst2", data_dir=str(sst2_dir(tmp_path / "d", fmt)))
