@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +112,11 @@ def _storage(settings: SearchSettings, space: space_model.Space) -> str:
 
 
 def _search_alg(settings: SearchSettings, space: space_model.Space, objectives: list[tuple[str, str]]) -> OptunaSearch:
-    sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=True, constant_liar=True,
-                                         n_startup_trials=min(8, max(2, space.budget.num_samples // 3)))
+    with warnings.catch_warnings():  # group=True is chosen on purpose (conditional params): no warning each run
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=True,
+                                             constant_liar=True,
+                                             n_startup_trials=min(8, max(2, space.budget.num_samples // 3)))
     metric: Any = [m for m, _ in objectives] if len(objectives) > 1 else objectives[0][0]
     mode: Any = [d for _, d in objectives] if len(objectives) > 1 else objectives[0][1]
     return OptunaSearch(space=space_model.define_by_run(space), metric=metric, mode=mode, sampler=sampler,
