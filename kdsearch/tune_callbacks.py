@@ -69,7 +69,7 @@ class MlflowTrials(tune.Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         cfg = space_model.trial_config(self.space, trial.config)
         # The run logs the whole resolved config; the tag says which searched params this trial drew (a
-        # conditional one left out is inactive: the leaderboard leaves its cell blank).
+        # conditional one left out is inactive: the leaderboard shows "-" there).
         self.tracker.trial_run(trial.trial_id, params=flatten(cfg), tags={SAMPLED_TAG: ",".join(sorted(trial.config))})
         pairs = layer_map_of(cfg)
         self.tracker.log_trial_artifacts(trial.trial_id, files={
