@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from kdsearch.config import ConfigError, TaskConfig
 from kdsearch.metrics import IGNORE_INDEX, compute_metrics
-from kdsearch.tasks import TASKS, TaskSpec, default_rows, task_spec
+from kdsearch.tasks import RELEASE_LAYOUTS, TASKS, ReleaseLayout, TaskSpec, default_rows, task_spec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -89,6 +89,20 @@ def _header(path: Path, where: str) -> list[str]:
     return [name.strip() for name in next(csv.reader([first], delimiter=delimiter))]
 
 
+def _headerless(columns: list[str], spec: TaskSpec) -> bool:
+    """A release file without a header row: its first row is data (CoLA)."""
+    names = RELEASE_LAYOUTS.get(spec.name, ReleaseLayout()).headerless
+    return bool(names) and len(columns) == len(names) and not {"label", *spec.text_fields} & set(columns)
+
+
+def _hub_columns(columns: list[str], spec: TaskSpec) -> list[str]:
+    """Column names as the hub spells them (release names renamed where the hub's name is absent)."""
+    if _headerless(columns, spec):
+        return list(RELEASE_LAYOUTS[spec.name].headerless)
+    rename = {a: b for a, b in RELEASE_LAYOUTS.get(spec.name, ReleaseLayout()).columns if b not in columns}
+    return [rename.get(c, c) for c in columns]
+
+
 def _check_columns(columns: list[str], spec: TaskSpec, where: str) -> None:
     found = f"found columns: {', '.join(columns)}"
     if spec.kind == "causal_lm":
@@ -115,7 +129,7 @@ def check_task(cfg: TaskConfig) -> TaskSpec:
     if cfg.data_dir is not None:
         for path in _split_files(cfg, spec).values():
             where = f"task.data_dir={cfg.data_dir}: {path.name}"
-            _check_columns(_header(path, f"task.data_dir={cfg.data_dir}"), spec, where)
+            _check_columns(_hub_columns(_header(path, f"task.data_dir={cfg.data_dir}"), spec), spec, where)
     elif cfg.hub is None:
         hint = "train/dev .jsonl files" if spec.kind == "causal_lm" else "train.tsv and dev.tsv"
         raise ConfigError(f"task.data_dir: task.name={spec.name} needs data; set task.data_dir=<folder with "
@@ -124,10 +138,12 @@ def check_task(cfg: TaskConfig) -> TaskSpec:
 
 
 # --- loading ------------------------------------------------------------------------------------------
-def _read_file(path: Path, where: str, cache_dir: str | None) -> Dataset:
+def _read_file(path: Path, where: str, cache_dir: str | None, spec: TaskSpec) -> Dataset:
     builder = {".tsv": "csv", ".csv": "csv", ".jsonl": "json", ".parquet": "parquet"}[path.suffix]
     # quoting=3 (QUOTE_NONE): GLUE TSVs contain bare quote characters inside sentences.
     extra: dict[str, Any] = {"delimiter": "\t", "quoting": 3} if path.suffix == ".tsv" else {}
+    if builder == "csv" and _headerless(_header(path, where), spec):
+        extra["column_names"] = _hub_columns(_header(path, where), spec)
     try:
         return load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir, **extra)
     except Exception as err:  # datasets wraps parser errors in DatasetGenerationError
@@ -149,8 +165,26 @@ def _load_hub(cfg: TaskConfig, spec: TaskSpec, cache_dir: str | None) -> dict[st
     return {"train": raw["train"], "validation": raw[val]}
 
 
+def _hub_layout(ds: Dataset, spec: TaskSpec, where: str) -> Dataset:
+    """A release-layout split with the hub's column names and class ids."""
+    rename = {a: b for a, b in zip(ds.column_names, _hub_columns(ds.column_names, spec), strict=True) if a != b}
+    ds = ds.rename_columns(rename) if rename else ds
+    classes = RELEASE_LAYOUTS.get(spec.name, ReleaseLayout()).classes
+    label_type = ds.data.column("label").type if "label" in ds.column_names else None
+    if not classes or not (pa.types.is_string(label_type) or pa.types.is_large_string(label_type)):
+        return ds
+    unknown = set(pc.unique(ds.data.column("label")).to_pylist()) - set(classes)
+    if unknown:
+        raise ConfigError(f"{where}: labels {sorted(map(str, unknown))} are not {spec.name} classes "
+                          f"({', '.join(classes)})")
+    ids = {name: i for i, name in enumerate(classes)}
+    return ds.map(lambda b: {"label": [ids[v] for v in b["label"]]}, batched=True,
+                  features=Features({**ds.features, "label": Value("int64")}))
+
+
 def _normalise(ds: Dataset, spec: TaskSpec, where: str) -> Dataset:
     """Keep exactly the task's columns: text fields + label, or prompt + response."""
+    ds = _hub_layout(ds, spec, where)
     _check_columns(ds.column_names, spec, where)
     if spec.kind == "causal_lm":
         return _to_prompt_response(ds)
@@ -214,7 +248,7 @@ def load_raw_task(cfg: TaskConfig, *, cache_dir: str | Path | None = None) -> tu
         splits = {split: Dataset.from_dict(cols) for split, cols in default_rows().items()}
     elif cfg.data_dir is not None:
         where = f"task.data_dir={cfg.data_dir}"
-        splits = {split: _read_file(path, where, hf_cache) for split, path in _split_files(cfg, spec).items()}
+        splits = {split: _read_file(path, where, hf_cache, spec) for split, path in _split_files(cfg, spec).items()}
     else:
         where = f"task.hub={cfg.hub}"
         splits = _load_hub(cfg, spec, hf_cache)

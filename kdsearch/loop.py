@@ -26,8 +26,10 @@ from .config import Config
 from .evaluation import evaluate, make_loader
 from .layer_maps import map_layers
 from .losses import describe
+from .metrics import metric_names
 from .prepare import Prepared, load_teacher, make_student
 from .step import Distiller, loss_weights, teacher_forward
+from .tasks import TaskSpec
 
 
 def _identity(x: Any) -> Any:
@@ -45,6 +47,15 @@ class WorkerContext:
     gather: Callable[[Any], list[Any]] = lambda x: [x]
     checkpoint: Path | None = None  # latest checkpoint to resume from
     log: Callable[[str], None] = print
+
+
+def reported_metrics(spec: TaskSpec) -> tuple[str, ...]:
+    """The metrics every epoch's report carries, whatever the strategy: what a search may rank and stop on.
+
+    (`train_<term>` exist only for the loss terms with a weight > 0, so they vary between trials.)
+    """
+    return ("epoch", "train_loss", "epoch_time_s", *(f"eval_{name}" for name in metric_names(spec)), "eval_loss",
+            "student_params", "teacher_score")
 
 
 def build_distiller(cfg: Config, prepared: Prepared, device: torch.device) -> tuple[nn.Module, Distiller]:

@@ -57,6 +57,18 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return pearson(rank_average(x), rank_average(y))
 
 
+def metric_names(spec: TaskSpec) -> tuple[str, ...]:
+    """The keys `compute_metrics` returns for a task, known before any data is read."""
+    names: tuple[str, ...]
+    if spec.kind == "regression":
+        names = ("pearson", "spearman")
+    elif spec.kind == "causal_lm":
+        names = ("token_accuracy",)
+    else:
+        names = ("accuracy", *(m for m in ("f1", "matthews") if spec.primary_metric == m))
+    return (*names, "score")
+
+
 def compute_metrics(spec: TaskSpec, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Metrics of one evaluation pass, plus `score` = the primary metric.
 

@@ -25,6 +25,7 @@ from .data import TaskSpec, load_raw_task, tokenize_task, train_texts
 from .evaluation import evaluate, make_loader
 from .layer_maps import map_layers
 from .losses import task_loss
+from .tasks import read_by
 from .ted import build_filters, train_stage1
 from .units import score_units
 
@@ -194,8 +195,7 @@ def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:
     family = models.family_of(models.teacher_config(source))
     tok = _tokenizer(source, raw, spec, store)
     data = tokenize_task(raw, spec, tok, max_length=cfg.task.max_length, cache_dir=cfg.cache_dir, family=family)
-    if family == "causal" and spec.kind != "causal_lm":  # a causal LM reads any task as prompt -> answer tokens
-        spec = dataclasses.replace(spec, kind="causal_lm", num_labels=0, primary_metric="token_accuracy")
+    spec = read_by(spec, family)
     teacher_dir = _teacher(cfg, source, tok, data, spec, store, device)
     n_t, d_t = models.depth_width(AutoConfig.from_pretrained(teacher_dir))
     prepared = Prepared(spec=spec, family=family, teacher_dir=str(teacher_dir), data=data,

@@ -7,6 +7,7 @@ config it can know in advance (the papers' points, the base) and renders the dry
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import subprocess
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import yaml
 from . import space_model, spaces
 from .config import ConfigError, flatten, parse_overrides
 from .leaderboard import parse_objectives
+from .loop import reported_metrics
 from .tracking import DEFAULT_EXPERIMENT, DEFAULT_URI, check_tracking_uri
 from .validate import validate
 
@@ -95,8 +97,15 @@ def objectives_of(settings: SearchSettings, space: space_model.Space) -> list[tu
 
 
 def check_search(settings: SearchSettings, space: space_model.Space) -> None:
-    """Everything checkable before ray.init: the base config, every paper point, the tracking store."""
-    validate(space_model.trial_config(space, {}))
+    """Everything checkable before ray.init: the base config, the objectives, every paper point, the store."""
+    spec = validate(space_model.trial_config(space, {}))
+    known = reported_metrics(spec)
+    for name, _ in objectives_of(settings, space):
+        if name not in known:
+            key = f"objectives={','.join(settings.objectives)}" if settings.objectives else f"metric={name}"
+            close = difflib.get_close_matches(name, known, n=1)
+            raise ConfigError(f"{key}: no trial reports {name}{f'; did you mean {close[0]}?' if close else ''} "
+                              f"(reported: {', '.join(known)})")
     for point in space_model.initial_points(space):
         validate(space_model.trial_config(space, point))
     if not settings.dry_run:

@@ -7,7 +7,7 @@ Imports no torch, datasets, Ray, Optuna or MLflow; `kdsearch.data` turns these s
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from kdsearch.config import ConfigError
@@ -52,11 +52,44 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class ReleaseLayout:
+    """How the original GLUE release (gluebenchmark.com's zips, download_glue_data.py) writes a task's TSVs,
+    where that differs from the hub's columns; local files in either layout load alike."""
+
+    columns: tuple[tuple[str, str], ...] = ()
+    """(release column, hub column) pairs; a pair applies only when the hub's name is absent."""
+    classes: tuple[str, ...] = ()
+    """String labels in class-id order (the hub's ClassLabel names)."""
+    headerless: tuple[str, ...] = ()
+    """Column names of release files that have no header row."""
+
+
+_ENTAILMENT = ("entailment", "not_entailment")
+RELEASE_LAYOUTS: dict[str, ReleaseLayout] = {
+    "cola": ReleaseLayout(headerless=("source", "label", "original_label", "sentence")),
+    "mrpc": ReleaseLayout(columns=(("Quality", "label"), ("#1 String", "sentence1"), ("#2 String", "sentence2"))),
+    "qqp": ReleaseLayout(columns=(("is_duplicate", "label"),)),
+    "stsb": ReleaseLayout(columns=(("score", "label"),)),
+    "mnli": ReleaseLayout(columns=(("sentence1", "premise"), ("sentence2", "hypothesis"), ("gold_label", "label")),
+                          classes=("entailment", "neutral", "contradiction")),
+    "qnli": ReleaseLayout(classes=_ENTAILMENT),
+    "rte": ReleaseLayout(classes=_ENTAILMENT),
+}
+
+
 def task_spec(name: str) -> TaskSpec:
     """The spec of a task name; an unknown name raises ConfigError listing the choices."""
     if name not in TASKS:
         raise ConfigError(f"task.name={name}: unknown task; choose one of: {', '.join(sorted(TASKS))}")
     return TASKS[name]
+
+
+def read_by(spec: TaskSpec, family: Literal["encoder", "causal"]) -> TaskSpec:
+    """The task as a teacher family reads it: a causal LM reads any task as prompt -> answer tokens."""
+    if family == "causal" and spec.kind != "causal_lm":
+        return replace(spec, kind="causal_lm", num_labels=0, primary_metric="token_accuracy")
+    return spec
 
 
 # --- the embedded `default` task ------------------------------------------------------------------------

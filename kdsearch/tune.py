@@ -153,11 +153,9 @@ def make_tuner(settings: SearchSettings, space: space_model.Space, tracker_args:
     run_config = tune.RunConfig(name=settings.search_name, storage_path=storage, callbacks=callbacks,
                                 failure_config=tune.FailureConfig(max_failures=1), verbose=0,
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
-    path = os.path.join(storage, settings.search_name)
     if settings.resume:
-        if not tune.Tuner.can_restore(path):
-            raise ConfigError(f"resume=true: no search named {settings.search_name} under {storage} to resume")
-        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        return tune.Tuner.restore(os.path.join(storage, settings.search_name), trainable=trainable,
+                                  resume_errored=True)
     metric, mode = objectives[0]
     scheduler = ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=space_model.max_epochs(space),
                               grace_period=space.budget.grace_period,
@@ -177,6 +175,9 @@ def run_search(settings: SearchSettings, space: space_model.Space) -> tune.Resul
     """
     # Checkpoints are pruned (num_to_keep), which makes Tune snapshot often; that is intended here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    storage = _storage(settings, space)
+    if settings.resume and not tune.Tuner.can_restore(os.path.join(storage, settings.search_name)):
+        raise ConfigError(f"resume=true: no search named {settings.search_name} under {storage} to resume")
     # Prepare the shared artifacts (teacher fine-tuning, tokenised data) once, before trials race for them.
     prepare(space_model.trial_config(space, {}))
     init_ray(resources={sizing.DRIVER_RESOURCE: sizing.HEAD_DRIVER_UNITS})

@@ -12,6 +12,7 @@ from .data import check_task
 from .layer_maps import LAYER_MAPS, check_map_args
 from .losses import DISTANCES
 from .models import depth_width, family_of, resolve_teacher, teacher_config
+from .tasks import TaskSpec, read_by
 from .ted import ACTIVATIONS, FILTERS
 
 
@@ -58,8 +59,8 @@ def _check_shapes(cfg: Config, n_t: int, d_t: int) -> None:
                           "nothing would be trained")
 
 
-def validate(cfg: Config) -> None:
-    """Raise ConfigError (one line) for anything that would fail later; returns quietly when all is well."""
+def validate(cfg: Config) -> TaskSpec:
+    """Raise ConfigError (one line) for anything that would fail later; else the task as the teacher reads it."""
     _check_names(cfg)
     source = resolve_teacher(cfg.teacher)
     try:
@@ -73,3 +74,4 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"task.name={spec.name} is a regression task (one score per input), which needs an "
                           f"encoder teacher; teacher={cfg.teacher} is a causal LM")
     _check_shapes(cfg, *depth_width(teacher))
+    return read_by(spec, family_of(teacher))

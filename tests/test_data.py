@@ -17,8 +17,8 @@ import torch
 
 from kdsearch.config import ConfigError, TaskConfig
 from kdsearch.data import check_task, collate, load_raw_task, tokenize_task, train_texts
-from kdsearch.metrics import compute_metrics, rank_average
-from kdsearch.tasks import DEFAULT_TASK_VOCAB, TASKS, default_label, default_rows, task_spec
+from kdsearch.metrics import compute_metrics, metric_names, rank_average
+from kdsearch.tasks import DEFAULT_TASK_VOCAB, TASKS, default_label, default_rows, read_by, task_spec
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"  # ../shared beside the checkout
 ROWS = [("a fine film", 1), ("dull and slow", 0), ("it works", 1), ("not good", 0), ("great fun", 1)]
@@ -127,6 +127,56 @@ def test_regression_labels_are_floats(tmp_path: Path) -> None:
     write(tmp_path / "s" / "dev.tsv", rows, "tsv")
     spec, raw = load(tmp_path, name="stsb", data_dir=str(tmp_path / "s"))
     assert spec.kind == "regression" and raw["train"]["label"] == pytest.approx([3.8, 1.0])
+
+
+# The original GLUE release's TSVs (gluebenchmark.com zips), first lines as shipped; "\t" separated.
+RELEASE = {
+    "cola": ("", ["gj04\t1\t\tOur friends won't buy this analysis.", "gj04\t0\t*\tThey drank the pub."]),
+    "mrpc": ("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String",
+             ["1\t702876\t702977\tAmrozi accused his brother.\tReferring to him, Amrozi accused his brother.",
+              "0\t2108705\t2108831\tYucaipa owned Dominick 's.\tYucaipa bought Dominick 's in 1995."]),
+    "stsb": ("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
+             ["0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\tA plane is taking off.\tAn air plane "
+              "is taking off.\t5.000", "1\tmain-captions\tMSRvid\t2012test\t0004\tnone\tnone\tA man plays."
+              "\tA man plays a flute.\t3.800"]),
+    "mnli": ("index\tpromptID\tpairID\tgenre\tsentence1\tsentence2\tlabel1\tgold_label",
+             ["0\t31193\t31193n\tgovernment\tConceptually cream skimming.\tProduct and geography.\tneutral"
+              "\tneutral", "1\t101457\t101457e\ttelephone\tyou know during the season\tYou lose the things"
+              "\tentailment\tentailment", "2\t134793\t134793e\tfiction\tOne of our number\tA member"
+              "\tcontradiction\tcontradiction"]),
+    "qnli": ("index\tquestion\tsentence\tlabel",
+             ["0\tWhen did it end?\tIt ended in 1990.\tentailment", "1\tWho?\tNobody knows.\tnot_entailment"]),
+}
+HUB_VIEW = {"cola": [("Our friends won't buy this analysis.", 1), ("They drank the pub.", 0)],
+            "mrpc": [("Amrozi accused his brother.", "Referring to him, Amrozi accused his brother.", 1),
+                     ("Yucaipa owned Dominick 's.", "Yucaipa bought Dominick 's in 1995.", 0)],
+            "stsb": [("A plane is taking off.", "An air plane is taking off.", 5.0),
+                     ("A man plays.", "A man plays a flute.", 3.8)],
+            "mnli": [("Conceptually cream skimming.", "Product and geography.", 1),
+                     ("you know during the season", "You lose the things", 0), ("One of our number", "A member", 2)],
+            "qnli": [("When did it end?", "It ended in 1990.", 0), ("Who?", "Nobody knows.", 1)]}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASE))
+def test_the_original_glue_release_layout_loads_as_the_hubs(tmp_path: Path, name: str) -> None:
+    header, rows = RELEASE[name]
+    d = tmp_path / name
+    d.mkdir()
+    for stem in ("train", "dev_matched" if name == "mnli" else "dev"):
+        (d / f"{stem}.tsv").write_text("".join(f"{line}\n" for line in ([header] if header else []) + rows))
+    spec, raw = load(tmp_path, name=name, data_dir=str(d))
+    assert raw["train"].column_names == [*spec.text_fields, "label"]
+    got = [tuple(round(v, 4) if isinstance(v, float) else v for v in r.values()) for r in raw["validation"]]
+    assert got == HUB_VIEW[name]
+
+
+def test_release_labels_outside_the_task_classes_are_one_line_errors(tmp_path: Path) -> None:
+    d = tmp_path / "rte"
+    d.mkdir()
+    for stem in ("train", "dev"):
+        (d / f"{stem}.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tneutral\n")
+    with pytest.raises(ConfigError, match=r"labels \['neutral'\] are not rte classes"):
+        load(tmp_path, name="rte", data_dir=str(d))
 
 
 def test_text_task_reads_text_prompt_response_and_instruction_layouts(tmp_path: Path) -> None:
@@ -258,6 +308,15 @@ def test_classification_metrics_match_hand_computed_values() -> None:
     logits = np.eye(3)[[0, 2, 1, 1]] + 0.1  # argmax -> 0, 2, 1, 1
     assert compute_metrics(task_spec("mnli"), logits, np.array([0, 2, 2, 1]))["score"] == 0.75
     assert compute_metrics(task_spec("cola"), np.ones(4, int), np.array([0, 1, 0, 1]))["matthews"] == 0.0
+
+
+@pytest.mark.parametrize("family", ["encoder", "causal"])
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_metric_names_are_known_before_any_data(name: str, family: str) -> None:
+    spec = read_by(task_spec(name), family)  # type: ignore[arg-type]
+    pred, gold = np.array([1, 0, 1, 1]), np.array([1, 0, 0, 1])
+    assert tuple(compute_metrics(spec, pred, gold)) == metric_names(spec)
+    assert spec.primary_metric in metric_names(spec)
 
 
 def test_regression_metrics_with_ties_match_hand_computed_values() -> None:

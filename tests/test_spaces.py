@@ -274,5 +274,11 @@ def test_sampled_configs_pass_the_model_aware_checks(name: str) -> None:
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for point in initial_points(space):
         study.enqueue_trial(point)
-    study.optimize(lambda t: define(t) or validate(trial_config(space, t.params)) or 0.0, n_trials=30)
+
+    def objective(trial: optuna.Trial) -> float:
+        define(trial)
+        validate(trial_config(space, trial.params))
+        return 0.0
+
+    study.optimize(objective, n_trials=30)
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kdsearch.config import Config, load_config
-from kdsearch.loop import WorkerContext, run_distillation
+from kdsearch.loop import WorkerContext, reported_metrics, run_distillation
 from kdsearch.prepare import prepare
 
 SMALL = ["task.train_size=256", "task.eval_size=128", "train.epochs=2", "finetune.epochs=2", "train.dropout=0.0",
@@ -50,6 +50,7 @@ def test_loop_reports_each_epoch_and_resumes_from_a_checkpoint(cache: Path, tmp_
     full = _run(cfg, store=tmp_path)
     assert [m["epoch"] for m in full] == [1, 2]
     assert all(0 <= m["eval_score"] <= 1 and m["student_params"] > 0 for m in full)
+    assert all(set(reported_metrics(prepare(cfg).spec)) <= set(m) for m in full)  # what searches may rank on
     assert json.loads((tmp_path / "epoch1" / "state.json").read_text()) == {"epoch": 1}
     resumed = _run(cfg, checkpoint=tmp_path / "epoch1")
     assert [m["epoch"] for m in resumed] == [2]  # only the unfinished epoch runs

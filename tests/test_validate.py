@@ -57,6 +57,9 @@ def test_train_command_rejects_bad_data_in_one_line(tmp_path, rows: str, overrid
     (["space=smoke", "tracking.uri=./mlruns"], "sqlite"),
     (["space=flex", "units.ratio=0.9"], "units.ratio"),
     (["space=smoke", "objectives=[eval_score:up]"], "objectives"),
+    (["space=smoke", "objectives=[eval_score:max,latency:min]"], "no trial reports latency"),
+    (["space=smoke", "metric=eval_scor"], "did you mean eval_score"),
+    (["space=smoke", "resume=true", "name=never-started"], "no search named never-started"),
 ])
 def test_tune_command_rejects_bad_input_in_one_line_before_ray(argv: list[str], message: str,
                                                               capsys: pytest.CaptureFixture) -> None:
