@@ -8,7 +8,6 @@ No Ray, Optuna or MLflow import here.
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -148,19 +147,29 @@ def _seed_epoch(loader: Any, seed: int, epoch: int) -> None:
         loader.generator.manual_seed(seed + epoch)
 
 
+# Steps between finiteness checks of the loss: each check is a host sync, which on a GPU stops the CPU from
+# queueing the next steps' kernels; a diverged run still fails within this many steps.
+_CHECK_EVERY = 16
+
+
 def _train_epoch(model: nn.Module, teacher: nn.Module, loader: Any, opt: torch.optim.Optimizer, sched: Any,
                  pairs: list[tuple[int, int]], steps: int, ctx: WorkerContext, epoch: int) -> dict[str, float]:
     model.train()
     sums: dict[str, torch.Tensor] = {}  # detached running sums: one host sync per epoch, not per step
+    finite = torch.ones((), dtype=torch.bool, device=ctx.device)
+    checked = 0
     for step, batch in enumerate(loader):
         if step >= steps:
             break
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
         terms = model(batch, teacher_forward(teacher, batch, hidden=bool(pairs)), pairs)
         loss = terms["loss"]
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} step {step + 1}: "
-                                     "lower train.lr or the loss weights")
+        finite &= torch.isfinite(loss.detach())
+        if (step + 1) % _CHECK_EVERY == 0 or step + 1 == steps:
+            if not finite.item():  # before this step's update: the checkpointed weights stay finite
+                raise FloatingPointError(f"the loss became nan or inf at epoch {epoch + 1}, steps {checked + 1}-"
+                                         f"{step + 1}: lower train.lr or the loss weights")
+            checked = step + 1
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
