@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .data import collate, compute_metrics
+from .encoding import collate
 from .losses import task_loss
+from .metrics import compute_metrics
 
 if TYPE_CHECKING:
-    from .data import TaskSpec
+    from .tasks import TaskSpec
 
 
 def make_loader(dataset: Any, *, batch_size: int, shuffle: bool, seed: int, pad_id: int) -> DataLoader:

@@ -29,7 +29,7 @@ from .config import ConfigError
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from .data import TaskSpec
+    from .tasks import TaskSpec
 
 Family = Literal["encoder", "causal"]
 

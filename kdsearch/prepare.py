@@ -21,11 +21,12 @@ from . import models
 from .bridges import resolve_bridge
 from .cache import Store, content_key, file_digest
 from .config import Config, flatten
-from .data import TaskSpec, load_raw_task, tokenize_task, train_texts
+from .data import load_raw_task
+from .encoding import tokenize_task, train_texts
 from .evaluation import evaluate, make_loader
 from .layer_maps import map_layers
 from .losses import task_loss
-from .tasks import read_by
+from .tasks import TaskSpec, read_by
 from .ted import build_filters, train_stage1
 from .units import score_units
 

@@ -1,85 +1,24 @@
-"""Task data: every file format, subsampling, one-line config errors, metrics against hand-computed values,
-the tokenised-data cache, causal label masking, collation, and a slice of the real SST-2 files."""
+"""Task data: every file format and the GLUE release layouts, subsampling, one-line config errors, the default
+task, metrics against hand-computed values, and a slice of the real SST-2 files."""
 
 from __future__ import annotations
 
-import functools
-import json
 import shutil
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
+from data_utils import ROWS, load, sst2_dir, write
 
 from kdsearch.config import ConfigError, TaskConfig
-from kdsearch.data import check_task, collate, load_raw_task, tokenize_task, train_texts
+from kdsearch.data import check_task, load_raw_task
 from kdsearch.metrics import compute_metrics, metric_names, rank_average
 from kdsearch.tasks import DEFAULT_TASK_VOCAB, TASKS, default_label, default_rows, read_by, task_spec
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"  # ../shared beside the checkout
-ROWS = [("a fine film", 1), ("dull and slow", 0), ("it works", 1), ("not good", 0), ("great fun", 1)]
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        monkeypatch.setenv(name, "1")
-        monkeypatch.setattr(datasets.config, name, True)
-    datasets.disable_progress_bars()
-
-
-def write(path: Path, rows: list[dict], fmt: str) -> Path:
-    """Rows -> one file in `fmt`, as GLUE ships it (tsv: header, tabs, no quoting)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "parquet":
-        pq.write_table(pa.Table.from_pylist(rows), path)
-    elif fmt == "jsonl":
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    else:
-        sep = "\t" if fmt == "tsv" else ","
-        lines = [sep.join(rows[0])] + [sep.join(str(v) for v in r.values()) for r in rows]
-        path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def sst2_dir(root: Path, fmt: str = "tsv", dev_stem: str = "dev") -> Path:
-    rows = [{"sentence": s, "label": y} for s, y in ROWS]
-    write(root / f"train.{fmt}", rows, fmt)
-    write(root / f"{dev_stem}.{fmt}", rows[:3], fmt)
-    return root
-
-
-def load(tmp_path: Path, **task: object):
-    return load_raw_task(TaskConfig(**task), cache_dir=tmp_path / "cache")  # type: ignore[arg-type]
-
-
-def make_tokenizer(texts, *, family: str):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[EOS]"]
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=special))
-    if family == "encoder":
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-            special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                       cls_token="[CLS]", sep_token="[SEP]")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                   eos_token="[EOS]")
-
-
-@pytest.fixture(scope="module")
-def default_task():
-    datasets.disable_progress_bars()
-    return load_raw_task(TaskConfig(train_size=300, eval_size=50))
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 # --- loading ------------------------------------------------------------------------------------------
@@ -289,12 +228,10 @@ def test_default_task_is_deterministic_balanced_small_and_follows_its_rules() ->
     assert {s: default_label(s) for s in cases} == cases
 
 
-def test_default_task_loads_with_its_full_size_and_label_words(default_task) -> None:
+def test_default_task_loads_with_its_full_size_and_label_words() -> None:
     spec, raw = load_raw_task(TaskConfig())
     assert (raw["train"].num_rows, raw["validation"].num_rows) == (4000, 500)
     assert spec.kind == "classification" and spec.label_words == ("negative", "positive")
-    texts = list(train_texts(default_task[1], default_task[0]))
-    assert len(texts) == 300 and texts[0].endswith((" => negative", " => positive"))
 
 
 # --- metrics ------------------------------------------------------------------------------------------
@@ -337,95 +274,6 @@ def test_token_accuracy_ignores_masked_positions() -> None:
     assert compute_metrics(task_spec("text"), preds, labels) == {"token_accuracy": 0.75, "score": 0.75}
     flat = compute_metrics(task_spec("text"), np.array([5, 0, 7, 8]), np.array([5, 6, 7, 8]))
     assert flat["score"] == 0.75
-
-
-# --- tokenisation -------------------------------------------------------------------------------------
-def test_encoder_tokenisation_truncates_and_keeps_labels(default_task, tmp_path: Path) -> None:
-    spec, raw = default_task
-    tok = make_tokenizer(train_texts(raw, spec), family="encoder")
-    data = tokenize_task(raw, spec, tok, max_length=8, cache_dir=tmp_path, family="encoder")
-    assert data["train"].column_names == ["input_ids", "attention_mask", "labels"]
-    assert data["train"]["labels"] == raw["train"]["label"]
-    ids = data["train"]["input_ids"]
-    assert max(map(len, ids)) == 8 and all(seq[0] == tok.cls_token_id for seq in ids)
-    assert tok.unk_token_id not in {t for seq in ids for t in seq}
-
-
-def test_pair_tasks_are_encoded_as_pairs(tmp_path: Path) -> None:
-    rows = [{"question": "who is it", "sentence": "it is me", "label": 0}] * 2
-    for stem in ("train", "dev"):
-        write(tmp_path / "q" / f"{stem}.tsv", rows, "tsv")
-    spec, raw = load(tmp_path, name="qnli", data_dir=str(tmp_path / "q"))
-    tok = make_tokenizer(train_texts(raw, spec), family="encoder")
-    data = tokenize_task(raw, spec, tok, max_length=32, cache_dir=tmp_path, family="encoder")
-    assert data["train"][0]["input_ids"].count(tok.sep_token_id) == 2
-
-
-def test_causal_labels_mask_the_prompt_and_keep_the_answer(default_task, tmp_path: Path) -> None:
-    spec, raw = default_task
-    tok = make_tokenizer(train_texts(raw, spec), family="causal")
-    data = tokenize_task(raw, spec, tok, max_length=10, cache_dir=tmp_path, family="causal")
-    for row, raw_row in zip(data["train"].select(range(20)), raw["train"].select(range(20)), strict=True):
-        answer = tok(" " + spec.label_words[raw_row["label"]], add_special_tokens=False)["input_ids"]
-        answer += [tok.eos_token_id]
-        assert len(row["input_ids"]) == 10  # every default sentence is longer than the window
-        assert row["input_ids"][-len(answer):] == answer == row["labels"][-len(answer):]
-        assert row["labels"][: -len(answer)] == [-100] * (10 - len(answer))
-        prompt_end = tok("=>", add_special_tokens=False)["input_ids"]
-        assert row["input_ids"][-len(answer) - len(prompt_end): -len(answer)] == prompt_end
-
-
-def test_causal_text_task_trains_on_the_response_only(tmp_path: Path) -> None:
-    rows = [{"prompt": "say hi", "response": " hi there"}, {"prompt": "", "response": "plain text line"}]
-    for stem in ("train", "dev"):
-        write(tmp_path / "t" / f"{stem}.jsonl", rows, "jsonl")
-    spec, raw = load(tmp_path, name="text", data_dir=str(tmp_path / "t"))
-    tok = make_tokenizer(train_texts(raw, spec), family="causal")
-    first, second = tokenize_task(raw, spec, tok, max_length=16, cache_dir=tmp_path, family="causal")["train"]
-    assert first["labels"] == [-100, -100, *first["input_ids"][2:]]
-    assert second["labels"] == second["input_ids"] and second["labels"][-1] == tok.eos_token_id
-    with pytest.raises(ConfigError, match="task.name=text: a causal_lm task needs a causal"):
-        tokenize_task(raw, spec, tok, max_length=16, cache_dir=tmp_path, family="encoder")
-
-
-def test_tokenised_data_is_cached_on_disk_and_reused(default_task, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    spec, raw = default_task
-    tok = make_tokenizer(train_texts(raw, spec), family="encoder")
-    kwargs = dict(max_length=16, cache_dir=tmp_path, family="encoder")
-    first = tokenize_task(raw, spec, tok, **kwargs)  # type: ignore[arg-type]
-    (entry,) = (tmp_path / "data").iterdir()
-    assert all(Path(f["filename"]).is_relative_to(entry) for ds in first.values() for f in ds.cache_files)
-
-    def no_map(*args: object, **kw: object) -> None:
-        raise AssertionError("re-tokenised although the cache holds this data")
-
-    _, same_rows = load_raw_task(TaskConfig(train_size=300, eval_size=50))  # a fresh load of the same rows
-    monkeypatch.setattr(datasets.Dataset, "map", no_map)
-    second = tokenize_task(same_rows, spec, tok, **kwargs)  # type: ignore[arg-type]
-    assert second["train"][:] == first["train"][:] and second["validation"][:] == first["validation"][:]
-    monkeypatch.undo()
-    tokenize_task(raw, spec, tok, **{**kwargs, "max_length": 12})  # type: ignore[arg-type]
-    tokenize_task(raw.map(lambda r: {"label": 1 - r["label"]}), spec, tok, **kwargs)  # type: ignore[arg-type]
-    assert len(list((tmp_path / "data").iterdir())) == 3
-
-
-# --- collation ----------------------------------------------------------------------------------------
-def test_collate_pads_ids_masks_and_token_labels() -> None:
-    rows = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
-            {"input_ids": [8], "attention_mask": [1], "labels": [8]}]
-    batch = functools.partial(collate, pad_id=3)(rows)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    assert all(t.dtype == torch.long for t in batch.values())
-
-
-def test_collate_stacks_class_ids_and_scores() -> None:
-    rows = [{"input_ids": [1, 2], "attention_mask": [1, 1], "labels": y} for y in (1, 0)]
-    assert collate(rows)["labels"].dtype == torch.long and collate(rows)["input_ids"].tolist() == [[1, 2]] * 2
-    scores = collate([{**rows[0], "labels": 3.5}, {**rows[1], "labels": 1.0}])["labels"]
-    assert scores.dtype == torch.float32 and scores.tolist() == [3.5, 1.0]
 
 
 # --- real data ----------------------------------------------------------------------------------------

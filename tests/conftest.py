@@ -1,0 +1,24 @@
+"""Fixtures shared by the data and encoding tests."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+
+from kdsearch.config import TaskConfig
+from kdsearch.data import load_raw_task
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No hub access, whatever the environment says: a hub name must resolve to a local copy or fail."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+        monkeypatch.setattr(datasets.config, name, True)
+    datasets.disable_progress_bars()
+
+
+@pytest.fixture(scope="module")
+def default_task():
+    datasets.disable_progress_bars()
+    return load_raw_task(TaskConfig(train_size=300, eval_size=50))

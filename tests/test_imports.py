@@ -1,0 +1,48 @@
+"""Dependencies flow one way: the distillation core imports no Ray, Optuna or MLflow, and each framework is
+imported only by the modules that own it."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "kdsearch"
+FRAMEWORKS = ("ray", "optuna", "mlflow")
+# Who may import each framework (module paths relative to kdsearch/, any depth of `tracking/`).
+OWNERS = {
+    "ray": {"train", "tune", "tune_callbacks", "export"},  # Ray Train: train; Ray Tune: the search driver
+    "optuna": {"tune", "space_model", "leaderboard"},  # the sampler; define-by-run types; param importance
+    "mlflow": {"tracking"},
+}
+CORE = ["config", "registry", "losses", "layer_maps", "ted", "units", "bridges", "step", "loop", "models", "tasks",
+        "data", "encoding", "metrics", "evaluation", "cache", "prepare", "validate", "sizing", "spaces",
+        "space_model", "search"]
+
+
+def _imported_frameworks(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+        found |= {n.split(".")[0] for n in names if n.split(".")[0] in FRAMEWORKS}
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_each_framework_is_imported_only_by_its_owners(path: Path) -> None:
+    module = path.relative_to(PACKAGE).with_suffix("").parts
+    for framework in _imported_frameworks(path):
+        assert module[0] in OWNERS[framework], f"kdsearch/{'/'.join(module)}.py imports {framework}"
+
+
+def test_the_core_loads_without_any_framework() -> None:
+    code = ("import importlib, json, sys\n"
+            f"for name in {CORE!r}: importlib.import_module('kdsearch.' + name)\n"
+            f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
