@@ -7,6 +7,8 @@ compute exact metrics over the whole split (no padded duplicates). Plain PyTorch
 from __future__ import annotations
 
 import functools
+import statistics
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -63,3 +65,28 @@ def evaluate(model: torch.nn.Module, dataset: Any, *, spec: TaskSpec, batch_size
     out = {f"eval_{k}": float(v) for k, v in metrics.items()}
     out["eval_loss"] = sum(s for _, _, s, _ in parts) / max(sum(c for _, _, _, c in parts), 1)
     return out
+
+
+@torch.no_grad()
+def forward_latency_ms(model: torch.nn.Module, dataset: Any, *, rows: int, pad_id: int, device: torch.device,
+                       repeats: int = 10) -> float:
+    """Median milliseconds of one forward pass over the first `rows` evaluation rows (one padded batch).
+
+    The student's measured inference latency, which a multi-objective search can minimise; on a GPU the
+    clock stops only when the kernels are done. Two untimed passes first (allocator, kernel selection).
+    """
+    model.eval()
+    first = dataset.select(range(min(rows, len(dataset))))
+    batch = next(iter(make_loader(first, batch_size=rows, shuffle=False, seed=0, pad_id=pad_id)))
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+    times = []
+    for k in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        model(**inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if k >= 2:
+            times.append(time.perf_counter() - began)
+    return 1e3 * statistics.median(times)

@@ -22,7 +22,7 @@ from torch import nn
 from . import models
 from .bridges import BRIDGES, BridgeInputs, resolve_bridge
 from .config import Config
-from .evaluation import evaluate, make_loader
+from .evaluation import evaluate, forward_latency_ms, make_loader
 from .layer_maps import map_layers
 from .losses import describe
 from .metrics import metric_names
@@ -48,13 +48,16 @@ class WorkerContext:
     log: Callable[[str], None] = print
 
 
+LATENCY_ROWS = 32  # student_latency_ms: one forward pass over this many evaluation rows
+
+
 def reported_metrics(spec: TaskSpec) -> tuple[str, ...]:
     """The metrics every epoch's report carries, whatever the strategy: what a search may rank and stop on.
 
     (`train_<term>` exist only for the loss terms with a weight > 0, so they vary between trials.)
     """
     return ("epoch", "train_loss", "epoch_time_s", *(f"eval_{name}" for name in metric_names(spec)), "eval_loss",
-            "student_params", "teacher_score")
+            "student_params", "student_latency_ms", "teacher_score")
 
 
 def build_distiller(cfg: Config, prepared: Prepared, device: torch.device) -> tuple[nn.Module, Distiller]:
@@ -115,6 +118,9 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
     if ctx.rank == 0:
         ctx.log(f"{describe(loss_weights(cfg.distill))}; student {models.count_parameters(distiller.student):,} "
                 f"params; resuming after epoch {start}" if start else describe(loss_weights(cfg.distill)))
+    # Measured once, before training: the architecture sets it, not the weights.
+    latency = forward_latency_ms(distiller.student, prepared.data["validation"], rows=LATENCY_ROWS,
+                                 pad_id=prepared.pad_id, device=ctx.device)
     metrics: dict[str, Any] = {}
     for epoch in range(start, cfg.train.epochs):
         pairs = layer_pairs(cfg, prepared, epoch=epoch)
@@ -125,7 +131,7 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
                    **evaluate(distiller.student, prepared.data["validation"], spec=prepared.spec,
                               batch_size=max(cfg.train.batch_size, 64), pad_id=prepared.pad_id, device=ctx.device,
                               rank=ctx.rank, world_size=ctx.world_size, gather=ctx.gather),
-                   "student_params": models.count_parameters(distiller.student),
+                   "student_params": models.count_parameters(distiller.student), "student_latency_ms": latency,
                    "teacher_score": prepared.teacher_metrics.get("eval_score", float("nan"))}
         if ctx.rank == 0:
             ctx.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))

@@ -20,7 +20,7 @@ from .layer_maps import map_layers
 from .models import depth_width, resolve_teacher, teacher_config
 from .tracking import SAMPLED_TAG, SEARCHED_TAG, SearchTracker
 
-_LOGGED = ("epoch", "student_params", "teacher_score", "epoch_time_s", "time_total_s")
+_LOGGED = ("epoch", "student_params", "student_latency_ms", "teacher_score", "epoch_time_s", "time_total_s")
 
 
 def trial_metrics(result: dict[str, Any]) -> dict[str, float]:

@@ -51,6 +51,7 @@ def test_loop_reports_each_epoch_and_resumes_from_a_checkpoint(cache: Path, tmp_
     assert [m["epoch"] for m in full] == [1, 2]
     assert all(0 <= m["eval_score"] <= 1 and m["student_params"] > 0 for m in full)
     assert all(set(reported_metrics(prepare(cfg).spec)) <= set(m) for m in full)  # what searches may rank on
+    assert full[0]["student_latency_ms"] > 0
     assert json.loads((tmp_path / "epoch1" / "state.json").read_text()) == {"epoch": 1}
     resumed = _run(cfg, checkpoint=tmp_path / "epoch1")
     assert [m["epoch"] for m in resumed] == [2]  # only the unfinished epoch runs
