@@ -130,8 +130,8 @@ def _read_file(path: Path, where: str, cache_dir: str | None, spec: TaskSpec) ->
     builder = {".tsv": "csv", ".csv": "csv", ".jsonl": "json", ".parquet": "parquet"}[path.suffix]
     # quoting=3 (QUOTE_NONE): GLUE TSVs contain bare quote characters inside sentences.
     extra: dict[str, Any] = {"delimiter": "\t", "quoting": 3} if path.suffix == ".tsv" else {}
-    if builder == "csv" and _headerless(_header(path, where), spec):
-        extra["column_names"] = _hub_columns(_header(path, where), spec)
+    if builder == "csv" and _headerless(header := _header(path, where), spec):
+        extra["column_names"] = _hub_columns(header, spec)
     try:
         return load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir, **extra)
     except Exception as err:  # datasets wraps parser errors in DatasetGenerationError

@@ -42,13 +42,15 @@ def model_card(cfg: Any, metrics: dict[str, Any], *, search: str, trial_id: str,
     flat = flatten(cfg)
     strategy = {k: v for k, v in flat.items() if k.startswith(("distill.", "ted.", "units.", "student."))}
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in strategy.items())
+    latency = (f"\n- latency: {metrics['student_latency_ms']:.2f} ms per forward pass over 32 evaluation rows "
+               "(measured during the search, on its device)" if "student_latency_ms" in metrics else "")
     return f"""# kdsearch student ({search}, trial {trial_id})
 
-Distilled by [kdsearch](https://github.com/) from teacher `{cfg.teacher}` on task `{cfg.task.name}`
+Distilled by kdsearch from teacher `{cfg.teacher}` on task `{cfg.task.name}`
 (data: `{cfg.task.data_dir or cfg.task.hub or 'embedded'}`, train subsample: {cfg.task.train_size or 'all'}).
 
 - {metric}: **{metrics.get(metric, float('nan')):.4f}** (teacher: {metrics.get('teacher_score', float('nan')):.4f})
-- parameters: {int(metrics.get('student_params', 0)):,}
+- parameters: {int(metrics.get('student_params', 0)):,}{latency}
 - epochs trained: {metrics.get('epoch')}
 
 Load it with `transformers.AutoModelForSequenceClassification.from_pretrained(<this folder>)` (encoders) or

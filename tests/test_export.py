@@ -38,3 +38,7 @@ def test_model_card_names_the_strategy_metric_and_teacher() -> None:
                       search="s", trial_id="t1", metric="eval_score")
     assert "**0.8125**" in card and "teacher `tiny-bert`" in card and "1,234" in card
     assert "| `distill.bridge` | `ted` |" in card and "| `distill.layer_map` | `reverse` |" in card
+    assert "latency" not in card  # not measured: no line, rather than nan
+    timed = model_card(cfg, {"eval_score": 0.8, "student_latency_ms": 3.25}, search="s", trial_id="t1",
+                       metric="eval_score")
+    assert "- latency: 3.25 ms" in timed
