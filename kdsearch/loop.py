@@ -172,7 +172,7 @@ def _train_epoch(model: nn.Module, teacher: nn.Module, loader: Any, opt: torch.o
         loss = terms["loss"]
         finite &= torch.isfinite(loss.detach())
         if (step + 1) % _CHECK_EVERY == 0 or step + 1 == steps:
-            if not finite.item():  # before this step's update: the checkpointed weights stay finite
+            if not finite.item():  # every epoch ends on a check: no checkpoint holds weights a nan updated
                 raise FloatingPointError(f"the loss became nan or inf at epoch {epoch + 1}, steps {checked + 1}-"
                                          f"{step + 1}: lower train.lr or the loss weights")
             checked = step + 1
