@@ -42,7 +42,7 @@ class Objective(NamedTuple):
 
 
 def parse_objectives(text: str) -> list[Objective]:
-    """`"eval_score:max,student_params:min"` -> objectives; the first one ranks the table."""
+    """`"eval_score:max,student_params:min"` -> objectives; the first ranks the table, the next break its ties."""
     out = []
     for item in filter(None, (part.strip() for part in text.strip("[]").split(","))):
         name, _, mode = item.partition(":")
@@ -90,12 +90,20 @@ def _score(row: Mapping[str, Any], key: str) -> float:
     return number
 
 
-def rank_rows(rows: Sequence[Mapping[str, Any]], metric: str, mode: Literal["max", "min"]) -> list[Row]:
+def rank_rows(rows: Sequence[Mapping[str, Any]], metric: str, mode: Literal["max", "min"], *,
+              then: Sequence[tuple[str, str]] = ()) -> list[Row]:
     """Copies of `rows`, best first, with `rank` 1..k; then failed trials and rows without the metric, in
-    input order, with rank None. Ties keep the input (trial start) order."""
-    sign = -1.0 if mode == "max" else 1.0
+    input order, with rank None. Ties on `metric` go to the better value of each `then` objective in turn (a
+    row without it last), then keep the input (trial start) order."""
+    order = [(metric, mode), *then]
+
+    def key(row: Row) -> tuple[float, ...]:
+        numbers = [value(row, name) for name, _ in order]
+        return tuple(math.inf if x is None else -x if m == "max" else x
+                     for x, (_, m) in zip(numbers, order, strict=True))
+
     good = [dict(r) for r in rows if _rankable(r, [metric])]
-    good.sort(key=lambda r: sign * _score(r, metric))
+    good.sort(key=key)
     rest = [dict(r, rank=None) for r in rows if not _rankable(r, [metric])]
     return [dict(r, rank=i) for i, r in enumerate(good, 1)] + rest
 
@@ -330,12 +338,14 @@ class Ranking(NamedTuple):
 
 def search_ranking(*, uri: str, experiment: str, search: str | None,
                    objectives: list[Objective] | None = None) -> Ranking:
-    """A search's trials ranked by its first objective, as the leaderboard shows them (and the export picks)."""
+    """A search's trials ranked by its first objective (ties: the later ones), as the leaderboard shows them
+    and the export picks."""
     parent = find_search(uri=uri, experiment=experiment, search=search)
     trials = list_trials(uri=uri, experiment=experiment, search_run_id=parent.run_id)
     rows = trial_rows(trials, searched=parent.tags.get(SEARCHED_TAG, "").split(","))
     objectives = objectives or search_objectives(parent)
-    return Ranking(parent, objectives, rank_rows(rows, *objectives[0]), sorted({k for t in trials for k in t.params}))
+    ranked = rank_rows(rows, *objectives[0], then=objectives[1:])
+    return Ranking(parent, objectives, ranked, sorted({k for t in trials for k in t.params}))
 
 
 def build_leaderboard(*, uri: str = DEFAULT_URI, experiment: str = DEFAULT_EXPERIMENT,

@@ -105,9 +105,11 @@ def seeded_rows(*, uri: str, experiment: str, search: str) -> tuple[dict[str, An
     parent = find_search(uri=uri, experiment=experiment, search=search)
     base = _search_base(parent)
     space = _as_searched(spaces.load_space(parent.tags.get("kdsearch.space", "")), parent, base)
-    metric, mode = search_objectives(parent)[0]
+    objectives = search_objectives(parent)
+    metric = objectives[0].name
     ranked = [r for r in rank_rows(trial_rows(list_trials(uri=uri, experiment=experiment,
-                                                           search_run_id=parent.run_id)), metric, mode)
+                                                           search_run_id=parent.run_id)),
+                                   *objectives[0], then=objectives[1:])
               if r.get("rank") and r.get("status") == "FINISHED"]
     if not ranked:
         raise ConfigError(f"search={search}: no finished trial with a {metric} to take the best from")

@@ -49,6 +49,14 @@ def test_rank_rows_max_and_min() -> None:
     assert "rank" not in rows[0]  # inputs untouched
 
 
+def test_ties_on_the_first_objective_go_to_the_better_later_ones() -> None:
+    rows: list[dict[str, Any]] = [{"trial": "slow", "m": 0.5, "ms": 9.0}, {"trial": "none", "m": 0.5},
+                                  {"trial": "fast", "m": 0.5, "ms": 2.0}, {"trial": "best", "m": 0.6, "ms": 5.0}]
+    ranked = rank_rows(rows, "m", "max", then=[("ms", "min")])
+    assert [r["trial"] for r in ranked] == ["best", "fast", "slow", "none"]
+    assert [r["trial"] for r in rank_rows(rows, "m", "max")] == ["best", "slow", "none", "fast"]
+
+
 def test_pareto_front_hand_example() -> None:
     rows: list[dict[str, Any]] = [
         {"acc": 0.9, "size": 100},  # 0 front
