@@ -7,6 +7,7 @@ local head. Trials are tiny: 256 rows, 4 steps per epoch.
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import socket
@@ -86,6 +87,23 @@ def test_search_logs_every_trial_stops_bad_ones_early_and_survives_a_failing_tri
     board = tmp_path / "results" / "s1" / "leaderboard"
     assert (board / "leaderboard.csv").exists() and (board / "leaderboard.md").exists()
     assert "1e-07" in (board / "leaderboard.csv").read_text().splitlines()[1]  # the rank-1 row: the good lr
+
+
+@pytest.mark.slow
+def test_a_multi_objective_search_ranks_on_its_pareto_front(tmp_path: Path) -> None:
+    args = [*_args(tmp_path, 3, "mo"), "objectives=[eval_loss:min,student_latency_ms:min]"]
+    proc = subprocess.run([sys.executable, "-m", "kdsearch.tune", *args], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent = find_search(uri=uri, experiment="kdsearch", search="mo")
+    assert parent.tags["kdsearch.objectives"] == "eval_loss:min,student_latency_ms:min"
+    trials = list_trials(uri=uri, experiment="kdsearch", search_run_id=parent.run_id)
+    assert len(trials) == 3 and all(t.metrics["student_latency_ms"] > 0 for t in trials)
+    with (tmp_path / "results" / "mo" / "leaderboard" / "leaderboard.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["rank"] for r in rows] == ["1", "2", "3"]
+    assert rows[0]["pareto"] == "*"  # best on the first objective, ties to the second: never dominated
 
 
 def _wait_for(predicate, timeout: float) -> None:
