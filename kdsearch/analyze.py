@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import models
 from .config import Config, ConfigError, load_config, with_absolute_paths
+from .console import quiet_libraries
 from .evaluation import make_loader
 from .prepare import Prepared, load_teacher, make_student, prepare
 from .report import commit, hardware
@@ -230,6 +231,7 @@ def run_angles(args: AngleArgs, cfg: Config, argv: Sequence[str] = ()) -> tuple[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_libraries()
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         args, cfg = parse_args(argv)

@@ -92,7 +92,7 @@ def export_best(results: Any, *, settings: SearchSettings, space: space_model.Sp
     print(text)
     tracker.end_search(summary={"best_trial": trial_id, f"best_{metric}": best.metrics[metric],
                                 "failed_trials": failed, "trials": len(list(results))})
-    params = ", ".join(f"{k}={v}" for k, v in best.config.items())
+    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.config.items())
     print(f"[kdsearch.tune] best trial {trial_id}: {metric}={best.metrics[metric]:.4f} ({params}); "
           f"{failed} trial(s) failed; leaderboard in {board}")
     print(f"best student saved to {out}")

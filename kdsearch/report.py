@@ -25,6 +25,7 @@ from typing import Any
 
 from . import models, space_model
 from .config import ConfigError, build_config, parse_overrides
+from .console import quiet_libraries
 from .search import SearchSettings, check_search, code_version
 from .studies import STUDIES, Study, grid_space, make_study, row_of, seeded_rows, unique
 from .tracking import (
@@ -263,6 +264,7 @@ def run_report(args: dict[str, Any], argv: Sequence[str]) -> tuple[Path, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_libraries()
     try:
         args = parse_args(argv)
         out, run_id = run_report(args, argv)

@@ -21,6 +21,7 @@ from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from .config import Config, ConfigError, load_config, with_absolute_paths
+from .console import quiet_libraries
 from .loop import WorkerContext, export_student, run_distillation
 from .prepare import Prepared, prepare
 from .step import leaves_parameters_unused
@@ -48,6 +49,7 @@ def _report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point on each worker: the shared loop with Ray's hooks."""
+    quiet_libraries()
     context = ray.train.get_context()
     checkpoint = ray.train.get_checkpoint()
     rank = context.get_world_rank()
@@ -102,6 +104,7 @@ def init_ray(**kwargs: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(sys.argv[1:] if argv is None else argv)
+    quiet_libraries()
     try:
         cfg = with_absolute_paths(load_config(overrides))
         validate(cfg)

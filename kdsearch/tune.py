@@ -24,6 +24,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from . import sizing, space_model
 from .config import ConfigError
+from .console import quiet_libraries
 from .export import export_best
 from .loop import WorkerContext, run_distillation
 from .prepare import prepare
@@ -47,6 +48,7 @@ def _tune_report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
 
 def run_trial(params: dict[str, Any], *, space: space_model.Space, search: str, storage: str) -> None:
     """One trial: the space's base + this trial's params, validated, prepared (cached), then trained."""
+    quiet_libraries()
     cfg = space_model.trial_config(space, params)
     validate(cfg)
     prepared = prepare(cfg)
@@ -112,6 +114,7 @@ def _storage(settings: SearchSettings, space: space_model.Space) -> str:
 
 
 def _search_alg(settings: SearchSettings, space: space_model.Space, objectives: list[tuple[str, str]]) -> OptunaSearch:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" each search
     with warnings.catch_warnings():  # group=True is chosen on purpose (conditional params): no warning each run
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=True,
@@ -192,6 +195,7 @@ def run_search(settings: SearchSettings, space: space_model.Space) -> tune.Resul
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     try:
         settings, space = parse_search_args(list(sys.argv[1:] if argv is None else argv))
         check_search(settings, space)

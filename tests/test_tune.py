@@ -66,6 +66,9 @@ def test_search_logs_every_trial_stops_bad_ones_early_and_survives_a_failing_tri
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     last = proc.stdout.strip().splitlines()[-1]
     best_dir = tmp_path / "results" / "s1" / "best_student"
+    console = proc.stdout + proc.stderr  # the trial table is not buried under library progress lines
+    assert "[kdsearch.tune] best trial" in console
+    assert not [m for m in ("it/s]", "examples/s]", "Checkpoint successfully created") if m in console]
     assert last == f"best student saved to {best_dir}"
     assert (best_dir / "config.json").exists() and "eval_loss" in (best_dir / "README.md").read_text()
 

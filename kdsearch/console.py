@@ -1,0 +1,27 @@
+"""Keeps the console to kdsearch's own lines: library progress bars and per-checkpoint INFO lines off.
+
+A search prints a compact trial table; with two trials at a time, every trial's "Loading weights" bar and every
+"Checkpoint successfully created" line would bury it. Called by each command and in each trial or Train worker
+process (idempotent, cheap). Errors and warnings still come through.
+"""
+
+from __future__ import annotations
+
+import logging
+
+_CHATTY_LOGGERS = (
+    "ray.train._internal.storage",  # a Tune function trial's report with a checkpoint
+    "ray.train.v2._internal.execution.storage",  # a Ray Train worker's report with a checkpoint
+)
+
+
+def quiet_libraries() -> None:
+    import datasets
+    import huggingface_hub.utils
+    import transformers
+
+    datasets.disable_progress_bars()  # Map, Saving the dataset
+    transformers.utils.logging.disable_progress_bar()  # Loading weights, Writing model shards
+    huggingface_hub.utils.disable_progress_bars()  # downloads
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
