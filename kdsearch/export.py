@@ -11,9 +11,10 @@ from typing import Any
 
 from . import space_model
 from .config import flatten
-from .leaderboard import Objective, build_leaderboard, search_ranking
+from .leaderboard import build_leaderboard, search_ranking
 from .loop import export_student
 from .prepare import prepare
+from .ranking import Objective
 from .search import SearchSettings, code_version
 from .tracking import SearchTracker
 

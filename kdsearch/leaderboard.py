@@ -1,8 +1,8 @@
 """Leaderboard of one search: ranked table, Pareto front and plots, logged to the search's parent run.
 
 `python -m kdsearch.leaderboard [search=<name or run id>] [tracking.uri=...] [experiment=kdsearch] [top=20]
-[out=<dir>] [objectives=eval_score:max,student_params:min]`. Ranking, Pareto front and importance are pure
-functions over plain row dicts; MLflow is reached only through kdsearch.tracking. Must not import ray.
+[out=<dir>] [objectives=eval_score:max,student_params:min]`. Trials become plain rows here (the ranking, the
+importance and the plots work on those); MLflow is reached only through kdsearch.tracking. Must not import ray.
 """
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ import csv
 import difflib
 import html
 import io
-import math
 import re
 import sys
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 from kdsearch.config import ConfigError, config_keys
+from kdsearch.plots import plot_all
+from kdsearch.ranking import Objective, Row, pareto_front, parse_objectives, rank_rows, value
 from kdsearch.tracking import (
     DEFAULT_EXPERIMENT,
     DEFAULT_URI,
@@ -30,28 +31,9 @@ from kdsearch.tracking import (
     log_run_artifacts,
 )
 
-Row = dict[str, Any]
 # Params that differ per trial without being a strategy choice: never leaderboard columns.
 _BOOKKEEPING = ("output_dir", "storage_path", "cache_dir", "resources.")
 _CLI_KEYS = ("search", "tracking.uri", "experiment", "top", "out", "objectives")
-
-
-class Objective(NamedTuple):
-    name: str
-    mode: Literal["max", "min"]
-
-
-def parse_objectives(text: str) -> list[Objective]:
-    """`"eval_score:max,student_params:min"` -> objectives; the first ranks the table, the next break its ties."""
-    out = []
-    for item in filter(None, (part.strip() for part in text.strip("[]").split(","))):
-        name, _, mode = item.partition(":")
-        if mode not in ("max", "min") or not name:
-            raise ConfigError(f"objectives={text}: write each objective as <metric>:max or <metric>:min")
-        out.append(Objective(name, "max" if mode == "max" else "min"))
-    if not out:
-        raise ConfigError(f"objectives={text}: name at least one <metric>:max|min")
-    return out
 
 
 def search_objectives(search: RunRecord) -> list[Objective]:
@@ -63,64 +45,6 @@ def search_objectives(search: RunRecord) -> list[Objective]:
         return parse_objectives(f"{stored['kdsearch.metric']}:{stored.get('kdsearch.mode', 'max')}")
     raise ConfigError(f"search={search.name}: its run stores no kdsearch.metric; "
                       "pass objectives=<metric>:max")
-
-
-def value(row: Mapping[str, Any], key: str) -> float | None:
-    """The row's finite number under `key` (a metric, or a param string that parses), else None."""
-    return _number(row.get(key))
-
-
-def _number(raw: Any) -> float | None:
-    try:
-        number = float(raw)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _rankable(row: Mapping[str, Any], keys: Sequence[str]) -> bool:
-    return row.get("status") != "FAILED" and all(value(row, k) is not None for k in keys)
-
-
-def _score(row: Mapping[str, Any], key: str) -> float:
-    """`value` for a row already known to be `_rankable`."""
-    number = value(row, key)
-    if number is None:
-        raise ValueError(f"row {row.get('trial')} has no finite {key}")
-    return number
-
-
-def rank_rows(rows: Sequence[Mapping[str, Any]], metric: str, mode: Literal["max", "min"], *,
-              then: Sequence[tuple[str, str]] = ()) -> list[Row]:
-    """Copies of `rows`, best first, with `rank` 1..k; then failed trials and rows without the metric, in
-    input order, with rank None. Ties on `metric` go to the better value of each `then` objective in turn (a
-    row without it last), then keep the input (trial start) order."""
-    order = [(metric, mode), *then]
-
-    def key(row: Row) -> tuple[float, ...]:
-        numbers = [value(row, name) for name, _ in order]
-        return tuple(math.inf if x is None else -x if m == "max" else x
-                     for x, (_, m) in zip(numbers, order, strict=True))
-
-    good = [dict(r) for r in rows if _rankable(r, [metric])]
-    good.sort(key=key)
-    rest = [dict(r, rank=None) for r in rows if not _rankable(r, [metric])]
-    return [dict(r, rank=i) for i, r in enumerate(good, 1)] + rest
-
-
-def pareto_front(rows: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]]) -> set[int]:
-    """Indices of the non-dominated rows. Row a dominates b when it is no worse on every objective and better
-    on one; failed rows and rows missing an objective are never on the front. Equal rows share the front."""
-    names = [name for name, _ in objectives]
-    signs = [1.0 if mode == "max" else -1.0 for _, mode in objectives]
-    points = {i: [s * _score(r, n) for n, s in zip(names, signs, strict=True)]
-              for i, r in enumerate(rows) if _rankable(r, names)}
-
-    def dominates(a: list[float], b: list[float]) -> bool:
-        pairs = list(zip(a, b, strict=True))
-        return all(x >= y for x, y in pairs) and any(x > y for x, y in pairs)
-
-    return {i for i, p in points.items() if not any(dominates(q, p) for j, q in points.items() if j != i)}
 
 
 def trial_rows(trials: Sequence[RunRecord], searched: Collection[str] = ()) -> list[Row]:
@@ -205,128 +129,6 @@ def write_tables(columns: Sequence[str], cells: Sequence[Sequence[str]], out: Pa
     for path, text in zip(paths, [buffer.getvalue(), "\n".join(md) + "\n", page], strict=True):
         path.write_text(text)
     return paths
-
-
-def variance_importance(rows: Sequence[Mapping[str, Any]], params: Sequence[str],
-                        metric: str) -> dict[str, float]:
-    """Share of the metric's variance explained by each param's groups (correlation ratio eta^2), normalised
-    to sum 1. Numeric params with more than 4 values are cut into 4 quantile bins. The fallback when Optuna's
-    fANOVA cannot run (too few trials, no sklearn)."""
-    ys = [(r, _score(r, metric)) for r in rows if _rankable(r, [metric])]
-    mean = sum(y for _, y in ys) / max(len(ys), 1)
-    total = sum((y - mean) ** 2 for _, y in ys)
-    scores = {}
-    for p in params:
-        numbers = sorted({v for r, _ in ys if (v := value(r, p)) is not None})
-        cuts = [numbers[len(numbers) * q // 4] for q in (1, 2, 3)] if len(numbers) > 4 else []
-        groups: dict[str, list[float]] = {}
-        for r, y in ys:
-            v = value(r, p)
-            key = str(sum(v >= c for c in cuts)) if cuts and v is not None else str(r.get(p))
-            groups.setdefault(key, []).append(y)
-        between = sum(len(g) * (sum(g) / len(g) - mean) ** 2 for g in groups.values())
-        scores[p] = between / total if total > 0 else 0.0
-    norm = sum(scores.values())
-    return {p: s / norm if norm > 0 else 0.0 for p, s in scores.items()}
-
-
-def param_importance(rows: Sequence[Mapping[str, Any]], params: Sequence[str], metric: str,
-                     mode: Literal["max", "min"]) -> dict[str, float]:
-    """Optuna's fANOVA importance over an in-memory study rebuilt from the runs (distributions inferred from
-    the logged values: numeric ranges, else categorical); `variance_importance` if that cannot run."""
-    import optuna
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    done = [r for r in rows if _rankable(r, [metric])]
-    dists: dict[str, Any] = {}
-    for p in params:
-        raw = sorted({str(r.get(p)) for r in done})
-        nums = [n for x in raw if (n := _number(x)) is not None]
-        if len(raw) < 2:
-            continue
-        if len(nums) == len(raw):
-            lo, hi = min(nums), max(nums)
-            ints = all(re.fullmatch(r"-?\d+", x) for x in raw)
-            dists[p] = IntDistribution(int(lo), int(hi)) if ints else FloatDistribution(lo, hi)
-        else:
-            dists[p] = CategoricalDistribution(raw)
-    if len(done) < 2 or not dists:
-        return {}
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    try:
-        study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
-        for r in done:
-            values = {p: _typed(str(r.get(p)), d) for p, d in dists.items()}
-            trial = optuna.trial.create_trial(params=values, distributions=dists, value=_score(r, metric))
-            study.add_trial(trial)
-        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
-    except (ImportError, RuntimeError, ValueError):
-        return variance_importance(rows, list(dists), metric)
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-
-
-def _typed(raw: str, dist: Any) -> Any:
-    kind = type(dist).__name__
-    return int(raw) if kind == "IntDistribution" else float(raw) if kind == "FloatDistribution" else raw
-
-
-def plot_all(ranked: Sequence[Mapping[str, Any]], objectives: Sequence[Objective], params: Sequence[str],
-             front: set[int] | None, out: Path) -> list[Path]:
-    """optimisation_history.png, param_importance.png and (two objectives) pareto_front.png under `out`."""
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")  # no display on cluster heads; must precede pyplot
-    import matplotlib.pyplot as plt
-
-    metric, mode = objectives[0]
-    paths = []
-    order = sorted((r for r in ranked if r.get("rank")), key=lambda r: r.get("start_ms", 0))
-    if order:
-        ys = [_score(r, metric) for r in order]
-        best = [max(ys[:i + 1]) if mode == "max" else min(ys[:i + 1]) for i in range(len(ys))]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(range(1, len(ys) + 1), ys, "o", alpha=0.6, label="trial")
-        ax.step(range(1, len(ys) + 1), best, where="post", color="C3", label=f"best so far ({mode})")
-        ax.set(xlabel="trial (start order)", ylabel=metric, title="Optimisation history")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.legend()
-        paths.append(_save(fig, out / "optimisation_history.png"))
-    importance = param_importance(ranked, params, metric, mode)
-    if importance:
-        names = sorted(importance, key=lambda n: importance[n])
-        fig, ax = plt.subplots(figsize=(6, 1 + 0.4 * len(names)))
-        ax.barh(names, [importance[n] for n in names])
-        ax.set(xlabel=f"importance for {metric}", title="Parameter importance")
-        paths.append(_save(fig, out / "param_importance.png"))
-    if front is not None and len(objectives) == 2:
-        (xn, _), (yn, _) = objectives
-        pts = [(_score(r, xn), _score(r, yn), i in front)
-               for i, r in enumerate(ranked) if _rankable(r, [xn, yn])]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=["C3" if p[2] else "C0" for p in pts])
-        edge = sorted((p[0], p[1]) for p in pts if p[2])
-        ax.plot([p[0] for p in edge], [p[1] for p in edge], "C3--", label="Pareto front")
-        for i in sorted(front):
-            ax.annotate(str(ranked[i]["trial"]), (_score(ranked[i], xn), _score(ranked[i], yn)), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")
-        ax.set(xlabel=f"{xn} ({objectives[0].mode})", ylabel=f"{yn} ({objectives[1].mode})",
-               title="Pareto front")
-        ax.legend()
-        paths.append(_save(fig, out / "pareto_front.png"))
-    return paths
-
-
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 class Ranking(NamedTuple):

@@ -18,8 +18,8 @@ import yaml
 
 from . import space_model, spaces
 from .config import ConfigError, flatten, parse_overrides
-from .leaderboard import parse_objectives
 from .loop import reported_metrics
+from .ranking import parse_objectives
 from .tracking import DEFAULT_EXPERIMENT, DEFAULT_URI, check_tracking_uri
 from .validate import validate
 

@@ -14,7 +14,8 @@ import yaml
 
 from . import space_model, spaces
 from .config import ConfigError, build_config, flatten, merge, unflatten
-from .leaderboard import rank_rows, search_objectives, trial_rows
+from .leaderboard import search_objectives, trial_rows
+from .ranking import rank_rows
 from .search import absolute_paths
 from .tracking import SEARCHED_TAG, RunRecord, find_search, format_param, list_trials
 

@@ -16,12 +16,12 @@ FRAMEWORKS = ("ray", "optuna", "mlflow")
 # Who may import each framework (module paths relative to kdsearch/, any depth of `tracking/`).
 OWNERS = {
     "ray": {"train", "tune", "tune_callbacks", "export"},  # Ray Train: train; Ray Tune: the search driver
-    "optuna": {"tune", "space_model", "leaderboard"},  # the sampler; define-by-run types; param importance
+    "optuna": {"tune", "space_model", "importance"},  # the sampler; define-by-run types; param importance
     "mlflow": {"tracking"},
 }
 CORE = ["config", "registry", "losses", "layer_maps", "ted", "units", "bridges", "step", "loop", "models", "tasks",
         "data", "encoding", "metrics", "evaluation", "cache", "prepare", "validate", "sizing", "spaces",
-        "space_model", "search"]
+        "space_model", "search", "ranking"]
 
 
 def _imported_frameworks(path: Path) -> set[str]:

@@ -14,15 +14,9 @@ from typing import Any, Literal  # noqa: E402
 import pytest  # noqa: E402
 
 from kdsearch.config import ConfigError, load_config  # noqa: E402
-from kdsearch.leaderboard import (  # noqa: E402
-    Objective,
-    main,
-    param_importance,
-    pareto_front,
-    parse_objectives,
-    rank_rows,
-    variance_importance,
-)
+from kdsearch.importance import param_importance, variance_importance  # noqa: E402
+from kdsearch.leaderboard import main  # noqa: E402
+from kdsearch.ranking import Objective, pareto_front, parse_objectives, rank_rows  # noqa: E402
 from kdsearch.tracking import SAMPLED_TAG, SEARCHED_TAG, SearchTracker, find_search  # noqa: E402
 
 EXP = "kd-board"
