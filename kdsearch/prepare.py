@@ -154,7 +154,8 @@ def _ted_filters(cfg: Config, prepared: Prepared, pairs: list[tuple[int, int]], 
             filters = build_filters(indices, d_in, d_f, ted)
             acc = train_stage1(model, filters, d_f=d_f, loader=loader, kind=kind, n_out=n_out,
                                epochs=ted.stage1_epochs, lr=ted.stage1_lr, device=device)
-            _log(f"TED stage 1 ({label}): head accuracy per filter {acc}")
+            per_layer = ", ".join(f"h[{k}] {a:.3f}" for k, a in acc.items())
+            _log(f"TED stage 1 ({label}): head accuracy per filtered layer: {per_layer}")
             save_file({k: v.contiguous() for k, v in filters.cpu().state_dict().items()}, out / "filters.safetensors")
             (out / "head_accuracy.json").write_text(json.dumps(acc))
         return build

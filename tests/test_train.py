@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,29 @@ def test_ted_stage1_heads_beat_chance_on_the_default_task(cache: Path) -> None:
     assert Path(prepared.student_filters).exists()
     again = prepare(cfg)  # content-addressed: the second preparation reuses every artifact
     assert again.teacher_filters == prepared.teacher_filters and again.teacher_dir == prepared.teacher_dir
+
+
+@pytest.mark.slow
+def test_ted_continual_pretraining_trains_filters_with_the_language_modelling_objective(cache: Path,
+                                                                                        tmp_path: Path) -> None:
+    # A raw-text corpus (no prompts, no labels) where each word determines the next: a filter keeps what
+    # predicting the next token needs, so its per-token LM head must far beat chance (1 / 12 words).
+    words = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima".split()
+    rng = random.Random(0)
+    for split, rows in (("train", 320), ("validation", 64)):
+        lines = []
+        for _ in range(rows):
+            start, length = rng.randrange(12), rng.randint(6, 12)
+            lines.append(json.dumps({"text": " ".join(words[(start + i) % 12] for i in range(length))}))
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = small(cache, "teacher=tiny-gpt2", "task=text", f"task.data_dir={tmp_path}", "distill.bridge=ted",
+                "finetune.epochs=4", "finetune.lr=3e-3", "train.epochs=1")
+    prepared = prepare(cfg)
+    assert prepared.spec.kind == "causal_lm" and prepared.teacher_metrics["eval_score"] > 0.5
+    accuracy = json.loads((Path(prepared.teacher_filters).parent / "head_accuracy.json").read_text())
+    assert set(accuracy) == {"0", "2", "4"} and accuracy["4"] > 0.5  # next-token accuracy of the LM head
+    reports = _run(cfg)
+    assert reports[-1]["train_hidden"] > 0 and 0 < reports[-1]["eval_token_accuracy"] <= 1
 
 
 @pytest.mark.slow
