@@ -1,6 +1,7 @@
 """Step overhead of every strategy family: the loop's full distillation step against a bare training step.
 
     nice python bench/step_overhead.py [--steps N] [--teacher tiny-bert|minilm] [--threads 1] [--device cpu|cuda]
+                                       [--precision fp32|bf16|fp16]
 
 For each strategy (forward identity, none = logit KD only, all_to_one, projector with a narrower student, ted
 with linear filters, units = Flex-KD) it times, on the same batches and interleaved step by step:
@@ -13,7 +14,8 @@ with linear filters, units = Flex-KD) it times, on the same batches and interlea
   base  teacher forward under no_grad (no hidden states) + plain student forward + task loss + backward +
         AdamW, nothing else: "teacher forward + student forward/backward timed alone"
 
-Each of the three has its own student (same initial weights) and optimiser, so every variant trains normally.
+Each of the three has its own student (same initial weights) and optimiser, so every variant trains normally;
+with --precision bf16/fp16 all three run their forward passes under the same autocast (fp16: a loss scaler too).
 The order of the variants rotates every step so drift (other processes, frequency scaling) hits all alike.
 Reported: median step time per variant after warm-up, kd/base and loop/base (ratios of medians), and the median
 of the per-batch paired ratios kd_i/base_i, which the verdict uses (target: <= 1.10): on a shared machine it
@@ -44,8 +46,9 @@ import transformers  # noqa: E402
 from kdsearch import models  # noqa: E402
 from kdsearch.config import Config, load_config  # noqa: E402
 from kdsearch.evaluation import make_loader  # noqa: E402
-from kdsearch.loop import WorkerContext, _train_epoch, build_distiller, layer_pairs  # noqa: E402
+from kdsearch.loop import Optimiser, WorkerContext, _train_epoch, build_distiller, layer_pairs  # noqa: E402
 from kdsearch.losses import task_loss  # noqa: E402
+from kdsearch.precision import autocast, loss_scaler  # noqa: E402
 from kdsearch.prepare import Prepared, make_student, prepare  # noqa: E402
 from kdsearch.validate import validate  # noqa: E402
 
@@ -75,7 +78,8 @@ def base_config(args: argparse.Namespace) -> list[str]:
     return [f"teacher={args.teacher}", f"student.layers={args.student_layers}", "task.name=default",
             f"task.train_size={args.train_size}", "task.eval_size=128", f"task.max_length={args.max_length}",
             "finetune.epochs=1", "ted.stage1_epochs=1", "units.score_batches=4",
-            f"train.batch_size={args.batch_size}", f"cache_dir={args.cache_dir}"]
+            f"train.batch_size={args.batch_size}", f"cache_dir={args.cache_dir}", f"train.precision={args.precision}",
+            f"resources.gpus_per_trial={1 if args.device.startswith('cuda') else 0}"]
 
 
 def strategy_config(args: argparse.Namespace, name: str) -> Config:
@@ -90,41 +94,52 @@ class Variants:
     """The three step functions of one strategy, each with its own student and optimiser."""
 
     def __init__(self, cfg: Config, prepared: Prepared, device: torch.device, *, fused: bool = False) -> None:
-        self.device, self.fused = device, fused
+        self.device, self.fused, self.precision = device, fused, cfg.train.precision
         self.ctx = WorkerContext(device=device, log=lambda line: None)
         self.teacher, self.distiller = build_distiller(cfg, prepared, device)
         self.pairs = layer_pairs(cfg, prepared, epoch=0)
-        self.opt, self.sched = self._optimiser(self.distiller, cfg)
+        self.optimiser = self._optimiser(self.distiller, cfg)
         plain = replace(cfg, distill=replace(cfg.distill, w_logit=0.0, w_hidden=0.0, layer_map="none",
                                                    bridge="auto"))
         _, self.plain = build_distiller(plain, prepared, device)
-        self.plain_opt, self.plain_sched = self._optimiser(self.plain, cfg)
+        self.plain_optimiser = self._optimiser(self.plain, cfg)
         self.student = make_student(cfg, self.teacher).to(device)
         self.student_opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.train.lr,
                                              weight_decay=cfg.train.weight_decay, fused=fused or None)
+        self.student_scaler = loss_scaler(device, self.precision)
         self.kind = prepared.spec.kind
 
-    def _optimiser(self, module: torch.nn.Module, cfg: Config):
-        # the loop's optimiser and a LambdaLR of the same cost (the schedule's shape does not matter here)
-        opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=cfg.train.lr,
-                                weight_decay=cfg.train.weight_decay, fused=self.fused or None)
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    def _optimiser(self, module: torch.nn.Module, cfg: Config) -> Optimiser:
+        # the loop's Optimiser with a LambdaLR of the same cost (the schedule's shape does not matter here)
+        params = [p for p in module.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                fused=self.fused or None)
+        return Optimiser(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), params,
+                         loss_scaler(self.device, self.precision))
 
     def kd(self, batch: dict[str, torch.Tensor]) -> None:
-        _train_epoch(self.distiller, self.teacher, [batch], self.opt, self.sched, self.pairs, 1, self.ctx, 0)
+        _train_epoch(self.distiller, self.teacher, [batch], self.optimiser, self.pairs, steps=1, ctx=self.ctx,
+                     epoch=0, precision=self.precision)
 
     def loop(self, batch: dict[str, torch.Tensor]) -> None:
-        _train_epoch(self.plain, self.teacher, [batch], self.plain_opt, self.plain_sched, [], 1, self.ctx, 0)
+        _train_epoch(self.plain, self.teacher, [batch], self.plain_optimiser, [], steps=1, ctx=self.ctx, epoch=0,
+                     precision=self.precision)
 
     def base(self, batch: dict[str, torch.Tensor]) -> None:
         self.student.train()
-        with torch.no_grad():
-            self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        with autocast(self.device, self.precision):
+            with torch.no_grad():
+                self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         loss = task_loss(out.logits, batch["labels"], kind=self.kind)
         self.student_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.student_opt.step()
+        if self.student_scaler is None:
+            loss.backward()
+            self.student_opt.step()
+        else:
+            self.student_scaler.scale(loss).backward()
+            self.student_scaler.step(self.student_opt)
+            self.student_scaler.update()
 
 
 def time_variants(variants: Variants, batches: list[dict[str, torch.Tensor]], *, steps: int,
@@ -223,13 +238,13 @@ def breakdown(variants: Variants, batches: list[dict[str, torch.Tensor]], *, ste
         loss = combine(terms, d.weights if use_hidden else {**d.weights, "hidden": 0.0})
         loss.item()
         t = tick(kd_t, "combine + loss.item()", t, rec)
-        v.opt.zero_grad(set_to_none=True)
+        v.optimiser.opt.zero_grad(set_to_none=True)
         loss.backward()
         t = tick(kd_t, "backward", t, rec)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         t = tick(kd_t, "clip_grad_norm_", t, rec)
-        v.opt.step()
-        v.sched.step()
+        v.optimiser.opt.step()
+        v.optimiser.sched.step()
         t = tick(kd_t, "AdamW + scheduler", t, rec)
         for value in terms.values():
             value.item()
@@ -297,7 +312,10 @@ def main() -> int:
                         help="auto: this thread's CPU time on CPU with --threads 1 (time other processes take "
                              "from the core is not counted), else wall time")
     parser.add_argument("--fused-adamw", action="store_true",
-                        help="AdamW(fused=True) in every variant (the loop uses torch's default AdamW)")
+                        help="AdamW(fused=True) in every variant, as in the loop's own optimiser (default: torch's "
+                             "default AdamW in every variant)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="train.precision of every variant (autocast forward passes; fp16 needs a GPU)")
     parser.add_argument("--profile", default=None, help="a strategy to profile with torch.profiler instead")
     parser.add_argument("--breakdown", default=None, help="a strategy whose step to time phase by phase instead")
     args = parser.parse_args()
@@ -343,7 +361,8 @@ def main() -> int:
     print(f"\nteacher={args.teacher} student.layers={args.student_layers} batch={args.batch_size} "
           f"max_length={args.max_length} device={device} threads={torch.get_num_threads()} "
           f"{args.rounds} rounds x {args.steps} steps (+{args.warmup} warm-up) per strategy, "
-          f"AdamW {'fused' if args.fused_adamw else 'default'}, {'thread CPU' if cpu_clock else 'wall'} clock, "
+          f"AdamW {'fused' if args.fused_adamw else 'default'}, {args.precision}, "
+          f"{'thread CPU' if cpu_clock else 'wall'} clock, "
           f"torch {torch.__version__}, load average {load:.1f} on {os.cpu_count()} CPUs")
     print("ms = median step time; kd/base = ratio of medians (median over rounds, min-max over rounds); "
           "paired = median of per-batch kd_i/base_i (the verdict: it cancels drift and other processes' load); "

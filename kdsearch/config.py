@@ -26,6 +26,9 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
 @dataclass(frozen=True)
 class StudentConfig:
     layers: int = 2
@@ -139,6 +142,9 @@ class TrainConfig:
     """Cap on optimiser steps per epoch (smoke runs); None = the whole split."""
     dropout: float | None = None
     """Student dropout (hidden and attention); None keeps the teacher config's."""
+    precision: Precision = "fp32"
+    """Autocast precision of the teacher and student forward passes (training, evaluation, latency): `bf16` on
+    Ampere or later GPUs (no loss scaling), `fp16` with a loss scaler on older GPUs; the loss math stays fp32."""
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"train.epochs={self.epochs}: must be >= 1")

@@ -21,11 +21,12 @@ from torch import nn
 
 from . import models
 from .bridges import BRIDGES, BridgeInputs, resolve_bridge
-from .config import Config
+from .config import Config, Precision
 from .evaluation import evaluate, forward_latency_ms, make_loader
 from .layer_maps import map_layers
 from .losses import describe
 from .metrics import metric_names
+from .precision import autocast, loss_scaler
 from .prepare import Prepared, load_teacher, make_student
 from .step import Distiller, loss_weights, teacher_forward
 from .tasks import TaskSpec
@@ -82,20 +83,70 @@ def layer_pairs(cfg: Config, prepared: Prepared, *, epoch: int) -> list[tuple[in
                       embeddings=cfg.distill.embeddings, seed=cfg.train.seed, epoch=epoch, layers=cfg.distill.layers)
 
 
-def _save_checkpoint(distiller: Distiller, opt: torch.optim.Optimizer, sched: Any, epoch: int, out: Path) -> None:
+@dataclass
+class Optimiser:
+    """AdamW, its schedule and (fp16) the loss scaler: one update per step, one state to checkpoint."""
+
+    opt: torch.optim.Optimizer
+    sched: Any
+    params: list[nn.Parameter]
+    scaler: torch.amp.GradScaler | None = None
+    max_grad_norm: float = 1.0
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if self.scaler is None:
+            self.opt.step()
+        else:
+            self.scaler.step(self.opt)  # skips the update when a gradient overflowed
+            self.scaler.update()
+        self.sched.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+        return state | ({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def make_optimiser(cfg: Config, distiller: Distiller, *, total_steps: int, device: torch.device) -> Optimiser:
+    """AdamW with linear warmup (train.warmup_ratio) and linear decay to 0 over `total_steps`."""
+    params = [p for p in distiller.parameters() if p.requires_grad]
+    # fused: one kernel for all parameters; on small models the per-tensor AdamW ops dominate the step
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
+    warmup = int(cfg.train.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(total_steps - warmup, 1))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return Optimiser(opt, sched, params, loss_scaler(device, cfg.train.precision))
+
+
+def _save_checkpoint(distiller: Distiller, optimiser: Optimiser, epoch: int, out: Path) -> None:
     save_model(distiller, str(out / "distiller.safetensors"))
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, out / "optim.pt")
+    torch.save(optimiser.state_dict(), out / "optim.pt")
     (out / "state.json").write_text(json.dumps({"epoch": epoch}))
 
 
-def _resume(distiller: Distiller, opt: torch.optim.Optimizer, sched: Any, checkpoint: Path | None) -> int:
+def _resume(distiller: Distiller, optimiser: Optimiser, checkpoint: Path | None) -> int:
     """Load the latest checkpoint; returns the number of finished epochs."""
     if checkpoint is None:
         return 0
     load_model(distiller, str(checkpoint / "distiller.safetensors"))
-    state = torch.load(checkpoint / "optim.pt", weights_only=False)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
+    optimiser.load_state_dict(torch.load(checkpoint / "optim.pt", weights_only=False))
     return int(json.loads((checkpoint / "state.json").read_text())["epoch"])
 
 
@@ -104,39 +155,39 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
     torch.manual_seed(cfg.train.seed)
     teacher, distiller = build_distiller(cfg, prepared, ctx.device)
     model = ctx.wrap_model(distiller)
-    params = [p for p in distiller.parameters() if p.requires_grad]
-    # fused: one kernel for all parameters; on small models the per-tensor AdamW ops dominate the step
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
     per_worker = max(1, cfg.train.batch_size // ctx.world_size)  # train.batch_size is the global batch
     loader = ctx.wrap_loader(make_loader(prepared.data["train"], batch_size=per_worker, shuffle=True,
                                          seed=cfg.train.seed, pad_id=prepared.pad_id))
     steps = min(len(loader), cfg.train.max_steps_per_epoch or len(loader))
-    total, warmup = steps * cfg.train.epochs, int(cfg.train.warmup_ratio * steps * cfg.train.epochs)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(warmup, 1) if s < warmup else max(0.0, (total - s) / max(total - warmup, 1)))
-    start = _resume(distiller, opt, sched, ctx.checkpoint)
+    optimiser = make_optimiser(cfg, distiller, total_steps=steps * cfg.train.epochs, device=ctx.device)
+    start = _resume(distiller, optimiser, ctx.checkpoint)
+    precision = cfg.train.precision
     if ctx.rank == 0:
         ctx.log(f"{describe(loss_weights(cfg.distill))}; student {models.count_parameters(distiller.student):,} "
                 f"params; resuming after epoch {start}" if start else describe(loss_weights(cfg.distill)))
     # Measured once, before training: the architecture sets it, not the weights.
-    latency = forward_latency_ms(distiller.student, prepared.data["validation"], rows=LATENCY_ROWS,
-                                 pad_id=prepared.pad_id, device=ctx.device)
+    with autocast(ctx.device, precision):
+        latency = forward_latency_ms(distiller.student, prepared.data["validation"], rows=LATENCY_ROWS,
+                                     pad_id=prepared.pad_id, device=ctx.device)
     metrics: dict[str, Any] = {}
     for epoch in range(start, cfg.train.epochs):
         pairs = layer_pairs(cfg, prepared, epoch=epoch)
         _seed_epoch(loader, cfg.train.seed, epoch)
         began = time.perf_counter()
-        train_terms = _train_epoch(model, teacher, loader, opt, sched, pairs, steps, ctx, epoch)
-        metrics = {"epoch": epoch + 1, **train_terms, "epoch_time_s": time.perf_counter() - began,
-                   **evaluate(distiller.student, prepared.data["validation"], spec=prepared.spec,
+        train_terms = _train_epoch(model, teacher, loader, optimiser, pairs, steps=steps, ctx=ctx, epoch=epoch,
+                                   precision=precision)
+        epoch_time = time.perf_counter() - began
+        with autocast(ctx.device, precision):
+            scores = evaluate(distiller.student, prepared.data["validation"], spec=prepared.spec,
                               batch_size=max(cfg.train.batch_size, 64), pad_id=prepared.pad_id, device=ctx.device,
-                              rank=ctx.rank, world_size=ctx.world_size, gather=ctx.gather),
+                              rank=ctx.rank, world_size=ctx.world_size, gather=ctx.gather)
+        metrics = {"epoch": epoch + 1, **train_terms, "epoch_time_s": epoch_time, **scores,
                    "student_params": models.count_parameters(distiller.student), "student_latency_ms": latency,
                    "teacher_score": prepared.teacher_metrics.get("eval_score", float("nan"))}
         if ctx.rank == 0:
             ctx.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
             with tempfile.TemporaryDirectory() as tmp:
-                _save_checkpoint(distiller, opt, sched, epoch + 1, Path(tmp))
+                _save_checkpoint(distiller, optimiser, epoch + 1, Path(tmp))
                 ctx.report(metrics, Path(tmp))
         else:
             ctx.report(metrics, None)
@@ -158,8 +209,9 @@ def _seed_epoch(loader: Any, seed: int, epoch: int) -> None:
 _CHECK_EVERY = 16
 
 
-def _train_epoch(model: nn.Module, teacher: nn.Module, loader: Any, opt: torch.optim.Optimizer, sched: Any,
-                 pairs: list[tuple[int, int]], steps: int, ctx: WorkerContext, epoch: int) -> dict[str, float]:
+def _train_epoch(model: nn.Module, teacher: nn.Module, loader: Any, optimiser: Optimiser,
+                 pairs: list[tuple[int, int]], *, steps: int, ctx: WorkerContext, epoch: int,
+                 precision: Precision = "fp32") -> dict[str, float]:
     model.train()
     sums: dict[str, torch.Tensor] = {}  # detached running sums: one host sync per epoch, not per step
     finite = torch.ones((), dtype=torch.bool, device=ctx.device)
@@ -168,7 +220,8 @@ def _train_epoch(model: nn.Module, teacher: nn.Module, loader: Any, opt: torch.o
         if step >= steps:
             break
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
-        terms = model(batch, teacher_forward(teacher, batch, hidden=bool(pairs)), pairs)
+        with autocast(ctx.device, precision):
+            terms = model(batch, teacher_forward(teacher, batch, hidden=bool(pairs)), pairs)
         loss = terms["loss"]
         finite &= torch.isfinite(loss.detach())
         if (step + 1) % _CHECK_EVERY == 0 or step + 1 == steps:
@@ -176,11 +229,7 @@ def _train_epoch(model: nn.Module, teacher: nn.Module, loader: Any, opt: torch.o
                 raise FloatingPointError(f"the loss became nan or inf at epoch {epoch + 1}, steps {checked + 1}-"
                                          f"{step + 1}: lower train.lr or the loss weights")
             checked = step + 1
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        opt.step()
-        sched.step()
+        optimiser.step(loss)
         for name, value in terms.items():
             if name != "logits":
                 sums[name] = sums[name] + value.detach() if name in sums else value.detach()

@@ -74,4 +74,6 @@ def validate(cfg: Config) -> TaskSpec:
         raise ConfigError(f"task.name={spec.name} is a regression task (one score per input), which needs an "
                           f"encoder teacher; teacher={cfg.teacher} is a causal LM")
     _check_shapes(cfg, *depth_width(teacher))
+    if cfg.train.precision == "fp16" and not cfg.resources.use_gpu:
+        raise ConfigError("train.precision=fp16 needs a GPU (resources.gpus_per_trial > 0); on CPU use bf16 or fp32")
     return read_by(spec, family_of(teacher))

@@ -14,8 +14,11 @@ import pytest
 import torch
 
 from kdsearch.config import Config, load_config
-from kdsearch.loop import WorkerContext, reported_metrics, run_distillation
+from kdsearch.evaluation import make_loader
+from kdsearch.loop import Optimiser, WorkerContext, build_distiller, layer_pairs, reported_metrics, run_distillation
+from kdsearch.precision import autocast
 from kdsearch.prepare import prepare
+from kdsearch.step import teacher_forward
 
 SMALL = ["task.train_size=256", "task.eval_size=128", "train.epochs=2", "finetune.epochs=2", "train.dropout=0.0",
          "train.batch_size=16", "ted.stage1_epochs=2"]
@@ -67,6 +70,47 @@ def test_a_diverging_run_fails_with_a_clear_error(cache: Path) -> None:
         _run(cfg)
 
 
+def test_fp16_loss_scaling_skips_an_overflowing_step_and_checkpoints_its_scale() -> None:
+    # The Optimiser train.precision=fp16 gets on a GPU; GradScaler("cpu") runs the same code path here.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=0.1, fused=True)
+    optimiser = Optimiser(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), params,
+                          torch.amp.GradScaler("cpu", init_scale=1024.0))
+    optimiser.step(model(torch.randn(8, 4)).pow(2).mean())
+    weights = model.weight.detach().clone()
+    optimiser.step(model(torch.randn(8, 4)).sum() * float("inf"))  # inf gradients: no update, scale halved
+    assert torch.equal(model.weight, weights) and optimiser.scaler.get_scale() == 512.0
+    optimiser.step(model(torch.randn(8, 4)).pow(2).mean())
+    assert not torch.equal(model.weight, weights)
+    state = optimiser.state_dict()
+    fresh = Optimiser(opt, optimiser.sched, params, torch.amp.GradScaler("cpu"))
+    fresh.load_state_dict(state)  # a resumed run keeps the learned scale
+    assert fresh.scaler is not None and fresh.scaler.get_scale() == 512.0
+
+
+@pytest.mark.slow
+def test_bf16_autocast_runs_the_models_in_bf16_and_keeps_the_loss_terms_fp32(cache: Path) -> None:
+    cfg = small(cache, "distill.bridge=ted")
+    prepared = prepare(cfg)
+    teacher, distiller = build_distiller(cfg, prepared, torch.device("cpu"))
+    distiller.eval()  # no dropout: both precisions see the same network
+    batch = next(iter(make_loader(prepared.data["train"], batch_size=16, shuffle=False, seed=0,
+                                  pad_id=prepared.pad_id)))
+    pairs = layer_pairs(cfg, prepared, epoch=0)
+
+    def terms(precision: str) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), autocast(torch.device("cpu"), precision):  # type: ignore[arg-type]
+            return distiller(batch, teacher_forward(teacher, batch, hidden=True), pairs)
+
+    full, half = terms("fp32"), terms("bf16")
+    assert half["logits"].dtype == torch.bfloat16 and full["logits"].dtype == torch.float32
+    for name in ("task", "logit", "hidden", "loss"):
+        assert half[name].dtype == torch.float32, name
+        assert half[name].item() == pytest.approx(full[name].item(), rel=0.05, abs=1e-3), name
+
+
 @pytest.mark.slow
 def test_ted_stage1_heads_beat_chance_on_the_default_task(cache: Path) -> None:
     # The real default teacher (full task, 10 fine-tuning epochs): stage 1 is only meaningful on a teacher
@@ -115,6 +159,7 @@ def test_ted_continual_pretraining_trains_filters_with_the_language_modelling_ob
     ["distill.layer_map=none", "distill.bridge=ted"],  # no pairs: no stage 1 to run
     ["teacher=tiny-gpt2", "distill.distance=token_mse"],  # causal LM: the task read as prompt -> answer
     ["teacher=tiny-qwen", "distill.bridge=ted"],
+    ["distill.bridge=ted", "train.precision=bf16"],  # autocast in training, evaluation and the latency
 ])
 def test_every_strategy_family_trains(cache: Path, strategy: list[str]) -> None:
     reports = _run(small(cache, "train.epochs=1", *strategy))
