@@ -78,6 +78,9 @@ class DistillConfig:
     """Hidden distance registry key (mse, token_mse, ln_mse, cosine, correlation)."""
     hidden_reduce: Literal["sum", "mean"] = "sum"
     """How per-pair hidden terms combine: sum (layer-selection paper) or mean (TED code)."""
+    mask_padding: bool = True
+    """Hidden distances over real tokens only (layer-selection paper); false: every position, padding included,
+    as TED's code computes its MSE."""
     w_task: float = 1.0
     w_logit: float = 1.0
     w_hidden: float = 3.0

@@ -78,7 +78,8 @@ class Distiller(nn.Module):
             terms["logit"] = self._logit_term(out.logits, teacher.logits, batch["labels"])
         if use_hidden:
             assert teacher.hidden is not None
-            terms["hidden"] = self._hidden_term(out.hidden_states, teacher.hidden, batch["attention_mask"], pairs)
+            mask = batch["attention_mask"] if self.cfg.mask_padding else None
+            terms["hidden"] = self._hidden_term(out.hidden_states, teacher.hidden, mask, pairs)
         terms["loss"] = combine(terms, self.weights if use_hidden else {**self.weights, "hidden": 0.0})
         terms["logits"] = out.logits.detach()
         return terms
@@ -92,7 +93,7 @@ class Distiller(nn.Module):
         return logit_kl(student, teacher, temperature=self.cfg.temperature)
 
     def _hidden_term(self, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
-                     mask: torch.Tensor, pairs: Pairs) -> torch.Tensor:
+                     mask: torch.Tensor | None, pairs: Pairs) -> torch.Tensor:
         per_pair = []
         for s, t in pairs:
             with torch.no_grad():

@@ -129,6 +129,29 @@ def test_step_terms_and_their_weighted_sum() -> None:
     assert [n for n, p in student.named_parameters() if p.grad is None] == []
 
 
+def test_hidden_distances_skip_padding_unless_told_to_match_every_position() -> None:
+    teacher, student = _tiny_pair()
+    student.eval()  # no dropout: every forward pass below sees the same network
+    batch = {"input_ids": torch.randint(1, 30, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long),
+             "labels": torch.randint(0, 2, (4,))}
+    batch["attention_mask"][:2, 3:] = 0  # two rows padded after 3 tokens
+    with torch.no_grad():
+        outputs = teacher_forward(teacher, batch, hidden=True)
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    output_hidden_states=True).hidden_states[2]
+        hidden = {}
+        for masked in (True, False):
+            cfg = load_config(["distill.w_logit=0", f"distill.mask_padding={str(masked).lower()}"]).distill
+            distiller = Distiller(student, BRIDGES.get("identity")(inputs("identity", 64)), kind="classification",
+                                  cfg=cfg)
+            hidden[masked] = distiller(batch, outputs, [(2, 4)])["hidden"]
+    assert outputs.hidden is not None
+    per_token = (s - outputs.hidden[4]).pow(2).mean(-1)  # (B, T): element-mean mse per position
+    torch.testing.assert_close(hidden[True], per_token[batch["attention_mask"].bool()].mean())  # real tokens
+    torch.testing.assert_close(hidden[False], per_token.mean())  # TED's code: every position
+    assert not torch.isclose(hidden[True], hidden[False])
+
+
 def test_step_with_the_teacher_as_student_has_zero_distillation_terms() -> None:
     teacher, _ = _tiny_pair()
     cfg = load_config(["distill.w_task=0"]).distill
