@@ -27,6 +27,7 @@ def _require(ok: bool, message: str) -> None:
 
 
 Precision = Literal["fp32", "bf16", "fp16"]
+UnitAggregate = Literal["mean_abs", "abs_mean", "rms"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,10 @@ class UnitsConfig:
     """Relevance: mean |dL/dh| or mean |dL/dh * h| over task tokens."""
     scope: Literal["own", "last"] = "own"
     """Rank units per matched teacher layer, or use the last layer's ranking everywhere."""
+    aggregate: UnitAggregate = "mean_abs"
+    """How per-token relevances become a unit's score over the task data: mean of magnitudes, magnitude of the
+    mean (signed effects cancel: the first-order estimate of the loss change without the unit), or root mean
+    square (Fisher-like). Flex-KD leaves it open."""
     score_batches: int = 8
 
     def __post_init__(self) -> None:

@@ -176,14 +176,14 @@ def _ted_filters(cfg: Config, prepared: Prepared, pairs: list[tuple[int, int]], 
 
 def _unit_scores(cfg: Config, prepared: Prepared, store: Store, device: torch.device) -> str:
     units = cfg.units
-    key = content_key(teacher=prepared.teacher_dir, score=units.score, batches=units.score_batches,
-                      batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+    key = content_key(teacher=prepared.teacher_dir, score=units.score, aggregate=units.aggregate,
+                      batches=units.score_batches, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
 
     def build(out: Path) -> None:
         loader = make_loader(prepared.data["train"], batch_size=cfg.train.batch_size, shuffle=True,
                              seed=cfg.train.seed, pad_id=prepared.pad_id)
         scores = score_units(load_teacher(prepared, device), loader, kind=prepared.spec.kind, method=units.score,
-                             batches=units.score_batches, device=device)
+                             batches=units.score_batches, device=device, aggregate=units.aggregate)
         save_file({"scores": scores}, out / "scores.safetensors")
 
     return str(store.get_or_build("unit_scores", key, build) / "scores.safetensors")

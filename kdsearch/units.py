@@ -1,24 +1,40 @@
 """Flex-KD task-relevance scores of teacher hidden units and top-k unit selection (Saadi & Wang, 2025).
 
-A unit's relevance is the first-order gradient magnitude of the task loss with respect to it, averaged over
-real tokens of the task data (`grad`), or the magnitude of gradient x activation (`grad_x_act`). Scores are
-computed once, for every hidden state of the fine-tuned teacher, and cached by the caller. Plain PyTorch.
+A unit's relevance is the first-order gradient of the task loss with respect to it (`grad`), or gradient x
+activation (`grad_x_act`), aggregated over the real tokens of the task data (`mean_abs`, `abs_mean`, `rms`).
+Scores are computed once, for every hidden state of the fine-tuned teacher, and cached by the caller. Plain
+PyTorch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from .losses import task_loss
-from .tasks import TaskKind
+
+if TYPE_CHECKING:
+    from .config import UnitAggregate
+    from .tasks import TaskKind
+
+
+def _token_sum(g: torch.Tensor, mask: torch.Tensor, aggregate: UnitAggregate) -> torch.Tensor:
+    """(B, T, D) per-token relevances -> (D,) sum over real tokens of what `aggregate` averages."""
+    if aggregate == "mean_abs":
+        g = g.abs()
+    elif aggregate == "rms":
+        g = g.pow(2)
+    return (g * mask).sum(dim=(0, 1))
 
 
 def score_units(teacher: Any, loader: Iterable[dict], *, kind: TaskKind, method: Literal["grad", "grad_x_act"],
-                batches: int, device: torch.device) -> torch.Tensor:
-    """Relevance of every unit of every hidden state: (n_t + 1, d_t), row k = hidden_states[k]."""
+                batches: int, device: torch.device, aggregate: UnitAggregate = "mean_abs") -> torch.Tensor:
+    """Relevance of every unit of every hidden state: (n_t + 1, d_t), row k = hidden_states[k].
+
+    mean_abs = mean |r|, abs_mean = |mean r|, rms = sqrt(mean r^2), over real tokens, r = dL/dh (or dL/dh * h).
+    """
     teacher.eval()
     total: torch.Tensor | None = None
     tokens = 0.0
@@ -37,13 +53,14 @@ def score_units(teacher: Any, loader: Iterable[dict], *, kind: TaskKind, method:
         per_layer = []
         for h in out.hidden_states:
             g = h.grad if method == "grad" else h.grad * h.detach()  # (B, T, D)
-            per_layer.append((g.abs() * mask).sum(dim=(0, 1)))  # (D,)
+            per_layer.append(_token_sum(g, mask, aggregate))  # (D,)
         summed = torch.stack(per_layer)  # (n_t + 1, D)
         total = summed if total is None else total + summed
         tokens += float(mask.sum())
     if total is None:
         raise ValueError("no batches to score units on")
-    return (total / tokens).cpu()
+    mean = total / tokens
+    return (mean.abs() if aggregate == "abs_mean" else mean.sqrt() if aggregate == "rms" else mean).cpu()
 
 
 def select_units(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -84,7 +84,9 @@ def test_select_units_returns_the_asked_number_of_unique_units() -> None:
         assert len(set(chosen.tolist())) == k == len(chosen)
 
 
-def test_flex_scores_find_the_units_that_carry_the_label() -> None:
+@pytest.mark.parametrize("aggregate", ["mean_abs", "abs_mean", "rms"])
+@pytest.mark.parametrize("method", ["grad", "grad_x_act"])
+def test_flex_scores_find_the_units_that_carry_the_label(method: str, aggregate: str) -> None:
     """A BERT whose classifier reads only units {3, 17, 40} of the [CLS] state: those must rank top."""
     config = models.with_task_head(models.teacher_config(models.resolve_teacher("tiny-bert"), vocab_size=30),
                                    task_spec("default"))
@@ -100,8 +102,8 @@ def test_flex_scores_find_the_units_that_carry_the_label() -> None:
     models.freeze(teacher)
     batches = [{"input_ids": torch.randint(1, 30, (8, 6)), "attention_mask": torch.ones(8, 6, dtype=torch.long),
                 "labels": torch.randint(0, 2, (8,))} for _ in range(3)]
-    scores = score_units(teacher, batches, kind="classification", method="grad", batches=3,
-                         device=torch.device("cpu"))
+    scores = score_units(teacher, batches, kind="classification", method=method, batches=3,  # type: ignore[arg-type]
+                         device=torch.device("cpu"), aggregate=aggregate)  # type: ignore[arg-type]
     assert scores.shape == (5, 64)
     assert select_units(scores[-1], 3).tolist() == carrying
 
