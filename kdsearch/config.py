@@ -86,6 +86,9 @@ class DistillConfig:
     w_logit: float = 1.0
     w_hidden: float = 3.0
     temperature: float = 1.0
+    logit_loss: str = "kl"
+    """Logit-KD divergence registry key: kl (Hinton), reverse_kl (MiniLLM), jsd (GKD, beta 1/2), skew_kl
+    (DistiLLM, alpha 0.1); all at temperature T, times T^2."""
 
     def __post_init__(self) -> None:
         for key in ("w_task", "w_logit", "w_hidden"):

@@ -6,6 +6,7 @@ Pure torch: imports nothing from Ray, Optuna, MLflow or transformers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -22,6 +23,11 @@ HiddenDistance = Callable[..., Tensor]
 """`(student (B,T,D), teacher (B,T,D), *, mask (B,T) | None) -> scalar`."""
 
 DISTANCES: Registry[HiddenDistance] = Registry("hidden distance")
+
+LogitLoss = Callable[..., Tensor]
+"""`(student logits (..., C), teacher logits (..., C), *, temperature, mask (...) | None) -> scalar`."""
+
+LOGIT_LOSSES: Registry[LogitLoss] = Registry("logit loss")
 
 
 def _token_mean(per_token: Tensor, mask: Tensor | None) -> Tensor:
@@ -111,6 +117,7 @@ def correlation(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None,
     return _token_mean(1.0 - r, mask)
 
 
+@LOGIT_LOSSES.register("kl")
 def logit_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float,
              mask: Tensor | None = None) -> Tensor:
     """KL(softmax(t/T) || softmax(s/T)) * T^2 (Hinton et al. 2015, arXiv 1503.02531).
@@ -130,6 +137,60 @@ def logit_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: flo
     terms = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), torch.zeros_like(p_t))
     per_position = terms.sum(dim=-1)  # (B,) or (B, T)
     return _token_mean(per_position, mask) * temperature**2
+
+
+def _kl_to_mixture(log_p: Tensor, log_q: Tensor, weight_p: float) -> Tensor:
+    """Per-position KL(p || m), m = weight_p p + (1 - weight_p) q, from log-probabilities (..., C) -> (...)."""
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(weight_p), log_q + math.log(1.0 - weight_p)]), dim=0)
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_m), torch.zeros_like(p)).sum(dim=-1)
+
+
+def _log_probs(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    _check_pair(student_logits, teacher_logits)
+    return (F.log_softmax(student_logits.float() / temperature, dim=-1),  # (..., C)
+            F.log_softmax(teacher_logits.float() / temperature, dim=-1))  # (..., C)
+
+
+@LOGIT_LOSSES.register("reverse_kl")
+def logit_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float,
+                     mask: Tensor | None = None) -> Tensor:
+    """KL(softmax(s/T) || softmax(t/T)) * T^2: mode-seeking, the student need not cover every teacher mode.
+
+    MiniLLM (Gu et al. 2024, arXiv 2306.08543) for generative students. Same reductions as `logit_kl`.
+    """
+    log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature)
+    p_s = log_p_s.exp()
+    per_position = torch.where(p_s > 0, p_s * (log_p_s - log_p_t), torch.zeros_like(p_s)).sum(dim=-1)
+    return _token_mean(per_position, mask) * temperature**2
+
+
+@LOGIT_LOSSES.register("jsd")
+def logit_jsd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float,
+              mask: Tensor | None = None) -> Tensor:
+    """Jensen-Shannon divergence (beta = 1/2) * T^2: symmetric and bounded by log 2 per position.
+
+    (KL(t || m) + KL(s || m)) / 2 with m the mean of the two distributions; GKD's generalised JSD at beta 0.5
+    (Agarwal et al. 2024, arXiv 2306.13649).
+    """
+    log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature)
+    per_position = 0.5 * (_kl_to_mixture(log_p_t, log_p_s, 0.5) + _kl_to_mixture(log_p_s, log_p_t, 0.5))
+    return _token_mean(per_position, mask) * temperature**2
+
+
+SKEW = 0.1
+"""DistiLLM's skew: the student side mixes in this share of the teacher (Ko et al. 2024, arXiv 2402.03898)."""
+
+
+@LOGIT_LOSSES.register("skew_kl")
+def logit_skew_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float,
+                  mask: Tensor | None = None) -> Tensor:
+    """KL(p_t || SKEW p_t + (1 - SKEW) p_s) * T^2: forward KL made finite where the student gives ~0.
+
+    DistiLLM's skew KL (Ko et al. 2024, arXiv 2402.03898), alpha = 0.1; bounded by -log(SKEW) per position.
+    """
+    log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature)
+    return _token_mean(_kl_to_mixture(log_p_t, log_p_s, SKEW), mask) * temperature**2
 
 
 def task_loss(logits: Tensor, labels: Tensor, *,

@@ -1,7 +1,7 @@
 """The shared distillation step: one batch + teacher outputs in, named loss terms out.
 
 Every strategy of the three papers is this step with different layer pairs, a different bridge and different
-weights: loss = w_task * task + w_logit * KL(teacher || student) + w_hidden * reduce_k distance(bridge(h_s[k]),
+weights: loss = w_task * task + w_logit * D(teacher, student) + w_hidden * reduce_k distance(bridge(h_s[k]),
 bridge(h_t[m(k)])). `Distiller` holds everything trainable (student + bridge) so that DDP wraps one module.
 Plain PyTorch: no Ray, Optuna or MLflow.
 """
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import DISTANCES, combine, logit_kl, task_loss
+from .losses import DISTANCES, LOGIT_LOSSES, combine, task_loss
 
 if TYPE_CHECKING:
     from .bridges import Bridge
@@ -65,6 +65,7 @@ class Distiller(nn.Module):
         self.cfg = cfg
         self.weights = loss_weights(cfg)
         self.distance = DISTANCES.get(cfg.distance)
+        self.logit_loss = LOGIT_LOSSES.get(cfg.logit_loss)
 
     def forward(self, batch: dict[str, torch.Tensor], teacher: TeacherOutputs,
                 pairs: Pairs) -> dict[str, torch.Tensor]:
@@ -89,8 +90,8 @@ class Distiller(nn.Module):
             return F.mse_loss(student.float(), teacher.float())
         if self.kind == "causal_lm":  # position t predicts token t+1; only response tokens count
             mask = labels[:, 1:] != -100
-            return logit_kl(student[:, :-1], teacher[:, :-1], temperature=self.cfg.temperature, mask=mask)
-        return logit_kl(student, teacher, temperature=self.cfg.temperature)
+            return self.logit_loss(student[:, :-1], teacher[:, :-1], temperature=self.cfg.temperature, mask=mask)
+        return self.logit_loss(student, teacher, temperature=self.cfg.temperature)
 
     def _hidden_term(self, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
                      mask: torch.Tensor | None, pairs: Pairs) -> torch.Tensor:

@@ -10,7 +10,7 @@ from .bridges import BRIDGES, resolve_bridge
 from .config import Config, ConfigError
 from .data import check_task
 from .layer_maps import LAYER_MAPS, check_map_args
-from .losses import DISTANCES
+from .losses import DISTANCES, LOGIT_LOSSES
 from .models import depth_width, family_of, resolve_teacher, teacher_config
 from .tasks import TaskSpec, read_by
 from .ted import ACTIVATIONS, FILTERS
@@ -19,6 +19,7 @@ from .ted import ACTIVATIONS, FILTERS
 def _check_names(cfg: Config) -> None:
     LAYER_MAPS.check(cfg.distill.layer_map, key="distill.layer_map")
     DISTANCES.check(cfg.distill.distance, key="distill.distance")
+    LOGIT_LOSSES.check(cfg.distill.logit_loss, key="distill.logit_loss")
     if cfg.distill.bridge != "auto":
         BRIDGES.check(cfg.distill.bridge, key="distill.bridge")
     FILTERS.check(cfg.ted.filter, key="ted.filter")

@@ -9,6 +9,7 @@ from torch import nn
 from kdsearch import models
 from kdsearch.bridges import BRIDGES, BridgeInputs
 from kdsearch.config import load_config
+from kdsearch.losses import LOGIT_LOSSES
 from kdsearch.step import Distiller, leaves_parameters_unused, teacher_forward
 from kdsearch.tasks import task_spec
 from kdsearch.ted import FILTERS, build_filters
@@ -129,6 +130,21 @@ def test_step_terms_and_their_weighted_sum() -> None:
     torch.testing.assert_close(terms["loss"], expected)
     terms["loss"].backward()
     assert [n for n, p in student.named_parameters() if p.grad is None] == []
+
+
+@pytest.mark.parametrize("name", LOGIT_LOSSES.names())
+def test_the_step_takes_its_logit_term_from_the_configured_divergence(name: str) -> None:
+    teacher, student = _tiny_pair()
+    student.eval()
+    cfg = load_config([f"distill.logit_loss={name}", "distill.temperature=2"]).distill
+    distiller = Distiller(student, BRIDGES.get("identity")(inputs("identity", 64)), kind="classification", cfg=cfg)
+    batch = {"input_ids": torch.randint(1, 30, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long),
+             "labels": torch.randint(0, 2, (4,))}
+    with torch.no_grad():
+        outputs = teacher_forward(teacher, batch, hidden=False)
+        terms = distiller(batch, outputs, [])
+    expected = LOGIT_LOSSES.get(name)(terms["logits"], outputs.logits, temperature=2.0)
+    torch.testing.assert_close(terms["logit"], expected)
 
 
 def test_hidden_distances_skip_padding_unless_told_to_match_every_position() -> None:

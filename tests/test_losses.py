@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdsearch.losses import DISTANCES, combine, describe, logit_kl, task_loss
+from kdsearch.losses import DISTANCES, LOGIT_LOSSES, SKEW, combine, describe, logit_kl, task_loss
 
 NAMES = ["mse", "token_mse", "ln_mse", "cosine", "correlation"]
 
@@ -167,6 +167,67 @@ def test_logit_kl_gradient_reaches_student() -> None:
     s = torch.randn(3, 4, requires_grad=True)
     logit_kl(s, torch.randn(3, 4), temperature=2.0).backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+LOGIT_NAMES = ["jsd", "kl", "reverse_kl", "skew_kl"]
+
+
+def _kl(p: Tensor, q: Tensor) -> Tensor:
+    """KL(p || q) per row, straight from the definition."""
+    return (p * (p.log() - q.log())).sum(-1)
+
+
+def test_registry_has_exactly_the_documented_logit_losses() -> None:
+    assert LOGIT_LOSSES.names() == LOGIT_NAMES
+    assert LOGIT_LOSSES.get("kl") is logit_kl
+
+
+@pytest.mark.parametrize("name", LOGIT_NAMES)
+def test_logit_loss_contract(name: str) -> None:
+    fn = LOGIT_LOSSES.get(name)
+    g = torch.Generator().manual_seed(4)
+    s, te = torch.randn(2, 4, 9, generator=g), 2 * torch.randn(2, 4, 9, generator=g)
+    assert fn(s, s.clone(), temperature=2.0).item() == pytest.approx(0.0, abs=1e-6)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    value = fn(s, te, temperature=1.0, mask=mask)
+    assert value.shape == () and value.item() > 0
+    keep = mask.bool()
+    assert torch.allclose(value, fn(s[keep], te[keep], temperature=1.0), atol=1e-6)  # mean over masked-in
+    s2 = s.clone()
+    s2[~keep] = 100.0 * torch.randn(int((~keep).sum()), 9)
+    assert torch.allclose(fn(s2, te, temperature=1.0, mask=mask), value, atol=1e-6)
+    assert fn(s.bfloat16(), te.bfloat16(), temperature=1.0).dtype == torch.float32
+    student = s.clone().requires_grad_(True)
+    fn(student, te, temperature=2.0).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_logit_divergences_match_their_definitions(temperature: float) -> None:
+    g = torch.Generator().manual_seed(5)
+    s, te = torch.randn(6, 5, generator=g), 3 * torch.randn(6, 5, generator=g)
+    p_s, p_t = F.softmax(s / temperature, -1), F.softmax(te / temperature, -1)
+    t2 = temperature**2
+
+    def loss(name: str, a: Tensor, b: Tensor) -> Tensor:
+        return LOGIT_LOSSES.get(name)(a, b, temperature=temperature)
+
+    torch.testing.assert_close(loss("reverse_kl", s, te), _kl(p_s, p_t).mean() * t2)
+    m = (p_s + p_t) / 2
+    torch.testing.assert_close(loss("jsd", s, te), 0.5 * (_kl(p_t, m) + _kl(p_s, m)).mean() * t2)
+    torch.testing.assert_close(loss("jsd", s, te), loss("jsd", te, s))  # symmetric
+    assert loss("jsd", s, 50 * te).item() <= torch.log(torch.tensor(2.0)).item() * t2 + 1e-6  # bounded
+    skewed = SKEW * p_t + (1 - SKEW) * p_s
+    torch.testing.assert_close(loss("skew_kl", s, te), _kl(p_t, skewed).mean() * t2)
+    assert loss("skew_kl", s, te).item() < loss("kl", s, te).item()  # the mixture keeps it below forward KL
+
+
+@pytest.mark.parametrize("name", ["kl", "jsd", "skew_kl"])
+def test_teacher_classes_at_minus_infinity_contribute_nothing(name: str) -> None:
+    s, te = torch.randn(3, 5), torch.randn(3, 5)
+    te[:, 0] = float("-inf")  # e.g. a vocabulary entry the teacher masks out
+    value = LOGIT_LOSSES.get(name)(s, te, temperature=1.0)
+    assert torch.isfinite(value) and value.item() > 0
 
 
 def test_task_loss_classification_and_regression() -> None:

@@ -17,6 +17,7 @@ import pytest
     (["task.name=sst2", "task.data_dir=/nonexistent/sst2"], "task.data_dir"),
     (["teacher=./no/such/model"], "no model directory"),
     (["train.precision=fp16"], "fp16 needs a GPU"),
+    (["distill.logit_loss=wasserstein"], "unknown logit loss"),
     (["train.precision=fp8"], "choose one of fp32, bf16, fp16"),
 ])
 def test_train_command_rejects_bad_input_in_one_line_before_ray(overrides: list[str], message: str,
