@@ -1,9 +1,9 @@
 """Width bridges: how a student hidden state and a teacher hidden state are brought to one space to compare.
 
-identity (d_s = d_t), projector (trained bias-free Linear d_s -> d_t per student layer, the usual baseline),
-ted (task-aware filters on both sides, teacher side frozen from stage 1), units (Flex-KD: the teacher's
-task-relevant units, no new parameters). Every bridge is an nn.Module: `student_view` is trainable,
-`teacher_view` is frozen. Plain PyTorch.
+identity (d_s = d_t, or a width-free distance), projector (trained bias-free Linear d_s -> d_t per student
+layer, the usual baseline), ted (task-aware filters on both sides, teacher side frozen from stage 1), units
+(Flex-KD: the teacher's task-relevant units, no new parameters). Every bridge is an nn.Module:
+`student_view` is trainable, `teacher_view` is frozen. Plain PyTorch.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ BRIDGES: Registry[Callable[[BridgeInputs], Bridge]] = Registry("bridge")
 
 @BRIDGES.register("identity")
 def identity_bridge(inputs: BridgeInputs) -> Bridge:
-    """Compare raw states; needs d_s = d_t."""
+    """Compare raw states; needs d_s = d_t, unless the distance compares across widths (cka)."""
     return Bridge()
 
 

@@ -117,6 +117,33 @@ def correlation(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None,
     return _token_mean(1.0 - r, mask)
 
 
+WIDTH_FREE = frozenset({"cka"})
+"""Distances that compare states of different widths directly (no bridge needed when d_s != d_t)."""
+
+
+@DISTANCES.register("cka")
+def cka(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None, eps: float = 1e-8) -> Tensor:
+    """1 - linear CKA between the real tokens' student and teacher states; the widths may differ.
+
+    With X (N, d_s) and Y (N, d_t) the column-centred states of the N real tokens of the batch:
+    CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) (Kornblith et al. 2019, arXiv 1905.00414), invariant to
+    rotations and isotropic scaling of either side. As a distillation loss across widths without a projector:
+    Saha et al. 2022 (arXiv 2208.06046); a batch-level similarity, not a per-token mean.
+    """
+    if student.shape[:-1] != teacher.shape[:-1]:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ in more "
+                         "than their width")
+    keep = mask.to(torch.bool) if mask is not None else torch.ones(student.shape[:-1], dtype=torch.bool,
+                                                                    device=student.device)
+    x = student.float()[keep]  # (N, d_s)
+    y = teacher.float()[keep]  # (N, d_t)
+    x = x - x.mean(dim=0, keepdim=True)
+    y = y - y.mean(dim=0, keepdim=True)
+    cross = (y.T @ x).pow(2).sum()  # ||Y^T X||_F^2
+    norms = (x.T @ x).norm() * (y.T @ y).norm()
+    return 1.0 - cross / norms.clamp_min(eps)
+
+
 @LOGIT_LOSSES.register("kl")
 def logit_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float,
              mask: Tensor | None = None) -> Tensor:

@@ -10,7 +10,7 @@ from .bridges import BRIDGES, resolve_bridge
 from .config import Config, ConfigError
 from .data import check_task
 from .layer_maps import LAYER_MAPS, check_map_args
-from .losses import DISTANCES, LOGIT_LOSSES
+from .losses import DISTANCES, LOGIT_LOSSES, WIDTH_FREE
 from .models import depth_width, family_of, resolve_teacher, teacher_config
 from .tasks import TaskSpec, read_by
 from .ted import ACTIVATIONS, FILTERS
@@ -39,9 +39,9 @@ def _check_shapes(cfg: Config, n_t: int, d_t: int) -> None:
     if cfg.distill.w_hidden > 0:
         check_map_args(cfg.distill.layer_map, cfg.student.layers, n_t, cfg.distill.layers)
     bridge = resolve_bridge(cfg.distill.bridge, d_s, d_t)
-    if bridge == "identity" and d_s != d_t:
-        raise ConfigError(f"distill.bridge=identity needs equal widths (student {d_s}, teacher {d_t}); "
-                          "use projector, ted or units")
+    if bridge == "identity" and d_s != d_t and cfg.distill.distance not in WIDTH_FREE:
+        raise ConfigError(f"distill.bridge=identity needs equal widths (student {d_s}, teacher {d_t}) or a "
+                          f"width-free distance ({', '.join(sorted(WIDTH_FREE))}); use projector, ted or units")
     if bridge == "units":
         k = round(cfg.units.ratio * d_t) if cfg.units.ratio is not None else d_s
         if k > d_s:

@@ -7,9 +7,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdsearch.losses import DISTANCES, LOGIT_LOSSES, SKEW, combine, describe, logit_kl, task_loss
+from kdsearch.losses import (
+    DISTANCES,
+    LOGIT_LOSSES,
+    SKEW,
+    WIDTH_FREE,
+    cka,
+    combine,
+    describe,
+    logit_kl,
+    task_loss,
+)
 
-NAMES = ["mse", "token_mse", "ln_mse", "cosine", "correlation"]
+NAMES = ["mse", "token_mse", "ln_mse", "cosine", "correlation", "cka"]
 
 
 def _pair(seed: int = 0, b: int = 3, t: int = 5, d: int = 8) -> tuple[Tensor, Tensor, Tensor]:
@@ -119,9 +129,21 @@ def test_distance_gradients_flow_to_student_only_on_real_tokens(name: str) -> No
     assert s.grad[~mask.bool()].abs().sum() == 0
 
 
-def test_distance_rejects_mismatched_widths() -> None:
+@pytest.mark.parametrize("name", sorted(set(NAMES) - WIDTH_FREE))
+def test_distance_rejects_mismatched_widths(name: str) -> None:
     with pytest.raises(ValueError, match="shapes differ"):
-        DISTANCES.get("mse")(torch.zeros(1, 2, 3), torch.zeros(1, 2, 4))
+        DISTANCES.get(name)(torch.zeros(1, 2, 3), torch.zeros(1, 2, 4))
+
+
+def test_cka_compares_across_widths_up_to_rotation_and_scale() -> None:
+    s, _, mask = _pair(d=8)
+    rotation, _ = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(6)))
+    for teacher in (3.0 * s @ rotation, torch.cat([s, s], dim=-1)):  # same width rotated; 16 units, duplicated
+        assert cka(s, teacher, mask=mask).item() == pytest.approx(0.0, abs=1e-5)
+    unrelated = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(7))
+    assert 0.0 < cka(s, unrelated, mask=mask).item() <= 1.0
+    with pytest.raises(ValueError, match="more than their width"):
+        cka(s, torch.zeros(3, 4, 8))
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])

@@ -160,6 +160,7 @@ def test_ted_continual_pretraining_trains_filters_with_the_language_modelling_ob
     ["teacher=tiny-gpt2", "distill.distance=token_mse"],  # causal LM: the task read as prompt -> answer
     ["teacher=tiny-qwen", "distill.bridge=ted"],
     ["distill.bridge=ted", "train.precision=bf16"],  # autocast in training, evaluation and the latency
+    ["distill.bridge=identity", "distill.distance=cka", "student.hidden_size=32", "student.init=random"],
 ])
 def test_every_strategy_family_trains(cache: Path, strategy: list[str]) -> None:
     reports = _run(small(cache, "train.epochs=1", *strategy))
