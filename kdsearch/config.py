@@ -68,7 +68,8 @@ class TaskConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     layer_map: str = "forward"
-    """Registry key in kdsearch.layer_maps (forward, reverse, all_to_one, random, inorder_random, explicit, none)."""
+    """Registry key in kdsearch.layer_maps (forward, reverse, last, all_to_one, random, inorder_random, explicit,
+    none)."""
     layers: tuple[int, ...] | None = None
     """Teacher hidden-state indices for layer_map=explicit, one per student layer (1..n_t)."""
     embeddings: bool = True

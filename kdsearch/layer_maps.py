@@ -25,7 +25,7 @@ class LayerMapFn(Protocol):
 
 LAYER_MAPS: Registry[LayerMapFn] = Registry("layer map")
 
-ONE_TO_ONE = frozenset({"forward", "reverse", "random", "inorder_random"})
+ONE_TO_ONE = frozenset({"forward", "reverse", "last", "random", "inorder_random"})
 """Maps that give each student layer its own teacher layer, so they need n_student <= n_teacher."""
 
 
@@ -51,6 +51,14 @@ def reverse(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoc
             layers: tuple[int, ...] | None) -> LayerMap:
     """The forward targets in reverse order; embeddings stay 0 <-> 0 (Yu et al. 2025, "reverse")."""
     return _with_embeddings(_forward_targets(n_student, n_teacher)[::-1], embeddings)
+
+
+@LAYER_MAPS.register("last")
+def last(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
+         layers: tuple[int, ...] | None) -> LayerMap:
+    """Student layer i <-> teacher layer n_t - n_s + i: the teacher's top layers (PKD-Last, Sun et al. 2019,
+    arXiv 1908.09355; their PKD-Skip is the forward map)."""
+    return _with_embeddings(list(range(n_teacher - n_student + 1, n_teacher + 1)), embeddings)
 
 
 @LAYER_MAPS.register("all_to_one")
@@ -93,7 +101,7 @@ def inorder_random(n_student: int, n_teacher: int, *, embeddings: bool, seed: in
 @LAYER_MAPS.register("explicit")
 def explicit(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
              layers: tuple[int, ...] | None) -> LayerMap:
-    """Teacher indices given by the user, one per student layer (`distill.layers`, e.g. PKD's skip/last-k)."""
+    """Teacher indices given by the user, one per student layer (`distill.layers`, e.g. PKD's skip-k)."""
     if layers is None or len(layers) != n_student:
         got = "none" if layers is None else f"{len(layers)}"
         raise ValueError(f"explicit layer map needs {n_student} teacher indices (one per student layer), "

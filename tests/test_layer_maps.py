@@ -16,7 +16,7 @@ def _layers_for(name: str, n_s: int, n_t: int) -> tuple[int, ...] | None:
 
 
 def test_registry_has_exactly_the_documented_maps() -> None:
-    expected = ["all_to_one", "explicit", "forward", "inorder_random", "none", "random", "reverse"]
+    expected = ["all_to_one", "explicit", "forward", "inorder_random", "last", "none", "random", "reverse"]
     assert LAYER_MAPS.names() == expected
 
 
@@ -51,6 +51,11 @@ def test_forward_reproduces_released_bert_tables(n_s: int, expected: list[int]) 
     # the tables are 0-indexed teacher layers; hidden_states indices are one higher
     pairs = map_layers("forward", n_s, 12, embeddings=True)
     assert pairs == [(0, 0)] + [(i, t + 1) for i, t in enumerate(expected, start=1)]
+
+
+def test_last_takes_the_teachers_top_layers() -> None:
+    assert map_layers("last", 3, 12, embeddings=False) == [(1, 10), (2, 11), (3, 12)]
+    assert map_layers("last", 6, 6, embeddings=True) == map_layers("forward", 6, 6, embeddings=True)
 
 
 def test_forward_qwen3_36_to_9_and_identity() -> None:
