@@ -154,6 +154,9 @@ class TrainConfig:
     """Cap on optimiser steps per epoch (smoke runs); None = the whole split."""
     dropout: float | None = None
     """Student dropout (hidden and attention); None keeps the teacher config's."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step: each worker's share of batch_size runs as this many forward/backward
+    passes (less activation memory, the same update)."""
     precision: Precision = "fp32"
     """Autocast precision of the teacher and student forward passes (training, evaluation, latency): `bf16` on
     Ampere or later GPUs (no loss scaling), `fp16` with a loss scaler on older GPUs; the loss math stays fp32."""
@@ -161,6 +164,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"train.epochs={self.epochs}: must be >= 1")
         _require(self.batch_size >= 1, f"train.batch_size={self.batch_size}: must be >= 1")
+        _require(self.grad_accum >= 1, f"train.grad_accum={self.grad_accum}: must be >= 1")
         _require(self.lr > 0, f"train.lr={self.lr}: must be > 0")
         _require(0 <= self.warmup_ratio < 1, f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
         _require(self.dropout is None or 0 <= self.dropout < 1, f"train.dropout={self.dropout}: must be in [0, 1)")

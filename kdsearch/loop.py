@@ -7,6 +7,7 @@ No Ray, Optuna or MLflow import here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -93,12 +94,13 @@ class Optimiser:
     scaler: torch.amp.GradScaler | None = None
     max_grad_norm: float = 1.0
 
-    def step(self, loss: torch.Tensor) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        if self.scaler is None:
-            loss.backward()
-        else:
-            self.scaler.scale(loss).backward()
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the loss's gradients (scaled for fp16)."""
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def update(self) -> None:
+        """Clip the accumulated gradients, apply them, advance the schedule, clear the gradients."""
+        if self.scaler is not None:
             self.scaler.unscale_(self.opt)  # clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         if self.scaler is None:
@@ -107,6 +109,11 @@ class Optimiser:
             self.scaler.step(self.opt)  # skips the update when a gradient overflowed
             self.scaler.update()
         self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.backward(loss)
+        self.update()
 
     def state_dict(self) -> dict[str, Any]:
         state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
@@ -155,10 +162,13 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
     torch.manual_seed(cfg.train.seed)
     teacher, distiller = build_distiller(cfg, prepared, ctx.device)
     model = ctx.wrap_model(distiller)
-    per_worker = max(1, cfg.train.batch_size // ctx.world_size)  # train.batch_size is the global batch
-    loader = ctx.wrap_loader(make_loader(prepared.data["train"], batch_size=per_worker, shuffle=True,
+    accum = cfg.train.grad_accum
+    # train.batch_size is the global batch: world_size workers x grad_accum micro-batches per optimiser step
+    micro = max(1, cfg.train.batch_size // (ctx.world_size * accum))
+    loader = ctx.wrap_loader(make_loader(prepared.data["train"], batch_size=micro, shuffle=True,
                                          seed=cfg.train.seed, pad_id=prepared.pad_id))
-    steps = min(len(loader), cfg.train.max_steps_per_epoch or len(loader))
+    steps = -(-len(loader) // accum)  # optimiser steps per epoch; a last, shorter group still steps
+    steps = min(steps, cfg.train.max_steps_per_epoch or steps)
     optimiser = make_optimiser(cfg, distiller, total_steps=steps * cfg.train.epochs, device=ctx.device)
     start = _resume(distiller, optimiser, ctx.checkpoint)
     precision = cfg.train.precision
@@ -175,7 +185,7 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
         _seed_epoch(loader, cfg.train.seed, epoch)
         began = time.perf_counter()
         train_terms = _train_epoch(model, teacher, loader, optimiser, pairs, steps=steps, ctx=ctx, epoch=epoch,
-                                   precision=precision)
+                                   precision=precision, accum=accum)
         epoch_time = time.perf_counter() - began
         with autocast(ctx.device, precision):
             scores = evaluate(distiller.student, prepared.data["validation"], spec=prepared.spec,
@@ -211,30 +221,38 @@ _CHECK_EVERY = 16
 
 def _train_epoch(model: nn.Module, teacher: nn.Module, loader: Any, optimiser: Optimiser,
                  pairs: list[tuple[int, int]], *, steps: int, ctx: WorkerContext, epoch: int,
-                 precision: Precision = "fp32") -> dict[str, float]:
+                 precision: Precision = "fp32", accum: int = 1) -> dict[str, float]:
+    """`steps` optimiser steps, each over `accum` micro-batches; the mean of each loss term over micro-batches."""
     model.train()
     sums: dict[str, torch.Tensor] = {}  # detached running sums: one host sync per epoch, not per step
     finite = torch.ones((), dtype=torch.bool, device=ctx.device)
-    checked = 0
-    for step, batch in enumerate(loader):
+    checked = micro_batches = 0
+    for index, batch in enumerate(loader):
+        step, last = index // accum, (index + 1) % accum == 0 or index + 1 == len(loader)
         if step >= steps:
             break
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
-        with autocast(ctx.device, precision):
-            terms = model(batch, teacher_forward(teacher, batch, hidden=bool(pairs)), pairs)
-        loss = terms["loss"]
-        finite &= torch.isfinite(loss.detach())
+        # DDP all-reduces gradients in backward: only on the micro-batch that completes the step
+        no_sync: Any = getattr(model, "no_sync", None)
+        sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
+        with sync:
+            with autocast(ctx.device, precision):
+                terms = model(batch, teacher_forward(teacher, batch, hidden=bool(pairs)), pairs)
+            optimiser.backward(terms["loss"] / accum)
+        finite &= torch.isfinite(terms["loss"].detach())
+        micro_batches += 1
+        for name, value in terms.items():
+            if name != "logits":
+                sums[name] = sums[name] + value.detach() if name in sums else value.detach()
+        if not last:
+            continue
         if (step + 1) % _CHECK_EVERY == 0 or step + 1 == steps:
             if not finite.item():  # every epoch ends on a check: no checkpoint holds weights a nan updated
                 raise FloatingPointError(f"the loss became nan or inf at epoch {epoch + 1}, steps {checked + 1}-"
                                          f"{step + 1}: lower train.lr or the loss weights")
             checked = step + 1
-        optimiser.step(loss)
-        for name, value in terms.items():
-            if name != "logits":
-                sums[name] = sums[name] + value.detach() if name in sums else value.detach()
-    n = max(min(steps, len(loader)), 1)
-    return {f"train_{name}": value.item() / n for name, value in sums.items()}
+        optimiser.update()
+    return {f"train_{name}": value.item() / max(micro_batches, 1) for name, value in sums.items()}
 
 
 def export_student(cfg: Config, prepared: Prepared, checkpoint: Path, out: Path) -> Path:

@@ -75,6 +75,11 @@ def validate(cfg: Config) -> TaskSpec:
         raise ConfigError(f"task.name={spec.name} is a regression task (one score per input), which needs an "
                           f"encoder teacher; teacher={cfg.teacher} is a causal LM")
     _check_shapes(cfg, *depth_width(teacher))
+    shares = cfg.resources.num_workers * cfg.train.grad_accum
+    if cfg.train.batch_size < shares:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} cannot be split over resources.num_workers="
+                          f"{cfg.resources.num_workers} x train.grad_accum={cfg.train.grad_accum} micro-batches: "
+                          f"use a batch of at least {shares}")
     if cfg.train.precision == "fp16" and not cfg.resources.use_gpu:
         raise ConfigError("train.precision=fp16 needs a GPU (resources.gpus_per_trial > 0); on CPU use bf16 or fp32")
     return read_by(spec, family_of(teacher))

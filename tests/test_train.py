@@ -15,7 +15,15 @@ import torch
 
 from kdsearch.config import Config, load_config
 from kdsearch.evaluation import make_loader
-from kdsearch.loop import Optimiser, WorkerContext, build_distiller, layer_pairs, reported_metrics, run_distillation
+from kdsearch.loop import (
+    Optimiser,
+    WorkerContext,
+    _train_epoch,
+    build_distiller,
+    layer_pairs,
+    reported_metrics,
+    run_distillation,
+)
 from kdsearch.precision import autocast
 from kdsearch.prepare import prepare
 from kdsearch.step import teacher_forward
@@ -91,6 +99,31 @@ def test_fp16_loss_scaling_skips_an_overflowing_step_and_checkpoints_its_scale()
 
 
 @pytest.mark.slow
+def test_gradient_accumulation_takes_the_same_step_as_one_big_batch(cache: Path) -> None:
+    cfg = small(cache, "distill.layer_map=none")  # CE and KL are means over rows: they split exactly
+    prepared = prepare(cfg)
+    rows = next(iter(make_loader(prepared.data["train"], batch_size=16, shuffle=False, seed=0,
+                                 pad_id=prepared.pad_id)))
+    halves = [{k: v[:8] for k, v in rows.items()}, {k: v[8:] for k, v in rows.items()}]
+    after = {}
+    for accum, batches in ((1, [rows]), (2, halves)):
+        torch.manual_seed(0)
+        teacher, distiller = build_distiller(cfg, prepared, torch.device("cpu"))
+        params = [p for p in distiller.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in params]
+        sgd = torch.optim.SGD(params, lr=0.5)  # plain SGD, no clipping: the update is the gradient itself
+        optimiser = Optimiser(sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda s: 1.0), params,
+                              max_grad_norm=float("inf"))
+        terms = _train_epoch(distiller, teacher, batches, optimiser, [], steps=1, ctx=WorkerContext(), epoch=0,
+                             accum=accum)
+        after[accum] = [p.detach().clone() for p in params]
+        assert any(not torch.equal(a, b) for a, b in zip(after[accum], before, strict=True))
+        assert math.isfinite(terms["train_loss"])
+    for one, two in zip(after[1], after[2], strict=True):
+        torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_bf16_autocast_runs_the_models_in_bf16_and_keeps_the_loss_terms_fp32(cache: Path) -> None:
     cfg = small(cache, "distill.bridge=ted")
     prepared = prepare(cfg)
@@ -160,6 +193,7 @@ def test_ted_continual_pretraining_trains_filters_with_the_language_modelling_ob
     ["teacher=tiny-gpt2", "distill.distance=token_mse"],  # causal LM: the task read as prompt -> answer
     ["teacher=tiny-qwen", "distill.bridge=ted"],
     ["distill.bridge=ted", "train.precision=bf16"],  # autocast in training, evaluation and the latency
+    ["train.grad_accum=3", "train.batch_size=12"],  # 3 micro-batches of 4 rows per optimiser step
     ["distill.bridge=identity", "distill.distance=cka", "student.hidden_size=32", "student.init=random"],
 ])
 def test_every_strategy_family_trains(cache: Path, strategy: list[str]) -> None:

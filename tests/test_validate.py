@@ -17,6 +17,7 @@ import pytest
     (["task.name=sst2", "task.data_dir=/nonexistent/sst2"], "task.data_dir"),
     (["teacher=./no/such/model"], "no model directory"),
     (["train.precision=fp16"], "fp16 needs a GPU"),
+    (["train.batch_size=4", "train.grad_accum=8"], "cannot be split"),
     (["distill.logit_loss=wasserstein"], "unknown logit loss"),
     (["train.precision=fp8"], "choose one of fp32, bf16, fp16"),
 ])
