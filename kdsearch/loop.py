@@ -27,7 +27,8 @@ from .evaluation import evaluate, forward_latency_ms, make_loader
 from .layer_maps import map_layers
 from .losses import describe
 from .metrics import metric_names
-from .precision import autocast, loss_scaler
+from .optimiser import Optimiser, make_optimiser
+from .precision import autocast
 from .prepare import Prepared, load_teacher, make_student
 from .step import Distiller, loss_weights, teacher_forward
 from .tasks import TaskSpec
@@ -82,64 +83,6 @@ def layer_pairs(cfg: Config, prepared: Prepared, *, epoch: int) -> list[tuple[in
         return []
     return map_layers(cfg.distill.layer_map, cfg.student.layers, prepared.n_teacher,
                       embeddings=cfg.distill.embeddings, seed=cfg.train.seed, epoch=epoch, layers=cfg.distill.layers)
-
-
-@dataclass
-class Optimiser:
-    """AdamW, its schedule and (fp16) the loss scaler: one update per step, one state to checkpoint."""
-
-    opt: torch.optim.Optimizer
-    sched: Any
-    params: list[nn.Parameter]
-    scaler: torch.amp.GradScaler | None = None
-    max_grad_norm: float = 1.0
-
-    def backward(self, loss: torch.Tensor) -> None:
-        """Accumulate the loss's gradients (scaled for fp16)."""
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
-
-    def update(self) -> None:
-        """Clip the accumulated gradients, apply them, advance the schedule, clear the gradients."""
-        if self.scaler is not None:
-            self.scaler.unscale_(self.opt)  # clip the true gradients, not the scaled ones
-        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        if self.scaler is None:
-            self.opt.step()
-        else:
-            self.scaler.step(self.opt)  # skips the update when a gradient overflowed
-            self.scaler.update()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-
-    def step(self, loss: torch.Tensor) -> None:
-        self.backward(loss)
-        self.update()
-
-    def state_dict(self) -> dict[str, Any]:
-        state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
-        return state | ({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
-
-
-def make_optimiser(cfg: Config, distiller: Distiller, *, total_steps: int, device: torch.device) -> Optimiser:
-    """AdamW with linear warmup (train.warmup_ratio) and linear decay to 0 over `total_steps`."""
-    params = [p for p in distiller.parameters() if p.requires_grad]
-    # fused: one kernel for all parameters; on small models the per-tensor AdamW ops dominate the step
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
-    warmup = int(cfg.train.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(total_steps - warmup, 1))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    return Optimiser(opt, sched, params, loss_scaler(device, cfg.train.precision))
 
 
 def _save_checkpoint(distiller: Distiller, optimiser: Optimiser, epoch: int, out: Path) -> None:

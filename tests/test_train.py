@@ -16,7 +16,6 @@ import torch
 from kdsearch.config import Config, load_config
 from kdsearch.evaluation import make_loader
 from kdsearch.loop import (
-    Optimiser,
     WorkerContext,
     _train_epoch,
     build_distiller,
@@ -24,6 +23,7 @@ from kdsearch.loop import (
     reported_metrics,
     run_distillation,
 )
+from kdsearch.optimiser import Optimiser
 from kdsearch.precision import autocast
 from kdsearch.prepare import prepare
 from kdsearch.step import teacher_forward
