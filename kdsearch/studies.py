@@ -86,6 +86,9 @@ def make_study(name: str, *, d_teacher: int, search_rows: list[Row] | None = Non
         rows = [Row(name, distance, {"distill.bridge": bridge, "distill.distance": distance})
                 for distance in ("correlation", "mse")
                 for name, bridge in (("Flex-KD units", "units"), ("linear projector", "projector"))]
+        # the other projector-free way across widths: linear CKA between the raw states (papers.md, "other
+        # baselines"), no unit selection
+        rows.append(Row("CKA, no projector", "cka", {"distill.bridge": "identity", "distill.distance": "cka"}))
         rows.append(Row("no feature KD", "", {"distill.layer_map": "none"}))
         base = {"student.hidden_size": half, "student.init": "random", "distill.embeddings": False,
                 "distill.layer_map": "forward", "units.score": "grad", "units.scope": "last",
