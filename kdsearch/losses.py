@@ -127,8 +127,8 @@ def cka(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None, eps: fl
 
     With X (N, d_s) and Y (N, d_t) the column-centred states of the N real tokens of the batch:
     CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) (Kornblith et al. 2019, arXiv 1905.00414), invariant to
-    rotations and isotropic scaling of either side. As a distillation loss across widths without a projector:
-    Saha et al. 2022 (arXiv 2208.06046); a batch-level similarity, not a per-token mean.
+    rotations and isotropic scaling of either side. A distillation loss across widths without a projector
+    (papers.md, "other baselines"); a batch-level similarity, not a per-token mean.
     """
     if student.shape[:-1] != teacher.shape[:-1]:
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ in more "
