@@ -193,10 +193,20 @@ def build_student(teacher: PreTrainedModel, *, layers: int, hidden_size: int | N
     return student
 
 
+def load_task_model(location: str, family: Family) -> torch.nn.Module:
+    """A saved task model (a fine-tuned teacher, an exported student), in fp32 whatever dtype it was stored in."""
+    return task_model_class(family).from_pretrained(location, dtype=torch.float32)
+
+
 def load_pretrained(location: str, *, spec: TaskSpec, family: Family) -> tuple[torch.nn.Module, bool]:
-    """from_pretrained with the task head; returns (model, head_was_in_checkpoint)."""
+    """from_pretrained with the task head; returns (model, head_was_in_checkpoint).
+
+    Always fp32: transformers loads a checkpoint in its stored dtype (bf16 for most recent causal LMs), and
+    AdamW on bf16 weights loses small updates; train.precision sets the compute dtype through autocast instead.
+    """
     config = with_task_head(AutoConfig.from_pretrained(location), spec)
-    model, info = task_model_class(family).from_pretrained(location, config=config, output_loading_info=True)
+    model, info = task_model_class(family).from_pretrained(location, config=config, output_loading_info=True,
+                                                           dtype=torch.float32)
     head_missing = any(k.split(".")[0] in ("classifier", "score", "lm_head") for k in info["missing_keys"])
     return model, not head_missing
 

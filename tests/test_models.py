@@ -77,3 +77,16 @@ def test_saved_teacher_round_trips_through_from_pretrained(tmp_path) -> None:
     loaded, has_head = models.load_pretrained(str(tmp_path), spec=SPEC, family="encoder")
     assert has_head
     torch.testing.assert_close(loaded.state_dict()["classifier.weight"], teacher.state_dict()["classifier.weight"])
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoints_load_as_fp32(tmp_path, stored) -> None:
+    """transformers keeps a checkpoint's stored dtype; training needs fp32 master weights (autocast does the rest)."""
+    teacher = tiny("tiny-bert").to(stored)
+    teacher.save_pretrained(tmp_path)
+    loaded, _ = models.load_pretrained(str(tmp_path), spec=SPEC, family="encoder")
+    reloaded = models.load_task_model(str(tmp_path), "encoder")
+    for model in (loaded, reloaded):
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+    torch.testing.assert_close(loaded.state_dict()["classifier.weight"],
+                               teacher.state_dict()["classifier.weight"].float())
