@@ -193,7 +193,7 @@ def build_student(teacher: PreTrainedModel, *, layers: int, hidden_size: int | N
     return student
 
 
-def load_task_model(location: str, family: Family) -> torch.nn.Module:
+def load_task_model(location: str, family: Family) -> PreTrainedModel:
     """A saved task model (a fine-tuned teacher, an exported student), in fp32 whatever dtype it was stored in."""
     return task_model_class(family).from_pretrained(location, dtype=torch.float32)
 
