@@ -125,7 +125,7 @@ def _teacher(cfg: Config, source: models.TeacherSource, tok: Any, data: Any, spe
 
 
 def load_teacher(prepared: Prepared, device: torch.device) -> Any:
-    model = models.load_task_model(prepared.teacher_dir, prepared.family)
+    model: torch.nn.Module = models.load_task_model(prepared.teacher_dir, prepared.family)
     return models.freeze(model.to(device))
 
 
