@@ -100,7 +100,8 @@ def run_cell(grid: dict[str, Any], index: int, results: Path) -> None:
     run_distillation(cfg, prepared, ctx)
 
 
-def table(grid: dict[str, Any], results: Path, out: Path, *, hardware: str, epoch: int | None) -> None:
+def table(grid: dict[str, Any], results: Path, out: Path, *, hardware: str, epoch: int | None,
+          notes: list[str]) -> None:
     from kdsearch.report import aggregate, plot, render
     from kdsearch.studies import Row, Study
     from kdsearch.tracking import format_param
@@ -118,18 +119,20 @@ def table(grid: dict[str, Any], results: Path, out: Path, *, hardware: str, epoc
     walls = [r["wall_s"] for r in done.values()]
     meta = {"measured": f"{time.strftime('%Y-%m-%d')} on {hardware}; {len(done)} of {len(grid['cells'])} cells "
                         f"reached epoch {epoch}, "
-                        f"{min(walls, default=0) / 60:.1f}-{max(walls, default=0) / 60:.1f} min each, all cells "
-                        f"at once on the one GPU (bench/study_grid.py: the shared loop without Ray/MLflow)",
+                        f"{min(walls, default=0) / 60:.1f}-{max(walls, default=0) / 60:.1f} min each, the cells "
+                        "run side by side (bench/study_grid.py)",
             "teacher": f"{Path(cfg.teacher).name}" + (f", fine-tuned on {cfg.task.train_size or 'all'} train rows: "
                                                       f"{100 * teacher:.1f}" if teacher else ""),
             "student": f"{cfg.student.layers} layers, width {cfg.student.hidden_size or 'teacher'}",
-            "data": f"{cfg.task.name} ({cfg.task.data_dir}): train {cfg.task.train_size or 'all'} rows, eval "
-                    f"{cfg.task.eval_size or 'all'} rows, max_length {cfg.task.max_length}",
+            "data": f"{cfg.task.name} ({cfg.task.data_dir and os.path.relpath(cfg.task.data_dir)}): train "
+                    f"{cfg.task.train_size or 'all'} rows, eval {cfg.task.eval_size or 'all'} rows, max_length "
+                    f"{cfg.task.max_length}",
             "training": f"{cfg.train.epochs} epochs x {cfg.train.max_steps_per_epoch or 'all'} steps, batch "
                         f"{cfg.train.batch_size}, lr {cfg.train.lr}, {cfg.train.precision}; score = eval accuracy "
                         + ("at the final epoch" if epoch == cfg.train.epochs else f"after epoch {epoch}"),
             "seeds": f"train.seed in {grid['seeds']} (the teacher is shared: finetune.seed {cfg.finetune.seed})",
-            "command": "`python bench/study_grid.py plan " + " ".join(grid["argv"]) + "`, then prepare/cell/table"}
+            "command": "`python bench/study_grid.py plan " + " ".join(grid["argv"]) + "`, then prepare/cell/table",
+            **{f"note {i}": note for i, note in enumerate(notes, 1)}}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{study.name}.md").write_text(render(study, rows, meta))
     (out / f"{study.name}.json").write_text(json.dumps({"meta": meta, "rows": rows, "records": records}, indent=2,
@@ -156,6 +159,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--hardware", default=f"{os.cpu_count()} CPU cores", help="where the cells ran, for the table")
     p.add_argument("--epoch", type=int, default=None, help="tabulate this epoch (default: the last)")
+    p.add_argument("--note", action="append", default=[], help="a line for the table's header (repeatable)")
     args = parser.parse_args(argv)
     if args.phase == "plan":
         plan(args.overrides, args.out)
@@ -166,7 +170,8 @@ def main(argv: list[str]) -> int:
     elif args.phase == "cell":
         run_cell(grid, args.index, args.results)
     else:
-        table(grid, args.results, args.out, hardware=args.hardware, epoch=args.epoch)
+        table(grid, args.results, args.out, hardware=args.hardware, epoch=args.epoch,
+              notes=args.note)
     return 0
 
 
