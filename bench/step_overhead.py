@@ -51,6 +51,7 @@ from kdsearch.losses import task_loss  # noqa: E402
 from kdsearch.optimiser import Optimiser  # noqa: E402
 from kdsearch.precision import autocast, loss_scaler  # noqa: E402
 from kdsearch.prepare import Prepared, make_student, prepare  # noqa: E402
+from kdsearch.teacher_cache import TeacherCache, with_rows  # noqa: E402
 from kdsearch.validate import validate  # noqa: E402
 
 TARGET = 1.10
@@ -80,7 +81,8 @@ def base_config(args: argparse.Namespace) -> list[str]:
             f"task.train_size={args.train_size}", "task.eval_size=128", f"task.max_length={args.max_length}",
             "finetune.epochs=1", "ted.stage1_epochs=1", "units.score_batches=4",
             f"train.batch_size={args.batch_size}", f"cache_dir={args.cache_dir}", f"train.precision={args.precision}",
-            f"resources.gpus_per_trial={1 if args.device.startswith('cuda') else 0}"]
+            f"resources.gpus_per_trial={1 if args.device.startswith('cuda') else 0}",
+            f"train.teacher_cache={str(args.teacher_cache).lower()}"]
 
 
 def strategy_config(args: argparse.Namespace, name: str) -> Config:
@@ -98,6 +100,8 @@ class Variants:
         self.device, self.fused, self.precision = device, fused, cfg.train.precision
         self.ctx = WorkerContext(device=device, log=lambda line: None)
         self.teacher, self.distiller = build_distiller(cfg, prepared, device)
+        # --teacher-cache: the kd step reads the teacher's outputs (the loop and base steps still run it live)
+        self.kd_teacher = TeacherCache.open(prepared.teacher_outputs) if prepared.teacher_outputs else self.teacher
         self.pairs = layer_pairs(cfg, prepared, epoch=0)
         self.optimiser = self._optimiser(self.distiller, cfg)
         plain = replace(cfg, distill=replace(cfg.distill, w_logit=0.0, w_hidden=0.0, layer_map="none",
@@ -119,7 +123,7 @@ class Variants:
                          loss_scaler(self.device, self.precision))
 
     def kd(self, batch: dict[str, torch.Tensor]) -> None:
-        _train_epoch(self.distiller, self.teacher, [batch], self.optimiser, self.pairs, steps=1, ctx=self.ctx,
+        _train_epoch(self.distiller, self.kd_teacher, [batch], self.optimiser, self.pairs, steps=1, ctx=self.ctx,
                      epoch=0, precision=self.precision)
 
     def loop(self, batch: dict[str, torch.Tensor]) -> None:
@@ -317,6 +321,8 @@ def main() -> int:
                              "default AdamW in every variant)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                         help="train.precision of every variant (autocast forward passes; fp16 needs a GPU)")
+    parser.add_argument("--teacher-cache", action="store_true",
+                        help="kd reads the teacher's outputs from train.teacher_cache (base still runs the teacher)")
     parser.add_argument("--profile", default=None, help="a strategy to profile with torch.profiler instead")
     parser.add_argument("--breakdown", default=None, help="a strategy whose step to time phase by phase instead")
     args = parser.parse_args()
@@ -337,7 +343,8 @@ def main() -> int:
     for name in [single] if single else names:
         cfg = strategy_config(args, name)
         prepared = prepare(cfg, device=device)  # cached: only the first run builds the artifacts
-        loader = make_loader(prepared.data["train"], batch_size=cfg.train.batch_size, shuffle=True,
+        train = with_rows(prepared.data["train"]) if prepared.teacher_outputs else prepared.data["train"]
+        loader = make_loader(train, batch_size=cfg.train.batch_size, shuffle=True,
                              seed=cfg.train.seed, pad_id=prepared.pad_id)
         batches = [{k: v.to(device) for k, v in b.items()} for b in loader]
         setups[name] = (Variants(cfg, prepared, device, fused=args.fused_adamw), batches)

@@ -160,6 +160,10 @@ class TrainConfig:
     precision: Precision = "fp32"
     """Autocast precision of the teacher and student forward passes (training, evaluation, latency): `bf16` on
     Ampere or later GPUs (no loss scaling), `fp16` with a loss scaler on older GPUs; the loss math stays fp32."""
+    teacher_cache: bool = False
+    """Run the frozen teacher once over the training split and read its outputs back by row (cached by content,
+    shared by every trial on the same teacher, data and precision) instead of a teacher forward every step.
+    Encoder tasks with padding masked (distill.mask_padding=true); disk: rows x tokens x (layers + 1) x d."""
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"train.epochs={self.epochs}: must be >= 1")

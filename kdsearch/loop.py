@@ -32,6 +32,7 @@ from .precision import autocast
 from .prepare import Prepared, load_teacher, make_student
 from .step import Distiller, loss_weights, teacher_forward
 from .tasks import TaskSpec
+from .teacher_cache import TeacherCache, with_rows
 
 
 def _identity(x: Any) -> Any:
@@ -103,12 +104,17 @@ def _resume(distiller: Distiller, optimiser: Optimiser, checkpoint: Path | None)
 def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dict[str, Any]:
     """Train the student for cfg.train.epochs; report metrics (and a checkpoint on rank 0) every epoch."""
     torch.manual_seed(cfg.train.seed)
-    teacher, distiller = build_distiller(cfg, prepared, ctx.device)
+    live, distiller = build_distiller(cfg, prepared, ctx.device)
+    teacher: nn.Module | TeacherCache = live
+    train = prepared.data["train"]
+    if prepared.teacher_outputs is not None:  # the cached outputs stand in for the live teacher
+        teacher, train = TeacherCache.open(prepared.teacher_outputs), with_rows(train)
+    del live
     model = ctx.wrap_model(distiller)
     accum = cfg.train.grad_accum
     # train.batch_size is the global batch: world_size workers x grad_accum micro-batches per optimiser step
     micro = max(1, cfg.train.batch_size // (ctx.world_size * accum))
-    loader = ctx.wrap_loader(make_loader(prepared.data["train"], batch_size=micro, shuffle=True,
+    loader = ctx.wrap_loader(make_loader(train, batch_size=micro, shuffle=True,
                                          seed=cfg.train.seed, pad_id=prepared.pad_id))
     steps = -(-len(loader) // accum)  # optimiser steps per epoch; a last, shorter group still steps
     steps = min(steps, cfg.train.max_steps_per_epoch or steps)
@@ -162,7 +168,7 @@ def _seed_epoch(loader: Any, seed: int, epoch: int) -> None:
 _CHECK_EVERY = 16
 
 
-def _train_epoch(model: nn.Module, teacher: nn.Module, loader: Any, optimiser: Optimiser,
+def _train_epoch(model: nn.Module, teacher: nn.Module | TeacherCache, loader: Any, optimiser: Optimiser,
                  pairs: list[tuple[int, int]], *, steps: int, ctx: WorkerContext, epoch: int,
                  precision: Precision = "fp32", accum: int = 1) -> dict[str, float]:
     """`steps` optimiser steps, each over `accum` micro-batches; the mean of each loss term over micro-batches."""
@@ -180,7 +186,9 @@ def _train_epoch(model: nn.Module, teacher: nn.Module, loader: Any, optimiser: O
         sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
         with sync:
             with autocast(ctx.device, precision):
-                terms = model(batch, teacher_forward(teacher, batch, hidden=bool(pairs)), pairs)
+                outputs = (teacher.outputs(batch, hidden=bool(pairs)) if isinstance(teacher, TeacherCache)
+                           else teacher_forward(teacher, batch, hidden=bool(pairs)))
+                terms = model(batch, outputs, pairs)
             optimiser.backward(terms["loss"] / accum)
         finite &= torch.isfinite(terms["loss"].detach())
         micro_batches += 1

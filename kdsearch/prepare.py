@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer
 
-from . import models
+from . import models, teacher_cache
 from .bridges import resolve_bridge
 from .cache import Store, content_key, file_digest
 from .config import Config, flatten
@@ -46,6 +46,7 @@ class Prepared:
     teacher_filters: str | None = None  # safetensors of the frozen stage-1 teacher filters
     student_filters: str | None = None  # safetensors of the stage-1 student filters
     unit_scores: str | None = None  # safetensors {"scores": (n_t + 1, d_t)}
+    teacher_outputs: str | None = None  # directory of the cached teacher outputs (kdsearch.teacher_cache)
 
     def load_tensors(self, path: str | None) -> dict[str, torch.Tensor]:
         return load_file(path) if path else {}
@@ -189,6 +190,19 @@ def _unit_scores(cfg: Config, prepared: Prepared, store: Store, device: torch.de
     return str(store.get_or_build("unit_scores", key, build) / "scores.safetensors")
 
 
+def _teacher_outputs(cfg: Config, prepared: Prepared, store: Store, device: torch.device) -> str:
+    train = prepared.data["train"]
+    key = content_key(teacher=prepared.teacher_dir, precision=cfg.train.precision, device=device.type,
+                      data=[file_digest(f["filename"]) for f in train.cache_files])
+
+    def build(out: Path) -> None:
+        _log(f"caching the teacher's outputs over {len(train)} training rows")
+        teacher_cache.build(load_teacher(prepared, device), train, out, pad_id=prepared.pad_id,
+                            precision=cfg.train.precision, device=device)
+
+    return str(store.get_or_build("teacher_outputs", key, build))
+
+
 def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     store = Store(cfg.cache_dir)
@@ -213,4 +227,6 @@ def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:
         extra["teacher_filters"], extra["student_filters"] = _ted_filters(cfg, prepared, pairs, store, device)
     if bridge == "units" and pairs:
         extra["unit_scores"] = _unit_scores(cfg, prepared, store, device)
+    if cfg.train.teacher_cache:
+        extra["teacher_outputs"] = _teacher_outputs(cfg, prepared, store, device)
     return dataclasses.replace(prepared, **extra)

@@ -60,6 +60,15 @@ def _check_shapes(cfg: Config, n_t: int, d_t: int) -> None:
                           "nothing would be trained")
 
 
+def _check_teacher_cache(cfg: Config, kind: str) -> None:
+    if kind == "causal_lm":
+        raise ConfigError("train.teacher_cache=true: encoder tasks only (a causal LM's teacher logits span the "
+                          "vocabulary at every token); set train.teacher_cache=false")
+    if cfg.distill.w_hidden > 0 and cfg.distill.layer_map != "none" and not cfg.distill.mask_padding:
+        raise ConfigError("train.teacher_cache=true needs distill.mask_padding=true: the teacher's states at "
+                          "padding depend on the batch, so they are not cached")
+
+
 def validate(cfg: Config) -> TaskSpec:
     """Raise ConfigError (one line) for anything that would fail later; else the task as the teacher reads it."""
     _check_names(cfg)
@@ -80,6 +89,8 @@ def validate(cfg: Config) -> TaskSpec:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} cannot be split over resources.num_workers="
                           f"{cfg.resources.num_workers} x train.grad_accum={cfg.train.grad_accum} micro-batches: "
                           f"use a batch of at least {shares}")
+    if cfg.train.teacher_cache:
+        _check_teacher_cache(cfg, read_by(spec, family_of(teacher)).kind)
     if cfg.train.precision == "fp16" and not cfg.resources.use_gpu:
         raise ConfigError("train.precision=fp16 needs a GPU (resources.gpus_per_trial > 0); on CPU use bf16 or fp32")
     return read_by(spec, family_of(teacher))

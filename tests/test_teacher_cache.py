@@ -1,0 +1,96 @@
+"""train.teacher_cache: the cached teacher outputs equal the live teacher's, a cached run trains like a live one,
+the cache is built once and shared, and the settings it cannot serve are refused before anything runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdsearch.config import Config, ConfigError, load_config
+from kdsearch.evaluation import make_loader
+from kdsearch.loop import WorkerContext, run_distillation
+from kdsearch.prepare import load_teacher, prepare
+from kdsearch.step import teacher_forward
+from kdsearch.teacher_cache import ROW, TeacherCache, with_rows
+from kdsearch.validate import validate
+
+SMALL = ["task.train_size=96", "task.eval_size=64", "train.epochs=2", "finetune.epochs=1", "train.dropout=0.0",
+         "train.batch_size=16", "distill.layer_map=forward", "distill.w_hidden=1.0"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def small(cache: Path, *extra: str) -> Config:
+    return load_config([*SMALL, f"cache_dir={cache}", *extra])
+
+
+def test_cached_outputs_equal_the_live_teacher_at_every_real_token(cache: Path) -> None:
+    prepared = prepare(small(cache, "train.teacher_cache=true"), device=torch.device("cpu"))
+    assert prepared.teacher_outputs is not None
+    stored = TeacherCache.open(prepared.teacher_outputs)
+    teacher = load_teacher(prepared, torch.device("cpu"))
+    train = with_rows(prepared.data["train"])
+    # shuffled, a batch size the cache was not built with: other rows share each batch, other padding lengths
+    for batch in make_loader(train, batch_size=7, shuffle=True, seed=3, pad_id=prepared.pad_id):
+        live, cached = teacher_forward(teacher, batch, hidden=True), stored.outputs(batch, hidden=True)
+        torch.testing.assert_close(cached.logits, live.logits, rtol=1e-5, atol=1e-5)
+        real = batch["attention_mask"].bool()
+        assert cached.hidden is not None and live.hidden is not None and len(cached.hidden) == len(live.hidden)
+        for c, v in zip(cached.hidden, live.hidden, strict=True):
+            torch.testing.assert_close(c[real], v[real], rtol=1e-5, atol=1e-5)
+            assert not c[~real].any()  # padding is not cached: zero, and masked out of every distance
+        assert stored.outputs(batch, hidden=False).hidden is None
+
+
+def test_a_cached_run_trains_like_a_live_one_and_builds_the_cache_once(cache: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    def run(cfg: Config) -> list[dict]:
+        reports: list[dict] = []
+        run_distillation(cfg, prepare(cfg), WorkerContext(report=lambda m, _: reports.append(m), log=lambda _: None))
+        return reports
+
+    live = run(small(cache))
+    prepare(small(cache, "train.teacher_cache=true"))  # builds the cache (a teacher forward per row, once)
+
+    def no_teacher(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cached run ran the teacher")
+
+    monkeypatch.setattr("kdsearch.loop.teacher_forward", no_teacher)
+    cached = run(small(cache, "train.teacher_cache=true"))
+    assert [m["epoch"] for m in cached] == [1, 2]
+    for a, b in zip(live, cached, strict=True):
+        for key in ("train_task", "train_logit", "train_hidden", "train_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+        assert b["eval_score"] == pytest.approx(a["eval_score"], abs=1e-6)
+    entries = list((cache / "teacher_outputs").iterdir())
+    run(small(cache, "train.teacher_cache=true", "train.seed=1", "distill.layer_map=all_to_one"))
+    assert sorted(p.name for p in (cache / "teacher_outputs").iterdir()) == sorted(p.name for p in entries)
+
+
+def test_a_batch_from_other_data_is_refused(cache: Path) -> None:
+    prepared = prepare(small(cache, "train.teacher_cache=true"), device=torch.device("cpu"))
+    stored = TeacherCache.open(prepared.teacher_outputs or "")
+    batch = next(iter(make_loader(with_rows(prepared.data["validation"]), batch_size=8, shuffle=False, seed=0,
+                                  pad_id=prepared.pad_id)))
+    batch[ROW] = batch[ROW].flip(0)  # rows that exist, but not these rows' tokens
+    batch["attention_mask"][:, 1:] = 1
+    with pytest.raises(ValueError, match="do not match the cached rows"):
+        stored.outputs(batch, hidden=True)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["distill.mask_padding=false"], "needs distill.mask_padding=true"),
+    (["teacher=tiny-gpt2"], "encoder tasks only"),  # a causal teacher reads the task as language modelling
+])
+def test_settings_the_cache_cannot_serve_fail_early(cache: Path, overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate(small(cache, "train.teacher_cache=true", *overrides))
+
+
+def test_logit_only_runs_need_no_padding_mask(cache: Path) -> None:
+    validate(small(cache, "train.teacher_cache=true", "distill.mask_padding=false", "distill.layer_map=none"))
