@@ -27,7 +27,7 @@ Pairs = list[tuple[int, int]]
 
 @dataclass(frozen=True)
 class TeacherOutputs:
-    """What the step needs from the teacher; computed live now, a cache may supply it later."""
+    """What the step needs from the teacher: run live (`teacher_forward`) or read back (`teacher_cache`)."""
 
     logits: torch.Tensor  # (B, C) or (B, T, V)
     hidden: tuple[torch.Tensor, ...] | None  # hidden_states, each (B, T, d_t)
