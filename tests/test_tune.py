@@ -94,7 +94,8 @@ def test_search_logs_every_trial_stops_bad_ones_early_and_survives_a_failing_tri
 
 @pytest.mark.slow
 def test_a_multi_objective_search_ranks_on_its_pareto_front(tmp_path: Path) -> None:
-    args = [*_args(tmp_path, 3, "mo"), "objectives=[eval_loss:min,student_latency_ms:min]"]
+    # also the cached teacher in a search: concurrent trials build its outputs once and read them
+    args = [*_args(tmp_path, 3, "mo"), "objectives=[eval_loss:min,student_latency_ms:min]", "train.teacher_cache=true"]
     proc = subprocess.run([sys.executable, "-m", "kdsearch.tune", *args], cwd=tmp_path, env=_env(),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -103,6 +104,9 @@ def test_a_multi_objective_search_ranks_on_its_pareto_front(tmp_path: Path) -> N
     assert parent.tags["kdsearch.objectives"] == "eval_loss:min,student_latency_ms:min"
     trials = list_trials(uri=uri, experiment="kdsearch", search_run_id=parent.run_id)
     assert len(trials) == 3 and all(t.metrics["student_latency_ms"] > 0 for t in trials)
+    assert {t.params["train.teacher_cache"] for t in trials} == {"True"}
+    built = [p for p in (tmp_path.parent / "shared_cache" / "teacher_outputs").iterdir() if p.is_dir()]
+    assert len(built) == 1 and (built[0] / ".done").exists()
     with (tmp_path / "results" / "mo" / "leaderboard" / "leaderboard.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["rank"] for r in rows] == ["1", "2", "3"]
