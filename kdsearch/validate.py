@@ -66,7 +66,8 @@ def _check_teacher_cache(cfg: Config, kind: str) -> None:
                           "vocabulary at every token); set train.teacher_cache=false")
     if cfg.distill.w_hidden > 0 and cfg.distill.layer_map != "none" and not cfg.distill.mask_padding:
         raise ConfigError("train.teacher_cache=true needs distill.mask_padding=true: the teacher's states at "
-                          "padding depend on the batch, so they are not cached")
+                          "padding depend on the batch, so they are not cached (a space that searches it: add "
+                          "distill.mask_padding=true to fix it)")
 
 
 def validate(cfg: Config) -> TaskSpec:
