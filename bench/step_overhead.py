@@ -4,7 +4,8 @@
                                        [--precision fp32|bf16|fp16]
 
 For each strategy (forward identity, none = logit KD only, all_to_one, projector with a narrower student, ted
-with linear filters, units = Flex-KD) it times, on the same batches and interleaved step by step:
+with linear filters, units = Flex-KD, relation = MiniLMv2 attention relations) it times, on the same batches and
+interleaved step by step:
 
   kd    the shared step exactly as the loop runs it: `kdsearch.loop._train_epoch` on one batch
         (teacher_forward + Distiller forward + loss.item() check + backward + grad clip + AdamW + scheduler + the
@@ -68,6 +69,7 @@ STRATEGIES: dict[str, list[str]] = {
     "ted": ["distill.layer_map=forward", "distill.bridge=ted", "ted.filter=linear"],
     "units": ["distill.layer_map=forward", "distill.bridge=units", "student.hidden_size=NARROW",
               "student.init=random"],
+    "relation": ["distill.layer_map=none", "distill.w_hidden=0", "distill.w_relation=1"],
 }
 
 
@@ -124,7 +126,8 @@ class Variants:
 
     def kd(self, batch: dict[str, torch.Tensor]) -> None:
         _train_epoch(self.distiller, self.kd_teacher, [batch], self.optimiser, self.pairs, steps=1, ctx=self.ctx,
-                     epoch=0, precision=self.precision)
+                     epoch=0, precision=self.precision, tap=self.distiller.relation.teacher if self.distiller.relation
+                     else None)
 
     def loop(self, batch: dict[str, torch.Tensor]) -> None:
         _train_epoch(self.plain, self.teacher, [batch], self.plain_optimiser, [], steps=1, ctx=self.ctx, epoch=0,
@@ -207,6 +210,7 @@ def profile(variants: Variants, batches: list[dict[str, torch.Tensor]], steps: i
 def breakdown(variants: Variants, batches: list[dict[str, torch.Tensor]], *, steps: int, warmup: int) -> None:
     """Median time of each phase of the kd step (re-enacted phase by phase) and of the base step."""
     from kdsearch.losses import combine
+    from kdsearch.relations import capture
     from kdsearch.step import teacher_forward
 
     v, d = variants, variants.distiller
@@ -226,10 +230,11 @@ def breakdown(variants: Variants, batches: list[dict[str, torch.Tensor]], *, ste
         use_hidden = bool(v.pairs)
         d.train()
         t = tick(kd_t, "", CLOCK(), False)
-        teacher = teacher_forward(v.teacher, batch, hidden=use_hidden)
+        teacher = teacher_forward(v.teacher, batch, hidden=use_hidden, tap=d.relation.teacher if d.relation else None)
         t = tick(kd_t, "teacher forward (hidden states)", t, rec)
-        out = d.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        output_hidden_states=use_hidden)
+        with capture(d.student, d.relation.student if d.relation else None) as projections:
+            out = d.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            output_hidden_states=use_hidden)
         t = tick(kd_t, "student forward (hidden states)", t, rec)
         terms = {"task": task_loss(out.logits, batch["labels"], kind=v.kind)}
         t = tick(kd_t, "task loss", t, rec)
@@ -240,6 +245,10 @@ def breakdown(variants: Variants, batches: list[dict[str, torch.Tensor]], *, ste
             assert teacher.hidden is not None
             terms["hidden"] = d._hidden_term(out.hidden_states, teacher.hidden, batch["attention_mask"], v.pairs)
             t = tick(kd_t, f"hidden term ({len(v.pairs)} pairs)", t, rec)
+        if d.relation is not None:
+            assert teacher.projections is not None
+            terms["relation"] = d._relation_term(projections, teacher.projections, batch["attention_mask"])
+            t = tick(kd_t, f"relation term ({'+'.join(d.relation.kinds)})", t, rec)
         loss = combine(terms, d.weights if use_hidden else {**d.weights, "hidden": 0.0})
         loss.item()
         t = tick(kd_t, "combine + loss.item()", t, rec)

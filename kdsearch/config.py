@@ -86,13 +86,15 @@ class DistillConfig:
     w_task: float = 1.0
     w_logit: float = 1.0
     w_hidden: float = 3.0
+    w_relation: float = 0.0
+    """Weight of the self-attention relation term (MiniLM / MiniLMv2; settings under `relation.`)."""
     temperature: float = 1.0
     logit_loss: str = "kl"
     """Logit-KD divergence registry key: kl (Hinton), reverse_kl (MiniLLM), jsd (GKD, beta 1/2), skew_kl
     (DistiLLM, alpha 0.1); all at temperature T, times T^2."""
 
     def __post_init__(self) -> None:
-        for key in ("w_task", "w_logit", "w_hidden"):
+        for key in ("w_task", "w_logit", "w_hidden", "w_relation"):
             value = getattr(self, key)
             _require(value >= 0, f"distill.{key}={value}: loss weights must be >= 0")
         _require(self.temperature > 0, f"distill.temperature={self.temperature}: must be > 0")
@@ -120,6 +122,33 @@ class TedConfig:
                  f"ted.mlp_hidden={self.mlp_hidden}: must be > 0")
         _require(self.depth >= 2, f"ted.depth={self.depth}: an mlp filter has at least 2 layers")
         _require(self.stage1_epochs >= 1, f"ted.stage1_epochs={self.stage1_epochs}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class RelationConfig:
+    """Self-attention relation distillation, on when distill.w_relation > 0 (one student and one teacher layer)."""
+
+    kinds: str = "qq+kk+vv"
+    """Relations compared, `+`-joined names of kdsearch.relations.RELATIONS: qq+kk+vv (MiniLMv2), qk+vv (MiniLM:
+    the attention distributions and value relations). One string, so that a search space can choose it."""
+    heads: int | None = None
+    """Relation heads R (must divide every compared projection width); None = the teacher's attention heads."""
+    student_layer: int | None = None
+    """Student layer (1..n_s) whose projections are compared; None = the last (MiniLM, MiniLMv2)."""
+    teacher_layer: int | None = None
+    """Teacher layer (1..n_t); None = the last (MiniLM; MiniLMv2 takes an upper-middle layer of large
+    teachers)."""
+
+    def __post_init__(self) -> None:
+        _require(all(self.names), f"relation.kinds={self.kinds!r}: name relations joined by + (e.g. qq+kk+vv)")
+        _require(self.heads is None or self.heads > 0, f"relation.heads={self.heads}: must be > 0")
+        for key in ("student_layer", "teacher_layer"):
+            value = getattr(self, key)
+            _require(value is None or value >= 1, f"relation.{key}={value}: layers count from 1")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.kinds.split("+"))
 
 
 @dataclass(frozen=True)
@@ -225,6 +254,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     ted: TedConfig = field(default_factory=TedConfig)
     units: UnitsConfig = field(default_factory=UnitsConfig)
+    relation: RelationConfig = field(default_factory=RelationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)

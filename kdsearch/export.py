@@ -41,7 +41,7 @@ def best_result(results: Any, ranked_trials: list[str]) -> Any | None:
 
 def model_card(cfg: Any, metrics: dict[str, Any], *, search: str, trial_id: str, metric: str) -> str:
     flat = flatten(cfg)
-    strategy = {k: v for k, v in flat.items() if k.startswith(("distill.", "ted.", "units.", "student."))}
+    strategy = {k: v for k, v in flat.items() if k.startswith(("distill.", "ted.", "units.", "relation.", "student."))}
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in strategy.items())
     latency = (f"\n- latency: {metrics['student_latency_ms']:.2f} ms per forward pass over 32 evaluation rows "
                "(measured during the search, on its device)" if "student_latency_ms" in metrics else "")

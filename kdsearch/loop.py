@@ -30,6 +30,7 @@ from .metrics import metric_names
 from .optimiser import Optimiser, make_optimiser
 from .precision import autocast
 from .prepare import Prepared, load_teacher, make_student
+from .relations import RelationSpec, Tap, relation_spec
 from .step import Distiller, loss_weights, teacher_forward
 from .tasks import TaskSpec
 from .teacher_cache import TeacherCache, with_rows
@@ -75,8 +76,19 @@ def build_distiller(cfg: Config, prepared: Prepared, device: torch.device) -> tu
                           student_filters=prepared.load_tensors(prepared.student_filters),
                           unit_scores=prepared.load_tensors(prepared.unit_scores).get("scores"))
     bridge = BRIDGES.get(resolve_bridge(cfg.distill.bridge, d_s, prepared.d_teacher))(inputs)
-    distiller = Distiller(student, bridge, kind=prepared.spec.kind, cfg=cfg.distill)
+    distiller = Distiller(student, bridge, kind=prepared.spec.kind, cfg=cfg.distill,
+                          relation=resolve_relation(cfg, teacher.config))
     return teacher, distiller.to(device)
+
+
+def resolve_relation(cfg: Config, teacher_config: Any) -> RelationSpec | None:
+    """The relation term's settings with the defaults filled in (last layers, the teacher's heads)."""
+    if cfg.distill.w_relation == 0:
+        return None
+    rel = cfg.relation
+    return relation_spec(rel.names, heads=rel.heads or teacher_config.num_attention_heads,
+                         student_layer=rel.student_layer or cfg.student.layers,
+                         teacher_layer=rel.teacher_layer or teacher_config.num_hidden_layers)
 
 
 def layer_pairs(cfg: Config, prepared: Prepared, *, epoch: int) -> list[tuple[int, int]]:
@@ -128,13 +140,14 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
     with autocast(ctx.device, precision):
         latency = forward_latency_ms(distiller.student, prepared.data["validation"], rows=LATENCY_ROWS,
                                      pad_id=prepared.pad_id, device=ctx.device)
+    tap = distiller.relation.teacher if distiller.relation else None
     metrics: dict[str, Any] = {}
     for epoch in range(start, cfg.train.epochs):
         pairs = layer_pairs(cfg, prepared, epoch=epoch)
         _seed_epoch(loader, cfg.train.seed, epoch)
         began = time.perf_counter()
         train_terms = _train_epoch(model, teacher, loader, optimiser, pairs, steps=steps, ctx=ctx, epoch=epoch,
-                                   precision=precision, accum=accum)
+                                   precision=precision, accum=accum, tap=tap)
         epoch_time = time.perf_counter() - began
         with autocast(ctx.device, precision):
             scores = evaluate(distiller.student, prepared.data["validation"], spec=prepared.spec,
@@ -170,8 +183,11 @@ _CHECK_EVERY = 16
 
 def _train_epoch(model: nn.Module, teacher: nn.Module | TeacherCache, loader: Any, optimiser: Optimiser,
                  pairs: list[tuple[int, int]], *, steps: int, ctx: WorkerContext, epoch: int,
-                 precision: Precision = "fp32", accum: int = 1) -> dict[str, float]:
-    """`steps` optimiser steps, each over `accum` micro-batches; the mean of each loss term over micro-batches."""
+                 precision: Precision = "fp32", accum: int = 1, tap: Tap | None = None) -> dict[str, float]:
+    """`steps` optimiser steps, each over `accum` micro-batches; the mean of each loss term over micro-batches.
+
+    `tap`: the teacher layer whose attention projections the relation term reads (live teacher only).
+    """
     model.train()
     sums: dict[str, torch.Tensor] = {}  # detached running sums: one host sync per epoch, not per step
     finite = torch.ones((), dtype=torch.bool, device=ctx.device)
@@ -187,7 +203,7 @@ def _train_epoch(model: nn.Module, teacher: nn.Module | TeacherCache, loader: An
         with sync:
             with autocast(ctx.device, precision):
                 outputs = (teacher.outputs(batch, hidden=bool(pairs)) if isinstance(teacher, TeacherCache)
-                           else teacher_forward(teacher, batch, hidden=bool(pairs)))
+                           else teacher_forward(teacher, batch, hidden=bool(pairs), tap=tap))
                 terms = model(batch, outputs, pairs)
             optimiser.backward(terms["loss"] / accum)
         finite &= torch.isfinite(terms["loss"].detach())

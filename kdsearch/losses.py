@@ -220,6 +220,45 @@ def logit_skew_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature
     return _token_mean(_kl_to_mixture(log_p_t, log_p_s, SKEW), mask) * temperature**2
 
 
+def relation_log_probs(x: Tensor, y: Tensor, *, heads: int, mask: Tensor | None = None,
+                       causal: bool = False) -> Tensor:
+    """log softmax_keys(x_h y_h^T / sqrt(d/heads)) per relation head h: (B, T, d) x 2 -> (B, heads, T, T), fp32.
+
+    x and y are split into `heads` chunks of d/heads units (as a model splits its attention heads). Keys at
+    padding (mask 0) and, with `causal`, keys after the query get probability 0.
+    """
+    batch, length, width = x.shape
+    if width != y.shape[-1] or width % heads:
+        raise ValueError(f"a relation needs two projections of one width that {heads} heads divide; got widths "
+                         f"{width} and {y.shape[-1]}")
+    xh = x.float().reshape(batch, length, heads, -1).transpose(1, 2)  # (B, R, T, d/R)
+    yh = y.float().reshape(batch, length, heads, -1).transpose(1, 2)
+    scores = xh @ yh.transpose(-1, -2) / math.sqrt(xh.shape[-1])  # (B, R, T, T)
+    allowed = torch.ones(length, length, dtype=torch.bool, device=x.device)
+    if causal:
+        allowed = allowed.tril()
+    allowed = allowed.expand(batch, 1, length, length)
+    if mask is not None:
+        allowed = allowed & mask.to(torch.bool)[:, None, None, :]
+    return torch.log_softmax(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), dim=-1)
+
+
+def relation_kl(student: tuple[Tensor, Tensor], teacher: tuple[Tensor, Tensor], *, heads: int,
+                mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    """KL(teacher relation || student relation), summed over keys, mean over relation heads and real queries.
+
+    A relation of projections (x, y) is `relation_log_probs`. With x, y = query, key and heads = the model's
+    attention heads it is the attention distribution (MiniLM, arXiv 2002.10957); query-query, key-key and
+    value-value relations with any common `heads` compare models of different widths and head counts
+    (MiniLMv2, arXiv 2012.15828).
+    """
+    log_s = relation_log_probs(*student, heads=heads, mask=mask, causal=causal)
+    log_t = relation_log_probs(*teacher, heads=heads, mask=mask, causal=causal)
+    p_t = log_t.exp()
+    per_query = torch.where(p_t > 0, p_t * (log_t - log_s), torch.zeros_like(p_t)).sum(dim=-1)  # (B, R, T)
+    return _token_mean(per_query.mean(dim=1), mask)
+
+
 def task_loss(logits: Tensor, labels: Tensor, *,
               kind: Literal["classification", "regression", "causal_lm"]) -> Tensor:
     """The student's own objective: cross-entropy, MSE (STS-B) or next-token cross-entropy.

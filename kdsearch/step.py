@@ -2,7 +2,8 @@
 
 Every strategy of the three papers is this step with different layer pairs, a different bridge and different
 weights: loss = w_task * task + w_logit * D(teacher, student) + w_hidden * reduce_k distance(bridge(h_s[k]),
-bridge(h_t[m(k)])). `Distiller` holds everything trainable (student + bridge) so that DDP wraps one module.
+bridge(h_t[m(k)])) + w_relation * sum of self-attention relation KLs (the MiniLM baselines). `Distiller` holds
+everything trainable (student + bridge) so that DDP wraps one module.
 Plain PyTorch: no Ray, Optuna or MLflow.
 """
 
@@ -15,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import DISTANCES, LOGIT_LOSSES, combine, task_loss
+from .losses import DISTANCES, LOGIT_LOSSES, combine, relation_kl, task_loss
+from .relations import RELATIONS, RelationSpec, Tap, capture
 
 if TYPE_CHECKING:
     from .bridges import Bridge
@@ -31,17 +33,20 @@ class TeacherOutputs:
 
     logits: torch.Tensor  # (B, C) or (B, T, V)
     hidden: tuple[torch.Tensor, ...] | None  # hidden_states, each (B, T, d_t)
+    projections: dict[str, torch.Tensor] | None = None  # one layer's query/key/value, each (B, T, d)
 
 
 @torch.no_grad()
-def teacher_forward(teacher: nn.Module, batch: dict[str, torch.Tensor], *, hidden: bool) -> TeacherOutputs:
-    out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  output_hidden_states=hidden)
-    return TeacherOutputs(out.logits, out.hidden_states if hidden else None)
+def teacher_forward(teacher: nn.Module, batch: dict[str, torch.Tensor], *, hidden: bool,
+                    tap: Tap | None = None) -> TeacherOutputs:
+    with capture(teacher, tap) as projections:
+        out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      output_hidden_states=hidden)
+    return TeacherOutputs(out.logits, out.hidden_states if hidden else None, dict(projections) if tap else None)
 
 
 def loss_weights(cfg: DistillConfig) -> dict[str, float]:
-    return {"task": cfg.w_task, "logit": cfg.w_logit, "hidden": cfg.w_hidden}
+    return {"task": cfg.w_task, "logit": cfg.w_logit, "hidden": cfg.w_hidden, "relation": cfg.w_relation}
 
 
 def leaves_parameters_unused(cfg: DistillConfig) -> bool:
@@ -57,7 +62,8 @@ def leaves_parameters_unused(cfg: DistillConfig) -> bool:
 class Distiller(nn.Module):
     """Student + bridge; forward returns the named loss terms (detached copies are for logging only)."""
 
-    def __init__(self, student: nn.Module, bridge: Bridge, *, kind: TaskKind, cfg: DistillConfig) -> None:
+    def __init__(self, student: nn.Module, bridge: Bridge, *, kind: TaskKind, cfg: DistillConfig,
+                 relation: RelationSpec | None = None) -> None:
         super().__init__()
         self.student = student
         self.bridge = bridge
@@ -66,12 +72,15 @@ class Distiller(nn.Module):
         self.weights = loss_weights(cfg)
         self.distance = DISTANCES.get(cfg.distance)
         self.logit_loss = LOGIT_LOSSES.get(cfg.logit_loss)
+        self.relation = relation if cfg.w_relation > 0 else None
+        """The relation term's layers and heads; the loop taps the teacher at `relation.teacher`."""
 
     def forward(self, batch: dict[str, torch.Tensor], teacher: TeacherOutputs,
                 pairs: Pairs) -> dict[str, torch.Tensor]:
         use_hidden = self.weights["hidden"] > 0 and bool(pairs)
-        out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           output_hidden_states=use_hidden)
+        with capture(self.student, self.relation.student if self.relation else None) as projections:
+            out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               output_hidden_states=use_hidden)
         terms: dict[str, torch.Tensor] = {}
         if self.weights["task"] > 0:
             terms["task"] = task_loss(out.logits, batch["labels"], kind=self.kind)
@@ -81,6 +90,10 @@ class Distiller(nn.Module):
             assert teacher.hidden is not None
             mask = batch["attention_mask"] if self.cfg.mask_padding else None
             terms["hidden"] = self._hidden_term(out.hidden_states, teacher.hidden, mask, pairs)
+        if self.relation is not None:
+            if teacher.projections is None:
+                raise ValueError("distill.w_relation > 0 needs the teacher's projections: teacher_forward(tap=...)")
+            terms["relation"] = self._relation_term(projections, teacher.projections, batch["attention_mask"])
         terms["loss"] = combine(terms, self.weights if use_hidden else {**self.weights, "hidden": 0.0})
         terms["logits"] = out.logits.detach()
         return terms
@@ -92,6 +105,17 @@ class Distiller(nn.Module):
             mask = labels[:, 1:] != -100
             return self.logit_loss(student[:, :-1], teacher[:, :-1], temperature=self.cfg.temperature, mask=mask)
         return self.logit_loss(student, teacher, temperature=self.cfg.temperature)
+
+    def _relation_term(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
+                       mask: torch.Tensor) -> torch.Tensor:
+        """Sum over the chosen relations (MiniLMv2: L_qq + L_kk + L_vv) of the teacher-student relation KL."""
+        assert self.relation is not None
+        total = torch.zeros((), device=mask.device)
+        for name in self.relation.kinds:
+            x, y = RELATIONS.get(name)
+            total = total + relation_kl((student[x], student[y]), (teacher[x], teacher[y]),
+                                        heads=self.relation.heads, mask=mask, causal=self.kind == "causal_lm")
+        return total
 
     def _hidden_term(self, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
                      mask: torch.Tensor | None, pairs: Pairs) -> torch.Tensor:

@@ -6,12 +6,16 @@ config (no weights) and the task files' headers. No Ray, Optuna or MLflow.
 
 from __future__ import annotations
 
+import torch
+from transformers import AutoModel, PretrainedConfig
+
 from .bridges import BRIDGES, resolve_bridge
 from .config import Config, ConfigError
 from .data import check_task
 from .layer_maps import LAYER_MAPS, check_map_args
 from .losses import DISTANCES, LOGIT_LOSSES, WIDTH_FREE
-from .models import depth_width, family_of, resolve_teacher, teacher_config
+from .models import depth_width, family_of, resolve_teacher, student_config, teacher_config
+from .relations import RELATIONS, projection_modules, projection_widths
 from .tasks import TaskSpec, read_by
 from .ted import ACTIVATIONS, FILTERS
 
@@ -24,6 +28,8 @@ def _check_names(cfg: Config) -> None:
         BRIDGES.check(cfg.distill.bridge, key="distill.bridge")
     FILTERS.check(cfg.ted.filter, key="ted.filter")
     ACTIVATIONS.check(cfg.ted.activation, key="ted.activation")
+    for kind in cfg.relation.names:
+        RELATIONS.check(kind, key="relation.kinds")
 
 
 def _check_shapes(cfg: Config, n_t: int, d_t: int) -> None:
@@ -54,10 +60,41 @@ def _check_shapes(cfg: Config, n_t: int, d_t: int) -> None:
         if cfg.ted.student_filters == "teacher" and d_s != d_t:
             raise ConfigError(f"ted.student_filters=teacher copies teacher filters, which needs equal widths "
                               f"(student {d_s}, teacher {d_t}); use stage1 or random")
-    if cfg.distill.w_task == 0 and cfg.distill.w_logit == 0 and (cfg.distill.w_hidden == 0
-                                                                  or cfg.distill.layer_map == "none"):
-        raise ConfigError("every loss weight is 0 (distill.w_task, distill.w_logit, distill.w_hidden): "
-                          "nothing would be trained")
+    if cfg.distill.w_task == 0 and cfg.distill.w_logit == 0 and cfg.distill.w_relation == 0 and (
+            cfg.distill.w_hidden == 0 or cfg.distill.layer_map == "none"):
+        raise ConfigError("every loss weight is 0 (distill.w_task, distill.w_logit, distill.w_hidden, "
+                          "distill.w_relation): nothing would be trained")
+
+
+def _check_relation(cfg: Config, teacher: PretrainedConfig) -> None:
+    """Layers in range, R dividing every compared projection width, and projections the term can find."""
+    rel, (n_t, _) = cfg.relation, depth_width(teacher)
+    if cfg.train.teacher_cache:
+        raise ConfigError("distill.w_relation > 0 reads the teacher's attention projections, which "
+                          "train.teacher_cache does not store; set train.teacher_cache=false")
+    for key, layer, depth, who in (("student_layer", rel.student_layer, cfg.student.layers, "student"),
+                                   ("teacher_layer", rel.teacher_layer, n_t, "teacher")):
+        if layer is not None and layer > depth:
+            raise ConfigError(f"relation.{key}={layer} is beyond the {who}'s {depth} layers (1..{depth})")
+    heads = rel.heads or teacher.num_attention_heads
+    student = student_config(teacher, layers=cfg.student.layers, hidden_size=cfg.student.hidden_size)
+    projections = {p for kind in rel.names for p in RELATIONS.get(kind)}
+    for who, config in (("teacher", teacher), ("student", student)):
+        widths = projection_widths(config)
+        if "qk" in rel.names and widths["query"] != widths["key"]:
+            raise ConfigError(f"relation.kinds={rel.kinds} has qk, which needs equal query and key widths; the "
+                              f"{who}'s are {widths['query']} and {widths['key']} (grouped-query attention): "
+                              "use qq, kk, vv")
+        bad = sorted(f"{p} {widths[p]}" for p in projections if widths[p] % heads)
+        if bad:
+            raise ConfigError(f"relation.heads={heads} does not divide the {who}'s projection widths "
+                              f"({', '.join(bad)}); choose relation.heads dividing them")
+    with torch.device("meta"):  # the architecture without weights: are its projections where we look?
+        model = AutoModel.from_config(teacher)
+    try:
+        projection_modules(model, rel.teacher_layer or n_t)
+    except ValueError as err:
+        raise ConfigError(f"distill.w_relation > 0: {err}") from None
 
 
 def _check_teacher_cache(cfg: Config, kind: str) -> None:
@@ -92,6 +129,8 @@ def validate(cfg: Config) -> TaskSpec:
                           f"use a batch of at least {shares}")
     if cfg.train.teacher_cache:
         _check_teacher_cache(cfg, read_by(spec, family_of(teacher)).kind)
+    if cfg.distill.w_relation > 0:
+        _check_relation(cfg, teacher)
     if cfg.train.precision == "fp16" and not cfg.resources.use_gpu:
         raise ConfigError("train.precision=fp16 needs a GPU (resources.gpus_per_trial > 0); on CPU use bf16 or fp32")
     return read_by(spec, family_of(teacher))

@@ -21,7 +21,7 @@ OWNERS = {
 }
 CORE = ["config", "registry", "losses", "layer_maps", "ted", "units", "bridges", "step", "loop", "models", "tasks",
         "data", "encoding", "metrics", "evaluation", "cache", "prepare", "validate", "sizing", "spaces",
-        "space_model", "search", "ranking", "optimiser", "precision", "teacher_cache"]
+        "space_model", "search", "ranking", "optimiser", "precision", "teacher_cache", "relations"]
 
 
 def _imported_frameworks(path: Path) -> set[str]:

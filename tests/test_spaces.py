@@ -20,7 +20,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def test_the_planned_spaces_ship_in_the_package() -> None:
-    assert {"ted", "layer_select", "flex", "kd", "all", "smoke"} <= set(SHIPPED)
+    assert {"ted", "layer_select", "flex", "kd", "relation", "all", "smoke"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)

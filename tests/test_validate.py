@@ -20,6 +20,11 @@ import pytest
     (["train.batch_size=4", "train.grad_accum=8"], "cannot be split"),
     (["distill.logit_loss=wasserstein"], "unknown logit loss"),
     (["train.precision=fp8"], "choose one of fp32, bf16, fp16"),
+    (["distill.w_relation=1", "relation.teacher_layer=9"], "beyond the teacher's 4 layers"),
+    (["distill.w_relation=1", "relation.heads=3"], "does not divide the teacher's projection widths"),
+    (["distill.w_relation=1", "relation.kinds=qk+xy"], "unknown attention relation"),
+    (["distill.w_relation=1", "teacher=tiny-qwen", "relation.kinds=qk"], "grouped-query attention"),
+    (["distill.w_relation=1", "train.teacher_cache=true"], "train.teacher_cache does not store"),
 ])
 def test_train_command_rejects_bad_input_in_one_line_before_ray(overrides: list[str], message: str,
                                                                capsys: pytest.CaptureFixture) -> None:

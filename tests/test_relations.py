@@ -1,0 +1,162 @@
+"""Self-attention relation distillation: the projections it taps, the relation loss, the step's relation term."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kdsearch import models
+from kdsearch.bridges import BRIDGES, BridgeInputs
+from kdsearch.config import load_config
+from kdsearch.losses import relation_kl, relation_log_probs
+from kdsearch.relations import RELATIONS, Tap, capture, projection_modules, projection_widths, relation_spec
+from kdsearch.step import Distiller, teacher_forward
+from kdsearch.tasks import task_spec
+
+ALL = frozenset({"query", "key", "value"})
+
+
+def _model(name: str, *, eager: bool = False) -> nn.Module:
+    config = models.teacher_config(models.resolve_teacher(name), vocab_size=50)
+    if eager:
+        config._attn_implementation = "eager"  # attention probabilities are returned only by eager attention
+    torch.manual_seed(0)
+    return models.task_model_class(models.family_of(config)).from_config(config).eval()
+
+
+def _batch(b: int = 3, t: int = 7) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[1, 5:] = 0
+    mask[2, 3:] = 0
+    return {"input_ids": torch.randint(1, 50, (b, t), generator=g), "attention_mask": mask,
+            "labels": torch.randint(0, 2, (b,), generator=g)}
+
+
+def _pair(seed: int = 0, b: int = 3, t: int = 6, d: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[0, 4:] = 0
+    return torch.randn(b, t, d, generator=g), torch.randn(b, t, d, generator=g), mask
+
+
+def test_registry_names_the_papers_relations() -> None:
+    assert RELATIONS.names() == ["kk", "qk", "qq", "vv"]
+    assert RELATIONS.get("qk") == ("query", "key")
+
+
+@pytest.mark.parametrize("name, causal", [("tiny-bert", False), ("tiny-roberta", False), ("tiny-gpt2", True)])
+def test_query_key_relation_with_the_models_heads_is_its_attention(name: str, causal: bool) -> None:
+    """Tapped q and k at R = the attention heads reproduce the model's own attention probabilities."""
+    model, batch = _model(name, eager=True), _batch()
+    with capture(model, Tap(2, ALL)) as got:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_attentions=True)
+    probs = relation_log_probs(got["query"], got["key"], heads=model.config.num_attention_heads,
+                               mask=batch["attention_mask"], causal=causal).exp()
+    real = batch["attention_mask"].bool()  # padded query rows are never read by the loss
+    torch.testing.assert_close(probs[real[:, None, :].expand_as(probs[..., 0])],
+                               out.attentions[1][real[:, None, :].expand_as(probs[..., 0])], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-roberta", "tiny-deberta", "tiny-gpt2", "tiny-qwen"])
+def test_capture_records_each_projection_at_its_width_and_removes_its_hooks(name: str) -> None:
+    model, batch = _model(name), _batch()
+    with capture(model, Tap(1, ALL)) as got:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    widths = projection_widths(model.config)
+    assert {p: tuple(x.shape) for p, x in got.items()} == {p: (3, 7, widths[p]) for p in ALL}
+    assert all(not module._forward_hooks for module, _ in projection_modules(model, 1).values())
+
+
+def test_projection_lookup_says_what_it_could_not_find() -> None:
+    with pytest.raises(ValueError, match="blocks 1..4"):
+        projection_modules(_model("tiny-bert"), 5)
+    with pytest.raises(ValueError, match="no query/key/value projections"):
+        projection_modules(nn.ModuleDict({"layer": nn.ModuleList([nn.Linear(4, 4)])}), 1)
+
+
+def test_relation_kl_is_zero_for_identical_and_positive_for_different_projections() -> None:
+    x, y, mask = _pair()
+    assert relation_kl((x, y), (x.clone(), y.clone()), heads=4, mask=mask).item() == pytest.approx(0.0, abs=1e-6)
+    value = relation_kl((x, y), (y, x), heads=4, mask=mask)
+    assert value.shape == () and value.item() > 0
+
+
+def test_relation_kl_ignores_padding_and_with_causal_the_future() -> None:
+    x, y, mask = _pair()
+    teacher = (torch.randn_like(x), torch.randn_like(y))
+    base = relation_kl((x, y), teacher, heads=4, mask=mask)
+    x2, y2 = x.clone(), y.clone()
+    x2[0, 4:], y2[0, 4:] = 100.0, -100.0  # padded positions of row 0
+    torch.testing.assert_close(relation_kl((x2, y2), teacher, heads=4, mask=mask), base)
+    # causal: the last token is a key only to itself, so changing its key moves one query row only
+    causal = relation_kl((x, y), teacher, heads=4, causal=True)
+    y3 = y.clone()
+    y3[:, -1] += 1.0
+    changed = relation_kl((x, y3), teacher, heads=4, causal=True)
+    assert changed != causal
+    first_rows = (x[:, :-1], y[:, :-1]), (teacher[0][:, :-1], teacher[1][:, :-1])
+    first_rows_changed = (x[:, :-1], y3[:, :-1]), first_rows[1]
+    torch.testing.assert_close(relation_kl(*first_rows, heads=4, causal=True),
+                               relation_kl(*first_rows_changed, heads=4, causal=True))
+
+
+def test_relations_compare_models_of_different_widths_and_need_one_width_per_pair() -> None:
+    narrow, wide = torch.randn(2, 5, 16), torch.randn(2, 5, 64)
+    assert torch.isfinite(relation_kl((narrow, narrow), (wide, wide), heads=4))
+    with pytest.raises(ValueError, match="one width"):
+        relation_kl((narrow, wide), (wide, wide), heads=4)
+    with pytest.raises(ValueError, match="3 heads divide"):
+        relation_kl((narrow, narrow), (wide, wide), heads=3)
+
+
+def test_the_step_adds_the_relation_term_and_trains_the_tapped_layer_only_through_it() -> None:
+    config = models.with_task_head(models.teacher_config(models.resolve_teacher("tiny-bert"), vocab_size=50),
+                                   task_spec("default"))
+    torch.manual_seed(0)
+    teacher = models.freeze(models.task_model_class("encoder").from_config(config))
+    student = models.build_student(teacher, layers=2, hidden_size=32, init="random", seed=0).eval()  # no dropout
+    cfg = load_config(["distill.w_task=0", "distill.w_logit=0", "distill.w_hidden=0", "distill.w_relation=2"])
+    bridge = BRIDGES.get("identity")(BridgeInputs(cfg=cfg, pairs=[], d_student=32, d_teacher=64))
+    spec = relation_spec(("qk", "vv"), heads=2, student_layer=1, teacher_layer=4)
+    distiller = Distiller(student, bridge, kind="classification", cfg=cfg.distill, relation=spec)
+    batch = _batch()
+    with pytest.raises(ValueError, match="teacher's projections"):
+        distiller(batch, teacher_forward(teacher, batch, hidden=False), [])
+    outputs = teacher_forward(teacher, batch, hidden=False, tap=spec.teacher)
+    assert outputs.projections is not None and outputs.projections["query"].shape == (3, 7, 64)
+    terms = distiller(batch, outputs, [])
+    mine = _student_projections(student, batch, spec.student)
+    expected = sum(relation_kl((mine[x], mine[y]), (outputs.projections[x], outputs.projections[y]), heads=2,
+                               mask=batch["attention_mask"]) for x, y in [("query", "key"), ("value", "value")])
+    torch.testing.assert_close(terms["relation"], expected)
+    torch.testing.assert_close(terms["loss"], 2 * terms["relation"])
+    terms["loss"].backward()
+    grads = {n for n, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any("layer.0.attention.self.query" in n for n in grads)
+    assert not any("layer.1." in n for n in grads)  # above the tapped layer: untouched by the relation term
+
+
+def _student_projections(student: nn.Module, batch: dict[str, torch.Tensor], tap: Tap) -> dict[str, torch.Tensor]:
+    with torch.no_grad(), capture(student, tap) as got:
+        student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return dict(got)
+
+
+def test_a_run_with_the_relation_term_trains_and_reports_it(tmp_path) -> None:
+    """The loop taps the teacher at the resolved layer: MiniLMv2 relations into a half-width random student."""
+    from kdsearch.loop import WorkerContext, run_distillation
+    from kdsearch.prepare import prepare
+    from kdsearch.validate import validate
+
+    cfg = load_config(["distill.w_relation=5", "distill.w_hidden=0", "relation.kinds=qq+kk+vv", "relation.heads=2",
+                       "student.hidden_size=32", "student.init=random", "task.train_size=128", "task.eval_size=32",
+                       "train.epochs=2", "finetune.epochs=1", f"cache_dir={tmp_path}"])
+    validate(cfg)
+    reports: list[dict] = []
+    run_distillation(cfg, prepare(cfg), WorkerContext(report=lambda m, _: reports.append(m), log=lambda _: None))
+    first, last = reports[0], reports[-1]
+    assert 0 < last["train_relation"] < first["train_relation"]  # the student's relations move toward the teacher's
+    assert last["train_loss"] == pytest.approx(last["train_task"] + last["train_logit"] + 5 * last["train_relation"],
+                                               rel=1e-4)
