@@ -106,8 +106,8 @@ class Variants:
         self.kd_teacher = TeacherCache.open(prepared.teacher_outputs) if prepared.teacher_outputs else self.teacher
         self.pairs = layer_pairs(cfg, prepared, epoch=0)
         self.optimiser = self._optimiser(self.distiller, cfg)
-        plain = replace(cfg, distill=replace(cfg.distill, w_logit=0.0, w_hidden=0.0, layer_map="none",
-                                                   bridge="auto"))
+        plain = replace(cfg, distill=replace(cfg.distill, w_logit=0.0, w_hidden=0.0, w_relation=0.0,
+                                             layer_map="none", bridge="auto"))
         _, self.plain = build_distiller(plain, prepared, device)
         self.plain_optimiser = self._optimiser(self.plain, cfg)
         self.student = make_student(cfg, self.teacher).to(device)

@@ -220,12 +220,22 @@ def logit_skew_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature
     return _token_mean(_kl_to_mixture(log_p_t, log_p_s, SKEW), mask) * temperature**2
 
 
+def _allowed_keys(mask: Tensor | None, causal: bool, batch: int, length: int, device: torch.device) -> Tensor:
+    """(B, 1, T, T) bool: which keys each query may attend to (real keys; with `causal`, not later ones)."""
+    allowed = torch.ones(length, length, dtype=torch.bool, device=device)
+    if causal:
+        allowed = allowed.tril()
+    allowed = allowed.expand(batch, 1, length, length)
+    return allowed if mask is None else allowed & mask.to(torch.bool)[:, None, None, :]
+
+
 def relation_log_probs(x: Tensor, y: Tensor, *, heads: int, mask: Tensor | None = None,
-                       causal: bool = False) -> Tensor:
+                       causal: bool = False, allowed: Tensor | None = None) -> Tensor:
     """log softmax_keys(x_h y_h^T / sqrt(d/heads)) per relation head h: (B, T, d) x 2 -> (B, heads, T, T), fp32.
 
     x and y are split into `heads` chunks of d/heads units (as a model splits its attention heads). Keys at
-    padding (mask 0) and, with `causal`, keys after the query get probability 0.
+    padding (mask 0) and, with `causal`, keys after the query get probability 0 (`allowed`: that key mask,
+    precomputed).
     """
     batch, length, width = x.shape
     if width != y.shape[-1] or width % heads:
@@ -234,12 +244,8 @@ def relation_log_probs(x: Tensor, y: Tensor, *, heads: int, mask: Tensor | None 
     xh = x.float().reshape(batch, length, heads, -1).transpose(1, 2)  # (B, R, T, d/R)
     yh = y.float().reshape(batch, length, heads, -1).transpose(1, 2)
     scores = xh @ yh.transpose(-1, -2) / math.sqrt(xh.shape[-1])  # (B, R, T, T)
-    allowed = torch.ones(length, length, dtype=torch.bool, device=x.device)
-    if causal:
-        allowed = allowed.tril()
-    allowed = allowed.expand(batch, 1, length, length)
-    if mask is not None:
-        allowed = allowed & mask.to(torch.bool)[:, None, None, :]
+    if allowed is None:
+        allowed = _allowed_keys(mask, causal, batch, length, x.device)
     return torch.log_softmax(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), dim=-1)
 
 
@@ -252,8 +258,10 @@ def relation_kl(student: tuple[Tensor, Tensor], teacher: tuple[Tensor, Tensor], 
     value-value relations with any common `heads` compare models of different widths and head counts
     (MiniLMv2, arXiv 2012.15828).
     """
-    log_s = relation_log_probs(*student, heads=heads, mask=mask, causal=causal)
-    log_t = relation_log_probs(*teacher, heads=heads, mask=mask, causal=causal)
+    batch, length, _ = student[0].shape
+    allowed = _allowed_keys(mask, causal, batch, length, student[0].device)
+    log_s = relation_log_probs(*student, heads=heads, allowed=allowed)
+    log_t = relation_log_probs(*teacher, heads=heads, allowed=allowed)
     p_t = log_t.exp()
     per_query = torch.where(p_t > 0, p_t * (log_t - log_s), torch.zeros_like(p_t)).sum(dim=-1)  # (B, R, T)
     return _token_mean(per_query.mean(dim=1), mask)

@@ -160,3 +160,20 @@ def test_a_run_with_the_relation_term_trains_and_reports_it(tmp_path) -> None:
     assert 0 < last["train_relation"] < first["train_relation"]  # the student's relations move toward the teacher's
     assert last["train_loss"] == pytest.approx(last["train_task"] + last["train_logit"] + 5 * last["train_relation"],
                                                rel=1e-4)
+
+
+@pytest.mark.parametrize("widths", [{"query": 16, "key": 16, "value": 16}, {"query": 16, "key": 8, "value": 8}])
+def test_the_relation_term_is_the_sum_of_its_relations_batched_or_not(widths: dict[str, int]) -> None:
+    """Equal widths run the relations as one batch, grouped-query widths one by one: the same sum either way."""
+    cfg = load_config(["distill.w_relation=1"])
+    spec = relation_spec(("qq", "kk", "vv"), heads=2, student_layer=1, teacher_layer=1)
+    distiller = Distiller(nn.Linear(1, 1), BRIDGES.get("identity")(BridgeInputs(cfg=cfg, pairs=[], d_student=1,
+                                                                                 d_teacher=1)),
+                          kind="causal_lm", cfg=cfg.distill, relation=spec)
+    g = torch.Generator().manual_seed(0)
+    student = {p: torch.randn(3, 6, w, generator=g) for p, w in widths.items()}
+    teacher = {p: torch.randn(3, 6, 2 * w, generator=g) for p, w in widths.items()}
+    mask = _pair()[2]
+    expected = sum(relation_kl((student[p], student[p]), (teacher[p], teacher[p]), heads=2, mask=mask, causal=True)
+                   for p in ("query", "key", "value"))
+    torch.testing.assert_close(distiller._relation_term(student, teacher, mask), expected)
