@@ -262,8 +262,8 @@ def relation_kl(student: tuple[Tensor, Tensor], teacher: tuple[Tensor, Tensor], 
     allowed = _allowed_keys(mask, causal, batch, length, student[0].device)
     log_s = relation_log_probs(*student, heads=heads, allowed=allowed)
     log_t = relation_log_probs(*teacher, heads=heads, allowed=allowed)
-    p_t = log_t.exp()
-    per_query = torch.where(p_t > 0, p_t * (log_t - log_s), torch.zeros_like(p_t)).sum(dim=-1)  # (B, R, T)
+    # excluded keys hold finite log-probabilities near finfo.min: exp gives exactly 0 there, so they add 0
+    per_query = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(dim=-1)  # (B, R, T)
     return _token_mean(per_query.mean(dim=1), mask)
 
 

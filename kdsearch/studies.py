@@ -89,6 +89,10 @@ def make_study(name: str, *, d_teacher: int, search_rows: list[Row] | None = Non
         # the other projector-free way across widths: linear CKA between the raw states (papers.md, "other
         # baselines"), no unit selection
         rows.append(Row("CKA, no projector", "cka", {"distill.bridge": "identity", "distill.distance": "cka"}))
+        # and the attention-relation one (MiniLMv2): q-q, k-k, v-v relations of the last layers in the teacher's
+        # heads count of relation heads, no hidden-state term at all
+        rows.append(Row("MiniLMv2 relations, no projector", "relation",
+                        {"distill.layer_map": "none", "distill.w_relation": 1.0, "relation.kinds": "qq+kk+vv"}))
         rows.append(Row("no feature KD", "", {"distill.layer_map": "none"}))
         base = {"student.hidden_size": half, "student.init": "random", "distill.embeddings": False,
                 "distill.layer_map": "forward", "units.score": "grad", "units.scope": "last",

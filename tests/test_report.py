@@ -44,13 +44,14 @@ def test_aggregate_gives_mean_and_sample_std_over_seeds_and_counts_failures() ->
 def test_summary_compares_each_distance_group_with_the_shared_ungrouped_baseline() -> None:
     study = make_study("flex", d_teacher=64)
     rows = [{"name": r.name, "group": r.group, "mean": m, "paper": None}
-            for r, m in zip(study.rows, [73.0, 72.0, 74.0, 71.0, 72.5, 70.0], strict=True)]
+            for r, m in zip(study.rows, [73.0, 72.0, 74.0, 71.0, 72.5, 73.5, 70.0], strict=True)]
     lines = summary_lines(study, rows)
     assert lines == ["- correlation: strategies span 1.0 points (72.0-73.0); vs no feature KD (70.0): "
                      "Flex-KD units +3.0, linear projector +2.0",
                      "- mse: strategies span 3.0 points (71.0-74.0); vs no feature KD (70.0): "
                      "Flex-KD units +4.0, linear projector +1.0",
-                     "- cka: vs no feature KD (70.0): CKA, no projector +2.5"]
+                     "- cka: vs no feature KD (70.0): CKA, no projector +2.5",
+                     "- relation: vs no feature KD (70.0): MiniLMv2 relations, no projector +3.5"]
     assert summary_lines(study, rows[:1] + rows[-1:]) == ["- correlation: vs no feature KD (70.0): Flex-KD units +3.0"]
 
 
