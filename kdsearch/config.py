@@ -77,7 +77,7 @@ class DistillConfig:
     bridge: str = "auto"
     """Width bridge: identity, projector, ted, units; `auto` = identity if widths match, else projector."""
     distance: str = "mse"
-    """Hidden distance registry key (mse, token_mse, ln_mse, cosine, correlation, cka)."""
+    """Hidden distance registry key (mse, token_mse, ln_mse, cosine, correlation, cka, pkd_cls)."""
     hidden_reduce: Literal["sum", "mean"] = "sum"
     """How per-pair hidden terms combine: sum (layer-selection paper) or mean (TED code)."""
     mask_padding: bool = True

@@ -117,6 +117,20 @@ def correlation(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None,
     return _token_mean(1.0 - r, mask)
 
 
+@DISTANCES.register("pkd_cls")
+def pkd_cls(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None, eps: float = 1e-8) -> Tensor:
+    """Squared L2 between the unit-normalised first-token ([CLS]) states, mean over the batch.
+
+    Patient KD (Sun et al. 2019, arXiv 1908.09355): ||s_cls / ||s_cls|| - t_cls / ||t_cls|| ||^2 per matched
+    layer, with layer_map=last (PKD-Last) or forward (PKD-Skip). Reads position 0 only, which is a real token
+    in every row (padding is on the right), so `mask` changes nothing.
+    """
+    _check_pair(student, teacher)
+    s = F.normalize(student[:, 0].float(), dim=-1, eps=eps)  # (B, D)
+    t = F.normalize(teacher[:, 0].float(), dim=-1, eps=eps)  # (B, D)
+    return (s - t).pow(2).sum(dim=-1).mean()
+
+
 WIDTH_FREE = frozenset({"cka"})
 """Distances that compare states of different widths directly (no bridge needed when d_s != d_t)."""
 

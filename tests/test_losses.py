@@ -19,7 +19,8 @@ from kdsearch.losses import (
     task_loss,
 )
 
-NAMES = ["mse", "token_mse", "ln_mse", "cosine", "correlation", "cka"]
+NAMES = ["mse", "token_mse", "ln_mse", "cosine", "correlation", "cka", "pkd_cls"]
+TOKEN_POOLED = [n for n in NAMES if n != "pkd_cls"]  # pkd_cls reads the first token only (see its own test)
 
 
 def _pair(seed: int = 0, b: int = 3, t: int = 5, d: int = 8) -> tuple[Tensor, Tensor, Tensor]:
@@ -52,7 +53,7 @@ def test_distance_is_positive_scalar_for_different_inputs(name: str) -> None:
         assert value.item() > 0
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", TOKEN_POOLED)
 def test_distance_ignores_padded_positions(name: str) -> None:
     s, te, mask = _pair()
     fn = DISTANCES.get(name)
@@ -65,7 +66,7 @@ def test_distance_ignores_padded_positions(name: str) -> None:
     assert not torch.allclose(fn(s, te, mask=None), fn(s2, te.clone(), mask=None))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", TOKEN_POOLED)
 def test_masked_distance_equals_mean_over_real_tokens(name: str) -> None:
     s, te, mask = _pair()
     fn = DISTANCES.get(name)
@@ -88,6 +89,18 @@ def test_ln_mse_ignores_per_token_shift_and_scale() -> None:
     s, te, mask = _pair()
     fn = DISTANCES.get("ln_mse")
     assert torch.allclose(fn(3.0 * s + 2.0, te, mask=mask), fn(s, te, mask=mask), atol=1e-5)
+
+
+def test_pkd_cls_compares_unit_normalised_first_tokens_only() -> None:
+    s, te, mask = _pair()
+    fn = DISTANCES.get("pkd_cls")
+    unit = F.normalize(s[:, 0], dim=-1) - F.normalize(te[:, 0], dim=-1)
+    assert torch.allclose(fn(s, te, mask=mask), unit.pow(2).sum(-1).mean())
+    s2 = s.clone()
+    s2[:, 1:] = torch.randn_like(s2[:, 1:])  # every later token: padding or not, never read
+    assert torch.allclose(fn(s2, te, mask=mask), fn(s, te, mask=mask))
+    assert torch.allclose(fn(7.0 * s, te), fn(s, te))  # PKD normalises the [CLS] vectors
+    assert fn(s, -s).item() == pytest.approx(4.0, abs=1e-5)  # opposite unit vectors: ||2u||^2
 
 
 def test_cosine_is_scale_invariant_not_shift_invariant() -> None:
