@@ -126,18 +126,24 @@ class TedConfig:
 
 @dataclass(frozen=True)
 class RelationConfig:
-    """Self-attention relation distillation, on when distill.w_relation > 0 (one student and one teacher layer)."""
+    """Self-attention relation distillation (MiniLM, MiniLMv2, TinyBERT), on when distill.w_relation > 0."""
 
     kinds: str = "qq+kk+vv"
     """Relations compared, `+`-joined names of kdsearch.relations.RELATIONS: qq+kk+vv (MiniLMv2), qk+vv (MiniLM:
     the attention distributions and value relations). One string, so that a search space can choose it."""
     heads: int | None = None
     """Relation heads R (must divide every compared projection width); None = the teacher's attention heads."""
+    loss: str = "kl"
+    """Relation loss registry key: kl (of the softmaxed relations: MiniLM, MiniLMv2) or mse (of the scores
+    before softmax: TinyBERT's attention loss, with kinds=qk)."""
+    layers: Literal["one", "map"] = "one"
+    """one: student_layer <-> teacher_layer; map: every layer pair of distill.layer_map, embeddings aside
+    (TinyBERT: forward), summed."""
     student_layer: int | None = None
-    """Student layer (1..n_s) whose projections are compared; None = the last (MiniLM, MiniLMv2)."""
+    """Student layer (1..n_s) of layers=one; None = the last (MiniLM, MiniLMv2)."""
     teacher_layer: int | None = None
-    """Teacher layer (1..n_t); None = the last (MiniLM; MiniLMv2 takes an upper-middle layer of large
-    teachers)."""
+    """Teacher layer (1..n_t) of layers=one; None = the last (MiniLM; MiniLMv2 takes an upper-middle layer of
+    large teachers)."""
 
     def __post_init__(self) -> None:
         _require(all(self.names), f"relation.kinds={self.kinds!r}: name relations joined by + (e.g. qq+kk+vv)")

@@ -30,7 +30,7 @@ from .metrics import metric_names
 from .optimiser import Optimiser, make_optimiser
 from .precision import autocast
 from .prepare import Prepared, load_teacher, make_student
-from .relations import RelationSpec, Tap, relation_spec
+from .relations import RelationSpec, Tap
 from .step import Distiller, loss_weights, teacher_forward
 from .tasks import TaskSpec
 from .teacher_cache import TeacherCache, with_rows
@@ -85,10 +85,13 @@ def resolve_relation(cfg: Config, teacher_config: Any) -> RelationSpec | None:
     """The relation term's settings with the defaults filled in (last layers, the teacher's heads)."""
     if cfg.distill.w_relation == 0:
         return None
-    rel = cfg.relation
-    return relation_spec(rel.names, heads=rel.heads or teacher_config.num_attention_heads,
-                         student_layer=rel.student_layer or cfg.student.layers,
-                         teacher_layer=rel.teacher_layer or teacher_config.num_hidden_layers)
+    rel, n_t = cfg.relation, teacher_config.num_hidden_layers
+    if rel.layers == "map":
+        pairs = [(s, t) for s, t in map_layers(cfg.distill.layer_map, cfg.student.layers, n_t, embeddings=False,
+                                               seed=cfg.train.seed, epoch=0, layers=cfg.distill.layers)]
+    else:
+        pairs = [(rel.student_layer or cfg.student.layers, rel.teacher_layer or n_t)]
+    return RelationSpec(rel.names, rel.heads or teacher_config.num_attention_heads, tuple(pairs), rel.loss)
 
 
 def layer_pairs(cfg: Config, prepared: Prepared, *, epoch: int) -> list[tuple[int, int]]:

@@ -234,6 +234,12 @@ def logit_skew_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature
     return _token_mean(_kl_to_mixture(log_p_t, log_p_s, SKEW), mask) * temperature**2
 
 
+RelationLoss = Callable[..., Tensor]
+"""`((x_s, y_s), (x_t, y_t), *, heads, mask (B,T) | None, causal) -> scalar`: projections (B, T, d_s) / (B, T, d_t)."""
+
+RELATION_LOSSES: Registry[RelationLoss] = Registry("relation loss")
+
+
 def _allowed_keys(mask: Tensor | None, causal: bool, batch: int, length: int, device: torch.device) -> Tensor:
     """(B, 1, T, T) bool: which keys each query may attend to (real keys; with `causal`, not later ones)."""
     allowed = torch.ones(length, length, dtype=torch.bool, device=device)
@@ -243,13 +249,10 @@ def _allowed_keys(mask: Tensor | None, causal: bool, batch: int, length: int, de
     return allowed if mask is None else allowed & mask.to(torch.bool)[:, None, None, :]
 
 
-def relation_log_probs(x: Tensor, y: Tensor, *, heads: int, mask: Tensor | None = None,
-                       causal: bool = False, allowed: Tensor | None = None) -> Tensor:
-    """log softmax_keys(x_h y_h^T / sqrt(d/heads)) per relation head h: (B, T, d) x 2 -> (B, heads, T, T), fp32.
+def relation_scores(x: Tensor, y: Tensor, *, heads: int) -> Tensor:
+    """x_h y_h^T / sqrt(d/heads) per relation head h: (B, T, d) x 2 -> (B, heads, T, T), fp32.
 
-    x and y are split into `heads` chunks of d/heads units (as a model splits its attention heads). Keys at
-    padding (mask 0) and, with `causal`, keys after the query get probability 0 (`allowed`: that key mask,
-    precomputed).
+    x and y are split into `heads` chunks of d/heads units, as a model splits its attention heads.
     """
     batch, length, width = x.shape
     if width != y.shape[-1] or width % heads:
@@ -257,12 +260,23 @@ def relation_log_probs(x: Tensor, y: Tensor, *, heads: int, mask: Tensor | None 
                          f"{width} and {y.shape[-1]}")
     xh = x.float().reshape(batch, length, heads, -1).transpose(1, 2)  # (B, R, T, d/R)
     yh = y.float().reshape(batch, length, heads, -1).transpose(1, 2)
-    scores = xh @ yh.transpose(-1, -2) / math.sqrt(xh.shape[-1])  # (B, R, T, T)
+    return xh @ yh.transpose(-1, -2) / math.sqrt(xh.shape[-1])  # (B, R, T, T)
+
+
+def relation_log_probs(x: Tensor, y: Tensor, *, heads: int, mask: Tensor | None = None,
+                       causal: bool = False, allowed: Tensor | None = None) -> Tensor:
+    """log softmax over keys of `relation_scores`: (B, heads, T, T).
+
+    Keys at padding (mask 0) and, with `causal`, keys after the query get probability 0 (`allowed`: that key
+    mask, precomputed).
+    """
+    scores = relation_scores(x, y, heads=heads)
     if allowed is None:
-        allowed = _allowed_keys(mask, causal, batch, length, x.device)
+        allowed = _allowed_keys(mask, causal, x.shape[0], x.shape[1], x.device)
     return torch.log_softmax(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), dim=-1)
 
 
+@RELATION_LOSSES.register("kl")
 def relation_kl(student: tuple[Tensor, Tensor], teacher: tuple[Tensor, Tensor], *, heads: int,
                 mask: Tensor | None = None, causal: bool = False) -> Tensor:
     """KL(teacher relation || student relation), summed over keys, mean over relation heads and real queries.
@@ -279,6 +293,23 @@ def relation_kl(student: tuple[Tensor, Tensor], teacher: tuple[Tensor, Tensor], 
     # excluded keys hold finite log-probabilities near finfo.min: exp gives exactly 0 there, so they add 0
     per_query = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(dim=-1)  # (B, R, T)
     return _token_mean(per_query.mean(dim=1), mask)
+
+
+@RELATION_LOSSES.register("mse")
+def relation_mse(student: tuple[Tensor, Tensor], teacher: tuple[Tensor, Tensor], *, heads: int,
+                 mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    """Mean squared difference of the relation scores (before softmax) over real (query, key) entries and heads.
+
+    TinyBERT's attention loss (Jiao et al. 2020, arXiv 1909.10351) with x, y = query, key and heads = the
+    attention heads: MSE of the attention score matrices, padded and (with `causal`) future entries left out.
+    """
+    batch, length, _ = student[0].shape
+    allowed = _allowed_keys(mask, causal, batch, length, student[0].device)
+    if mask is not None:  # padded queries too
+        allowed = allowed & mask.to(torch.bool)[:, None, :, None]
+    diff = relation_scores(*student, heads=heads) - relation_scores(*teacher, heads=heads)  # (B, R, T, T)
+    squared = torch.where(allowed, diff.pow(2), torch.zeros_like(diff))
+    return squared.sum() / (allowed.sum() * heads).clamp_min(1)
 
 
 def task_loss(logits: Tensor, labels: Tensor, *,

@@ -1,16 +1,17 @@
-"""Self-attention relations: capture one layer's query/key/value projections during a forward pass.
+"""Self-attention relations: capture layers' query/key/value projections during a forward pass.
 
 MiniLM (Wang et al. 2020, arXiv 2002.10957) distils the last layer's attention distributions (query-key) and
 value relations (value-value); MiniLMv2 (Wang et al. 2021, arXiv 2012.15828) the query-query, key-key and
 value-value relations, each split into R relation heads, so that teacher and student may differ in width and
-in attention heads (the loss is `kdsearch.losses.relation_kl`). Projections are the Linear outputs before any
-rotary embedding or relative-position term. Plain PyTorch; knows the module names of the supported families.
+in attention heads (`kdsearch.losses.relation_kl`); TinyBERT (Jiao et al. 2020, arXiv 1909.10351) matches the
+attention scores of every mapped layer pair by MSE (`relation_mse`). Projections are the Linear outputs before
+any rotary embedding or relative-position term. Plain PyTorch; knows the module names of the supported families.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -64,47 +65,61 @@ def projection_modules(model: nn.Module, layer: int) -> dict[Projection, tuple[n
 
 @dataclass(frozen=True)
 class Tap:
-    """Which projections of which layer (1-indexed) a forward pass records."""
+    """Which projections of which layers (1-indexed) a forward pass records."""
 
-    layer: int
+    layers: tuple[int, ...]
     projections: frozenset[Projection]
 
 
 @dataclass(frozen=True)
 class RelationSpec:
-    """A resolved relation term: the relations, R, and the student and teacher layers they compare."""
+    """A resolved relation term: the relations, R, the loss, and the (student, teacher) layer pairs compared."""
 
     kinds: tuple[str, ...]
     heads: int
-    student: Tap
-    teacher: Tap
+    pairs: tuple[tuple[int, int], ...]
+    loss: str = "kl"
+
+    @property
+    def projections(self) -> frozenset[Projection]:
+        return frozenset(p for name in self.kinds for p in RELATIONS.get(name))
+
+    @property
+    def student(self) -> Tap:
+        return Tap(tuple(sorted({s for s, _ in self.pairs})), self.projections)
+
+    @property
+    def teacher(self) -> Tap:
+        return Tap(tuple(sorted({t for _, t in self.pairs})), self.projections)
 
 
-def relation_spec(kinds: tuple[str, ...], *, heads: int, student_layer: int, teacher_layer: int) -> RelationSpec:
-    projections = frozenset(p for name in kinds for p in RELATIONS.get(name))
-    return RelationSpec(tuple(kinds), heads, Tap(student_layer, projections), Tap(teacher_layer, projections))
+Captured = dict[tuple[int, Projection], torch.Tensor]
+"""(layer, projection) -> that projection's output (B, T, d) in the last forward pass."""
+
+
+def _recorder(got: Captured, key: tuple[int, Projection], part: int | None) -> Callable[..., None]:
+    def hook(_module: nn.Module, _args: object, output: torch.Tensor) -> None:
+        got[key] = output if part is None else output.chunk(3, dim=-1)[part]
+
+    return hook
 
 
 @contextmanager
-def capture(model: nn.Module, tap: Tap | None) -> Iterator[dict[Projection, torch.Tensor]]:
-    """Within the block, each forward pass of `model` fills the dict with the tapped projections (B, T, d).
+def capture(model: nn.Module, tap: Tap | None) -> Iterator[Captured]:
+    """Within the block, each forward pass of `model` fills the dict with the tapped projections.
 
     `tap=None` records nothing (the dict stays empty).
     """
-    got: dict[Projection, torch.Tensor] = {}
+    got: Captured = {}
     if tap is None:
         yield got
         return
-    modules = projection_modules(model, tap.layer)
     handles = []
-    for projection in sorted(tap.projections):
-        module, part = modules[projection]
-
-        def hook(_module: nn.Module, _args: object, output: torch.Tensor, projection: Projection = projection,
-                 part: int | None = part) -> None:
-            got[projection] = output if part is None else output.chunk(3, dim=-1)[part]
-
-        handles.append(module.register_forward_hook(hook))
+    for layer in tap.layers:
+        modules = projection_modules(model, layer)
+        for projection in sorted(tap.projections):
+            module, part = modules[projection]
+            handles.append(module.register_forward_hook(_recorder(got, (layer, projection), part)))
     try:
         yield got
     finally:

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import DISTANCES, LOGIT_LOSSES, combine, relation_kl, task_loss
-from .relations import RELATIONS, RelationSpec, Tap, capture
+from .losses import DISTANCES, LOGIT_LOSSES, RELATION_LOSSES, combine, task_loss
+from .relations import RELATIONS, Captured, RelationSpec, Tap, capture
 
 if TYPE_CHECKING:
     from .bridges import Bridge
@@ -33,7 +33,7 @@ class TeacherOutputs:
 
     logits: torch.Tensor  # (B, C) or (B, T, V)
     hidden: tuple[torch.Tensor, ...] | None  # hidden_states, each (B, T, d_t)
-    projections: dict[str, torch.Tensor] | None = None  # one layer's query/key/value, each (B, T, d)
+    projections: Captured | None = None  # (layer, "query"/"key"/"value") -> (B, T, d): the relation term's
 
 
 @torch.no_grad()
@@ -108,25 +108,28 @@ class Distiller(nn.Module):
             return self.logit_loss(student[:, :-1], teacher[:, :-1], temperature=self.cfg.temperature, mask=mask)
         return self.logit_loss(student, teacher, temperature=self.cfg.temperature)
 
-    def _relation_term(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
-                       mask: torch.Tensor) -> torch.Tensor:
-        """Sum over the chosen relations (MiniLMv2: L_qq + L_kk + L_vv) of the teacher-student relation KL.
+    def _relation_term(self, student: Captured, teacher: Captured, mask: torch.Tensor) -> torch.Tensor:
+        """Sum over layer pairs and relations (MiniLMv2: L_qq + L_kk + L_vv) of the teacher-student relation loss.
 
         Relations whose projections share one shape on each side run as one batch of K x B rows: each relation's
-        mean runs over the same real queries, so K times the joint mean is their sum, in a third of the ops.
+        mean runs over the same real entries, so K times the joint mean is their sum, in a third of the ops.
         """
         assert self.relation is not None
-        heads, causal = self.relation.heads, self.kind == "causal_lm"
-        pairs = [RELATIONS.get(name) for name in self.relation.kinds]
-        sides = [[side[p] for pair in pairs for p in pair] for side in (student, teacher)]
-        if all(len({tuple(t.shape) for t in side}) == 1 for side in sides):
-            (sx, sy), (tx, ty) = [(torch.cat(side[0::2]), torch.cat(side[1::2])) for side in sides]
-            return len(pairs) * relation_kl((sx, sy), (tx, ty), heads=heads, mask=mask.repeat(len(pairs), 1),
-                                            causal=causal)
+        spec, causal = self.relation, self.kind == "causal_lm"
+        loss = RELATION_LOSSES.get(spec.loss)
+        relations = [RELATIONS.get(name) for name in spec.kinds]
         total = torch.zeros((), device=mask.device)
-        for x, y in pairs:  # widths differ (grouped-query attention): one relation at a time
-            total = total + relation_kl((student[x], student[y]), (teacher[x], teacher[y]), heads=heads, mask=mask,
-                                        causal=causal)
+        for s, t in spec.pairs:
+            sides = [[side[(layer, p)] for pair in relations for p in pair]
+                     for side, layer in ((student, s), (teacher, t))]
+            if all(len({tuple(x.shape) for x in side}) == 1 for side in sides):
+                (sx, sy), (tx, ty) = [(torch.cat(side[0::2]), torch.cat(side[1::2])) for side in sides]
+                total = total + len(relations) * loss((sx, sy), (tx, ty), heads=spec.heads,
+                                                      mask=mask.repeat(len(relations), 1), causal=causal)
+                continue
+            for x, y in relations:  # widths differ (grouped-query attention): one relation at a time
+                total = total + loss((student[(s, x)], student[(s, y)]), (teacher[(t, x)], teacher[(t, y)]),
+                                     heads=spec.heads, mask=mask, causal=causal)
         return total
 
     def _hidden_term(self, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],

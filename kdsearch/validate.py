@@ -13,7 +13,7 @@ from .bridges import BRIDGES, resolve_bridge
 from .config import Config, ConfigError
 from .data import check_task
 from .layer_maps import LAYER_MAPS, check_map_args
-from .losses import DISTANCES, LOGIT_LOSSES, WIDTH_FREE
+from .losses import DISTANCES, LOGIT_LOSSES, RELATION_LOSSES, WIDTH_FREE
 from .models import depth_width, family_of, resolve_teacher, student_config, teacher_config
 from .relations import RELATIONS, projection_modules, projection_widths
 from .tasks import TaskSpec, read_by
@@ -30,6 +30,7 @@ def _check_names(cfg: Config) -> None:
     ACTIVATIONS.check(cfg.ted.activation, key="ted.activation")
     for kind in cfg.relation.names:
         RELATIONS.check(kind, key="relation.kinds")
+    RELATION_LOSSES.check(cfg.relation.loss, key="relation.loss")
 
 
 def _check_shapes(cfg: Config, n_t: int, d_t: int) -> None:
@@ -72,6 +73,11 @@ def _check_relation(cfg: Config, teacher: PretrainedConfig) -> None:
     if cfg.train.teacher_cache:
         raise ConfigError("distill.w_relation > 0 reads the teacher's attention projections, which "
                           "train.teacher_cache does not store; set train.teacher_cache=false")
+    if rel.layers == "map":
+        if cfg.distill.layer_map in ("none", "inorder_random"):
+            raise ConfigError(f"relation.layers=map takes its layer pairs from distill.layer_map, which is "
+                              f"{cfg.distill.layer_map}; choose a fixed map (TinyBERT: forward) or relation.layers=one")
+        check_map_args(cfg.distill.layer_map, cfg.student.layers, n_t, cfg.distill.layers)
     for key, layer, depth, who in (("student_layer", rel.student_layer, cfg.student.layers, "student"),
                                    ("teacher_layer", rel.teacher_layer, n_t, "teacher")):
         if layer is not None and layer > depth:

@@ -9,8 +9,8 @@ from torch import nn
 from kdsearch import models
 from kdsearch.bridges import BRIDGES, BridgeInputs
 from kdsearch.config import load_config
-from kdsearch.losses import relation_kl, relation_log_probs
-from kdsearch.relations import RELATIONS, Tap, capture, projection_modules, projection_widths, relation_spec
+from kdsearch.losses import RELATION_LOSSES, relation_kl, relation_log_probs, relation_mse, relation_scores
+from kdsearch.relations import RELATIONS, RelationSpec, Tap, capture, projection_modules, projection_widths
 from kdsearch.step import Distiller, teacher_forward
 from kdsearch.tasks import task_spec
 
@@ -50,9 +50,9 @@ def test_registry_names_the_papers_relations() -> None:
 def test_query_key_relation_with_the_models_heads_is_its_attention(name: str, causal: bool) -> None:
     """Tapped q and k at R = the attention heads reproduce the model's own attention probabilities."""
     model, batch = _model(name, eager=True), _batch()
-    with capture(model, Tap(2, ALL)) as got:
+    with capture(model, Tap((2,), ALL)) as got:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_attentions=True)
-    probs = relation_log_probs(got["query"], got["key"], heads=model.config.num_attention_heads,
+    probs = relation_log_probs(got[(2, "query")], got[(2, "key")], heads=model.config.num_attention_heads,
                                mask=batch["attention_mask"], causal=causal).exp()
     real = batch["attention_mask"].bool()  # padded query rows are never read by the loss
     torch.testing.assert_close(probs[real[:, None, :].expand_as(probs[..., 0])],
@@ -62,10 +62,11 @@ def test_query_key_relation_with_the_models_heads_is_its_attention(name: str, ca
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-roberta", "tiny-deberta", "tiny-gpt2", "tiny-qwen"])
 def test_capture_records_each_projection_at_its_width_and_removes_its_hooks(name: str) -> None:
     model, batch = _model(name), _batch()
-    with capture(model, Tap(1, ALL)) as got:
+    with capture(model, Tap((1, 3), ALL)) as got:
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     widths = projection_widths(model.config)
-    assert {p: tuple(x.shape) for p, x in got.items()} == {p: (3, 7, widths[p]) for p in ALL}
+    assert {k: tuple(x.shape) for k, x in got.items()} == {(n, p): (3, 7, widths[p]) for n in (1, 3) for p in ALL}
+    assert not torch.equal(got[(1, "value")], got[(3, "value")])  # each layer's own projection
     assert all(not module._forward_hooks for module, _ in projection_modules(model, 1).values())
 
 
@@ -119,16 +120,16 @@ def test_the_step_adds_the_relation_term_and_trains_the_tapped_layer_only_throug
     student = models.build_student(teacher, layers=2, hidden_size=32, init="random", seed=0).eval()  # no dropout
     cfg = load_config(["distill.w_task=0", "distill.w_logit=0", "distill.w_hidden=0", "distill.w_relation=2"])
     bridge = BRIDGES.get("identity")(BridgeInputs(cfg=cfg, pairs=[], d_student=32, d_teacher=64))
-    spec = relation_spec(("qk", "vv"), heads=2, student_layer=1, teacher_layer=4)
+    spec = RelationSpec(("qk", "vv"), heads=2, pairs=((1, 4),))
     distiller = Distiller(student, bridge, kind="classification", cfg=cfg.distill, relation=spec)
     batch = _batch()
     with pytest.raises(ValueError, match="teacher's projections"):
         distiller(batch, teacher_forward(teacher, batch, hidden=False), [])
     outputs = teacher_forward(teacher, batch, hidden=False, tap=spec.teacher)
-    assert outputs.projections is not None and outputs.projections["query"].shape == (3, 7, 64)
+    assert outputs.projections is not None and outputs.projections[(4, "query")].shape == (3, 7, 64)
     terms = distiller(batch, outputs, [])
-    mine = _student_projections(student, batch, spec.student)
-    expected = sum(relation_kl((mine[x], mine[y]), (outputs.projections[x], outputs.projections[y]), heads=2,
+    mine, theirs = _student_projections(student, batch, spec.student), outputs.projections
+    expected = sum(relation_kl((mine[(1, x)], mine[(1, y)]), (theirs[(4, x)], theirs[(4, y)]), heads=2,
                                mask=batch["attention_mask"]) for x, y in [("query", "key"), ("value", "value")])
     torch.testing.assert_close(terms["relation"], expected)
     torch.testing.assert_close(terms["loss"], 2 * terms["relation"])
@@ -138,21 +139,26 @@ def test_the_step_adds_the_relation_term_and_trains_the_tapped_layer_only_throug
     assert not any("layer.1." in n for n in grads)  # above the tapped layer: untouched by the relation term
 
 
-def _student_projections(student: nn.Module, batch: dict[str, torch.Tensor], tap: Tap) -> dict[str, torch.Tensor]:
+def _student_projections(student: nn.Module, batch: dict[str, torch.Tensor], tap: Tap) -> dict:
     with torch.no_grad(), capture(student, tap) as got:
         student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return dict(got)
 
 
-def test_a_run_with_the_relation_term_trains_and_reports_it(tmp_path) -> None:
-    """The loop taps the teacher at the resolved layer: MiniLMv2 relations into a half-width random student."""
+@pytest.mark.parametrize("recipe", [
+    # MiniLMv2: q-q, k-k, v-v relations of the last layers into a half-width student, 2 relation heads
+    ["relation.kinds=qq+kk+vv", "relation.heads=2", "student.hidden_size=32"],
+    # TinyBERT: attention-score MSE at every forward-mapped layer pair
+    ["relation.kinds=qk", "relation.loss=mse", "relation.layers=map", "distill.layer_map=forward"],
+])
+def test_a_run_with_the_relation_term_trains_and_reports_it(tmp_path, recipe: list[str]) -> None:
+    """The loop taps the teacher at the resolved layers and the term falls as the student learns."""
     from kdsearch.loop import WorkerContext, run_distillation
     from kdsearch.prepare import prepare
     from kdsearch.validate import validate
 
-    cfg = load_config(["distill.w_relation=5", "distill.w_hidden=0", "relation.kinds=qq+kk+vv", "relation.heads=2",
-                       "student.hidden_size=32", "student.init=random", "task.train_size=128", "task.eval_size=32",
-                       "train.epochs=2", "finetune.epochs=1", f"cache_dir={tmp_path}"])
+    cfg = load_config(["distill.w_relation=5", "distill.w_hidden=0", "student.init=random", "task.train_size=128",
+                       "task.eval_size=32", "train.epochs=2", "finetune.epochs=1", f"cache_dir={tmp_path}", *recipe])
     validate(cfg)
     reports: list[dict] = []
     run_distillation(cfg, prepare(cfg), WorkerContext(report=lambda m, _: reports.append(m), log=lambda _: None))
@@ -162,18 +168,33 @@ def test_a_run_with_the_relation_term_trains_and_reports_it(tmp_path) -> None:
                                                rel=1e-4)
 
 
+@pytest.mark.parametrize("loss", RELATION_LOSSES.names())
 @pytest.mark.parametrize("widths", [{"query": 16, "key": 16, "value": 16}, {"query": 16, "key": 8, "value": 8}])
-def test_the_relation_term_is_the_sum_of_its_relations_batched_or_not(widths: dict[str, int]) -> None:
+def test_the_relation_term_sums_its_pairs_and_relations_batched_or_not(widths: dict[str, int], loss: str) -> None:
     """Equal widths run the relations as one batch, grouped-query widths one by one: the same sum either way."""
     cfg = load_config(["distill.w_relation=1"])
-    spec = relation_spec(("qq", "kk", "vv"), heads=2, student_layer=1, teacher_layer=1)
+    spec = RelationSpec(("qq", "kk", "vv"), heads=2, pairs=((1, 2), (2, 4)), loss=loss)
     distiller = Distiller(nn.Linear(1, 1), BRIDGES.get("identity")(BridgeInputs(cfg=cfg, pairs=[], d_student=1,
                                                                                  d_teacher=1)),
                           kind="causal_lm", cfg=cfg.distill, relation=spec)
     g = torch.Generator().manual_seed(0)
-    student = {p: torch.randn(3, 6, w, generator=g) for p, w in widths.items()}
-    teacher = {p: torch.randn(3, 6, 2 * w, generator=g) for p, w in widths.items()}
+    student = {(n, p): torch.randn(3, 6, w, generator=g) for n in (1, 2) for p, w in widths.items()}
+    teacher = {(n, p): torch.randn(3, 6, 2 * w, generator=g) for n in (2, 4) for p, w in widths.items()}
     mask = _pair()[2]
-    expected = sum(relation_kl((student[p], student[p]), (teacher[p], teacher[p]), heads=2, mask=mask, causal=True)
-                   for p in ("query", "key", "value"))
+    fn = RELATION_LOSSES.get(loss)
+    expected = sum(fn((student[(s, p)], student[(s, p)]), (teacher[(t, p)], teacher[(t, p)]), heads=2, mask=mask,
+                      causal=True) for s, t in spec.pairs for p in ("query", "key", "value"))
     torch.testing.assert_close(distiller._relation_term(student, teacher, mask), expected)
+    assert spec.student.layers == (1, 2) and spec.teacher.layers == (2, 4)
+
+
+def test_relation_mse_is_tinyberts_attention_score_mse_over_real_entries() -> None:
+    x, y, mask = _pair()
+    tx, ty = torch.randn_like(x), torch.randn_like(y)
+    keep = mask.bool()[:, :, None] & mask.bool()[:, None, :]  # (B, T, T) real query and real key
+    diff = relation_scores(x, y, heads=4) - relation_scores(tx, ty, heads=4)  # (B, R, T, T)
+    expected = diff.pow(2).permute(0, 2, 3, 1)[keep].mean()
+    torch.testing.assert_close(relation_mse((x, y), (tx, ty), heads=4, mask=mask), expected)
+    assert relation_mse((x, y), (x.clone(), y.clone()), heads=4, mask=mask).item() == 0.0
+
+

@@ -25,6 +25,8 @@ import pytest
     (["distill.w_relation=1", "relation.kinds=qk+xy"], "unknown attention relation"),
     (["distill.w_relation=1", "teacher=tiny-qwen", "relation.kinds=qk"], "grouped-query attention"),
     (["distill.w_relation=1", "train.teacher_cache=true"], "train.teacher_cache does not store"),
+    (["distill.w_relation=1", "relation.layers=map", "distill.layer_map=none"], "relation.layers=map takes"),
+    (["distill.w_relation=1", "relation.loss=l1"], "unknown relation loss"),
 ])
 def test_train_command_rejects_bad_input_in_one_line_before_ray(overrides: list[str], message: str,
                                                                capsys: pytest.CaptureFixture) -> None:
