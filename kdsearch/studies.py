@@ -19,7 +19,7 @@ from .ranking import rank_rows
 from .search import absolute_paths
 from .tracking import SEARCHED_TAG, RunRecord, find_search, format_param, list_trials
 
-STUDIES = ("layer_select", "ted_vs_lwd", "flex", "seeded")
+STUDIES = ("layer_select", "ted_vs_lwd", "flex", "relation", "seeded")
 
 @dataclass(frozen=True)
 class Row:
@@ -100,6 +100,24 @@ def make_study(name: str, *, d_teacher: int, search_rows: list[Row] | None = Non
         return Study(name, f"Flex-KD unit selection vs a linear projector, student width {half} = d_t/2 "
                      "(Saadi & Wang 2025; papers.md section 3)", base, rows, baseline="no feature KD",
                      notes=["paper: up to +3% over the projector (third-party figures, unverified)"])
+    if name == "relation":
+        # each attention row is the logit-KD-only row plus one relation term, at the layer-selection paper's weights
+        rows = [Row("logit KD only", "", {"distill.layer_map": "none"}),
+                Row("forward hidden matching", "", {"distill.layer_map": "forward"}),
+                Row("MiniLM qk+vv", "", {"distill.layer_map": "none", "distill.w_relation": 1.0,
+                                         "relation.kinds": "qk+vv"}),
+                Row("MiniLMv2 qq+kk+vv", "", {"distill.layer_map": "none", "distill.w_relation": 1.0,
+                                              "relation.kinds": "qq+kk+vv"}),
+                Row("TinyBERT attention MSE", "", {"distill.layer_map": "forward", "distill.w_hidden": 0.0,
+                                                   "distill.w_relation": 1.0, "relation.kinds": "qk",
+                                                   "relation.loss": "mse", "relation.layers": "map"})]
+        base = {"student.init": "teacher", "distill.bridge": "auto", "distill.distance": "token_mse",
+                "distill.hidden_reduce": "sum", "distill.embeddings": True, "distill.w_task": 1.0,
+                "distill.w_logit": 1.0, "distill.w_hidden": 3.0, "distill.temperature": 1.0}
+        return Study(name, "attention relations (MiniLM, MiniLMv2, TinyBERT) vs hidden-state matching vs logit KD "
+                     "(papers.md: other baselines)", base, rows, baseline="logit KD only",
+                     notes=["relation terms at weight 1 (the papers' own), beside CE 1 + KL 1 (T 1); MiniLM and "
+                            "MiniLMv2 on the last layers, TinyBERT on every forward-mapped pair"])
     if name == "seeded":
         assert search_rows is not None and search_base is not None
         return Study(name, "a search's best strategy vs the paper settings it was seeded with", search_base,
