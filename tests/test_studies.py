@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from kdsearch import space_model, spaces
 from kdsearch.config import flatten, load_config
-from kdsearch.studies import grid_space, make_study, row_of, seeded_rows
+from kdsearch.studies import STUDIES, grid_space, make_study, row_of, seeded_rows
 from kdsearch.tracking import SearchTracker, flatten_params
+from kdsearch.validate import validate
 
 os.environ.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
 
@@ -37,6 +40,19 @@ def test_grid_space_runs_every_strategy_with_every_seed_and_rows_stay_distinguis
     assert sorted(seen) == sorted((r.name, s) for r in study.rows for s in (0, 1))
     narrow = make_study("flex", d_teacher=64)
     assert narrow.base["student.hidden_size"] == 32
+
+
+@pytest.mark.parametrize("name", [s for s in STUDIES if s != "seeded"])
+def test_every_studys_cells_validate_and_map_back_to_their_rows(name: str) -> None:
+    """Each cell is a valid run config (kdsearch.validate), and its logged params name its row and no other."""
+    study = make_study(name, d_teacher=64)
+    space, filled = grid_space(study, cli={"student": {"layers": 2}}, seeds=[0], concurrency=None)
+    names = []
+    for point in space_model.initial_points(space):
+        cfg = space_model.trial_config(space, point)
+        validate(cfg)
+        names.append(row_of(filled, flatten_params(flatten(cfg))).name)
+    assert sorted(names) == sorted(r.name for r in study.rows)
 
 
 def test_seeded_study_takes_the_best_trial_and_the_spaces_paper_points(tmp_path: Path) -> None:
