@@ -1,7 +1,8 @@
 """Complete check of a run config against the registries, the task files and the real teacher's shape.
 
 Runs before Ray starts; every problem is one ConfigError line naming the key to fix. Reads only the teacher's
-config (no weights) and the task files' headers. No Ray, Optuna or MLflow.
+config (no weights; a relation term's projections are looked up on the architecture built on the meta device)
+and the task files' headers. No Ray, Optuna or MLflow.
 """
 
 from __future__ import annotations
