@@ -198,7 +198,8 @@ class TrainConfig:
     teacher_cache: bool = False
     """Run the frozen teacher once over the training split and read its outputs back by row (cached by content,
     shared by every trial on the same teacher, data and precision) instead of a teacher forward every step.
-    Encoder tasks with padding masked (distill.mask_padding=true); disk: rows x tokens x (layers + 1) x d."""
+    Encoder tasks with padding masked (distill.mask_padding=true); disk: tokens x (layers + 1) x d, plus
+    tokens x 3 x d per relation layer with distill.w_relation > 0 (query, key, value: any relation.kinds)."""
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"train.epochs={self.epochs}: must be >= 1")

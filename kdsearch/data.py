@@ -38,13 +38,14 @@ def _split_files(cfg: TaskConfig, spec: TaskSpec) -> dict[str, Path]:
     if not root.is_dir():
         raise ConfigError(f"task.data_dir={cfg.data_dir}: no such directory")
     found = sorted(p.name for p in root.iterdir())
+    shown = ", ".join(found[:8]) + (f", ... ({len(found) - 8} more)" if len(found) > 8 else "")
     files: dict[str, Path] = {}
     for split, stems in _split_stems(spec).items():
         names = [f"{stem}.{ext}" for stem in stems for ext in EXTENSIONS]
         hits = [root / name for name in names if (root / name).is_file()]
         if not hits:
             raise ConfigError(f"task.data_dir={cfg.data_dir}: no {split} file; expected one of "
-                              f"{', '.join(names)} (found: {', '.join(found) or 'nothing'})")
+                              f"{', '.join(names)} (found: {shown or 'nothing'})")
         if len(hits) > 1:
             raise ConfigError(f"task.data_dir={cfg.data_dir}: {len(hits)} {split} files "
                               f"({', '.join(p.name for p in hits)}); keep one")

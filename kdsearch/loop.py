@@ -30,7 +30,7 @@ from .metrics import metric_names
 from .optimiser import Optimiser, make_optimiser
 from .precision import autocast
 from .prepare import Prepared, load_teacher, make_student
-from .relations import RelationSpec, Tap
+from .relations import Tap, resolve_relation
 from .step import Distiller, loss_weights, teacher_forward
 from .tasks import TaskSpec
 from .teacher_cache import TeacherCache, with_rows
@@ -79,19 +79,6 @@ def build_distiller(cfg: Config, prepared: Prepared, device: torch.device) -> tu
     distiller = Distiller(student, bridge, kind=prepared.spec.kind, cfg=cfg.distill,
                           relation=resolve_relation(cfg, teacher.config))
     return teacher, distiller.to(device)
-
-
-def resolve_relation(cfg: Config, teacher_config: Any) -> RelationSpec | None:
-    """The relation term's settings with the defaults filled in (last layers, the teacher's heads)."""
-    if cfg.distill.w_relation == 0:
-        return None
-    rel, n_t = cfg.relation, teacher_config.num_hidden_layers
-    if rel.layers == "map":
-        pairs = [(s, t) for s, t in map_layers(cfg.distill.layer_map, cfg.student.layers, n_t, embeddings=False,
-                                               seed=cfg.train.seed, epoch=0, layers=cfg.distill.layers)]
-    else:
-        pairs = [(rel.student_layer or cfg.student.layers, rel.teacher_layer or n_t)]
-    return RelationSpec(rel.names, rel.heads or teacher_config.num_attention_heads, tuple(pairs), rel.loss)
 
 
 def layer_pairs(cfg: Config, prepared: Prepared, *, epoch: int) -> list[tuple[int, int]]:
@@ -189,7 +176,7 @@ def _train_epoch(model: nn.Module, teacher: nn.Module | TeacherCache, loader: An
                  precision: Precision = "fp32", accum: int = 1, tap: Tap | None = None) -> dict[str, float]:
     """`steps` optimiser steps, each over `accum` micro-batches; the mean of each loss term over micro-batches.
 
-    `tap`: the teacher layer whose attention projections the relation term reads (live teacher only).
+    `tap`: the teacher layers whose attention projections the relation term reads.
     """
     model.train()
     sums: dict[str, torch.Tensor] = {}  # detached running sums: one host sync per epoch, not per step
@@ -205,7 +192,7 @@ def _train_epoch(model: nn.Module, teacher: nn.Module | TeacherCache, loader: An
         sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
         with sync:
             with autocast(ctx.device, precision):
-                outputs = (teacher.outputs(batch, hidden=bool(pairs)) if isinstance(teacher, TeacherCache)
+                outputs = (teacher.outputs(batch, hidden=bool(pairs), tap=tap) if isinstance(teacher, TeacherCache)
                            else teacher_forward(teacher, batch, hidden=bool(pairs), tap=tap))
                 terms = model(batch, outputs, pairs)
             optimiser.backward(terms["loss"] / accum)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from . import models, teacher_cache
 from .bridges import resolve_bridge
@@ -26,6 +26,7 @@ from .encoding import tokenize_task, train_texts
 from .evaluation import evaluate, make_loader
 from .layer_maps import map_layers
 from .losses import task_loss
+from .relations import Tap, resolve_relation
 from .tasks import TaskSpec, read_by
 from .ted import build_filters, train_stage1
 from .units import score_units
@@ -190,15 +191,20 @@ def _unit_scores(cfg: Config, prepared: Prepared, store: Store, device: torch.de
     return str(store.get_or_build("unit_scores", key, build) / "scores.safetensors")
 
 
-def _teacher_outputs(cfg: Config, prepared: Prepared, store: Store, device: torch.device) -> str:
+def _teacher_outputs(cfg: Config, prepared: Prepared, store: Store, device: torch.device,
+                     teacher: PretrainedConfig) -> str:
     train = prepared.data["train"]
+    relation = resolve_relation(cfg, teacher)
+    # every projection of the relation's teacher layers: one cache serves any choice of relation.kinds
+    tap = Tap(relation.teacher.layers, frozenset(("query", "key", "value"))) if relation else None
     key = content_key(teacher=prepared.teacher_dir, precision=cfg.train.precision, device=device.type,
-                      data=[file_digest(f["filename"]) for f in train.cache_files])
+                      data=[file_digest(f["filename"]) for f in train.cache_files],
+                      **({"tap_layers": list(tap.layers)} if tap else {}))
 
     def build(out: Path) -> None:
         _log(f"caching the teacher's outputs over {len(train)} training rows")
         teacher_cache.build(load_teacher(prepared, device), train, out, pad_id=prepared.pad_id,
-                            precision=cfg.train.precision, device=device)
+                            precision=cfg.train.precision, device=device, tap=tap)
 
     return str(store.get_or_build("teacher_outputs", key, build))
 
@@ -213,7 +219,8 @@ def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:
     data = tokenize_task(raw, spec, tok, max_length=cfg.task.max_length, cache_dir=cfg.cache_dir, family=family)
     spec = read_by(spec, family)
     teacher_dir = _teacher(cfg, source, tok, data, spec, store, device)
-    n_t, d_t = models.depth_width(AutoConfig.from_pretrained(teacher_dir))
+    teacher = AutoConfig.from_pretrained(teacher_dir)
+    n_t, d_t = models.depth_width(teacher)
     prepared = Prepared(spec=spec, family=family, teacher_dir=str(teacher_dir), data=data,
                         pad_id=tok.pad_token_id, n_teacher=n_t, d_teacher=d_t,
                         teacher_metrics=json.loads((teacher_dir / "teacher_metrics.json").read_text()))
@@ -228,5 +235,5 @@ def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:
     if bridge == "units" and pairs:
         extra["unit_scores"] = _unit_scores(cfg, prepared, store, device)
     if cfg.train.teacher_cache:
-        extra["teacher_outputs"] = _teacher_outputs(cfg, prepared, store, device)
+        extra["teacher_outputs"] = _teacher_outputs(cfg, prepared, store, device, teacher)
     return dataclasses.replace(prepared, **extra)

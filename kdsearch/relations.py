@@ -14,12 +14,16 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from .layer_maps import map_layers
 from .registry import Registry
+
+if TYPE_CHECKING:
+    from .config import Config
 
 Projection = str  # "query" | "key" | "value"
 
@@ -91,6 +95,20 @@ class RelationSpec:
     @property
     def teacher(self) -> Tap:
         return Tap(tuple(sorted({t for _, t in self.pairs})), self.projections)
+
+
+def resolve_relation(cfg: Config, teacher_config: Any) -> RelationSpec | None:
+    """The relation term's settings with the defaults filled in (last layers, the teacher's heads); None when
+    distill.w_relation is 0."""
+    if cfg.distill.w_relation == 0:
+        return None
+    rel, n_t = cfg.relation, teacher_config.num_hidden_layers
+    if rel.layers == "map":
+        pairs = map_layers(cfg.distill.layer_map, cfg.student.layers, n_t, embeddings=False, seed=cfg.train.seed,
+                           epoch=0, layers=cfg.distill.layers)
+    else:
+        pairs = [(rel.student_layer or cfg.student.layers, rel.teacher_layer or n_t)]
+    return RelationSpec(rel.names, rel.heads or teacher_config.num_attention_heads, tuple(pairs), rel.loss)
 
 
 Captured = dict[tuple[int, Projection], torch.Tensor]

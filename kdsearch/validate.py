@@ -71,9 +71,6 @@ def _check_shapes(cfg: Config, n_t: int, d_t: int) -> None:
 def _check_relation(cfg: Config, teacher: PretrainedConfig) -> None:
     """Layers in range, R dividing every compared projection width, and projections the term can find."""
     rel, (n_t, _) = cfg.relation, depth_width(teacher)
-    if cfg.train.teacher_cache:
-        raise ConfigError("distill.w_relation > 0 reads the teacher's attention projections, which "
-                          "train.teacher_cache does not store; set train.teacher_cache=false")
     if rel.layers == "map":
         if cfg.distill.layer_map in ("none", "inorder_random"):
             raise ConfigError(f"relation.layers=map takes its layer pairs from distill.layer_map, which is "

@@ -12,6 +12,7 @@ from kdsearch.config import Config, ConfigError, load_config
 from kdsearch.evaluation import make_loader
 from kdsearch.loop import WorkerContext, run_distillation
 from kdsearch.prepare import load_teacher, prepare
+from kdsearch.relations import resolve_relation
 from kdsearch.step import teacher_forward
 from kdsearch.teacher_cache import ROW, TeacherCache, with_rows
 from kdsearch.validate import validate
@@ -70,6 +71,50 @@ def test_a_cached_run_trains_like_a_live_one_and_builds_the_cache_once(cache: Pa
     entries = list((cache / "teacher_outputs").iterdir())
     run(small(cache, "train.teacher_cache=true", "train.seed=1", "distill.layer_map=all_to_one"))
     assert sorted(p.name for p in (cache / "teacher_outputs").iterdir()) == sorted(p.name for p in entries)
+
+
+RELATION = ["distill.w_hidden=0", "distill.w_relation=1", "relation.layers=map"]
+
+
+def test_cached_projections_equal_the_live_teachers_at_every_real_token(cache: Path) -> None:
+    cfg = small(cache, "train.teacher_cache=true", *RELATION)
+    prepared = prepare(cfg, device=torch.device("cpu"))
+    teacher = load_teacher(prepared, torch.device("cpu"))
+    spec = resolve_relation(cfg, teacher.config)
+    assert spec is not None and spec.teacher.layers == (2, 4)  # forward map 4 -> 2
+    stored = TeacherCache.open(prepared.teacher_outputs or "")
+    for batch in make_loader(with_rows(prepared.data["train"]), batch_size=7, shuffle=True, seed=5,
+                             pad_id=prepared.pad_id):
+        live = teacher_forward(teacher, batch, hidden=False, tap=spec.teacher)
+        cached = stored.outputs(batch, hidden=False, tap=spec.teacher)
+        assert cached.hidden is None and cached.projections is not None and live.projections is not None
+        assert sorted(cached.projections) == sorted(live.projections)
+        real = batch["attention_mask"].bool()
+        for key, value in live.projections.items():
+            torch.testing.assert_close(cached.projections[key][real], value[real], rtol=1e-5, atol=1e-5)
+            assert not cached.projections[key][~real].any()
+    # a cache built for the teacher's last layer alone cannot serve a map over layers 2 and 4
+    with pytest.raises(ValueError, match="built for another relation setting"):
+        TeacherCache.open(prepare(small(cache, "train.teacher_cache=true", "distill.w_hidden=0",
+                                        "distill.w_relation=1")).teacher_outputs or "").outputs(
+            batch, hidden=False, tap=spec.teacher)
+
+
+def test_a_cached_relation_run_trains_like_a_live_one(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def run(cfg: Config) -> list[dict]:
+        reports: list[dict] = []
+        run_distillation(cfg, prepare(cfg), WorkerContext(report=lambda m, _: reports.append(m), log=lambda _: None))
+        return reports
+
+    live = run(small(cache, *RELATION, "relation.kinds=qk+vv"))
+    prepare(small(cache, "train.teacher_cache=true", *RELATION))
+    monkeypatch.setattr("kdsearch.loop.teacher_forward", lambda *a, **k: pytest.fail("a cached run ran the teacher"))
+    cached = run(small(cache, "train.teacher_cache=true", *RELATION, "relation.kinds=qk+vv"))
+    for a, b in zip(live, cached, strict=True):
+        assert b["train_relation"] > 0
+        for key in ("train_task", "train_logit", "train_relation", "train_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+        assert b["eval_score"] == pytest.approx(a["eval_score"], abs=1e-6)
 
 
 def test_a_batch_from_other_data_is_refused(cache: Path) -> None:

@@ -24,7 +24,6 @@ import pytest
     (["distill.w_relation=1", "relation.heads=3"], "does not divide the teacher's projection widths"),
     (["distill.w_relation=1", "relation.kinds=qk+xy"], "unknown attention relation"),
     (["distill.w_relation=1", "teacher=tiny-qwen", "relation.kinds=qk"], "grouped-query attention"),
-    (["distill.w_relation=1", "train.teacher_cache=true"], "train.teacher_cache does not store"),
     (["distill.w_relation=1", "relation.layers=map", "distill.layer_map=none"], "relation.layers=map takes"),
     (["distill.w_relation=1", "relation.loss=l1"], "unknown relation loss"),
 ])
