@@ -75,12 +75,17 @@ def table(ranked: Sequence[Mapping[str, Any]], objectives: Sequence[Objective], 
     """Column names and string cells of the leaderboard, in `ranked` order (front indexes `ranked`)."""
     metrics = [o.name for o in objectives] + (["student_params"] if "student_params" not in
                                              {o.name for o in objectives} else [])
-    columns = ["rank", "trial", *params, *metrics, "time (s)", "status"]
+    # the epoch a trial's metrics come from: ASHA stops weak trials early, so rows may differ in training
+    epochs = any(value(row, "epoch") is not None for row in ranked)
+    columns = ["rank", "trial", *params, *metrics, *(["epochs"] if epochs else []), "time (s)", "status"]
     columns += ["pareto"] if front is not None else []
     cells = []
     for i, row in enumerate(ranked):
         line = [str(row.get("rank") or "-"), str(row["trial"]), *(_param(row.get(p, "-")) for p in params)]
         line += [_fmt(value(row, m)) for m in metrics]
+        if epochs:
+            epoch = value(row, "epoch")
+            line.append("-" if epoch is None else str(int(epoch)))
         time_s = row.get("time_s")
         line += ["" if time_s is None else f"{time_s:.1f}", str(row.get("status", ""))]
         if front is not None:

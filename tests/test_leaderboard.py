@@ -114,7 +114,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
         tracker.trial_run(trial, params=cfg, tags={SAMPLED_TAG: ",".join(drawn)})
         tracker.log_metrics(trial, {"eval_score": score - 0.1}, step=0)
         tracker.end_trial(trial, status=status, error="boom" if status == "FAILED" else None,
-                          final_metrics={"eval_score": score, "student_params": size})
+                          final_metrics={"eval_score": score, "student_params": size,
+                                         **({"epoch": 3} if status == "FINISHED" else {})})
     tracker.end_search()
     single = SearchTracker(uri=uri, experiment=EXP)
     single.start_search(name="single", space="kd", config={}, code_version="v",
@@ -147,6 +148,7 @@ def test_cli_multi_objective(store: tuple[str, str], tmp_path: Path,
     assert rows[0]["eval_score"] == "0.85" and rows[0]["student_params"] == "2000"
     assert [r["units.ratio"] for r in rows] == ["0.5", "0.5", "-", "-", "0.25", "-"]  # blank where inactive
     assert rows[-1]["status"] == "FAILED" and float(rows[0]["time (s)"]) >= 0
+    assert rows[0]["epochs"] == "3" and rows[-1]["epochs"] == "-"  # the failed trial reported no epoch
     assert "output_dir" not in rows[0] and "teacher" not in rows[0]  # bookkeeping and constants hidden
     assert "| 1 | t1 | reverse |" in (tmp_path / "leaderboard.md").read_text()
     assert "<td>t1</td>" in (tmp_path / "leaderboard.html").read_text()

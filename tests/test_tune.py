@@ -90,6 +90,8 @@ def test_search_logs_every_trial_stops_bad_ones_early_and_survives_a_failing_tri
     board = tmp_path / "results" / "s1" / "leaderboard"
     assert (board / "leaderboard.csv").exists() and (board / "leaderboard.md").exists()
     assert "1e-07" in (board / "leaderboard.csv").read_text().splitlines()[1]  # the rank-1 row: the good lr
+    with (board / "leaderboard.csv").open() as f:  # how far each trial trained, the early-stopped ones too
+        assert sorted(int(r["epochs"]) for r in csv.DictReader(f) if r["status"] == "FINISHED") == epochs
 
 
 @pytest.mark.slow
