@@ -8,7 +8,9 @@ Trial drivers take no CPU (the `kdsearch_driver` resource), so they never starve
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -36,6 +38,7 @@ from .search import (
     parse_search_args,
     render_dry_run,
 )
+from .tracking import search_names
 from .train import init_ray, make_trainer
 from .tune_callbacks import MlflowTrials, ProgressTable
 from .validate import validate
@@ -170,6 +173,35 @@ def make_tuner(settings: SearchSettings, space: space_model.Space, tracker_args:
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
+def resolve_name(settings: SearchSettings, space: space_model.Space) -> SearchSettings:
+    """The search's name, such that a new search never writes into an earlier one's runs and results.
+
+    Unnamed, a new search takes kdsearch-<space>, else the first free kdsearch-<space>-2, -3, ...; `resume=true`
+    unnamed continues the newest of those. A given name that is taken needs resume=true (or another name).
+    """
+    base = settings.search_name
+    searches = search_names(uri=settings.tracking_uri, experiment=settings.experiment)
+    if settings.resume:
+        numbers = [int(m.group(1) or 1) for n in searches if (m := re.fullmatch(rf"{re.escape(base)}(?:-(\d+))?", n))]
+        newest = max(numbers, default=1)
+        return settings if settings.name or newest == 1 else dataclasses.replace(settings, name=f"{base}-{newest}")
+    storage = _storage(settings, space)
+
+    def taken(name: str) -> bool:
+        return name in searches or tune.Tuner.can_restore(os.path.join(storage, name))
+
+    if not taken(base):
+        return settings
+    if settings.name:
+        raise ConfigError(f"name={base}: a search of that name exists (MLflow experiment {settings.experiment}, "
+                          f"{storage}); resume=true continues it, another name= starts a new one")
+    n = 2
+    while taken(f"{base}-{n}"):
+        n += 1
+    print(f"[kdsearch.tune] a search named {base} exists: this one is {base}-{n}", flush=True)
+    return dataclasses.replace(settings, name=f"{base}-{n}")
+
+
 def run_search(settings: SearchSettings, space: space_model.Space) -> tune.ResultGrid:
     """Prepare the shared artifacts, start Ray, run every trial, stop Ray; Tune's ResultGrid.
 
@@ -206,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         print(render_dry_run(settings, space))
         return 0
     try:
+        settings = resolve_name(settings, space)
         results = run_search(settings, space)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

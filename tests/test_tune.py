@@ -209,3 +209,27 @@ def test_ray_job_submit_runs_a_smoke_search_on_a_local_head(tmp_path: Path) -> N
     parent = find_search(uri=uri, experiment="kdsearch", search="job")
     trials = list_trials(uri=uri, experiment="kdsearch", search_run_id=parent.run_id)
     assert len(trials) == 2 and all(t.status == "FINISHED" for t in trials)
+
+
+def test_a_new_search_never_writes_into_an_earlier_one(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from kdsearch.config import ConfigError
+    from kdsearch.search import parse_search_args
+    from kdsearch.tracking import SearchTracker
+    from kdsearch.tune import resolve_name
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    settings, space = parse_search_args(["space=smoke", f"tracking.uri={uri}", f"results_dir={tmp_path}/results"])
+    assert resolve_name(settings, space).search_name == "kdsearch-smoke"  # a new store: the plain name
+    tracker = SearchTracker(uri=uri, experiment="kdsearch")
+    for name in ("kdsearch-smoke", "kdsearch-smoke-2", "kdsearch-smoke-x", "mine"):
+        tracker.start_search(name=name, space="smoke", config={}, code_version="v")
+        tracker.end_search()
+    # run again: the next free number, so the leaderboard and the best student are this search's alone
+    assert resolve_name(settings, space).search_name == "kdsearch-smoke-3"
+    assert resolve_name(replace(settings, resume=True), space).search_name == "kdsearch-smoke-2"  # the newest
+    assert resolve_name(replace(settings, resume=True, name="mine"), space).search_name == "mine"
+    assert resolve_name(replace(settings, name="yours"), space).search_name == "yours"
+    with pytest.raises(ConfigError, match="name=mine: a search of that name exists.*resume=true continues it"):
+        resolve_name(replace(settings, name="mine"), space)

@@ -14,6 +14,7 @@ from .runs import (
     list_trials,
     log_analysis_run,
     log_run_artifacts,
+    search_names,
 )
 from .store import DEFAULT_EXPERIMENT, DEFAULT_URI, check_tracking_uri, is_locked_error, open_client, retry_locked
 from .tracker import ERROR_TAG_CHARS, SearchTracker
@@ -36,4 +37,5 @@ __all__ = [
     "log_run_artifacts",
     "open_client",
     "retry_locked",
+    "search_names",
 ]

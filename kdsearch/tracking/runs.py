@@ -113,6 +113,15 @@ def find_search(*, uri: str, experiment: str, search: str | None = None) -> RunR
     return _record(runs[0])
 
 
+def search_names(*, uri: str, experiment: str) -> list[str]:
+    """The names of the searches in `experiment`; none where the store or the experiment is new."""
+    try:
+        client, experiment_id = open_client(uri, experiment, create=False)
+    except ConfigError:
+        return []
+    return [_record(run).name for run in search_all(client, experiment_id, "tags.`kdsearch.role` = 'search'")]
+
+
 def list_trials(*, uri: str, experiment: str, search_run_id: str) -> list[RunRecord]:
     """Every child run of a search, oldest first (trial id breaks ties of the ms start time)."""
     client, experiment_id = open_client(uri, experiment, create=False)
