@@ -8,11 +8,15 @@ process (idempotent, cheap). Errors and warnings still come through.
 from __future__ import annotations
 
 import logging
+import sys
+from pathlib import Path
 
 _CHATTY_LOGGERS = (
     "ray.train._internal.storage",  # a Tune function trial's report with a checkpoint
     "ray.train.v2._internal.execution.storage",  # a Ray Train worker's report with a checkpoint
 )
+
+_RAY_TRAIN_REPORT = "train/v2/_internal/execution/context.py"
 
 
 def quiet_libraries() -> None:
@@ -25,3 +29,8 @@ def quiet_libraries() -> None:
     huggingface_hub.utils.disable_progress_bars()  # downloads
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    ray = sys.modules.get("ray")  # a Ray process: never import Ray from here
+    if ray is not None and ray.__file__:
+        # Ray Train logs every report ("Reporting training result N: TrainingReport(...)", the whole metrics dict)
+        # to a logger named by its file's path, not its module
+        logging.getLogger(str(Path(ray.__file__).parent / _RAY_TRAIN_REPORT)).setLevel(logging.WARNING)
