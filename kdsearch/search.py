@@ -31,7 +31,7 @@ class SearchSettings:
     space: str = DEFAULT_SPACE
     """A shipped space name (search_spaces/<name>.yaml) or a path to a YAML file."""
     name: str | None = None
-    """Search name: the Tune experiment, the MLflow parent run; None = kdsearch-<space>."""
+    """Search name: the Tune experiment, the MLflow parent run; None = kdsearch-<space> (-smoke with smoke=true)."""
     smoke: bool = False
     """Shrink the search to a tiny model, a few steps and 2-3 trials (check a cluster or a config)."""
     resume: bool = False
@@ -50,7 +50,7 @@ class SearchSettings:
 
     @property
     def search_name(self) -> str:
-        return self.name or f"kdsearch-{Path(self.space).stem}"
+        return self.name or f"kdsearch-{Path(self.space).stem}{'-smoke' if self.smoke else ''}"
 
 
 _SEARCH_KEYS = {"space", "name", "smoke", "resume", "dry_run", "objectives", "seed"}
