@@ -7,6 +7,7 @@ Pure data and config work: no Ray, Tune or plotting; MLflow only through `kdsear
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,10 +17,10 @@ from . import space_model, spaces
 from .config import ConfigError, build_config, flatten, merge, unflatten
 from .leaderboard import search_objectives, trial_rows
 from .ranking import rank_rows
+from .registry import Registry
 from .search import absolute_paths
 from .tracking import SEARCHED_TAG, RunRecord, find_search, format_param, list_trials
 
-STUDIES = ("layer_select", "ted_vs_lwd", "flex", "relation", "seeded")
 
 @dataclass(frozen=True)
 class Row:
@@ -52,77 +53,99 @@ _LAYER_PAPER = {("none", "random"): 81.1, ("forward", "random"): 85.1, ("reverse
                 ("forward", "teacher"): 92.3, ("reverse", "teacher"): 90.0, ("all_to_one", "teacher"): 91.4}
 
 
+GRIDS: Registry[Callable[[int], Study]] = Registry("study")
+"""The fixed comparison grids by name, each built for a teacher of width d_teacher (flex halves it)."""
+
+
+@GRIDS.register("layer_select")
+def _layer_select(d_teacher: int) -> Study:
+    rows = [Row(m, init, {"distill.layer_map": m, "student.init": init}, _LAYER_PAPER.get((m, init)))
+            for init in ("random", "teacher") for m in ("none", "forward", "reverse", "all_to_one", "random")]
+    base = {"distill.bridge": "auto", "distill.distance": "token_mse", "distill.hidden_reduce": "sum",
+            "distill.embeddings": True, "distill.w_task": 1.0, "distill.w_logit": 1.0, "distill.w_hidden": 3.0,
+            "distill.temperature": 1.0}
+    return Study("layer_select", "layer maps x student init (Yu, Wen, Mou 2025; papers.md section 2)", base, rows,
+                 baseline="none", notes=["paper: BERT-base (93.1) -> 3-layer BERT, full SST-2, GLUE dev; "
+                                         "its random/teacher cell is not in papers.md"])
+
+
+@GRIDS.register("ted_vs_lwd")
+def _ted_vs_lwd(d_teacher: int) -> Study:
+    rows = [Row("TED", "", {"distill.bridge": "ted"}),
+            Row("LWD projector", "", {"distill.bridge": "projector"}),
+            Row("LWD identity", "", {"distill.bridge": "identity"}),
+            Row("logit KD only", "", {"distill.layer_map": "none"}),
+            Row("no KD", "", {"distill.layer_map": "none", "distill.w_logit": 0.0})]
+    base = {"student.init": "teacher", "distill.layer_map": "forward", "distill.embeddings": False,
+            "distill.hidden_reduce": "mean", "distill.distance": "mse", "distill.w_logit": 20.0,
+            "distill.w_hidden": 20.0, "distill.temperature": 2.0, "ted.filter": "linear", "distill.bridge": "auto"}
+    return Study("ted_vs_lwd", "TED vs plain layer-wise distillation vs logit KD vs none (Liang et al. 2023; "
+                 "papers.md section 1)", base, rows, baseline="no KD",
+                 notes=["TED code's SST-2 stage-2 weights: kl_alpha 20, mse_alpha 20, T 2, element-mean MSE, "
+                        "uniform (forward) map without the embedding pair",
+                        "paper: DeBERTaV3-base -> xsmall, TED 94.4 on SST-2 (no same-setup baseline numbers "
+                        "in papers.md)"])
+
+
+@GRIDS.register("flex")
+def _flex(d_teacher: int) -> Study:
+    half = d_teacher // 2
+    # group = the feature distance: the paper pairs units with correlation and the projector with MSE; the
+    # swapped pairs tell how much of a gap is the unit selection and how much the distance.
+    rows = [Row(name, distance, {"distill.bridge": bridge, "distill.distance": distance})
+            for distance in ("correlation", "mse")
+            for name, bridge in (("Flex-KD units", "units"), ("linear projector", "projector"))]
+    # the other projector-free way across widths: linear CKA between the raw states (papers.md, "other
+    # baselines"), no unit selection
+    rows.append(Row("CKA, no projector", "cka", {"distill.bridge": "identity", "distill.distance": "cka"}))
+    # and the attention-relation one (MiniLMv2): q-q, k-k, v-v relations of the last layers in the teacher's
+    # heads count of relation heads, no hidden-state term at all
+    rows.append(Row("MiniLMv2 relations, no projector", "relation",
+                    {"distill.layer_map": "none", "distill.w_relation": 1.0, "relation.kinds": "qq+kk+vv"}))
+    rows.append(Row("no feature KD", "", {"distill.layer_map": "none"}))
+    base = {"student.hidden_size": half, "student.init": "random", "distill.embeddings": False,
+            "distill.layer_map": "forward", "units.score": "grad", "units.scope": "last",
+            "distill.hidden_reduce": "mean", "distill.w_hidden": 1.0, "distill.w_logit": 0.0}
+    return Study("flex", f"Flex-KD unit selection vs a linear projector, student width {half} = d_t/2 "
+                 "(Saadi & Wang 2025; papers.md section 3)", base, rows, baseline="no feature KD",
+                 notes=["paper: up to +3% over the projector (third-party figures, unverified)"])
+
+
+@GRIDS.register("relation")
+def _relation(d_teacher: int) -> Study:
+    # each attention row is the logit-KD-only row plus one relation term, at the layer-selection paper's weights
+    rows = [Row("logit KD only", "", {"distill.layer_map": "none"}),
+            Row("forward hidden matching", "", {"distill.layer_map": "forward"}),
+            Row("MiniLM qk+vv", "", {"distill.layer_map": "none", "distill.w_relation": 1.0,
+                                     "relation.kinds": "qk+vv"}),
+            Row("MiniLMv2 qq+kk+vv", "", {"distill.layer_map": "none", "distill.w_relation": 1.0,
+                                          "relation.kinds": "qq+kk+vv"}),
+            Row("TinyBERT attention MSE", "", {"distill.layer_map": "forward", "distill.w_hidden": 0.0,
+                                               "distill.w_relation": 1.0, "relation.kinds": "qk",
+                                               "relation.loss": "mse", "relation.layers": "map"})]
+    base = {"student.init": "teacher", "distill.bridge": "auto", "distill.distance": "token_mse",
+            "distill.hidden_reduce": "sum", "distill.embeddings": True, "distill.w_task": 1.0,
+            "distill.w_logit": 1.0, "distill.w_hidden": 3.0, "distill.temperature": 1.0}
+    return Study("relation", "attention relations (MiniLM, MiniLMv2, TinyBERT) vs hidden-state matching vs logit "
+                 "KD (papers.md: other baselines)", base, rows, baseline="logit KD only",
+                 notes=["relation terms at weight 1 (the papers' own), beside CE 1 + KL 1 (T 1); MiniLM and "
+                        "MiniLMv2 on the last layers, TinyBERT on every forward-mapped pair"])
+
+
+STUDIES = (*GRIDS.names(), "seeded")
+"""Every study=: the fixed grids, and `seeded` (a finished search's best vs the paper points it was seeded with)."""
+
+
 def make_study(name: str, *, d_teacher: int, search_rows: list[Row] | None = None,
                search_base: dict[str, Any] | None = None) -> Study:
-    """The grid of one study; widths come from the real teacher (flex halves it)."""
-    if name == "layer_select":
-        rows = [Row(m, init, {"distill.layer_map": m, "student.init": init}, _LAYER_PAPER.get((m, init)))
-                for init in ("random", "teacher") for m in ("none", "forward", "reverse", "all_to_one", "random")]
-        base = {"distill.bridge": "auto", "distill.distance": "token_mse", "distill.hidden_reduce": "sum",
-                "distill.embeddings": True, "distill.w_task": 1.0, "distill.w_logit": 1.0, "distill.w_hidden": 3.0,
-                "distill.temperature": 1.0}
-        return Study(name, "layer maps x student init (Yu, Wen, Mou 2025; papers.md section 2)", base, rows,
-                     baseline="none", notes=["paper: BERT-base (93.1) -> 3-layer BERT, full SST-2, GLUE dev; "
-                                             "its random/teacher cell is not in papers.md"])
-    if name == "ted_vs_lwd":
-        rows = [Row("TED", "", {"distill.bridge": "ted"}),
-                Row("LWD projector", "", {"distill.bridge": "projector"}),
-                Row("LWD identity", "", {"distill.bridge": "identity"}),
-                Row("logit KD only", "", {"distill.layer_map": "none"}),
-                Row("no KD", "", {"distill.layer_map": "none", "distill.w_logit": 0.0})]
-        base = {"student.init": "teacher", "distill.layer_map": "forward", "distill.embeddings": False,
-                "distill.hidden_reduce": "mean", "distill.distance": "mse", "distill.w_logit": 20.0,
-                "distill.w_hidden": 20.0, "distill.temperature": 2.0, "ted.filter": "linear", "distill.bridge": "auto"}
-        return Study(name, "TED vs plain layer-wise distillation vs logit KD vs none (Liang et al. 2023; "
-                     "papers.md section 1)", base, rows, baseline="no KD",
-                     notes=["TED code's SST-2 stage-2 weights: kl_alpha 20, mse_alpha 20, T 2, element-mean MSE, "
-                            "uniform (forward) map without the embedding pair",
-                            "paper: DeBERTaV3-base -> xsmall, TED 94.4 on SST-2 (no same-setup baseline numbers "
-                            "in papers.md)"])
-    if name == "flex":
-        half = d_teacher // 2
-        # group = the feature distance: the paper pairs units with correlation and the projector with MSE; the
-        # swapped pairs tell how much of a gap is the unit selection and how much the distance.
-        rows = [Row(name, distance, {"distill.bridge": bridge, "distill.distance": distance})
-                for distance in ("correlation", "mse")
-                for name, bridge in (("Flex-KD units", "units"), ("linear projector", "projector"))]
-        # the other projector-free way across widths: linear CKA between the raw states (papers.md, "other
-        # baselines"), no unit selection
-        rows.append(Row("CKA, no projector", "cka", {"distill.bridge": "identity", "distill.distance": "cka"}))
-        # and the attention-relation one (MiniLMv2): q-q, k-k, v-v relations of the last layers in the teacher's
-        # heads count of relation heads, no hidden-state term at all
-        rows.append(Row("MiniLMv2 relations, no projector", "relation",
-                        {"distill.layer_map": "none", "distill.w_relation": 1.0, "relation.kinds": "qq+kk+vv"}))
-        rows.append(Row("no feature KD", "", {"distill.layer_map": "none"}))
-        base = {"student.hidden_size": half, "student.init": "random", "distill.embeddings": False,
-                "distill.layer_map": "forward", "units.score": "grad", "units.scope": "last",
-                "distill.hidden_reduce": "mean", "distill.w_hidden": 1.0, "distill.w_logit": 0.0}
-        return Study(name, f"Flex-KD unit selection vs a linear projector, student width {half} = d_t/2 "
-                     "(Saadi & Wang 2025; papers.md section 3)", base, rows, baseline="no feature KD",
-                     notes=["paper: up to +3% over the projector (third-party figures, unverified)"])
-    if name == "relation":
-        # each attention row is the logit-KD-only row plus one relation term, at the layer-selection paper's weights
-        rows = [Row("logit KD only", "", {"distill.layer_map": "none"}),
-                Row("forward hidden matching", "", {"distill.layer_map": "forward"}),
-                Row("MiniLM qk+vv", "", {"distill.layer_map": "none", "distill.w_relation": 1.0,
-                                         "relation.kinds": "qk+vv"}),
-                Row("MiniLMv2 qq+kk+vv", "", {"distill.layer_map": "none", "distill.w_relation": 1.0,
-                                              "relation.kinds": "qq+kk+vv"}),
-                Row("TinyBERT attention MSE", "", {"distill.layer_map": "forward", "distill.w_hidden": 0.0,
-                                                   "distill.w_relation": 1.0, "relation.kinds": "qk",
-                                                   "relation.loss": "mse", "relation.layers": "map"})]
-        base = {"student.init": "teacher", "distill.bridge": "auto", "distill.distance": "token_mse",
-                "distill.hidden_reduce": "sum", "distill.embeddings": True, "distill.w_task": 1.0,
-                "distill.w_logit": 1.0, "distill.w_hidden": 3.0, "distill.temperature": 1.0}
-        return Study(name, "attention relations (MiniLM, MiniLMv2, TinyBERT) vs hidden-state matching vs logit KD "
-                     "(papers.md: other baselines)", base, rows, baseline="logit KD only",
-                     notes=["relation terms at weight 1 (the papers' own), beside CE 1 + KL 1 (T 1); MiniLM and "
-                            "MiniLMv2 on the last layers, TinyBERT on every forward-mapped pair"])
+    """The grid of one study; widths come from the real teacher."""
     if name == "seeded":
         assert search_rows is not None and search_base is not None
         return Study(name, "a search's best strategy vs the paper settings it was seeded with", search_base,
                      search_rows, baseline=None)
-    raise ConfigError(f"study={name}: choose one of {', '.join(STUDIES)}")
+    if name not in GRIDS.names():
+        raise ConfigError(f"study={name}: choose one of {', '.join(STUDIES)}")
+    return GRIDS.get(name)(d_teacher)
 
 
 def seeded_rows(*, uri: str, experiment: str, search: str) -> tuple[dict[str, Any], list[Row]]:

@@ -56,7 +56,7 @@ def test_summary_compares_each_distance_group_with_the_shared_ungrouped_baseline
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["study=grid"], "choose one of layer_select"),
+    (["study=grid"], "choose one of flex, layer_select, relation, ted_vs_lwd, seeded"),
     (["study=seeded"], "needs search="),
     (["study=flex", "seeds=[a]"], "seeds="),
     (["study=flex", "train.epoch=2"], "did you mean train.epochs"),
