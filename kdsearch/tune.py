@@ -173,6 +173,15 @@ def make_tuner(settings: SearchSettings, space: space_model.Space, tracker_args:
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
+def _can_restore(storage: str, name: str) -> bool:
+    """Whether Tune has an experiment `name` under `storage` (local, s3:// or gs://); unreadable storage is a
+    ConfigError, before Ray starts."""
+    try:
+        return tune.Tuner.can_restore(os.path.join(storage, name))
+    except OSError as err:
+        raise ConfigError(f"storage_path={storage}: cannot be read ({str(err).splitlines()[0]})") from None
+
+
 def resolve_name(settings: SearchSettings, space: space_model.Space) -> SearchSettings:
     """The search's name, such that a new search never writes into an earlier one's runs and results.
 
@@ -188,7 +197,7 @@ def resolve_name(settings: SearchSettings, space: space_model.Space) -> SearchSe
     storage = _storage(settings, space)
 
     def taken(name: str) -> bool:
-        return name in searches or tune.Tuner.can_restore(os.path.join(storage, name))
+        return name in searches or _can_restore(storage, name)
 
     if not taken(base):
         return settings
@@ -211,7 +220,7 @@ def run_search(settings: SearchSettings, space: space_model.Space) -> tune.Resul
     # Checkpoints are pruned (num_to_keep), which makes Tune snapshot often; that is intended here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     storage = _storage(settings, space)
-    if settings.resume and not tune.Tuner.can_restore(os.path.join(storage, settings.search_name)):
+    if settings.resume and not _can_restore(storage, settings.search_name):
         raise ConfigError(f"resume=true: no search named {settings.search_name} under {storage} to resume")
     # Prepare the shared artifacts (teacher fine-tuning, tokenised data) once, before trials race for them.
     prepare(space_model.trial_config(space, {}))
