@@ -54,8 +54,8 @@ def build(teacher: nn.Module, dataset: Any, out: Path, *, pad_id: int, precision
             if taps:
                 assert outputs.projections is not None
                 if len({outputs.projections[key].shape for key in taps}) > 1:
-                    raise ValueError("train.teacher_cache: the tapped projections differ in width (grouped-query "
-                                     "attention); cache them one width at a time")
+                    raise ValueError("train.teacher_cache: the relation's projections differ in width (grouped-"
+                                     "query attention), which the cache does not store; set train.teacher_cache=false")
                 tapped = torch.stack([outputs.projections[key] for key in taps], dim=2)[real]  # (tokens, taps, d)
                 _write(projections_file, tapped)
                 meta |= {"projections": list(tapped.shape[1:]), "projections_dtype": str(tapped.dtype)}
