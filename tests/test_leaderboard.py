@@ -180,7 +180,7 @@ def test_cli_single_objective_by_run_id_and_latest(store: tuple[str, str], tmp_p
 def test_cli_errors_are_one_line(store: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     uri, _ = store
     assert main([f"tracking.uri={uri}", f"experiment={EXP}", "search=nope"]) == 2
-    assert "no search named 'nope'" in capsys.readouterr().err
+    assert "no search named 'nope'" in (err := capsys.readouterr().err) and "searches there: multi, single" in err
     assert main(["serach=multi"]) == 2
     assert "did you mean search?" in capsys.readouterr().err
     assert main([f"tracking.uri={uri}", "experiment=missing"]) == 2

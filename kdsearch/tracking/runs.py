@@ -109,7 +109,9 @@ def find_search(*, uri: str, experiment: str, search: str | None = None) -> RunR
         runs = search_all(client, experiment_id, query, ["attributes.start_time DESC"])
     if not runs:
         which = f"named {search!r}" if search else "at all"
-        raise ConfigError(f"search={search or ''}: no search {which} in experiment {experiment} at {uri}")
+        names = sorted({_record(run).name for run in search_all(client, experiment_id, query)})
+        known = f"; searches there: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}" if names else ""
+        raise ConfigError(f"search={search or ''}: no search {which} in experiment {experiment} at {uri}{known}")
     return _record(runs[0])
 
 
