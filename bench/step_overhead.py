@@ -103,7 +103,8 @@ class Variants:
         self.ctx = WorkerContext(device=device, log=lambda line: None)
         self.teacher, self.distiller = build_distiller(cfg, prepared, device)
         # --teacher-cache: the kd step reads the teacher's outputs (the loop and base steps still run it live)
-        self.kd_teacher = TeacherCache.open(prepared.teacher_outputs) if prepared.teacher_outputs else self.teacher
+        self.kd_teacher = (TeacherCache.open(prepared.teacher_outputs, prepared.teacher_projections)
+                           if prepared.teacher_outputs else self.teacher)
         self.pairs = layer_pairs(cfg, prepared, epoch=0)
         self.optimiser = self._optimiser(self.distiller, cfg)
         plain = replace(cfg, distill=replace(cfg.distill, w_logit=0.0, w_hidden=0.0, w_relation=0.0,

@@ -110,7 +110,8 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
     teacher: nn.Module | TeacherCache = live
     train = prepared.data["train"]
     if prepared.teacher_outputs is not None:  # the cached outputs stand in for the live teacher
-        teacher, train = TeacherCache.open(prepared.teacher_outputs), with_rows(train)
+        teacher = TeacherCache.open(prepared.teacher_outputs, prepared.teacher_projections)
+        train = with_rows(train)
     del live
     model = ctx.wrap_model(distiller)
     accum = cfg.train.grad_accum

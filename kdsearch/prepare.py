@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, AutoTokenizer
 
 from . import models, teacher_cache
 from .bridges import resolve_bridge
@@ -48,6 +48,7 @@ class Prepared:
     student_filters: str | None = None  # safetensors of the stage-1 student filters
     unit_scores: str | None = None  # safetensors {"scores": (n_t + 1, d_t)}
     teacher_outputs: str | None = None  # directory of the cached teacher outputs (kdsearch.teacher_cache)
+    teacher_projections: str | None = None  # directory of the cached projections the relation term reads
 
     def load_tensors(self, path: str | None) -> dict[str, torch.Tensor]:
         return load_file(path) if path else {}
@@ -192,21 +193,21 @@ def _unit_scores(cfg: Config, prepared: Prepared, store: Store, device: torch.de
 
 
 def _teacher_outputs(cfg: Config, prepared: Prepared, store: Store, device: torch.device,
-                     teacher: PretrainedConfig) -> str:
+                     tap: Tap | None = None) -> str:
+    """The cached logits and hidden states, or with `tap` the cached projections of its layers (kept apart, so
+    every relation setting shares the one copy of the hidden states)."""
     train = prepared.data["train"]
-    relation = resolve_relation(cfg, teacher)
-    # every projection of the relation's teacher layers: one cache serves any choice of relation.kinds
-    tap = Tap(relation.teacher.layers, frozenset(("query", "key", "value"))) if relation else None
     key = content_key(teacher=prepared.teacher_dir, precision=cfg.train.precision, device=device.type,
                       data=[file_digest(f["filename"]) for f in train.cache_files],
                       **({"tap_layers": list(tap.layers)} if tap else {}))
 
     def build(out: Path) -> None:
-        _log(f"caching the teacher's outputs over {len(train)} training rows")
+        what = f"attention projections of layers {list(tap.layers)}" if tap else "outputs"
+        _log(f"caching the teacher's {what} over {len(train)} training rows")
         teacher_cache.build(load_teacher(prepared, device), train, out, pad_id=prepared.pad_id,
                             precision=cfg.train.precision, device=device, tap=tap)
 
-    return str(store.get_or_build("teacher_outputs", key, build))
+    return str(store.get_or_build("teacher_projections" if tap else "teacher_outputs", key, build))
 
 
 def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:
@@ -235,5 +236,9 @@ def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:
     if bridge == "units" and pairs:
         extra["unit_scores"] = _unit_scores(cfg, prepared, store, device)
     if cfg.train.teacher_cache:
-        extra["teacher_outputs"] = _teacher_outputs(cfg, prepared, store, device, teacher)
+        extra["teacher_outputs"] = _teacher_outputs(cfg, prepared, store, device)
+        relation = resolve_relation(cfg, teacher)
+        if relation:  # every projection of the relation's teacher layers: one cache for any relation.kinds
+            tap = Tap(relation.teacher.layers, frozenset(("query", "key", "value")))
+            extra["teacher_projections"] = _teacher_outputs(cfg, prepared, store, device, tap)
     return dataclasses.replace(prepared, **extra)

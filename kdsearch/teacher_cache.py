@@ -9,6 +9,7 @@ Plain PyTorch: no Ray, Optuna or MLflow import.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,44 +28,42 @@ ROW = "row"
 """The column `with_rows` adds to the training split: each batch says which cached rows it holds."""
 
 
-def _write(handle: Any, tensor: torch.Tensor) -> None:
-    handle.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-
-
 def build(teacher: nn.Module, dataset: Any, out: Path, *, pad_id: int, precision: Precision,
           device: torch.device, tap: Tap | None = None, batch_size: int = 64) -> None:
-    """Run the teacher once over `dataset` in row order; write logits (rows, C), hidden states (tokens, layers + 1,
-    d) and, with `tap`, the tapped attention projections (tokens, taps, d), in the dtype the live forward
-    produces under `precision`, so a lookup equals the live pass."""
+    """Run the teacher once over `dataset` in row order; write logits (rows, C) and hidden states (tokens,
+    layers + 1, d), or with `tap` only the tapped attention projections (tokens, taps, d), in the dtype the live
+    forward produces under `precision`, so a lookup equals the live pass."""
     teacher.eval()
     taps = sorted((layer, p) for layer in tap.layers for p in tap.projections) if tap else []
+    names = ["projections"] if tap else ["logits", "hidden"]
     meta: dict[str, Any] = {"rows": len(dataset), "tokens": 0, "taps": taps}
     offsets = [0]
-    with (open(out / "logits.bin", "wb") as logits_file, open(out / "hidden.bin", "wb") as hidden_file,
-          open(out / "projections.bin", "wb") as projections_file):
+    with contextlib.ExitStack() as files:
+        handles = {name: files.enter_context(open(out / f"{name}.bin", "wb")) for name in names}
         for batch in make_loader(dataset, batch_size=batch_size, shuffle=False, seed=0, pad_id=pad_id):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(device, precision):
-                outputs = teacher_forward(teacher, batch, hidden=True, tap=tap)
-            assert outputs.hidden is not None
+                outputs = teacher_forward(teacher, batch, hidden=tap is None, tap=tap)
             real = batch["attention_mask"].bool()
-            states = torch.stack(outputs.hidden, dim=2)[real]  # (real tokens, layers + 1, d), row-major
-            _write(logits_file, outputs.logits)
-            _write(hidden_file, states)
-            if taps:
-                assert outputs.projections is not None
-                if len({outputs.projections[key].shape for key in taps}) > 1:
-                    raise ValueError("train.teacher_cache: the relation's projections differ in width (grouped-"
-                                     "query attention), which the cache does not store; set train.teacher_cache=false")
-                tapped = torch.stack([outputs.projections[key] for key in taps], dim=2)[real]  # (tokens, taps, d)
-                _write(projections_file, tapped)
-                meta |= {"projections": list(tapped.shape[1:]), "projections_dtype": str(tapped.dtype)}
+            for name, tensor in _stored(outputs, taps, real).items():
+                handles[name].write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                meta |= {name: list(tensor.shape[1:]), f"{name}_dtype": str(tensor.dtype)}
             offsets.extend((offsets[-1] + real.sum(1).cumsum(0)).tolist())
-            meta |= {"logits": list(outputs.logits.shape[1:]), "logits_dtype": str(outputs.logits.dtype),
-                     "hidden": list(states.shape[1:]), "hidden_dtype": str(states.dtype)}
     meta["tokens"] = offsets[-1]
     torch.save(torch.tensor(offsets), out / "offsets.pt")
     (out / "outputs.json").write_text(json.dumps(meta))  # (meta.json is the Store's)
+
+
+def _stored(outputs: TeacherOutputs, taps: list[tuple[int, Projection]], real: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What one batch adds to the files: per row (logits) or per real token, row-major."""
+    if not taps:
+        assert outputs.hidden is not None
+        return {"logits": outputs.logits, "hidden": torch.stack(outputs.hidden, dim=2)[real]}  # (tokens, L + 1, d)
+    assert outputs.projections is not None
+    if len({outputs.projections[key].shape for key in taps}) > 1:
+        raise ValueError("train.teacher_cache: the relation's projections differ in width (grouped-query "
+                         "attention), which the cache does not store; set train.teacher_cache=false")
+    return {"projections": torch.stack([outputs.projections[key] for key in taps], dim=2)[real]}  # (tokens, K, d)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -89,13 +88,23 @@ class TeacherCache:
     taps: tuple[tuple[int, Projection], ...] = ()
 
     @classmethod
-    def open(cls, directory: str | Path) -> TeacherCache:
+    def open(cls, directory: str | Path, projections: str | Path | None = None) -> TeacherCache:
+        """The cached logits and hidden states in `directory`, and (relation terms) the projections that
+        `build(tap=...)` wrote to `projections` from the same rows."""
         directory = Path(directory)
         meta = json.loads((directory / "outputs.json").read_text())
-        taps = tuple((int(layer), str(p)) for layer, p in meta.get("taps", []))
-        return cls(_open(directory, "logits", meta, meta["rows"]), _open(directory, "hidden", meta, meta["tokens"]),
-                   torch.load(directory / "offsets.pt"),
-                   _open(directory, "projections", meta, meta["tokens"]) if taps else None, taps)
+        logits = _open(directory, "logits", meta, meta["rows"])
+        hidden = _open(directory, "hidden", meta, meta["tokens"])
+        if projections is None:
+            return cls(logits, hidden, torch.load(directory / "offsets.pt"))
+        projections = Path(projections)
+        tapped = json.loads((projections / "outputs.json").read_text())
+        if tapped["tokens"] != meta["tokens"]:
+            raise ValueError(f"train.teacher_cache: {projections} holds {tapped['tokens']} tokens, {directory} "
+                             f"{meta['tokens']}: built from other data")
+        taps = tuple((int(layer), str(p)) for layer, p in tapped["taps"])
+        return cls(logits, hidden, torch.load(directory / "offsets.pt"),
+                   _open(projections, "projections", tapped, tapped["tokens"]), taps)
 
     def outputs(self, batch: dict[str, torch.Tensor], *, hidden: bool, tap: Tap | None = None) -> TeacherOutputs:
         """The teacher's outputs for `batch` (which carries ROW), on the batch's device; hidden states and the

@@ -82,7 +82,8 @@ def test_cached_projections_equal_the_live_teachers_at_every_real_token(cache: P
     teacher = load_teacher(prepared, torch.device("cpu"))
     spec = resolve_relation(cfg, teacher.config)
     assert spec is not None and spec.teacher.layers == (2, 4)  # forward map 4 -> 2
-    stored = TeacherCache.open(prepared.teacher_outputs or "")
+    assert prepared.teacher_outputs is not None and prepared.teacher_projections is not None
+    stored = TeacherCache.open(prepared.teacher_outputs, prepared.teacher_projections)
     for batch in make_loader(with_rows(prepared.data["train"]), batch_size=7, shuffle=True, seed=5,
                              pad_id=prepared.pad_id):
         live = teacher_forward(teacher, batch, hidden=False, tap=spec.teacher)
@@ -93,10 +94,13 @@ def test_cached_projections_equal_the_live_teachers_at_every_real_token(cache: P
         for key, value in live.projections.items():
             torch.testing.assert_close(cached.projections[key][real], value[real], rtol=1e-5, atol=1e-5)
             assert not cached.projections[key][~real].any()
-    # a cache built for the teacher's last layer alone cannot serve a map over layers 2 and 4
+    # the relation's projections are cached apart: every relation setting shares one copy of the hidden states
+    last = prepare(small(cache, "train.teacher_cache=true", "distill.w_hidden=0", "distill.w_relation=1"))
+    assert last.teacher_outputs == prepared.teacher_outputs and last.teacher_projections is not None
+    assert last.teacher_projections != prepared.teacher_projections
+    # and the projections of the teacher's last layer alone cannot serve a map over layers 2 and 4
     with pytest.raises(ValueError, match="built for another relation setting"):
-        TeacherCache.open(prepare(small(cache, "train.teacher_cache=true", "distill.w_hidden=0",
-                                        "distill.w_relation=1")).teacher_outputs or "").outputs(
+        TeacherCache.open(last.teacher_outputs or "", last.teacher_projections).outputs(
             batch, hidden=False, tap=spec.teacher)
 
 
