@@ -238,17 +238,19 @@ def validate(space: Space) -> None:
         _check_point(space, point, f"{where}: points_to_evaluate[{i}]")
 
 
-def _check_budget(budget: Budget, where: str) -> None:
+def _check_budget(budget: Budget, where: str | None) -> None:
+    """`where` prefixes the message (a space file); None: the user typed the key on the command line."""
+    at = f"{where}: budget." if where else ""
     for key, minimum in (("num_samples", 1), ("grace_period", 1), ("reduction_factor", 2),
                          ("max_concurrent_trials", 1)):
         value = getattr(budget, key)
         if value is None and key == "max_concurrent_trials":
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"{where}: budget.{key}={value}: must be an int >= {minimum}")
+            raise ConfigError(f"{at}{key}={value}: must be an int >= {minimum}")
     value = budget.time_budget_s
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-        raise ConfigError(f"{where}: budget.time_budget_s={value}: must be > 0 (or null for no limit)")
+        raise ConfigError(f"{at}time_budget_s={value}: must be > 0 (or null for no limit)")
 
 
 def _check_point(space: Space, point: dict[str, Any], at: str) -> None:
@@ -308,6 +310,9 @@ def apply_overrides(space: Space, overrides: Mapping[str, Any]) -> Space:
         else:
             raise ConfigError(f"{key}={value}: no such config or budget key"
                               f"{_did_you_mean(key, keys + list(BUDGET_KEYS))}")
+    # The space file passed these checks when it loaded: a failure now is the override's, named as typed.
+    _check_budget(Budget(**budget), where=None)
+    build_config(base)
     raw_points = [{k: v for k, v in p.items() if k in params} for p in space.points_to_evaluate]
     space = dataclasses.replace(space, base=base, budget=Budget(**budget), params=params,
                                 metric=str(top["metric"]), mode=top["mode"], points_to_evaluate=[])

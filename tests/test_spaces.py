@@ -231,9 +231,10 @@ def test_apply_overrides_accepts_nested_dicts_and_rejects_unknown_keys() -> None
     assert "train.lr" not in out.params and out.base["train"] == {"epochs": 4, "lr": 3e-4, "batch_size": 16}
     with pytest.raises(ConfigError, match=r"num_sample=3: no such config or budget key; did you mean num_"):
         apply_overrides(load_space("kd"), {"num_sample": 3})
-    with pytest.raises(ConfigError, match=r"budget\.num_samples=0"):
+    # named as the user typed them, not as if the space file were wrong
+    with pytest.raises(ConfigError, match=r"^num_samples=0: must be an int >= 1$"):
         apply_overrides(load_space("kd"), {"num_samples": 0})
-    with pytest.raises(ConfigError, match=r"train\.lr=-1"):
+    with pytest.raises(ConfigError, match=r"^train\.lr=-1"):
         apply_overrides(load_space("kd"), {"train.lr": -1})
 
 

@@ -62,7 +62,7 @@ def test_train_command_rejects_bad_data_in_one_line(tmp_path, rows: str, overrid
 @pytest.mark.parametrize("argv, message", [
     (["space=nope"], "ted"),  # lists the shipped spaces
     (["space=ted", "distill.w_hiden=3"], "did you mean distill.w_hidden"),
-    (["space=ted", "num_samples=0"], "num_samples"),
+    (["space=ted", "num_samples=0"], "error: num_samples=0: must be an int >= 1"),
     (["space=smoke", "tracking.uri=http://127.0.0.1:9"], "tracking"),
     (["space=smoke", "tracking.uri=./mlruns"], "sqlite"),
     (["space=flex", "units.ratio=0.9"], "units.ratio"),
