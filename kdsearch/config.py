@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
@@ -19,6 +20,12 @@ from omegaconf import OmegaConf
 
 class ConfigError(ValueError):
     """Bad user input; the message is one line that says how to fix it."""
+
+
+def did_you_mean(word: str, options: Sequence[str]) -> str:
+    """"; did you mean X?" for the closest of `options`, or "" when none is close."""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -323,9 +330,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, all_keys: list[str]) ->
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in names:
-            close = difflib.get_close_matches(key, all_keys, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise ConfigError(f"{key}: no such config key{hint}")
+            raise ConfigError(f"{key}: no such config key{did_you_mean(key, all_keys)}")
         if dataclasses.is_dataclass(hints[name]):
             _require(isinstance(value, dict), f"{key}={value}: expected keys under {key}.")
             kwargs[name] = _build(hints[name], value, key + ".", all_keys)

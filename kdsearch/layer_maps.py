@@ -122,9 +122,7 @@ def _show(layers: tuple[int, ...]) -> str:
 
 def check_map_args(name: str, n_student: int, n_teacher: int, layers: tuple[int, ...] | None) -> None:
     """Raise ConfigError (one line, quoting the config keys) when `name` cannot map these depths."""
-    if name not in LAYER_MAPS:
-        raise ConfigError(f"distill.layer_map={name}: unknown layer map; choose one of: "
-                          f"{', '.join(LAYER_MAPS.names())}")
+    LAYER_MAPS.check(name, key="distill.layer_map")
     if n_student < 1 or n_teacher < 1:
         raise ConfigError(f"student.layers={n_student}, teacher depth {n_teacher}: "
                           "both need at least 1 layer")

@@ -8,7 +8,6 @@ importance and the plots work on those); MLflow is reached only through kdsearch
 from __future__ import annotations
 
 import csv
-import difflib
 import html
 import io
 import re
@@ -17,7 +16,7 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from kdsearch.config import ConfigError, config_keys
+from kdsearch.config import ConfigError, config_keys, did_you_mean
 from kdsearch.plots import plot_all
 from kdsearch.ranking import Objective, Row, pareto_front, parse_objectives, rank_rows, value
 from kdsearch.tracking import (
@@ -182,9 +181,7 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
         if not eq:
             raise ConfigError(f"{item!r}: arguments take the form key=value ({', '.join(_CLI_KEYS)})")
         if key not in _CLI_KEYS:
-            close = difflib.get_close_matches(key, _CLI_KEYS, n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise ConfigError(f"{key}: no such leaderboard option{hint}")
+            raise ConfigError(f"{key}: no such leaderboard option{did_you_mean(key, _CLI_KEYS)}")
         args[key] = val
     return args
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from .config import ConfigError
+from .config import ConfigError, did_you_mean
 
 T = TypeVar("T")
 
@@ -38,12 +38,14 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise UnknownName(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}") from None
+            raise UnknownName(f"unknown {self.kind} {name!r}{did_you_mean(name, self.names())}; "
+                              f"choose one of: {', '.join(self.names())}") from None
 
     def check(self, name: str, *, key: str) -> None:
         """Raise UnknownName quoting the config key when `name` is not registered."""
         if name not in self._entries:
-            raise UnknownName(f"{key}={name}: unknown {self.kind}; choose one of: {', '.join(self.names())}")
+            raise UnknownName(f"{key}={name}: unknown {self.kind}{did_you_mean(str(name), self.names())}; "
+                              f"choose one of: {', '.join(self.names())}")
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import models, space_model
-from .config import ConfigError, build_config, parse_overrides
+from .config import ConfigError, build_config, did_you_mean, parse_overrides
 from .console import quiet_libraries
 from .search import SearchSettings, check_search, code_version
 from .studies import STUDIES, Study, grid_space, make_study, row_of, seeded_rows, unique
@@ -178,7 +178,9 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
     own = {k: raw.pop(k) for k in list(raw) if k in _OWN}
     study = own.get("study")
     if study not in STUDIES:
-        raise ConfigError(f"study={study}: choose one of {', '.join(STUDIES)}")
+        given = "study: missing" if study is None else f"study={study}: unknown"
+        hint = did_you_mean(str(study), STUDIES) if study is not None else ""
+        raise ConfigError(f"{given}{hint}; choose one of {', '.join(STUDIES)}")
     if study == "seeded" and not own.get("search"):
         raise ConfigError("study=seeded needs search=<name of a finished search> (see python -m kdsearch.leaderboard)")
     seeds = own.get("seeds", 3)

@@ -7,7 +7,6 @@ config it can know in advance (the papers' points, the base) and renders the dry
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import subprocess
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any
 import yaml
 
 from . import space_model, spaces
-from .config import ConfigError, flatten, parse_overrides
+from .config import ConfigError, did_you_mean, flatten, parse_overrides
 from .loop import reported_metrics
 from .ranking import parse_objectives
 from .tracking import DEFAULT_EXPERIMENT, DEFAULT_URI, check_tracking_uri
@@ -103,8 +102,7 @@ def check_search(settings: SearchSettings, space: space_model.Space) -> None:
     for name, _ in objectives_of(settings, space):
         if name not in known:
             key = f"objectives={','.join(settings.objectives)}" if settings.objectives else f"metric={name}"
-            close = difflib.get_close_matches(name, known, n=1)
-            raise ConfigError(f"{key}: no trial reports {name}{f'; did you mean {close[0]}?' if close else ''} "
+            raise ConfigError(f"{key}: no trial reports {name}{did_you_mean(name, known)} "
                               f"(reported: {', '.join(known)})")
     for point in space_model.initial_points(space):
         validate(space_model.trial_config(space, point))

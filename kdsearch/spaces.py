@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from kdsearch.config import ConfigError, build_config, config_keys, merge, unflatten
+from kdsearch.config import ConfigError, build_config, config_keys, did_you_mean, merge, unflatten
 
 from .space_model import Budget, Param, Space, base_value, complete_point, trial_config
 
@@ -31,11 +30,6 @@ _PARAM_KEYS = ("type", "choices", "low", "high", "step", "log", "when")
 _SMOKE = {"teacher": "tiny-bert", "task.name": "default", "task.data_dir": None, "task.hub": None,
           "task.train_size": 256, "task.eval_size": 128, "train.epochs": 2, "train.max_steps_per_epoch": 4,
           "finetune.epochs": 1, "ted.stage1_epochs": 1}
-
-
-def _did_you_mean(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]}?" if close else ""
 
 
 # ---------------------------------------------------------------- reading YAML
@@ -79,7 +73,7 @@ def find_space(name: str | Path) -> Path:
         if (folder / f"{text}.yaml").is_file():
             return folder / f"{text}.yaml"
     names = available_spaces()
-    raise ConfigError(f"space={text}: unknown space{_did_you_mean(text, names)}; "
+    raise ConfigError(f"space={text}: unknown space{did_you_mean(text, names)}; "
                       f"shipped: {', '.join(names)} (or give a path to a .yaml)")
 
 
@@ -116,13 +110,13 @@ def _parse(raw: Any, *, name: str, source: Path | None) -> Space:
         raise ConfigError(f"{where}: a space is a mapping with keys {', '.join(_TOP_KEYS)}")
     for key in raw:
         if key not in _TOP_KEYS:
-            raise ConfigError(f"{where}: unknown key {key!r}{_did_you_mean(str(key), list(_TOP_KEYS))}")
+            raise ConfigError(f"{where}: unknown key {key!r}{did_you_mean(str(key), list(_TOP_KEYS))}")
     budget = raw.get("budget") or {}
     if not isinstance(budget, dict):
         raise ConfigError(f"{where}: budget: expected a mapping with keys {', '.join(BUDGET_KEYS)}")
     for key in budget:
         if key not in BUDGET_KEYS:
-            raise ConfigError(f"{where}: budget.{key}: unknown{_did_you_mean(str(key), list(BUDGET_KEYS))}")
+            raise ConfigError(f"{where}: budget.{key}: unknown{did_you_mean(str(key), list(BUDGET_KEYS))}")
     params = raw.get("params")
     if not isinstance(params, dict) or not params:
         raise ConfigError(f"{where}: params: a space needs at least one parameter")
@@ -146,7 +140,7 @@ def _parse_param(key: str, spec: Any, where: str) -> Param:
         raise ConfigError(f"{at}: expected a mapping such as {{type: float, low: 0.1, high: 10.0}}")
     for k in spec:
         if k not in _PARAM_KEYS:
-            raise ConfigError(f"{at}: unknown field {k!r}{_did_you_mean(str(k), list(_PARAM_KEYS))}")
+            raise ConfigError(f"{at}: unknown field {k!r}{did_you_mean(str(k), list(_PARAM_KEYS))}")
     if "type" not in spec:
         raise ConfigError(f"{at}: give a type: {', '.join(PARAM_TYPES)}")
     when = spec.get("when") or {}
@@ -201,13 +195,13 @@ def _check_when(space: Space, param: Param, earlier: list[str], at: str) -> None
             raise ConfigError(f"{at}: when: {key} is searched after {param.name}; list {key} first")
         if key not in space.params and key not in keys:
             raise ConfigError(f"{at}: when: {key} is neither an earlier param nor a config key"
-                              f"{_did_you_mean(key, earlier + keys)}")
+                              f"{did_you_mean(key, earlier + keys)}")
         if not values:
             raise ConfigError(f"{at}: when: {key}: give at least one value")
         cond = space.params.get(key)
         for value in values:
             if cond is not None and not cond.contains(value):
-                close = _did_you_mean(str(value), [str(c) for c in cond.choices])
+                close = did_you_mean(str(value), [str(c) for c in cond.choices])
                 raise ConfigError(f"{at}: when: {key}={value} never happens: {key} is {cond.domain()}{close}")
 
 
@@ -225,7 +219,7 @@ def validate(space: Space) -> None:
     for position, (name, param) in enumerate(space.params.items()):
         at = f"{where}: params.{name}"
         if name not in keys:
-            raise ConfigError(f"{at}: names no config field{_did_you_mean(name, keys)}")
+            raise ConfigError(f"{at}: names no config field{did_you_mean(name, keys)}")
         _check_param(param, at)
         _check_when(space, param, list(space.params)[:position], at)
         values = param.choices if param.type == "categorical" else (param.low, param.high)
@@ -258,7 +252,7 @@ def _check_point(space: Space, point: dict[str, Any], at: str) -> None:
     for key, value in point.items():
         if key not in space.params:
             why = "a fixed config key: put it in base" if key in config_keys() else "not a searched param"
-            raise ConfigError(f"{at}: {key} is {why}{_did_you_mean(str(key), names)}")
+            raise ConfigError(f"{at}: {key} is {why}{did_you_mean(str(key), names)}")
         if not space.params[key].contains(value):
             raise ConfigError(f"{at}: {key}={value!r} is outside the space: {space.params[key].domain()}")
     full = complete_point(space, point)
@@ -309,7 +303,7 @@ def apply_overrides(space: Space, overrides: Mapping[str, Any]) -> Space:
             params.pop(key, None)
         else:
             raise ConfigError(f"{key}={value}: no such config or budget key"
-                              f"{_did_you_mean(key, keys + list(BUDGET_KEYS))}")
+                              f"{did_you_mean(key, keys + list(BUDGET_KEYS))}")
     # The space file passed these checks when it loaded: a failure now is the override's, named as typed.
     _check_budget(Budget(**budget), where=None)
     build_config(base)

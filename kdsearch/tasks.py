@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from kdsearch.config import ConfigError
+from kdsearch.config import ConfigError, did_you_mean
 
 TaskKind = Literal["classification", "regression", "causal_lm"]
 
@@ -81,7 +81,8 @@ RELEASE_LAYOUTS: dict[str, ReleaseLayout] = {
 def task_spec(name: str) -> TaskSpec:
     """The spec of a task name; an unknown name raises ConfigError listing the choices."""
     if name not in TASKS:
-        raise ConfigError(f"task.name={name}: unknown task; choose one of: {', '.join(sorted(TASKS))}")
+        raise ConfigError(f"task.name={name}: unknown task{did_you_mean(name, list(TASKS))}; "
+                          f"choose one of: {', '.join(sorted(TASKS))}")
     return TASKS[name]
 
 

@@ -208,6 +208,8 @@ def test_default_task_rejects_a_data_dir() -> None:
 def test_unknown_task_name_lists_every_choice() -> None:
     with pytest.raises(ConfigError, match="task.name=foo: unknown task; choose one of: cola, default"):
         task_spec("foo")
+    with pytest.raises(ConfigError, match=r"task.name=sst: unknown task; did you mean sst2\?; choose one of: "):
+        task_spec("sst")
     glue = {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"}
     assert set(TASKS) == glue | {"default", "text"}
 

@@ -119,9 +119,11 @@ def test_explicit_uses_the_given_indices() -> None:
 
 
 def test_check_map_args_unknown_name_lists_choices() -> None:
-    expected = r"distill\.layer_map=fwd: unknown layer map; choose one of: all_to_one, explicit, forward"
+    expected = r"distill\.layer_map=diagonal: unknown layer map; choose one of: all_to_one, explicit, forward"
     with pytest.raises(ConfigError, match=expected):
-        check_map_args("fwd", 3, 12, None)
+        check_map_args("diagonal", 3, 12, None)
+    with pytest.raises(ConfigError, match=r"=forwrd: unknown layer map; did you mean forward\?; choose one of: "):
+        check_map_args("forwrd", 3, 12, None)
 
 
 def test_check_map_args_explicit_errors() -> None:
