@@ -99,11 +99,12 @@ def parse_args(argv: Sequence[str]) -> tuple[AngleArgs, Config]:
 
 def check_shapes(args: AngleArgs, cfg: Config) -> tuple[int, int]:
     """(n_s, n_t) before anything heavy loads; ConfigError on unequal widths or layers out of range."""
-    n_t, d_t = models.depth_width(models.teacher_config(models.resolve_teacher(cfg.teacher)))
+    teacher = models.teacher_config(models.resolve_teacher(cfg.teacher))
+    n_t, d_t = models.depth_width(teacher)
     validate(cfg)
     if args.student == "init":
-        n_s, d_s = cfg.student.layers, cfg.student.hidden_size or d_t
-        where = "student.hidden_size"
+        n_s, d_s = cfg.student.layers, models.student_width(teacher, cfg.student)
+        where = "student.width_ratio" if cfg.student.width_ratio is not None else "student.hidden_size"
     else:
         from transformers import AutoConfig
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import Config
 from .registry import Registry
-from .ted import build_filters
+from .ted import build_filters, filter_width
 from .units import select_units, units_to_keep
 
 
@@ -82,7 +82,7 @@ class FilterBridge(Bridge):
 def ted_bridge(inputs: BridgeInputs) -> Bridge:
     """TED stage 2: student filters g_s^k trained to match frozen stage-1 teacher filters g_t^m(k)."""
     ted = inputs.cfg.ted
-    d_f = ted.width or inputs.d_teacher
+    d_f = filter_width(ted, inputs.d_teacher)
     student_idx = sorted({s for s, _ in inputs.pairs})
     teacher_idx = sorted({t for _, t in inputs.pairs})
     teacher = build_filters(teacher_idx, inputs.d_teacher, d_f, ted)

@@ -42,7 +42,10 @@ class StudentConfig:
     layers: int = 2
     """Student depth n_s."""
     hidden_size: int | None = None
-    """Student width d_s; None keeps the teacher's width."""
+    """Student width d_s; None keeps the teacher's width (or takes `width_ratio` of it)."""
+    width_ratio: float | None = None
+    """d_s as a share of the teacher's width, in whole attention heads of the teacher's head size (0.5 of a
+    12-head, 384-wide MiniLM: 6 heads, 192). Spaces use it so that one space fits any teacher."""
     init: Literal["teacher", "random"] = "teacher"
     """`teacher` copies embeddings, head and the teacher layers at the forward-map indices."""
 
@@ -50,6 +53,11 @@ class StudentConfig:
         _require(self.layers >= 1, f"student.layers={self.layers}: a student needs at least 1 layer")
         _require(self.hidden_size is None or self.hidden_size > 0,
                  f"student.hidden_size={self.hidden_size}: must be > 0")
+        _require(self.width_ratio is None or 0 < self.width_ratio <= 1,
+                 f"student.width_ratio={self.width_ratio}: must be in (0, 1]")
+        _require(self.hidden_size is None or self.width_ratio is None,
+                 f"student.hidden_size={self.hidden_size} and student.width_ratio={self.width_ratio}: give one "
+                 "(set the other to null)")
 
 
 @dataclass(frozen=True)
@@ -112,7 +120,9 @@ class TedConfig:
     filter: str = "linear"
     """Filter architecture registry key (linear, mlp)."""
     width: int | None = None
-    """Filter output width d_f; None = the teacher's width (TED code)."""
+    """Filter output width d_f; None = the teacher's width (TED code), or `width_ratio` of it."""
+    width_ratio: float | None = None
+    """d_f as a multiple of the teacher's width (1.0 = TED's code); spaces use it so that one fits any teacher."""
     mlp_hidden: int | None = None
     """Hidden width of the mlp filter; None = its input width."""
     depth: int = 2
@@ -125,6 +135,10 @@ class TedConfig:
 
     def __post_init__(self) -> None:
         _require(self.width is None or self.width > 0, f"ted.width={self.width}: filter width must be > 0")
+        _require(self.width_ratio is None or self.width_ratio > 0,
+                 f"ted.width_ratio={self.width_ratio}: filter width must be > 0")
+        _require(self.width is None or self.width_ratio is None,
+                 f"ted.width={self.width} and ted.width_ratio={self.width_ratio}: give one (set the other to null)")
         _require(self.mlp_hidden is None or self.mlp_hidden > 0,
                  f"ted.mlp_hidden={self.mlp_hidden}: must be > 0")
         _require(self.depth >= 2, f"ted.depth={self.depth}: an mlp filter has at least 2 layers")

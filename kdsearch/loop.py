@@ -69,7 +69,7 @@ def build_distiller(cfg: Config, prepared: Prepared, device: torch.device) -> tu
     """The frozen teacher and the trainable Distiller (student + bridge), identically on every worker."""
     teacher = load_teacher(prepared, device)
     student = make_student(cfg, teacher)
-    d_s = cfg.student.hidden_size or prepared.d_teacher
+    d_s = models.student_width(teacher.config, cfg.student)
     inputs = BridgeInputs(cfg=cfg, pairs=layer_pairs(cfg, prepared, epoch=0), d_student=d_s,
                           d_teacher=prepared.d_teacher,
                           teacher_filters=prepared.load_tensors(prepared.teacher_filters),

@@ -29,6 +29,7 @@ from .config import ConfigError
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+    from .config import StudentConfig
     from .tasks import TaskSpec
 
 Family = Literal["encoder", "causal"]
@@ -117,6 +118,18 @@ def with_task_head(config: PretrainedConfig, spec: TaskSpec) -> PretrainedConfig
 
 _DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop",
                  "attention_dropout")
+
+
+def student_width(teacher: PretrainedConfig, student: StudentConfig) -> int:
+    """d_s: `student.hidden_size`; or `student.width_ratio` of the teacher's width, rounded to whole heads of the
+    teacher's head size (so every student head keeps it); or the teacher's width."""
+    d_t = int(teacher.hidden_size)
+    if student.hidden_size:
+        return student.hidden_size
+    if student.width_ratio is None:
+        return d_t
+    heads = int(teacher.num_attention_heads)
+    return max(1, round(student.width_ratio * heads)) * (d_t // heads)
 
 
 def student_config(teacher: PretrainedConfig, *, layers: int, hidden_size: int | None,

@@ -28,7 +28,7 @@ from .layer_maps import map_layers
 from .losses import task_loss
 from .relations import Tap, resolve_relation
 from .tasks import TaskSpec, read_by
-from .ted import build_filters, train_stage1
+from .ted import build_filters, filter_width, train_stage1
 from .units import score_units
 
 
@@ -134,7 +134,8 @@ def load_teacher(prepared: Prepared, device: torch.device) -> Any:
 
 def make_student(cfg: Config, teacher: Any) -> torch.nn.Module:
     """The run's initial student; deterministic in cfg, so stage 1 and every worker build the same one."""
-    return models.build_student(teacher, layers=cfg.student.layers, hidden_size=cfg.student.hidden_size,
+    return models.build_student(teacher, layers=cfg.student.layers,
+                                hidden_size=models.student_width(teacher.config, cfg.student),
                                 init=cfg.student.init, seed=cfg.train.seed, dropout=cfg.train.dropout)
 
 
@@ -145,7 +146,7 @@ def _ted_filters(cfg: Config, prepared: Prepared, pairs: list[tuple[int, int]], 
     ted = cfg.ted
     # Stage-1 heads predict the task: classes, a score, or (causal LMs) the next token over the vocabulary.
     n_out = teacher.config.vocab_size if prepared.spec.kind == "causal_lm" else max(prepared.spec.num_labels, 1)
-    d_f = ted.width or prepared.d_teacher
+    d_f = filter_width(ted, prepared.d_teacher)
     loader = make_loader(prepared.data["train"], batch_size=cfg.train.batch_size, shuffle=True,
                          seed=cfg.train.seed, pad_id=prepared.pad_id)
     kind = prepared.spec.kind
@@ -170,7 +171,7 @@ def _ted_filters(cfg: Config, prepared: Prepared, pairs: list[tuple[int, int]], 
     if ted.student_filters == "stage1":
         student = models.freeze(make_student(cfg, teacher).to(device))
         s_idx = sorted({s for s, _ in pairs})
-        d_s = cfg.student.hidden_size or prepared.d_teacher
+        d_s = models.student_width(teacher.config, cfg.student)
         s_key = content_key(indices=s_idx, student=flatten(cfg.student), **common)
         s_path = str(store.get_or_build("ted_student", s_key, stage1(student, s_idx, d_s, "student"))
                      / "filters.safetensors")
@@ -225,7 +226,7 @@ def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:
     prepared = Prepared(spec=spec, family=family, teacher_dir=str(teacher_dir), data=data,
                         pad_id=tok.pad_token_id, n_teacher=n_t, d_teacher=d_t,
                         teacher_metrics=json.loads((teacher_dir / "teacher_metrics.json").read_text()))
-    bridge = resolve_bridge(cfg.distill.bridge, cfg.student.hidden_size or d_t, d_t)
+    bridge = resolve_bridge(cfg.distill.bridge, models.student_width(teacher, cfg.student), d_t)
     # No hidden pairs (w_hidden = 0, layer_map=none): no filters or scores to prepare.
     pairs = [] if cfg.distill.w_hidden == 0 else map_layers(
         cfg.distill.layer_map, cfg.student.layers, n_t, embeddings=cfg.distill.embeddings, seed=cfg.train.seed,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import models, space_model
-from .config import ConfigError, build_config, did_you_mean, parse_overrides
+from .config import Config, ConfigError, build_config, did_you_mean, parse_overrides
 from .console import quiet_libraries
 from .search import SearchSettings, check_search, code_version
 from .studies import STUDIES, Study, grid_space, make_study, row_of, seeded_rows, unique
@@ -172,6 +172,12 @@ def plot(study: Study, rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def _width(cfg: Config) -> str:
+    if cfg.student.hidden_size:
+        return str(cfg.student.hidden_size)
+    return f"{cfg.student.width_ratio} x the teacher's" if cfg.student.width_ratio else "the teacher's"
+
+
 def parse_args(argv: Sequence[str]) -> dict[str, Any]:
     """The command line -> {own settings..., "cli": nested config overrides}; ConfigError on bad input."""
     raw = parse_overrides(list(argv))
@@ -240,7 +246,7 @@ def run_report(args: dict[str, Any], argv: Sequence[str]) -> tuple[Path, str]:
                         f"{cfg.resources.gpus_per_trial:g} GPU each)",
             "commit": version, "MLflow": f"search {args['name']} (parent run {parent.run_id}) at {args['uri']}",
             "teacher": f"{cfg.teacher}" + (f", fine-tuned on the subsample: {100 * teacher:.1f}" if teacher else ""),
-            "student": f"{cfg.student.layers} layers, width {cfg.student.hidden_size or 'teacher'}",
+            "student": f"{cfg.student.layers} layers, width {_width(cfg)}",
             "data": f"{task.name} ({task.data_dir or task.hub or 'embedded'}): train {task.train_size or 'all'} "
                     f"rows (seeded subsample), eval {task.eval_size or 'all'} rows, max_length {task.max_length}",
             "training": f"{cfg.train.epochs} epochs x {cfg.train.max_steps_per_epoch or 'all'} steps, batch "

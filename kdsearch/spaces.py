@@ -31,6 +31,10 @@ _SMOKE = {"teacher": "tiny-bert", "task.name": "default", "task.data_dir": None,
           "task.train_size": 256, "task.eval_size": 128, "train.epochs": 2, "train.max_steps_per_epoch": 4,
           "finetune.epochs": 1, "ted.stage1_epochs": 1}
 
+_EITHER = {"student.hidden_size": "student.width_ratio", "student.width_ratio": "student.hidden_size",
+           "ted.width": "ted.width_ratio", "ted.width_ratio": "ted.width"}
+"""Config keys that say one thing two ways (absolute, or relative to the teacher): a config takes one of each."""
+
 
 # ---------------------------------------------------------------- reading YAML
 
@@ -301,6 +305,9 @@ def apply_overrides(space: Space, overrides: Mapping[str, Any]) -> Space:
         elif key in keys:
             base = merge(base, unflatten({key: value}))
             params.pop(key, None)
+            if key in _EITHER and value is not None:  # an absolute width replaces the space's ratio, and back
+                base = merge(base, unflatten({_EITHER[key]: None}))
+                params.pop(_EITHER[key], None)
         else:
             raise ConfigError(f"{key}={value}: no such config or budget key"
                               f"{did_you_mean(key, keys + list(BUDGET_KEYS))}")

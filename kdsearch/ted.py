@@ -48,6 +48,13 @@ def mlp_filter(d_in: int, d_out: int, cfg: TedConfig) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def filter_width(cfg: TedConfig, d_teacher: int) -> int:
+    """d_f: `ted.width`, or `ted.width_ratio` x the teacher's width, or the teacher's width (TED's code)."""
+    if cfg.width:
+        return cfg.width
+    return max(1, round(cfg.width_ratio * d_teacher)) if cfg.width_ratio else d_teacher
+
+
 def build_filters(indices: Iterable[int], d_in: int, d_out: int, cfg: TedConfig) -> nn.ModuleDict:
     """One filter per hidden-state index, keyed by str(index)."""
     return nn.ModuleDict({str(i): FILTERS.get(cfg.filter)(d_in, d_out, cfg) for i in indices})

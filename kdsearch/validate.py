@@ -15,7 +15,7 @@ from .config import Config, ConfigError
 from .data import check_task
 from .layer_maps import LAYER_MAPS, check_map_args
 from .losses import DISTANCES, LOGIT_LOSSES, RELATION_LOSSES, WIDTH_FREE
-from .models import depth_width, family_of, resolve_teacher, student_config, teacher_config
+from .models import depth_width, family_of, resolve_teacher, student_config, student_width, teacher_config
 from .relations import RELATIONS, projection_modules, projection_widths
 from .tasks import TaskSpec, read_by
 from .ted import ACTIVATIONS, FILTERS
@@ -34,16 +34,23 @@ def _check_names(cfg: Config) -> None:
     RELATION_LOSSES.check(cfg.relation.loss, key="relation.loss")
 
 
-def _check_shapes(cfg: Config, n_t: int, d_t: int) -> None:
-    d_s = cfg.student.hidden_size or d_t
+def _student_width_key(cfg: Config, d_s: int) -> str:
+    """The student's width as the user set it, for messages."""
+    ratio = cfg.student.width_ratio
+    return f"student.width_ratio={ratio} (width {d_s})" if ratio is not None else f"student.hidden_size={d_s}"
+
+
+def _check_shapes(cfg: Config, teacher: PretrainedConfig) -> None:
+    (n_t, d_t), d_s = depth_width(teacher), student_width(teacher, cfg.student)
     if cfg.student.layers > n_t and cfg.student.init == "teacher":
         raise ConfigError(f"student.layers={cfg.student.layers} is deeper than the teacher ({n_t} layers): "
                           "use fewer layers or student.init=random")
     if d_s > d_t:
-        raise ConfigError(f"student.hidden_size={d_s} is wider than the teacher ({d_t}): a student must not be wider")
+        raise ConfigError(f"{_student_width_key(cfg, d_s)} is wider than the teacher ({d_t}): a student must not "
+                          "be wider")
     if d_s != d_t and cfg.student.init == "teacher":
-        raise ConfigError(f"student.init=teacher copies teacher weights, which needs student.hidden_size={d_t} "
-                          f"(got {d_s}); use student.init=random")
+        raise ConfigError(f"student.init=teacher copies teacher weights, which needs the teacher's width {d_t} "
+                          f"({_student_width_key(cfg, d_s)}); use student.init=random")
     if cfg.distill.w_hidden > 0:
         check_map_args(cfg.distill.layer_map, cfg.student.layers, n_t, cfg.distill.layers)
     bridge = resolve_bridge(cfg.distill.bridge, d_s, d_t)
@@ -81,7 +88,7 @@ def _check_relation(cfg: Config, teacher: PretrainedConfig) -> None:
         if layer is not None and layer > depth:
             raise ConfigError(f"relation.{key}={layer} is beyond the {who}'s {depth} layers (1..{depth})")
     heads = rel.heads or teacher.num_attention_heads
-    student = student_config(teacher, layers=cfg.student.layers, hidden_size=cfg.student.hidden_size)
+    student = student_config(teacher, layers=cfg.student.layers, hidden_size=student_width(teacher, cfg.student))
     projections = {p for kind in rel.names for p in RELATIONS.get(kind)}
     for who, config in (("teacher", teacher), ("student", student)):
         widths = projection_widths(config)
@@ -125,7 +132,7 @@ def validate(cfg: Config) -> TaskSpec:
     if family_of(teacher) == "causal" and spec.kind == "regression":
         raise ConfigError(f"task.name={spec.name} is a regression task (one score per input), which needs an "
                           f"encoder teacher; teacher={cfg.teacher} is a causal LM")
-    _check_shapes(cfg, *depth_width(teacher))
+    _check_shapes(cfg, teacher)
     shares = cfg.resources.num_workers * cfg.train.grad_accum
     if cfg.train.batch_size < shares:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} cannot be split over resources.num_workers="

