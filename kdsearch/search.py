@@ -111,15 +111,32 @@ def check_search(settings: SearchSettings, space: space_model.Space) -> None:
 
 
 def render_dry_run(settings: SearchSettings, space: space_model.Space) -> str:
+    """The resolved search as YAML: settings, objectives, budget, then one line per param and per paper point
+    (written as in a space file), then every key of the base config."""
+    def flow(value: Any) -> str:
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False).strip()
+
     base = flatten(space_model.trial_config(space, {}))
-    params = {name: {k: v for k, v in dataclasses.asdict(p).items() if v not in (None, {}, False) and k != "name"}
-              for name, p in space.params.items()}
-    doc = {"search": dataclasses.asdict(settings) | {"search_name": settings.search_name},
-           "objectives": [f"{m}:{d}" for m, d in objectives_of(settings, space)],
-           "budget": dataclasses.asdict(space.budget), "params": params,
-           "points_to_evaluate": space_model.initial_points(space),
-           "base_config": {k: list(v) if isinstance(v, tuple) else v for k, v in base.items()}}
-    return yaml.safe_dump(doc, sort_keys=False)
+    head = {"search": dataclasses.asdict(settings) | {"search_name": settings.search_name},
+            "objectives": [f"{m}:{d}" for m, d in objectives_of(settings, space)],
+            "budget": dataclasses.asdict(space.budget)}
+    params = [f"  {name}: {flow(_param_fields(p))}" for name, p in space.params.items()]
+    points = [f"  - {flow(point)}" for point in space_model.initial_points(space)]
+    tail = {"base_config": {k: list(v) if isinstance(v, tuple) else v for k, v in base.items()}}
+    return "\n".join([yaml.safe_dump(head, sort_keys=False).rstrip(), "params:", *params,
+                      "points_to_evaluate:" + ("" if points else " []"), *points,
+                      yaml.safe_dump(tail, sort_keys=False).rstrip()]) + "\n"
+
+
+def _param_fields(param: space_model.Param) -> dict[str, Any]:
+    # unset fields left out; `is`, not ==, so that low: 0.0 stays (0.0 == False)
+    fields = {k: v for k, v in dataclasses.asdict(param).items()
+              if k != "name" and v is not None and v is not False and v != {} and v != ()}
+    if "choices" in fields:
+        fields["choices"] = list(fields["choices"])
+    if "when" in fields:
+        fields["when"] = {k: list(v) for k, v in fields["when"].items()}
+    return fields
 
 
 def code_version() -> str:

@@ -309,3 +309,20 @@ def test_sampled_configs_pass_the_model_aware_checks(name: str) -> None:
 
     study.optimize(objective, n_trials=30)
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_the_dry_run_is_yaml_that_gives_back_the_space(name: str, capsys: pytest.CaptureFixture) -> None:
+    import yaml
+
+    from kdsearch.search import parse_search_args, render_dry_run
+
+    settings, space = parse_search_args([f"space={name}", "dry_run=true"])
+    shown = yaml.safe_load(render_dry_run(settings, space))
+    assert list(shown["params"]) == list(space.params)
+    for key, param in space.params.items():
+        for field in ("low", "high", "log"):  # a 0.0 bound is shown, not dropped as if unset
+            assert shown["params"][key].get(field, None if field != "log" else False) == getattr(param, field)
+        assert tuple(shown["params"][key].get("choices", ())) == param.choices
+    assert shown["points_to_evaluate"] == initial_points(space)
+    assert shown["base_config"]["teacher"] == trial_config(space, {}).teacher
