@@ -25,6 +25,7 @@ from .evaluation import make_loader
 from .prepare import Prepared, load_teacher, make_student, prepare
 from .report import commit, hardware
 from .tracking import DEFAULT_EXPERIMENT, DEFAULT_URI, log_analysis_run
+from .usage import command_help, wants_help
 from .validate import validate
 
 EPS = 1e-6
@@ -232,9 +233,20 @@ def run_angles(args: AngleArgs, cfg: Config, argv: Sequence[str] = ()) -> tuple[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(argv):
+        print(command_help(
+            USAGE, "The layer-selection paper's angle analysis: for each real token, the cosine of the angle at a "
+            "student state between\nthe directions to teacher layer 1 and to teacher layer k; histograms per k "
+            "(PNG), a table, an MLflow run.",
+            [("student=<dir>|init", "a saved Hugging Face student, or `init`: the student a run would start from"),
+             ("layers=[1,2]", "student layers to analyse (default: all)"),
+             ("max_batches=<n>", "evaluation batches to read (default: all)"),
+             ("out=docs/results/angles", "where the histograms and the table go"),
+             ("tracking.uri=<uri>", "MLflow store"), ("tracking.experiment=<name>", "MLflow experiment")]))
+        return 0
     quiet_libraries()
     try:
-        argv = list(sys.argv[1:] if argv is None else argv)
         args, cfg = parse_args(argv)
         rows, run_id = run_angles(args, cfg, argv)
     except ConfigError as err:

@@ -276,7 +276,8 @@ class ResourcesConfig:
 @dataclass(frozen=True)
 class Config:
     teacher: str = "tiny-bert"
-    """A built-in tiny model (tiny-bert, tiny-roberta, tiny-gpt2), `minilm`, a hub name or a local path."""
+    """A built-in tiny model (tiny-bert, tiny-roberta, tiny-deberta, tiny-gpt2, tiny-qwen), `minilm`, a hub name
+    or a local path."""
     student: StudentConfig = field(default_factory=StudentConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

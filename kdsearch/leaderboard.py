@@ -29,6 +29,7 @@ from kdsearch.tracking import (
     list_trials,
     log_run_artifacts,
 )
+from kdsearch.usage import command_help, wants_help
 
 # Params that differ per trial without being a strategy choice: never leaderboard columns.
 _BOOKKEEPING = ("output_dir", "storage_path", "cache_dir", "resources.")
@@ -187,8 +188,21 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(argv):
+        print(command_help(
+            "usage: python -m kdsearch.leaderboard [key=value ...]",
+            "The ranked trials of one search from MLflow: a table here, CSV and Markdown files, and plots "
+            "(optimisation history,\nparameter importance, Pareto front) logged to the search's parent run.",
+            [("search=<name|run id>", "the search (default: the latest one)"),
+             ("objectives=m:max,...", "rank by these (default: the search's own)"),
+             ("top=20", "rows printed (the files hold every trial)"),
+             ("out=<dir>", "where the files go (default outputs/leaderboard/<search>)"),
+             ("tracking.uri=<uri>", f"MLflow store (default {DEFAULT_URI})"),
+             ("experiment=<name>", f"MLflow experiment (default {DEFAULT_EXPERIMENT})")], config_keys=False))
+        return 0
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
+        args = parse_args(argv)
         top = args.get("top", "20")
         if not top.isdigit() or int(top) < 1:
             raise ConfigError(f"top={top}: must be a positive integer")

@@ -36,6 +36,7 @@ from .tracking import (
     list_trials,
     log_run_artifacts,
 )
+from .usage import command_help, wants_help
 
 _OWN = ("study", "seeds", "out", "name", "concurrency", "search", "only", "results_dir", "tracking")
 
@@ -270,8 +271,27 @@ def run_report(args: dict[str, Any], argv: Sequence[str]) -> tuple[Path, str]:
     return out, parent.run_id
 
 
+def _help() -> str:
+    own = [("study=<name>", f"one of {', '.join(STUDIES)}"),
+           ("seeds=3", "a count (0, 1, 2) or a list such as [0,1,2]"),
+           ("only=[row,...]", "run only these rows (a row's label, name or group)"),
+           ("search=<name>", "study=seeded: the finished search whose best trial is rerun beside its paper points"),
+           ("out=docs/results/<study>", "where the Markdown table, JSON and plot go"),
+           ("name=<name>", "the MLflow parent run (default report-<study>-<time>)"),
+           ("concurrency=<n>", "trials at a time (default: what the cluster's resources allow)"),
+           ("results_dir=outputs/report", "Tune results"),
+           ("tracking.uri=<uri>", f"MLflow store (default $MLFLOW_TRACKING_URI, else {DEFAULT_URI})")]
+    return command_help("usage: python -m kdsearch.report study=<name> [key=value ...]",
+                        "The papers' fixed comparison grids (strategies x seeds) through the same Tune/Train/MLflow "
+                        "machinery as a search;\nmean and std over seeds, written to docs/results/ and to MLflow. "
+                        "A config key given here applies to every row.", own)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(argv):
+        print(_help())
+        return 0
     quiet_libraries()
     try:
         args = parse_args(argv)

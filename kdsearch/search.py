@@ -20,6 +20,7 @@ from .config import ConfigError, did_you_mean, flatten, parse_overrides
 from .loop import reported_metrics
 from .ranking import parse_objectives
 from .tracking import DEFAULT_EXPERIMENT, DEFAULT_URI, check_tracking_uri
+from .usage import command_help
 from .validate import validate
 
 DEFAULT_SPACE = "layer_select"
@@ -53,6 +54,26 @@ class SearchSettings:
 
 
 _SEARCH_KEYS = {"space", "name", "smoke", "resume", "dry_run", "objectives", "seed"}
+
+
+def search_help() -> str:
+    """`python -m kdsearch.tune --help`."""
+    own = [("space=<name|path>", f"a shipped space ({', '.join(spaces.available_spaces())}) or a .yaml file"),
+           ("name=<name>", "the search's name (default kdsearch-<space>, then -2, -3, ...)"),
+           ("smoke=true", "the same space on a tiny model, a few steps, 2-3 trials: checks a cluster or a config"),
+           ("dry_run=true", "print the resolved search and its space; starts nothing"),
+           ("resume=true", "continue the newest (or the named) interrupted search"),
+           ("objectives=[m:max,...]", "several objectives: Optuna searches the Pareto front"),
+           ("seed=0", "seed of the Optuna sampler"),
+           ("tracking.uri=<uri>", f"MLflow store (default $MLFLOW_TRACKING_URI, else {DEFAULT_URI})"),
+           ("tracking.experiment=<name>", f"MLflow experiment (default {DEFAULT_EXPERIMENT})"),
+           ("results_dir=outputs/search", "Tune results (without storage_path), leaderboard and best student"),
+           (f"{'|'.join(spaces.BUDGET_KEYS[:2])}|...", f"the space's budget: {', '.join(spaces.BUDGET_KEYS)}"),
+           ("metric=<name> mode=max|min", "the space's objective")]
+    return command_help("usage: python -m kdsearch.tune space=<name> [key=value ...]",
+                        "A Ray Tune + Optuna search over a space's strategies; each trial is one run of the shared "
+                        "distillation step,\nlogged to MLflow. A config key given here is fixed for every trial "
+                        "(and no longer searched).", own)
 
 
 def parse_search_args(argv: list[str]) -> tuple[SearchSettings, space_model.Space]:

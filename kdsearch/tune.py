@@ -37,10 +37,12 @@ from .search import (
     objectives_of,
     parse_search_args,
     render_dry_run,
+    search_help,
 )
 from .tracking import search_names
 from .train import init_ray, make_trainer
 from .tune_callbacks import MlflowTrials, ProgressTable
+from .usage import wants_help
 from .validate import validate
 
 
@@ -236,9 +238,13 @@ def run_search(settings: SearchSettings, space: space_model.Space) -> tune.Resul
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(argv):
+        print(search_help())
+        return 0
     quiet_libraries()
     try:
-        settings, space = parse_search_args(list(sys.argv[1:] if argv is None else argv))
+        settings, space = parse_search_args(argv)
         check_search(settings, space)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
