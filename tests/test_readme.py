@@ -3,6 +3,7 @@ against real data files and model depths. Nothing trains and no Ray starts (`dry
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shlex
@@ -14,6 +15,7 @@ from kdsearch import analyze, leaderboard, report
 from kdsearch.config import load_config, with_absolute_paths
 from kdsearch.search import SearchSettings, check_search, parse_search_args
 from kdsearch.studies import grid_space
+from kdsearch.usage import wants_help
 from kdsearch.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +77,9 @@ def test_a_documented_command_validates(where: str, module: str, arguments: str,
     missing = [a for a in argv if "../shared/" in a and not Path(a.split("=", 1)[1]).exists()]
     if missing:
         pytest.skip(f"{where}: needs {missing[0]} (the shared offline data beside the checkout)")
-    if module == "tune":
+    if wants_help(argv):
+        assert importlib.import_module(f"kdsearch.{module}").main(argv) == 0
+    elif module == "tune":
         settings, space = parse_search_args([*argv, "dry_run=true"])  # dry run: no tracking server contacted
         check_search(settings, space)
     elif module == "train":
