@@ -96,3 +96,27 @@ def test_a_documented_command_validates(where: str, module: str, arguments: str,
         validate(cfg)
     else:
         leaderboard.parse_args(argv)
+
+
+def _yaml_blocks(doc: Path) -> list[str]:
+    return re.findall(r"```yaml\n(.*?)```", doc.read_text(), flags=re.S)
+
+
+def test_the_readmes_example_space_loads_validates_and_samples(tmp_path: Path) -> None:
+    import optuna
+
+    from kdsearch.space_model import define_by_run, initial_points, trial_config
+    from kdsearch.spaces import load_space
+
+    (text,) = [block for block in _yaml_blocks(REPO / "README.md") if "params:" in block]
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    settings, space = parse_search_args([f"space={path}", "dry_run=true"])
+    check_search(settings, space)  # every param value and point against the real teacher
+    assert space.params == load_space(path).params and list(space.params)[0] == "distill.layer_map"
+    assert initial_points(space) == [{"distill.layer_map": "forward", "distill.w_hidden": 3.0,
+                                      "distill.distance": "token_mse", "train.lr": 1.0e-3}]
+    trial = optuna.trial.FixedTrial({"distill.layer_map": "none", "train.lr": 1e-3})
+    define_by_run(space)(trial)  # `when`: no hidden weight or distance without a map
+    assert set(trial.params) == {"distill.layer_map", "train.lr"}
+    assert trial_config(space, trial.params).train.epochs == 4
