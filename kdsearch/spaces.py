@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kdsearch.config import ConfigError, build_config, config_keys, did_you_mean, merge, unflatten
+from kdsearch.config import ConfigError, YamlLoader, build_config, config_keys, did_you_mean, merge, unflatten
 
 from .space_model import Budget, Param, Space, base_value, complete_point, trial_config
 
@@ -37,26 +36,6 @@ _EITHER = {"student.hidden_size": "student.width_ratio", "student.width_ratio": 
 
 
 # ---------------------------------------------------------------- reading YAML
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`) and rejects duplicate keys."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
-            if key in seen:
-                raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}")
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+)$"),
-    list("-+0123456789."),
-)
 
 
 def available_spaces() -> list[str]:
@@ -85,7 +64,7 @@ def load_space(name_or_path: str | Path) -> Space:
     """Read and validate a space; every error is one line naming the file and the key."""
     path = find_space(name_or_path)
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
+        raw = yaml.load(path.read_text(), Loader=YamlLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     except ConfigError as err:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdsearch.config import load_config
-from kdsearch.export import best_result, model_card
+import pytest
+
+from kdsearch.config import Config, ConfigError, flatten, load_config
+from kdsearch.export import CONFIG_FILE, best_result, model_card, trial_config_yaml
 
 
 @dataclass
@@ -42,3 +44,32 @@ def test_model_card_names_the_strategy_metric_and_teacher() -> None:
     timed = model_card(cfg, {"eval_score": 0.8, "student_latency_ms": 3.25}, search="s", trial_id="t1",
                        metric="eval_score")
     assert "- latency: 3.25 ms" in timed
+
+
+def test_the_exported_config_reruns_the_trial_anywhere(tmp_path) -> None:
+    cfg = load_config(["distill.bridge=ted", "ted.width_ratio=2", "distill.layers=[2,4]", "distill.layer_map=explicit",
+                       "train.lr=3e-4", "cache_dir=/search/host/cache", "output_dir=/search/host/trial_1"])
+    path = tmp_path / CONFIG_FILE
+    path.write_text(trial_config_yaml(cfg))
+    assert "cache_dir" not in path.read_text() and "output_dir" not in path.read_text()  # the host's folders
+    again = load_config([f"config={path}"])
+    assert flatten(again) == {**flatten(cfg), "cache_dir": Config().cache_dir, "output_dir": Config().output_dir}
+    # the command line applies on top of the file
+    assert load_config([f"config={path}", "train.lr=1e-3", "task=sst2"]).train.lr == 1e-3
+    card = model_card(cfg, {"eval_score": 0.8}, search="s", trial_id="t1", metric="eval_score")
+    assert f"python -m kdsearch.train config=<this folder>/{CONFIG_FILE}" in card
+
+
+def test_a_config_file_takes_nested_or_dotted_keys_and_bad_ones_say_so(tmp_path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("student: {layers: 3}\ntrain.lr: 1e-4\ndistill:\n  w_hidden: 10\n")
+    cfg = load_config([f"config={path}"])
+    assert (cfg.student.layers, cfg.train.lr, cfg.distill.w_hidden) == (3, 1e-4, 10.0)  # 1e-4: a float
+    for text, message in (("- a list\n", "expected a mapping"), ("train: {lr: 1\n", "not valid YAML"),
+                          ("train.lr: 1\ntrain.lr: 2\n", "duplicate key 'train.lr'"),
+                          ("trian.lr: 1\n", "did you mean train")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config([f"config={path}"])
+    with pytest.raises(ConfigError, match=r"config=/no/such\.yaml: no such file"):
+        load_config(["config=/no/such.yaml"])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from kdsearch.config import load_config
 from kdsearch.tracking import SAMPLED_TAG, find_search, list_trials
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +92,13 @@ def test_search_logs_every_trial_stops_bad_ones_early_and_survives_a_failing_tri
     assert (board / "leaderboard.csv").exists() and (board / "leaderboard.md").exists()
     assert "1e-07" in (board / "leaderboard.csv").read_text().splitlines()[1]  # the rank-1 row: the good lr
     with (board / "leaderboard.csv").open() as f:  # how far each trial trained, the early-stopped ones too
-        assert sorted(int(r["epochs"]) for r in csv.DictReader(f) if r["status"] == "FINISHED") == epochs
+        rows = list(csv.DictReader(f))
+    assert sorted(int(r["epochs"]) for r in rows if r["status"] == "FINISHED") == epochs
+    # the exported student's whole config: `kdsearch.train config=...` reruns the best trial's strategy
+    exported = load_config([f"config={best_dir / 'kdsearch_config.yaml'}", "train.epochs=1"])
+    assert exported.train.lr == float(rows[0]["train.lr"]) and exported.distill.layer_map == rows[0][
+        "distill.layer_map"] and exported.train.epochs == 1
+    assert f"trial {rows[0]['trial']}" in (best_dir / "README.md").read_text()
 
 
 @pytest.mark.slow
