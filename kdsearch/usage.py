@@ -78,6 +78,7 @@ def command_help(usage: str, about: str, own: Sequence[tuple[str, str]], *, conf
     if own:
         parts += ["", "keys:", *(f"  {k:<{width}}{text}" for k, text in own)]
     if config_keys:
-        parts += ["", "config keys (key=value; the same names as the search spaces and the MLflow params):",
+        parts += ["", "config keys (key=value; the same names as the search spaces and the MLflow params;",
+                  "config=<file.yaml> reads a file of them first, e.g. a best student's kdsearch_config.yaml):",
                   config_reference()]
     return "\n".join(parts)
