@@ -45,11 +45,12 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from kdsearch import models  # noqa: E402
-from kdsearch.config import Config, load_config  # noqa: E402
+from kdsearch.config import Config  # noqa: E402
 from kdsearch.evaluation import make_loader  # noqa: E402
 from kdsearch.loop import WorkerContext, _train_epoch, build_distiller, layer_pairs  # noqa: E402
 from kdsearch.losses import task_loss  # noqa: E402
 from kdsearch.optimiser import Optimiser  # noqa: E402
+from kdsearch.overrides import load_config
 from kdsearch.precision import autocast, loss_scaler  # noqa: E402
 from kdsearch.prepare import Prepared, make_student, prepare  # noqa: E402
 from kdsearch.teacher_cache import TeacherCache, with_rows  # noqa: E402

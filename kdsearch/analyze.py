@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from . import models
-from .config import Config, ConfigError, load_config, with_absolute_paths
+from .config import Config, ConfigError, with_absolute_paths
 from .console import quiet_libraries
 from .evaluation import make_loader
+from .overrides import load_config
 from .prepare import Prepared, load_teacher, make_student, prepare
 from .report import commit, hardware
 from .tracking import DEFAULT_EXPERIMENT, DEFAULT_URI, log_analysis_run

@@ -1,23 +1,20 @@
-"""Typed, frozen run configuration and its `key=value` override parser.
+"""Typed, frozen run configuration: the dataclasses, their checks, and nested dict -> Config.
 
 One vocabulary end to end: a dotted key here (`distill.w_hidden`) is the CLI override, the search-space
 parameter and the MLflow param. Structural checks live in `__post_init__`; checks that need the real model
-(depths, widths, registry names) live in `kdsearch.validate`. Imports no framework but OmegaConf (and PyYAML).
+(depths, widths, registry names) live in `kdsearch.validate`; the command line and YAML files are read in
+`kdsearch.overrides`. Imports no framework.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
-
-import yaml
-from omegaconf import OmegaConf
 
 
 class ConfigError(ValueError):
@@ -28,26 +25,6 @@ def did_you_mean(word: str, options: Sequence[str]) -> str:
     """"; did you mean X?" for the closest of `options`, or "" when none is close."""
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f"; did you mean {close[0]}?" if close else ""
-
-
-class YamlLoader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`) and rejects duplicate keys."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
-            if key in seen:
-                raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}")
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+)$"),
-    list("-+0123456789."),
-)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -376,47 +353,6 @@ def _build(cls: type, data: dict[str, Any], prefix: str, all_keys: list[str]) ->
     return cls(**kwargs)
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`["a.b=1", "c=[1,2]"]` -> nested dict, values parsed as YAML.
-
-    `task=sst2` is short for `task.name=sst2`, rewritten before parsing so that a `task.data_dir=...` beside it
-    adds to the task instead of replacing it. `config=<file>` reads a YAML file of config keys first (an
-    exported trial's `kdsearch_config.yaml`, say); the other overrides then apply on top of it.
-    """
-    for item in overrides:
-        _require("=" in item, f"{item!r}: overrides take the form key=value")
-    files = [item.partition("=")[2] for item in overrides if item.startswith("config=")]
-    items = [f"task.name={item[5:]}" if item.startswith("task=") and "{" not in item else item
-             for item in overrides if not item.startswith("config=")]
-    try:
-        given: dict[str, Any] = OmegaConf.to_container(OmegaConf.from_dotlist(items))  # type: ignore[assignment]
-    except Exception as err:  # OmegaConf grammar errors
-        raise ConfigError(f"cannot parse overrides {overrides}: {err}") from None
-    base: dict[str, Any] = {}
-    for path in files:
-        base = merge(base, read_config_file(path))
-    return merge(base, given)
-
-
-def read_config_file(path: str) -> dict[str, Any]:
-    """`config=<path>`: a YAML mapping of config keys, nested or dotted (as a search space's `base`)."""
-    from pathlib import Path
-
-    file = Path(path).expanduser()
-    _require(file.is_file(), f"config={path}: no such file")
-    try:
-        data = yaml.load(file.read_text(), Loader=YamlLoader)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config={path}: not valid YAML: {' '.join(str(err).split())}") from None
-    except ConfigError as err:
-        raise ConfigError(f"config={path}: {err}") from None
-    _require(isinstance(data, dict), f"config={path}: expected a mapping of config keys (key: value)")
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out = merge(out, unflatten({str(key): value}))
-    return out
-
-
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
@@ -454,7 +390,3 @@ def with_absolute_paths(cfg: Config) -> Config:
     return dataclasses.replace(cfg, teacher=teacher or cfg.teacher, cache_dir=absolute(cfg.cache_dir) or "",
                                output_dir=absolute(cfg.output_dir) or "", storage_path=absolute(cfg.storage_path),
                                task=dataclasses.replace(cfg.task, data_dir=absolute(cfg.task.data_dir)))
-
-
-def load_config(overrides: list[str] | None = None, *, base: dict[str, Any] | None = None) -> Config:
-    return build_config(merge(base or {}, parse_overrides(overrides or [])))

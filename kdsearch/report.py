@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from . import models, space_model
-from .config import Config, ConfigError, build_config, did_you_mean, parse_overrides
+from .config import Config, ConfigError, build_config, did_you_mean
 from .console import quiet_libraries
+from .overrides import parse_overrides
 from .search import SearchSettings, check_search, code_version
 from .studies import STUDIES, Study, grid_space, make_study, row_of, seeded_rows, unique
 from .tracking import (

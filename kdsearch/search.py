@@ -16,8 +16,9 @@ from typing import Any
 import yaml
 
 from . import space_model, spaces
-from .config import ConfigError, did_you_mean, flatten, parse_overrides
+from .config import ConfigError, did_you_mean, flatten
 from .loop import reported_metrics
+from .overrides import parse_overrides
 from .ranking import parse_objectives
 from .tracking import DEFAULT_EXPERIMENT, DEFAULT_URI, check_tracking_uri
 from .usage import command_help

@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from kdsearch.config import ConfigError, YamlLoader, build_config, config_keys, did_you_mean, merge, unflatten
+from kdsearch.config import ConfigError, build_config, config_keys, did_you_mean, merge, unflatten
+from kdsearch.overrides import YamlLoader
 
 from .space_model import Budget, Param, Space, base_value, complete_point, trial_config
 

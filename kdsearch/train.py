@@ -20,9 +20,10 @@ import torch.distributed as dist
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from .config import Config, ConfigError, load_config, with_absolute_paths
+from .config import Config, ConfigError, with_absolute_paths
 from .console import quiet_libraries
 from .loop import WorkerContext, export_student, run_distillation
+from .overrides import load_config
 from .prepare import Prepared, prepare
 from .step import leaves_parameters_unused
 from .usage import command_help, wants_help

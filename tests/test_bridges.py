@@ -8,8 +8,8 @@ from torch import nn
 
 from kdsearch import models
 from kdsearch.bridges import BRIDGES, BridgeInputs
-from kdsearch.config import load_config
 from kdsearch.losses import LOGIT_LOSSES
+from kdsearch.overrides import load_config
 from kdsearch.step import Distiller, leaves_parameters_unused, teacher_forward
 from kdsearch.tasks import task_spec
 from kdsearch.ted import FILTERS, build_filters, filter_width

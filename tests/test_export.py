@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from kdsearch.config import Config, ConfigError, flatten, load_config
+from kdsearch.config import Config, ConfigError, flatten
 from kdsearch.export import CONFIG_FILE, best_result, model_card, trial_config_yaml
+from kdsearch.overrides import load_config
 
 
 @dataclass

@@ -13,9 +13,10 @@ from typing import Any, Literal  # noqa: E402
 
 import pytest  # noqa: E402
 
-from kdsearch.config import ConfigError, load_config  # noqa: E402
+from kdsearch.config import ConfigError  # noqa: E402
 from kdsearch.importance import param_importance, variance_importance  # noqa: E402
 from kdsearch.leaderboard import main  # noqa: E402
+from kdsearch.overrides import load_config
 from kdsearch.ranking import Objective, pareto_front, parse_objectives, rank_rows  # noqa: E402
 from kdsearch.tracking import SAMPLED_TAG, SEARCHED_TAG, SearchTracker, find_search  # noqa: E402
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from kdsearch import analyze, leaderboard, report
-from kdsearch.config import load_config, with_absolute_paths
+from kdsearch.config import with_absolute_paths
+from kdsearch.overrides import load_config
 from kdsearch.search import SearchSettings, check_search, parse_search_args
 from kdsearch.studies import grid_space
 from kdsearch.usage import wants_help

@@ -8,8 +8,8 @@ from torch import nn
 
 from kdsearch import models
 from kdsearch.bridges import BRIDGES, BridgeInputs
-from kdsearch.config import load_config
 from kdsearch.losses import RELATION_LOSSES, relation_kl, relation_log_probs, relation_mse, relation_scores
+from kdsearch.overrides import load_config
 from kdsearch.relations import RELATIONS, RelationSpec, Tap, capture, projection_modules, projection_widths
 from kdsearch.step import Distiller, teacher_forward
 from kdsearch.tasks import task_spec

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kdsearch.config import ConfigError, load_config
+from kdsearch.config import ConfigError
+from kdsearch.overrides import load_config
 from kdsearch.report import aggregate, parse_args, render, summary_lines
 from kdsearch.studies import Row, make_study
 from kdsearch.tracking import RunRecord, find_search, list_trials

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from kdsearch import space_model, spaces
-from kdsearch.config import flatten, load_config
+from kdsearch.config import flatten
+from kdsearch.overrides import load_config
 from kdsearch.studies import STUDIES, grid_space, make_study, row_of, seeded_rows
 from kdsearch.tracking import SearchTracker, flatten_params
 from kdsearch.validate import validate

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdsearch.config import Config, ConfigError, load_config
+from kdsearch.config import Config, ConfigError
 from kdsearch.evaluation import make_loader
 from kdsearch.loop import WorkerContext, run_distillation
+from kdsearch.overrides import load_config
 from kdsearch.prepare import load_teacher, prepare
 from kdsearch.relations import resolve_relation
 from kdsearch.step import teacher_forward

@@ -19,7 +19,8 @@ import sqlalchemy.exc  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
-from kdsearch.config import ConfigError, config_keys, load_config  # noqa: E402
+from kdsearch.config import ConfigError, config_keys  # noqa: E402
+from kdsearch.overrides import load_config
 from kdsearch.tracking import (  # noqa: E402
     SearchTracker,
     check_tracking_uri,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdsearch.config import Config, load_config
+from kdsearch.config import Config
 from kdsearch.evaluation import make_loader
 from kdsearch.loop import (
     WorkerContext,
@@ -24,6 +24,7 @@ from kdsearch.loop import (
     run_distillation,
 )
 from kdsearch.optimiser import Optimiser
+from kdsearch.overrides import load_config
 from kdsearch.precision import autocast
 from kdsearch.prepare import prepare
 from kdsearch.step import teacher_forward

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from kdsearch.config import load_config
+from kdsearch.overrides import load_config
 from kdsearch.tracking import SAMPLED_TAG, find_search, list_trials
 
 REPO = Path(__file__).resolve().parents[1]

@@ -106,7 +106,7 @@ def test_bad_space_files_are_rejected_with_the_reason(tmp_path, capsys: pytest.C
 
 def test_task_shorthand_composes_with_task_keys_on_every_command() -> None:
     """`task=sst2 task.data_dir=...` names the task and adds its files (the later key must not replace the first)."""
-    from kdsearch.config import load_config
+    from kdsearch.overrides import load_config
     from kdsearch.report import parse_args
     from kdsearch.search import parse_search_args
 

@@ -1,0 +1,84 @@
+"""The command line's side of the config: `key=value` overrides and `config=<file>` YAML files, read into the
+nested dicts that `kdsearch.config.build_config` turns into a Config.
+
+Imports OmegaConf (the dotted-list grammar) and PyYAML; no framework.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+
+from .config import Config, ConfigError, build_config, merge, unflatten
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+class YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`) and rejects duplicate keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+)$"),
+    list("-+0123456789."),
+)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["a.b=1", "c=[1,2]"]` -> nested dict, values parsed as YAML.
+
+    `task=sst2` is short for `task.name=sst2`, rewritten before parsing so that a `task.data_dir=...` beside it
+    adds to the task instead of replacing it. `config=<file>` reads a YAML file of config keys first (an
+    exported trial's `kdsearch_config.yaml`, say); the other overrides then apply on top of it.
+    """
+    for item in overrides:
+        _require("=" in item, f"{item!r}: overrides take the form key=value")
+    files = [item.partition("=")[2] for item in overrides if item.startswith("config=")]
+    items = [f"task.name={item[5:]}" if item.startswith("task=") and "{" not in item else item
+             for item in overrides if not item.startswith("config=")]
+    try:
+        given: dict[str, Any] = OmegaConf.to_container(OmegaConf.from_dotlist(items))  # type: ignore[assignment]
+    except Exception as err:  # OmegaConf grammar errors
+        raise ConfigError(f"cannot parse overrides {overrides}: {err}") from None
+    base: dict[str, Any] = {}
+    for path in files:
+        base = merge(base, read_config_file(path))
+    return merge(base, given)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """`config=<path>`: a YAML mapping of config keys, nested or dotted (as a search space's `base`)."""
+    file = Path(path).expanduser()
+    _require(file.is_file(), f"config={path}: no such file")
+    try:
+        data = yaml.load(file.read_text(), Loader=YamlLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config={path}: not valid YAML: {' '.join(str(err).split())}") from None
+    except ConfigError as err:
+        raise ConfigError(f"config={path}: {err}") from None
+    _require(isinstance(data, dict), f"config={path}: expected a mapping of config keys (key: value)")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out = merge(out, unflatten({str(key): value}))
+    return out
+
+
+def load_config(overrides: list[str] | None = None, *, base: dict[str, Any] | None = None) -> Config:
+    return build_config(merge(base or {}, parse_overrides(overrides or [])))
