@@ -37,7 +37,7 @@ def _check_names(cfg: Config) -> None:
 def _student_width_key(cfg: Config, d_s: int) -> str:
     """The student's width as the user set it, for messages."""
     ratio = cfg.student.width_ratio
-    return f"student.width_ratio={ratio} (width {d_s})" if ratio is not None else f"student.hidden_size={d_s}"
+    return f"student.width_ratio={ratio} gives {d_s}" if ratio is not None else f"student.hidden_size={d_s}"
 
 
 def _check_shapes(cfg: Config, teacher: PretrainedConfig) -> None:
