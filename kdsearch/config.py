@@ -374,6 +374,14 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
+def nest(data: dict[str, Any]) -> dict[str, Any]:
+    """A mapping that mixes nested and dotted keys (`train: {lr: ..}`, `train.lr: ..`) -> one nested dict."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out = merge(out, unflatten({str(key): value}))
+    return out
+
+
 def build_config(data: dict[str, Any]) -> Config:
     """Nested dict -> validated Config; unknown keys get a did-you-mean."""
     return _build(Config, data, "", config_keys())

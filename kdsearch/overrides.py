@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from .config import Config, ConfigError, build_config, merge, unflatten
+from .config import Config, ConfigError, build_config, merge, nest
 
 
 def _require(ok: bool, message: str) -> None:
@@ -74,10 +74,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     except ConfigError as err:
         raise ConfigError(f"config={path}: {err}") from None
     _require(isinstance(data, dict), f"config={path}: expected a mapping of config keys (key: value)")
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out = merge(out, unflatten({str(key): value}))
-    return out
+    return nest(data)
 
 
 def load_config(overrides: list[str] | None = None, *, base: dict[str, Any] | None = None) -> Config:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from kdsearch.config import ConfigError, build_config, config_keys, did_you_mean, merge, unflatten
+from kdsearch.config import ConfigError, build_config, config_keys, did_you_mean, merge, nest, unflatten
 from kdsearch.overrides import YamlLoader
 
 from .space_model import Budget, Param, Space, base_value, complete_point, trial_config
@@ -82,10 +82,7 @@ def _nested(data: Any, where: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of config keys")
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out = merge(out, unflatten({str(key): value}))
-    return out
+    return nest(data)
 
 
 def _parse(raw: Any, *, name: str, source: Path | None) -> Space:
