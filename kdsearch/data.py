@@ -24,7 +24,10 @@ from kdsearch.tasks import RELEASE_LAYOUTS, TASKS, ReleaseLayout, TaskSpec, defa
 __all__ = ["TASKS", "TaskSpec", "task_spec", "check_task", "load_raw_task", "content_hash"]
 
 EXTENSIONS = ("tsv", "csv", "jsonl", "parquet")
-_CAUSAL_COLUMNS: tuple[tuple[str, ...], ...] = (("prompt", "response"), ("instruction", "output"), ("text",))
+_CAUSAL_COLUMNS: tuple[tuple[str, ...], ...] = (("prompt", "response"), ("instruction", "output"), ("text",),
+                                                ("sentence",))
+"""What task=text reads: prompt -> response pairs, or raw text (a `text` column, or a single-sentence GLUE file's
+`sentence` column: SST-2 or CoLA as a corpus, for continual pre-training)."""
 
 
 # --- finding and checking files -----------------------------------------------------------------------
@@ -96,7 +99,7 @@ def _check_columns(columns: list[str], spec: TaskSpec, where: str) -> None:
     found = f"found columns: {', '.join(columns)}"
     if spec.kind == "causal_lm":
         if not any(set(group) <= set(columns) for group in _CAUSAL_COLUMNS):
-            raise ConfigError(f"{where}: needs a 'text' column, or 'prompt'+'response', or "
+            raise ConfigError(f"{where}: needs a 'text' (or GLUE 'sentence') column, or 'prompt'+'response', or "
                               f"'instruction'+'output'; {found}")
         return
     if "label" not in columns:
@@ -202,8 +205,8 @@ def _to_prompt_response(ds: Dataset) -> Dataset:
     columns = next(group for group in _CAUSAL_COLUMNS if set(group) <= set(ds.column_names))
 
     def convert(batch: dict[str, list]) -> dict[str, list]:
-        if columns == ("text",):
-            return {"prompt": [""] * len(batch["text"]), "response": [t or "" for t in batch["text"]]}
+        if len(columns) == 1:  # raw text: every token is a target
+            return {"prompt": [""] * len(batch[columns[0]]), "response": [t or "" for t in batch[columns[0]]]}
         prompts = [p or "" for p in batch[columns[0]]]
         if columns[0] == "instruction":  # Alpaca layout: instruction, optional input, output
             extra = batch.get("input") or [""] * len(prompts)

@@ -121,14 +121,17 @@ def test_release_labels_outside_the_task_classes_are_one_line_errors(tmp_path: P
 def test_text_task_reads_text_prompt_response_and_instruction_layouts(tmp_path: Path) -> None:
     layouts = {"t": [{"text": "hello world"}, {"text": "  "}, {"text": "bye"}],
                "p": [{"prompt": "Q: 2+2?", "response": " 4"}] * 2,
-               "i": [{"instruction": "Add", "input": "2 2", "output": "4"}] * 2}
+               "i": [{"instruction": "Add", "input": "2 2", "output": "4"}] * 2,
+               "s": [{"sentence": "a fine film", "label": 1}, {"sentence": "dull", "label": 0}]}  # GLUE SST-2
     for name, rows in layouts.items():
-        write(tmp_path / name / "train.jsonl", rows, "jsonl")
-        write(tmp_path / name / "dev.jsonl", rows, "jsonl")
+        kind = "tsv" if name == "s" else "jsonl"
+        write(tmp_path / name / f"train.{kind}", rows, kind)
+        write(tmp_path / name / f"dev.{kind}", rows, kind)
     raw = {name: load(tmp_path, name="text", data_dir=str(tmp_path / name))[1]["train"] for name in layouts}
     assert raw["t"]["prompt"] == ["", ""] and raw["t"]["response"] == ["hello world", "bye"]  # blank dropped
     assert raw["p"][0] == {"prompt": "Q: 2+2?", "response": " 4"}
     assert raw["i"][0] == {"prompt": "Add\n2 2\n", "response": "4"}
+    assert raw["s"]["response"] == ["a fine film", "dull"] and raw["s"]["prompt"] == ["", ""]  # labels dropped
 
 
 def test_subsample_is_seeded_and_draws_from_the_data(tmp_path: Path) -> None:
