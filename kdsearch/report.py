@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from .tracking import (
     log_run_artifacts,
 )
 from .usage import command_help, wants_help
+from .validate import validate
 
 _OWN = ("study", "seeds", "out", "name", "concurrency", "search", "only", "results_dir", "tracking")
 
@@ -252,9 +254,10 @@ def run_report(args: dict[str, Any], argv: Sequence[str]) -> tuple[Path, str]:
             "data": f"{task.name} ({task.data_dir or task.hub or 'embedded'}): train {task.train_size or 'all'} "
                     f"rows (seeded subsample), eval {task.eval_size or 'all'} rows, max_length {task.max_length}",
             "training": f"{cfg.train.epochs} epochs x {cfg.train.max_steps_per_epoch or 'all'} steps, batch "
-                        f"{cfg.train.batch_size}, lr {cfg.train.lr}; score = final-epoch eval accuracy",
+                        f"{cfg.train.batch_size}, lr {cfg.train.lr}; score = final-epoch eval "
+                        f"{validate(cfg).primary_metric.replace('_', ' ')}",
             "seeds": f"train.seed in {args['seeds']} (the teacher is shared: finetune.seed {cfg.finetune.seed})",
-            "command": "`python -m kdsearch.report " + " ".join(argv) + "`"}
+            "command": f"`python -m kdsearch.report {shlex.join(argv)}`"}  # quoted: pastes into a shell
     out: Path = args["out"]
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{study.name}.md").write_text(render(study, rows, meta))

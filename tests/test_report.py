@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,9 @@ def test_a_tiny_study_runs_through_tune_and_writes_mean_and_std_to_docs_and_one_
         assert f"| {row['name']} | teacher | {mean:.1f} ± {std:.1f} | 2 |" in table
         assert parent.metrics[f"mean.{row['name']}_teacher"] == pytest.approx(mean)
     assert "train 256 rows" in table and "commit:" in table and "CPU cores" in table
+    assert "score = final-epoch eval accuracy" in table  # the task's primary metric, named
+    assert f"`python -m kdsearch.report {shlex.join(argv)}`" in table  # pastes into a shell as it ran
+    assert "'only=[forward/teacher,none/teacher]'" in table
     assert (tmp_path / "docs" / "layer_select.png").stat().st_size > 10_000
     from mlflow import MlflowClient
 

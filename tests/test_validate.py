@@ -12,7 +12,7 @@ import pytest
     (["student.hidden_size=128"], "wider"),
     (["student.width_ratio=1.5"], "student.width_ratio=1.5: must be in (0, 1]"),
     (["student.width_ratio=0.5", "student.hidden_size=32"], "give one (set the other to null)"),
-    (["student.width_ratio=0.5"], "needs the teacher's width 64 (student.width_ratio=0.5 gives 32); use student.init=random"),
+    (["student.width_ratio=0.5"], "width 64 (student.width_ratio=0.5 gives 32); use student.init=random"),
     (["ted.width=32", "ted.width_ratio=2"], "give one"),
     (["units.ratio=1.5"], "must be in (0, 1]"),
     (["ted.width=0"], "filter width must be > 0"),
