@@ -216,8 +216,10 @@ def grid_space(study: Study, *, cli: dict[str, Any], seeds: list[int],
     keys = sorted({k for r in study.rows for k in r.overrides})
     base = merge(unflatten(dict(study.base)), cli)
     probe = space_model.Space(study.name, study.description, base, "eval_score", "max", space_model.Budget(), {}, [])
-    study = dataclasses.replace(study, rows=[dataclasses.replace(
-        r, overrides={k: r.overrides.get(k, space_model.base_value(probe, k)) for k in keys}) for r in study.rows])
+    # each row's value of every varied key as its run's Config holds it (and MLflow logs it): a `1` typed on the
+    # command line for a float key is 1.0 there, and must be 1.0 here for the trials to find their rows
+    study = dataclasses.replace(study, rows=[dataclasses.replace(r, overrides=_typed(probe, r.overrides, keys))
+                                             for r in study.rows])
     for i, row in enumerate(study.rows):  # identical cells would be run (and matched back) as one
         twin = next((r for r in study.rows[:i] if r.overrides == row.overrides), None)
         if twin is not None:
@@ -230,6 +232,11 @@ def grid_space(study: Study, *, cli: dict[str, Any], seeds: list[int],
     space = dataclasses.replace(probe, params=params, points_to_evaluate=points, budget=budget)
     spaces.validate(space)
     return absolute_paths(space), study
+
+
+def _typed(probe: space_model.Space, overrides: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    flat = flatten(space_model.trial_config(probe, overrides))
+    return {k: list(flat[k]) if isinstance(flat[k], tuple) else flat[k] for k in keys}
 
 
 def unique(values: Any) -> list[Any]:
