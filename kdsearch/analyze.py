@@ -22,7 +22,7 @@ from . import models
 from .config import Config, ConfigError, with_absolute_paths
 from .console import quiet_libraries
 from .evaluation import make_loader
-from .overrides import load_config
+from .overrides import load_config, split_arguments
 from .prepare import Prepared, load_teacher, make_student, prepare
 from .report import commit, hardware
 from .tracking import DEFAULT_EXPERIMENT, DEFAULT_URI, log_analysis_run
@@ -66,16 +66,7 @@ def parse_args(argv: Sequence[str]) -> tuple[AngleArgs, Config]:
     """`angles key=value ...` -> (analysis arguments, run config); every error is one ConfigError line."""
     if not argv or argv[0] != "angles":
         raise ConfigError(f"the first argument names the analysis; known: angles. {USAGE}")
-    own: dict[str, str] = {}
-    rest: list[str] = []
-    for item in argv[1:]:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ConfigError(f"{item!r}: arguments take the form key=value. {USAGE}")
-        if key in _OWN_KEYS:
-            own[key] = value
-        else:
-            rest.append(f"task.name={value}" if key == "task" else item)
+    own, rest = split_arguments(argv[1:], _OWN_KEYS, USAGE)
     if "student" not in own:
         raise ConfigError(f"student=: give a Hugging Face student directory or `init`. {USAGE}")
     student = own["student"]

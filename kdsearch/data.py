@@ -10,7 +10,7 @@ import csv
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +21,7 @@ from datasets import Dataset, DatasetDict, Features, Value, load_dataset
 from kdsearch.config import ConfigError, TaskConfig
 from kdsearch.tasks import RELEASE_LAYOUTS, TASKS, ReleaseLayout, TaskSpec, default_rows, task_spec
 
-__all__ = ["TASKS", "TaskSpec", "task_spec", "check_task", "load_raw_task", "content_hash"]
+__all__ = ["TASKS", "TaskSpec", "task_spec", "check_task", "load_raw_task", "content_hash", "Split"]
 
 EXTENSIONS = ("tsv", "csv", "jsonl", "parquet")
 _CAUSAL_COLUMNS: tuple[tuple[str, ...], ...] = (("prompt", "response"), ("instruction", "output"), ("text",),
@@ -31,19 +31,27 @@ _CAUSAL_COLUMNS: tuple[tuple[str, ...], ...] = (("prompt", "response"), ("instru
 
 
 # --- finding and checking files -----------------------------------------------------------------------
-def _split_stems(spec: TaskSpec) -> dict[str, tuple[str, ...]]:
-    dev = ("dev_matched", "validation_matched") if spec.name == "mnli" else ()
-    return {"train": ("train",), "validation": ("dev", "validation", *dev)}
+Split = Literal["train", "validation", "test"]
+TRAINING_SPLITS: tuple[Split, ...] = ("train", "validation")
+"""What training reads; `test` (held out, labelled) only `kdsearch.evaluate` reads."""
 
 
-def _split_files(cfg: TaskConfig, spec: TaskSpec) -> dict[str, Path]:
+def _split_stems(spec: TaskSpec, split: Split) -> tuple[str, ...]:
+    matched = spec.name == "mnli"  # MNLI's in-domain dev/test sets
+    return {"train": ("train",),
+            "validation": ("dev", "validation", *(("dev_matched", "validation_matched") if matched else ())),
+            "test": ("test", *(("test_matched",) if matched else ()))}[split]
+
+
+def _split_files(cfg: TaskConfig, spec: TaskSpec, splits: tuple[Split, ...] = TRAINING_SPLITS) -> dict[str, Path]:
     root = Path(str(cfg.data_dir)).expanduser()
     if not root.is_dir():
         raise ConfigError(f"task.data_dir={cfg.data_dir}: no such directory")
     found = sorted(p.name for p in root.iterdir())
     shown = ", ".join(found[:8]) + (f", ... ({len(found) - 8} more)" if len(found) > 8 else "")
     files: dict[str, Path] = {}
-    for split, stems in _split_stems(spec).items():
+    for split in splits:
+        stems = _split_stems(spec, split)
         names = [f"{stem}.{ext}" for stem in stems for ext in EXTENSIONS]
         hits = [root / name for name in names if (root / name).is_file()]
         if not hits:
@@ -110,7 +118,7 @@ def _check_columns(columns: list[str], spec: TaskSpec, where: str) -> None:
                               f"{', '.join(spec.text_fields)}); {found}")
 
 
-def check_task(cfg: TaskConfig) -> TaskSpec:
+def check_task(cfg: TaskConfig, splits: tuple[Split, ...] = TRAINING_SPLITS) -> TaskSpec:
     """Validate task.* cheaply (paths, non-empty files, header columns) without reading whole files."""
     spec = task_spec(cfg.name)
     if spec.name == "default":
@@ -119,7 +127,7 @@ def check_task(cfg: TaskConfig) -> TaskSpec:
                               "generated in code; unset both, or name the task that the files hold")
         return spec
     if cfg.data_dir is not None:
-        for path in _split_files(cfg, spec).values():
+        for path in _split_files(cfg, spec, splits).values():
             where = f"task.data_dir={cfg.data_dir}: {path.name}"
             _check_columns(_hub_columns(_header(path, f"task.data_dir={cfg.data_dir}"), spec), spec, where)
     elif cfg.hub is None:
@@ -144,17 +152,19 @@ def _read_file(path: Path, where: str, cache_dir: str | None, spec: TaskSpec) ->
             from None
 
 
-def _load_hub(cfg: TaskConfig, spec: TaskSpec, cache_dir: str | None) -> dict[str, Dataset]:
+def _load_hub(cfg: TaskConfig, spec: TaskSpec, cache_dir: str | None, splits: tuple[Split, ...]) -> dict[str, Dataset]:
     config_name = None if spec.kind == "causal_lm" else spec.name
     try:
         raw = load_dataset(str(cfg.hub), config_name, cache_dir=cache_dir)
     except Exception as err:  # network, unknown repo or config
         raise ConfigError(f"task.hub={cfg.hub}: cannot load {config_name or ''}: "
                           f"{(str(err).splitlines() or [''])[0]}") from None
-    val = "validation_matched" if spec.name == "mnli" else "validation"
-    if "train" not in raw or val not in raw:
-        raise ConfigError(f"task.hub={cfg.hub}: needs 'train' and '{val}' splits; found: {', '.join(raw)}")
-    return {"train": raw["train"], "validation": raw[val]}
+    names = {split: f"{split}_matched" if spec.name == "mnli" and split != "train" else split for split in splits}
+    missing = [name for name in names.values() if name not in raw]
+    if missing:
+        raise ConfigError(f"task.hub={cfg.hub}: needs the {', '.join(map(repr, missing))} split(s); "
+                          f"found: {', '.join(raw)}")
+    return {split: raw[name] for split, name in names.items()}
 
 
 def _hub_layout(ds: Dataset, spec: TaskSpec, where: str) -> Dataset:
@@ -190,6 +200,9 @@ def _normalise(ds: Dataset, spec: TaskSpec, where: str) -> Dataset:
         if not pa.types.is_integer(labels.type):
             raise ConfigError(f"{where}: column 'label' holds {labels.type}; expected class ids {classes}")
         lo, hi = pc.min_max(labels).values()
+        if hi.as_py() == -1:
+            raise ConfigError(f"{where}: every label is -1, i.e. unlabelled (GLUE hides its test labels); "
+                              "scores need a labelled split")
         if labels.null_count or lo.as_py() < 0 or hi.as_py() >= spec.num_labels:
             raise ConfigError(f"{where}: labels span {lo}..{hi} (nulls: {labels.null_count}); "
                               f"task {spec.name} has classes {classes}")
@@ -225,28 +238,33 @@ def _subsample(ds: Dataset, size: int | None) -> Dataset:
     return ds.select(keep)
 
 
-def load_raw_task(cfg: TaskConfig, *, cache_dir: str | Path | None = None) -> tuple[TaskSpec, DatasetDict]:
-    """(spec, {"train", "validation"}) with columns text_fields + label (or prompt + response).
+def load_raw_task(cfg: TaskConfig, *, cache_dir: str | Path | None = None,
+                  splits: tuple[Split, ...] = TRAINING_SPLITS) -> tuple[TaskSpec, DatasetDict]:
+    """(spec, {split: rows}) with columns text_fields + label (or prompt + response); train and validation by
+    default, subsampled to task.train_size / task.eval_size; a test split is read whole.
 
     Each split's `_fingerprint` is the sha256 of its rows, so caches keyed on it survive new processes.
 
     `cache_dir` (e.g. Config.cache_dir) holds the Arrow copies `datasets` makes of local files; None uses
     the datasets default (~/.cache/huggingface/datasets).
     """
-    spec = check_task(cfg)
+    spec = check_task(cfg, splits)
     hf_cache = str(Path(cache_dir) / "raw") if cache_dir is not None else None
+    read: dict[str, Dataset]
     if spec.name == "default":
         where = "task.name=default"
-        splits = {split: Dataset.from_dict(cols) for split, cols in default_rows().items()}
+        read = {split: Dataset.from_dict(cols) for split, cols in default_rows().items() if split in splits}
     elif cfg.data_dir is not None:
         where = f"task.data_dir={cfg.data_dir}"
-        splits = {split: _read_file(path, where, hf_cache, spec) for split, path in _split_files(cfg, spec).items()}
+        read = {split: _read_file(path, where, hf_cache, spec)
+                for split, path in _split_files(cfg, spec, splits).items()}
     else:
         where = f"task.hub={cfg.hub}"
-        splits = _load_hub(cfg, spec, hf_cache)
+        read = _load_hub(cfg, spec, hf_cache, splits)
+    sizes = {"train": cfg.train_size, "validation": cfg.eval_size, "test": None}
     out = DatasetDict()
-    for split, size in (("train", cfg.train_size), ("validation", cfg.eval_size)):
-        ds = splits[split]
+    for split in splits:
+        ds, size = read[split], sizes[split]
         ds = _normalise(ds, spec, f"{where}: {split}") if len(ds) else ds
         if len(ds) == 0:
             raise ConfigError(f"{where}: the {split} split has no rows")

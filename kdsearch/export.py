@@ -9,12 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import space_model
 from .config import flatten
 from .leaderboard import build_leaderboard, search_ranking
 from .loop import export_student
+from .overrides import CONFIG_FILE, write_config_file
 from .prepare import prepare
 from .ranking import Objective
 from .search import SearchSettings, code_version
@@ -41,17 +40,6 @@ def best_result(results: Any, ranked_trials: list[str]) -> Any | None:
     return next((usable[t] for t in ranked_trials if t in usable), None)
 
 
-CONFIG_FILE = "kdsearch_config.yaml"
-_LOCAL_KEYS = ("output_dir", "cache_dir", "storage_path")
-"""Where the search ran, not what it ran: left out of the exported config, so a rerun uses its own folders."""
-
-
-def trial_config_yaml(cfg: Any) -> str:
-    """The trial's whole config as dotted keys, for `python -m kdsearch.train config=<this file>`."""
-    flat = {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(cfg).items() if k not in _LOCAL_KEYS}
-    return yaml.safe_dump(flat, sort_keys=False)
-
-
 def model_card(cfg: Any, metrics: dict[str, Any], *, search: str, trial_id: str, metric: str) -> str:
     flat = flatten(cfg)
     strategy = {k: v for k, v in flat.items() if k.startswith(("distill.", "ted.", "units.", "relation.", "student."))}
@@ -72,6 +60,9 @@ Load it with `transformers.AutoModelForSequenceClassification.from_pretrained(<t
 
 Train this strategy again (longer, on more data, another seed) from the trial's whole config in
 `{CONFIG_FILE}`: `python -m kdsearch.train config=<this folder>/{CONFIG_FILE} train.epochs=10`.
+
+The {metric} above is the one the search ranked trials by, so it flatters the winner a little; score it on the
+held-out test split, beside its teacher: `python -m kdsearch.evaluate model=<this folder> with_teacher=true`.
 
 ## Strategy
 | setting | value |
@@ -102,7 +93,7 @@ def export_best(results: Any, *, settings: SearchSettings, space: space_model.Sp
         export_student(cfg, prepare(cfg), Path(directory), out)
     (out / "README.md").write_text(model_card(cfg, best.metrics, search=settings.search_name,
                                               trial_id=trial_id, metric=metric))
-    (out / CONFIG_FILE).write_text(trial_config_yaml(cfg))
+    write_config_file(cfg, out / CONFIG_FILE)
     tracker.log_search_artifacts(dirs={"best_student": out})
     text, board = build_leaderboard(uri=settings.tracking_uri, experiment=settings.experiment,
                                     search=settings.search_name,

@@ -7,13 +7,17 @@ Imports OmegaConf (the dotted-list grammar) and PyYAML; no framework.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
 
-from .config import Config, ConfigError, build_config, merge, nest
+from .config import Config, ConfigError, build_config, flatten, merge, nest
+
+CONFIG_FILE = "kdsearch_config.yaml"
+"""An exported student's whole trial config, which `config=<file>` reads back."""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -39,6 +43,20 @@ YamlLoader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+)$"),
     list("-+0123456789."),
 )
+
+
+def split_arguments(argv: Sequence[str], own_keys: Sequence[str], usage: str) -> tuple[dict[str, str], list[str]]:
+    """A command's own `key=value` arguments (those in `own_keys`) apart from the config overrides."""
+    own: dict[str, str] = {}
+    rest: list[str] = []
+    for item in argv:
+        key, eq, value = item.partition("=")
+        _require(bool(eq), f"{item!r}: arguments take the form key=value. {usage}")
+        if key in own_keys:
+            own[key] = value
+        else:
+            rest.append(item)
+    return own, rest
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -79,3 +97,19 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 def load_config(overrides: list[str] | None = None, *, base: dict[str, Any] | None = None) -> Config:
     return build_config(merge(base or {}, parse_overrides(overrides or [])))
+
+
+_LOCAL_KEYS = ("output_dir", "cache_dir", "storage_path")
+"""Where a run ran, not what it ran: left out of a written config, so a rerun uses its own folders."""
+
+
+def config_yaml(cfg: Config) -> str:
+    """The whole config as dotted keys, what `config=<file>` reads back."""
+    flat = {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(cfg).items() if k not in _LOCAL_KEYS}
+    return yaml.safe_dump(flat, sort_keys=False)
+
+
+def write_config_file(cfg: Config, path: Path) -> Path:
+    """Write `config_yaml(cfg)` beside a saved student, so `config=<path>` trains it again."""
+    path.write_text(config_yaml(cfg))
+    return path

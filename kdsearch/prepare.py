@@ -211,8 +211,13 @@ def _teacher_outputs(cfg: Config, prepared: Prepared, store: Store, device: torc
     return str(store.get_or_build("teacher_projections" if tap else "teacher_outputs", key, build))
 
 
-def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def prepare_teacher(cfg: Config, *, device: torch.device | None = None) -> Prepared:
+    """The task data, tokenised, and the fine-tuned teacher: what every strategy shares (no bridge artifacts)."""
+    device = device or _default_device()
     store = Store(cfg.cache_dir)
     spec, raw = load_raw_task(cfg.task, cache_dir=cfg.cache_dir)
     source = models.resolve_teacher(cfg.teacher)
@@ -221,11 +226,20 @@ def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:
     data = tokenize_task(raw, spec, tok, max_length=cfg.task.max_length, cache_dir=cfg.cache_dir, family=family)
     spec = read_by(spec, family)
     teacher_dir = _teacher(cfg, source, tok, data, spec, store, device)
-    teacher = AutoConfig.from_pretrained(teacher_dir)
-    n_t, d_t = models.depth_width(teacher)
-    prepared = Prepared(spec=spec, family=family, teacher_dir=str(teacher_dir), data=data,
-                        pad_id=tok.pad_token_id, n_teacher=n_t, d_teacher=d_t,
-                        teacher_metrics=json.loads((teacher_dir / "teacher_metrics.json").read_text()))
+    n_t, d_t = models.depth_width(AutoConfig.from_pretrained(teacher_dir))
+    return Prepared(spec=spec, family=family, teacher_dir=str(teacher_dir), data=data,
+                    pad_id=tok.pad_token_id, n_teacher=n_t, d_teacher=d_t,
+                    teacher_metrics=json.loads((teacher_dir / "teacher_metrics.json").read_text()))
+
+
+def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:
+    """`prepare_teacher` plus the run's strategy artifacts: TED stage-1 filters, Flex-KD unit scores, the
+    cached teacher outputs."""
+    device = device or _default_device()
+    store = Store(cfg.cache_dir)
+    prepared = prepare_teacher(cfg, device=device)
+    teacher = AutoConfig.from_pretrained(prepared.teacher_dir)
+    n_t, d_t = prepared.n_teacher, prepared.d_teacher
     bridge = resolve_bridge(cfg.distill.bridge, models.student_width(teacher, cfg.student), d_t)
     # No hidden pairs (w_hidden = 0, layer_map=none): no filters or scores to prepare.
     pairs = [] if cfg.distill.w_hidden == 0 else map_layers(

@@ -161,11 +161,15 @@ def _sentence(rng: random.Random) -> list[str]:
 
 def default_rows(n_train: int = DEFAULT_TRAIN_SIZE, n_eval: int = DEFAULT_EVAL_SIZE,
                  *, seed: int = 0) -> dict[str, dict[str, list]]:
-    """{split: {"sentence": [...], "label": [...]}}: unique sentences, balanced classes; fixed by `seed`."""
+    """{split: {"sentence": [...], "label": [...]}}: unique sentences, balanced classes; fixed by `seed`.
+
+    Splits train, validation and a held-out test of `n_eval` rows, drawn in that order from one stream, so
+    the test rows leave the other two as they were before it existed (and every cache keyed on them).
+    """
     rng = random.Random(seed)
     seen: set[str] = set()
     out: dict[str, dict[str, list]] = {}
-    for split, size in (("train", n_train), ("validation", n_eval)):
+    for split, size in (("train", n_train), ("validation", n_eval), ("test", n_eval)):
         quota = [size // 2, size - size // 2]
         rows: list[tuple[str, int]] = []
         while len(rows) < size:

@@ -23,7 +23,7 @@ from ray.train.torch import TorchTrainer
 from .config import Config, ConfigError, with_absolute_paths
 from .console import quiet_libraries
 from .loop import WorkerContext, export_student, run_distillation
-from .overrides import load_config
+from .overrides import CONFIG_FILE, load_config, write_config_file
 from .prepare import Prepared, prepare
 from .step import leaves_parameters_unused
 from .usage import command_help, wants_help
@@ -133,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     assert result.checkpoint is not None
     with result.checkpoint.as_directory() as directory:
         out = export_student(cfg, prepared, Path(directory), Path(cfg.output_dir, "student"))
+    write_config_file(cfg, out / CONFIG_FILE)
     print(f"[kdsearch.train] final: eval_score={final['eval_score']:.4f} "
           f"(teacher {prepared.teacher_metrics['eval_score']:.4f}), student {final['student_params']:,} params")
     print(f"student saved to {out.resolve()}")

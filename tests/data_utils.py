@@ -35,8 +35,8 @@ def sst2_dir(root: Path, fmt: str = "tsv", dev_stem: str = "dev") -> Path:
     return root
 
 
-def load(tmp_path: Path, **task: object):
-    return load_raw_task(TaskConfig(**task), cache_dir=tmp_path / "cache")  # type: ignore[arg-type]
+def load(tmp_path: Path, splits: tuple = ("train", "validation"), **task: object):
+    return load_raw_task(TaskConfig(**task), cache_dir=tmp_path / "cache", splits=splits)  # type: ignore[arg-type]
 
 
 def make_tokenizer(texts, *, family: str):

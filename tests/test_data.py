@@ -27,8 +27,10 @@ def test_hub_loader_reads_a_dataset_repo_laid_out_like_the_hubs_glue(tmp_path: P
     # copy goes through the very same load_dataset(hub, config) call as `task.hub=nyu-mll/glue` online.
     repo = tmp_path / "glue"
     rows = [{"sentence": s, "label": y, "idx": i} for i, (s, y) in enumerate(ROWS)]
-    for split in ("train", "validation", "test"):
+    for split in ("train", "validation"):
         write(repo / "sst2" / f"{split}-00000-of-00001.parquet", rows, "parquet")
+    hidden = [{**row, "label": -1} for row in rows]  # the hub's GLUE test splits hide their labels
+    write(repo / "sst2" / "test-00000-of-00001.parquet", hidden, "parquet")
     splits = "".join(f"  - split: {s}\n    path: sst2/{s}-*\n" for s in ("train", "validation", "test"))
     (repo / "README.md").write_text(f"---\nconfigs:\n- config_name: sst2\n  data_files:\n{splits}---\n")
     spec, raw = load(tmp_path, name="sst2", hub=str(repo))
@@ -36,6 +38,8 @@ def test_hub_loader_reads_a_dataset_repo_laid_out_like_the_hubs_glue(tmp_path: P
     assert raw["train"].column_names == ["sentence", "label"] and raw["train"]["label"] == [y for _, y in ROWS]
     with pytest.raises(ConfigError, match="task.hub=.*cannot load cola"):
         load(tmp_path, name="cola", hub=str(repo))
+    with pytest.raises(ConfigError, match="test: every label is -1, i.e. unlabelled"):
+        load(tmp_path, name="sst2", hub=str(repo), splits=("test",))
 
 
 @pytest.mark.parametrize("fmt", ["tsv", "csv", "jsonl", "parquet"])
@@ -221,9 +225,11 @@ def test_unknown_task_name_lists_every_choice() -> None:
 def test_default_task_is_deterministic_balanced_small_and_follows_its_rules() -> None:
     rows = default_rows(400, 100)
     assert rows == default_rows(400, 100)
-    train, val = rows["train"], rows["validation"]
-    assert (len(train["label"]), len(val["label"])) == (400, 100) and sum(train["label"]) == 200
+    train, val, test = rows["train"], rows["validation"], rows["test"]
+    assert (len(train["label"]), len(val["label"]), len(test["label"])) == (400, 100, 100)
+    assert sum(train["label"]) == 200 and sum(test["label"]) == 50
     assert not set(train["sentence"]) & set(val["sentence"])
+    assert not (set(train["sentence"]) | set(val["sentence"])) & set(test["sentence"])  # held out
     words = {w for s in train["sentence"] for w in s.split()}
     assert words <= set(DEFAULT_TASK_VOCAB) and len(DEFAULT_TASK_VOCAB) <= 60
     assert all(6 <= len(s.split()) <= 20 for s in train["sentence"])
@@ -235,8 +241,23 @@ def test_default_task_is_deterministic_balanced_small_and_follows_its_rules() ->
 
 def test_default_task_loads_with_its_full_size_and_label_words() -> None:
     spec, raw = load_raw_task(TaskConfig())
+    assert list(raw) == ["train", "validation"]  # training never reads the test split
     assert (raw["train"].num_rows, raw["validation"].num_rows) == (4000, 500)
     assert spec.kind == "classification" and spec.label_words == ("negative", "positive")
+    _, held_out = load_raw_task(TaskConfig(train_size=10, eval_size=10), splits=("test",))
+    assert list(held_out) == ["test"] and held_out["test"].num_rows == 500  # read whole, not subsampled
+
+
+def test_a_test_split_is_read_from_its_own_file_and_must_hold_labels(tmp_path: Path) -> None:
+    root = sst2_dir(tmp_path / "sst2")
+    with pytest.raises(ConfigError, match=r"no test file; expected one of test.tsv"):
+        load(tmp_path, name="sst2", data_dir=str(root), splits=("test",))
+    write(root / "test.tsv", [{"sentence": s, "label": y} for s, y in ROWS[1:]], "tsv")
+    _, raw = load(tmp_path, name="sst2", data_dir=str(root), splits=("test",))
+    assert raw["test"]["label"] == [y for _, y in ROWS[1:]]
+    write(root / "test.tsv", [{"sentence": s, "label": -1} for s, _ in ROWS], "tsv")  # as GLUE's hub ships it
+    with pytest.raises(ConfigError, match="every label is -1, i.e. unlabelled"):
+        load(tmp_path, name="sst2", data_dir=str(root), splits=("test",))
 
 
 # --- metrics ------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from kdsearch.config import Config, ConfigError, flatten
-from kdsearch.export import CONFIG_FILE, best_result, model_card, trial_config_yaml
-from kdsearch.overrides import load_config
+from kdsearch.export import best_result, model_card
+from kdsearch.overrides import CONFIG_FILE, load_config, write_config_file
 
 
 @dataclass
@@ -51,7 +51,7 @@ def test_the_exported_config_reruns_the_trial_anywhere(tmp_path) -> None:
     cfg = load_config(["distill.bridge=ted", "ted.width_ratio=2", "distill.layers=[2,4]", "distill.layer_map=explicit",
                        "train.lr=3e-4", "cache_dir=/search/host/cache", "output_dir=/search/host/trial_1"])
     path = tmp_path / CONFIG_FILE
-    path.write_text(trial_config_yaml(cfg))
+    write_config_file(cfg, path)
     assert "cache_dir" not in path.read_text() and "output_dir" not in path.read_text()  # the host's folders
     again = load_config([f"config={path}"])
     assert flatten(again) == {**flatten(cfg), "cache_dir": Config().cache_dir, "output_dir": Config().output_dir}

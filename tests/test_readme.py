@@ -10,10 +10,11 @@ import shlex
 from pathlib import Path
 
 import pytest
+from transformers import BertConfig
 
-from kdsearch import analyze, leaderboard, report
+from kdsearch import analyze, evaluate, leaderboard, report
 from kdsearch.config import with_absolute_paths
-from kdsearch.overrides import load_config
+from kdsearch.overrides import CONFIG_FILE, load_config, write_config_file
 from kdsearch.search import SearchSettings, check_search, parse_search_args
 from kdsearch.studies import grid_space
 from kdsearch.usage import wants_help
@@ -67,7 +68,7 @@ COMMANDS = _documented()
 
 def test_the_readmes_show_every_command() -> None:
     modules = {module for _, module, _ in COMMANDS}
-    assert modules == {"tune", "train", "leaderboard", "report", "analyze"}, modules
+    assert modules == {"tune", "train", "leaderboard", "report", "analyze", "evaluate"}, modules
 
 
 @pytest.mark.parametrize(("where", "module", "arguments"), COMMANDS, ids=[c[0] for c in COMMANDS])
@@ -95,6 +96,15 @@ def test_a_documented_command_validates(where: str, module: str, arguments: str,
     elif module == "analyze":
         _, cfg = analyze.parse_args(argv)
         validate(cfg)
+    elif module == "evaluate":  # the model= folder a search exports, with the config it writes there
+        cfg = load_config(["task.name=sst2", "task.data_dir=../shared/data/sst2"])
+        documented = next(a.split("=", 1)[1] for a in argv if a.startswith("model="))
+        saved = tmp_path / documented
+        BertConfig(num_labels=2).save_pretrained(saved)
+        write_config_file(cfg, saved / CONFIG_FILE)
+        argv = [f"model={saved}" if a.startswith("model=") else a for a in argv]
+        _, loaded = evaluate.parse_args([*argv, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+        assert loaded.task == with_absolute_paths(cfg).task
     else:
         leaderboard.parse_args(argv)
 

@@ -1,0 +1,166 @@
+"""`python -m kdsearch.evaluate model=<dir> split=test`: score a saved student on a labelled split.
+
+A search picks its best trial by the validation score, so that score is biased upward by the selection
+itself; a held-out test split gives the figure to quote. Reads an exported best student (its
+`kdsearch_config.yaml` supplies the task) or any Hugging Face task model on the teacher's tokenizer, optionally
+beside the fine-tuned teacher, and logs one MLflow analysis run. No Ray or Optuna.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, get_args
+
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from . import models
+from .config import Config, ConfigError, with_absolute_paths
+from .console import quiet_libraries
+from .data import Split, load_raw_task
+from .encoding import tokenize_task
+from .evaluation import evaluate, forward_latency_ms
+from .leaderboard import render_text
+from .overrides import CONFIG_FILE, load_config, split_arguments
+from .prepare import prepare_teacher
+from .tasks import TaskSpec, read_by
+from .tracking import DEFAULT_EXPERIMENT, DEFAULT_URI, check_tracking_uri, log_analysis_run
+from .usage import command_help, wants_help
+
+LATENCY_ROWS = 32
+USAGE = ("usage: python -m kdsearch.evaluate model=<student dir> [split=test|validation] [with_teacher=true] "
+         "[out=<file.json>] [tracking.uri=...] [tracking.experiment=...] [<config key>=<value> ...]")
+_OWN_KEYS = ("model", "split", "with_teacher", "out", "tracking.uri", "tracking.experiment")
+_SPLITS = tuple(s for s in get_args(Split) if s != "train")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalArgs:
+    model: str
+    """Absolute path of a Hugging Face task model directory (save_pretrained, with its tokenizer)."""
+    split: Split
+    with_teacher: bool
+    """Also score the fine-tuned teacher (kdsearch's cached one: fine-tuned first when it is not cached)."""
+    out: Path | None
+    """A JSON file for the scores; None = printed only."""
+    uri: str
+    experiment: str
+
+
+def parse_args(argv: Sequence[str]) -> tuple[EvalArgs, Config]:
+    """key=value arguments -> (evaluation arguments, config); every error is one ConfigError line.
+
+    The model's `kdsearch_config.yaml` (an exported student's) is read first, so the task is the one it was
+    distilled on; overrides such as `task.data_dir=...` apply on top.
+    """
+    own, rest = split_arguments(argv, _OWN_KEYS, USAGE)
+    if "model" not in own:
+        raise ConfigError(f"model=: give a saved student directory. {USAGE}")
+    model = Path(own["model"]).expanduser().resolve()
+    if not (model / "config.json").is_file():
+        raise ConfigError(f"model={own['model']}: no model directory there (expected config.json)")
+    split = own.get("split", "test")
+    if split not in _SPLITS:
+        raise ConfigError(f"split={split}: choose {' or '.join(_SPLITS)} (the training split is no measure)")
+    with_teacher = own.get("with_teacher", "false").lower()
+    if with_teacher not in ("true", "false"):
+        raise ConfigError(f"with_teacher={own['with_teacher']}: must be true or false")
+    uri = own.get("tracking.uri", DEFAULT_URI)
+    check_tracking_uri(uri)
+    exported = model / CONFIG_FILE
+    cfg = with_absolute_paths(load_config(([f"config={exported}"] if exported.is_file() else []) + rest))
+    args = EvalArgs(model=str(model), split=split, with_teacher=with_teacher == "true",  # type: ignore[arg-type]
+                    out=Path(own["out"]) if own.get("out") else None, uri=uri,
+                    experiment=own.get("tracking.experiment", DEFAULT_EXPERIMENT))
+    return args, cfg
+
+
+def _check_head(model_dir: str, spec: TaskSpec, family: models.Family) -> None:
+    config = AutoConfig.from_pretrained(model_dir)
+    if models.family_of(config) != family:
+        raise ConfigError(f"model={model_dir}: a {models.family_of(config)} model, but the task reads "
+                          f"{family} models")
+    if spec.kind != "causal_lm" and config.num_labels != max(spec.num_labels, 1):
+        raise ConfigError(f"model={model_dir}: its head has {config.num_labels} outputs; task {spec.name} "
+                          f"needs {max(spec.num_labels, 1)}")
+
+
+def score_model(model_dir: str, cfg: Config, split: Split, device: torch.device) -> dict[str, Any]:
+    """Metrics ("eval_" prefixed), parameters and forward latency of the model at `model_dir` on `split`."""
+    family = models.family_of(AutoConfig.from_pretrained(model_dir))
+    spec, raw = load_raw_task(cfg.task, cache_dir=cfg.cache_dir, splits=(split,))
+    _check_head(model_dir, read_by(spec, family), family)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token is None:  # GPT-2-like tokenizers ship without one
+        tok.pad_token = tok.eos_token
+    data = tokenize_task(raw, spec, tok, max_length=cfg.task.max_length, cache_dir=cfg.cache_dir, family=family)
+    spec = read_by(spec, family)
+    model: torch.nn.Module = models.load_task_model(model_dir, family)
+    model = models.freeze(model.to(device))
+    metrics = evaluate(model, data[split], spec=spec, batch_size=64, pad_id=tok.pad_token_id, device=device)
+    latency = forward_latency_ms(model, data[split], rows=LATENCY_ROWS, pad_id=tok.pad_token_id, device=device)
+    return {**metrics, "rows": len(data[split]), "params": models.count_parameters(model), "latency_ms": latency}
+
+
+def run_evaluation(args: EvalArgs, cfg: Config) -> tuple[dict[str, dict[str, Any]], str]:
+    """Scores per model name ("student", and "teacher" with_teacher), logged as one MLflow run; (scores, run id)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    scores = {"student": score_model(args.model, cfg, args.split, device)}
+    if args.with_teacher:
+        teacher_dir = prepare_teacher(cfg, device=device).teacher_dir
+        scores["teacher"] = score_model(teacher_dir, cfg, args.split, device)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"model": args.model, "task": cfg.task.name, "split": args.split,
+                                        "scores": scores}, indent=2))
+    metrics = {f"{who}.{key}": float(v) for who, s in scores.items() for key, v in s.items()}
+    params = {"analysis": "evaluate", "model": args.model, "split": args.split, "teacher": cfg.teacher,
+              "task.name": cfg.task.name, "task.data_dir": cfg.task.data_dir, "task.hub": cfg.task.hub}
+    run_id = log_analysis_run(uri=args.uri, experiment=args.experiment, name=f"evaluate-{cfg.task.name}-{args.split}",
+                              params=params, metrics=metrics, tags={"kdsearch.analysis": "evaluate"})
+    return scores, run_id
+
+
+def format_scores(scores: dict[str, dict[str, Any]]) -> str:
+    """One row per model: every eval_ metric, then rows, parameters and latency."""
+    found = [k for k in next(iter(scores.values())) if k.startswith("eval_")]
+    names = ["eval_score", *(k for k in found if k not in ("eval_score", "eval_loss")), "eval_loss"]
+    header = ["model", *(n.removeprefix("eval_") for n in names), "rows", "params", "latency ms"]
+    rows = [[who, *(f"{s[n]:.4f}" for n in names), f"{s['rows']:,}", f"{s['params']:,}", f"{s['latency_ms']:.2f}"]
+            for who, s in scores.items()]
+    return render_text(header, rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(argv):
+        print(command_help(
+            USAGE, "Scores a saved student on a labelled split: the held-out test split by default, since the "
+            "search chose its best\ntrial by the validation score. An exported best student's kdsearch_config.yaml "
+            "names the task; overrides apply on top.",
+            [("model=<dir>", "a saved Hugging Face task model with its tokenizer (e.g. <search>/best_student)"),
+             ("split=test|validation", "the labelled split to score (default test: task.data_dir's test.tsv/.csv/"
+                                       ".jsonl/.parquet, the hub's test split, or the default task's)"),
+             ("with_teacher=true", "also score the fine-tuned teacher (kdsearch's cached one)"),
+             ("out=<file.json>", "write the scores as JSON"),
+             ("tracking.uri=<uri>", "MLflow store"), ("tracking.experiment=<name>", "MLflow experiment")]))
+        return 0
+    quiet_libraries()
+    try:
+        args, cfg = parse_args(argv)
+        scores, run_id = run_evaluation(args, cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"[kdsearch.evaluate] task {cfg.task.name}, {args.split} split")
+    print(format_scores(scores))
+    print(f"scores logged to MLflow run {run_id}" + (f" and written to {args.out.resolve()}" if args.out else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
