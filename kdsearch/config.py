@@ -225,6 +225,8 @@ class TrainConfig:
         _require(self.epochs >= 1, f"train.epochs={self.epochs}: must be >= 1")
         _require(self.batch_size >= 1, f"train.batch_size={self.batch_size}: must be >= 1")
         _require(self.grad_accum >= 1, f"train.grad_accum={self.grad_accum}: must be >= 1")
+        _require(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
+                 f"train.max_steps_per_epoch={self.max_steps_per_epoch}: must be >= 1 (or null for whole epochs)")
         _require(self.lr > 0, f"train.lr={self.lr}: must be > 0")
         _require(0 <= self.warmup_ratio < 1, f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
         _require(self.dropout is None or 0 <= self.dropout < 1, f"train.dropout={self.dropout}: must be in [0, 1)")
@@ -245,6 +247,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"finetune.epochs={self.epochs}: must be >= 1")
+        _require(self.batch_size >= 1, f"finetune.batch_size={self.batch_size}: must be >= 1")
         _require(self.lr > 0, f"finetune.lr={self.lr}: must be > 0")
 
 

@@ -125,8 +125,9 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
     start = _resume(distiller, optimiser, ctx.checkpoint)
     precision = cfg.train.precision
     if ctx.rank == 0:
+        resuming = f"; resuming after epoch {start}" if start else ""
         ctx.log(f"{describe(loss_weights(cfg.distill))}; student {models.count_parameters(distiller.student):,} "
-                f"params; resuming after epoch {start}" if start else describe(loss_weights(cfg.distill)))
+                f"params{resuming}")
     # Measured once, before training: the architecture sets it, not the weights.
     with autocast(ctx.device, precision):
         latency = forward_latency_ms(distiller.student, prepared.data["validation"], rows=LATENCY_ROWS,
@@ -137,8 +138,9 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
         pairs = layer_pairs(cfg, prepared, epoch=epoch)
         _seed_epoch(loader, cfg.train.seed, epoch)
         began = time.perf_counter()
-        train_terms = _train_epoch(model, teacher, loader, optimiser, pairs, steps=steps, ctx=ctx, epoch=epoch,
-                                   precision=precision, accum=accum, tap=tap)
+        terms = _train_epoch(model, teacher, loader, optimiser, pairs, steps=steps, ctx=ctx, epoch=epoch,
+                             precision=precision, accum=accum, tap=tap)
+        train_terms = _mean_over_workers(ctx.gather(terms))
         epoch_time = time.perf_counter() - began
         with autocast(ctx.device, precision):
             scores = evaluate(distiller.student, prepared.data["validation"], spec=prepared.spec,
@@ -155,6 +157,12 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
         else:
             ctx.report(metrics, None)
     return metrics
+
+
+def _mean_over_workers(shares: list[dict[str, float]]) -> dict[str, float]:
+    """Each worker's mean loss terms (over equally many micro-batches: DistributedSampler pads the shards to
+    one length) -> the mean over all of them, so a multi-worker run reports what a 1-worker run would."""
+    return {name: sum(share[name] for share in shares) / len(shares) for name in shares[0]}
 
 
 def _seed_epoch(loader: Any, seed: int, epoch: int) -> None:
@@ -187,6 +195,7 @@ def _train_epoch(model: nn.Module, teacher: nn.Module | TeacherCache, loader: An
         step, last = index // accum, (index + 1) % accum == 0 or index + 1 == len(loader)
         if step >= steps:
             break
+        group = min(accum, len(loader) - step * accum)  # the epoch's last group may hold fewer micro-batches
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
         # DDP all-reduces gradients in backward: only on the micro-batch that completes the step
         no_sync: Any = getattr(model, "no_sync", None)
@@ -196,7 +205,7 @@ def _train_epoch(model: nn.Module, teacher: nn.Module | TeacherCache, loader: An
                 outputs = (teacher.outputs(batch, hidden=bool(pairs), tap=tap) if isinstance(teacher, TeacherCache)
                            else teacher_forward(teacher, batch, hidden=bool(pairs), tap=tap))
                 terms = model(batch, outputs, pairs)
-            optimiser.backward(terms["loss"] / accum)
+            optimiser.backward(terms["loss"] / group)
         finite &= torch.isfinite(terms["loss"].detach())
         micro_batches += 1
         for name, value in terms.items():

@@ -91,6 +91,16 @@ def teacher_config(source: TeacherSource, *, vocab_size: int = 1000) -> Pretrain
     return AutoConfig.from_pretrained(source.location)
 
 
+def max_positions(config: PretrainedConfig) -> int | None:
+    """The longest input the model embeds; None when positions are relative only (DeBERTa-v3) or unbounded."""
+    if config.model_type.startswith("deberta") and not getattr(config, "position_biased_input", True):
+        return None
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        limit -= config.pad_token_id + 1  # their position ids start after the padding index
+    return limit
+
+
 def family_of(config: PretrainedConfig) -> Family:
     archs = getattr(config, "architectures", None) or []
     if config.model_type in _CAUSAL_TYPES or any(a.endswith("ForCausalLM") for a in archs):

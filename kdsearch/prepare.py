@@ -150,7 +150,10 @@ def _ted_filters(cfg: Config, prepared: Prepared, pairs: list[tuple[int, int]], 
     loader = make_loader(prepared.data["train"], batch_size=cfg.train.batch_size, shuffle=True,
                          seed=cfg.train.seed, pad_id=prepared.pad_id)
     kind = prepared.spec.kind
-    common = dict(filter=flatten(ted), d_f=d_f, teacher=prepared.teacher_dir, seed=cfg.train.seed)
+    # What stage 1 reads: the filter settings (not how stage 2 initialises its student filters), the batches.
+    architecture = {k: v for k, v in flatten(ted).items() if k != "student_filters"}
+    common = dict(filter=architecture, d_f=d_f, teacher=prepared.teacher_dir, seed=cfg.train.seed,
+                  batch_size=cfg.train.batch_size)
 
     def stage1(model: torch.nn.Module, indices: list[int], d_in: int, label: str):
         def build(out: Path) -> None:

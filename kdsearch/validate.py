@@ -15,7 +15,15 @@ from .config import Config, ConfigError
 from .data import check_task
 from .layer_maps import LAYER_MAPS, check_map_args
 from .losses import DISTANCES, LOGIT_LOSSES, RELATION_LOSSES, WIDTH_FREE
-from .models import depth_width, family_of, resolve_teacher, student_config, student_width, teacher_config
+from .models import (
+    depth_width,
+    family_of,
+    max_positions,
+    resolve_teacher,
+    student_config,
+    student_width,
+    teacher_config,
+)
 from .relations import RELATIONS, projection_modules, projection_widths
 from .tasks import TaskSpec, read_by
 from .ted import ACTIVATIONS, FILTERS
@@ -133,11 +141,15 @@ def validate(cfg: Config) -> TaskSpec:
         raise ConfigError(f"task.name={spec.name} is a regression task (one score per input), which needs an "
                           f"encoder teacher; teacher={cfg.teacher} is a causal LM")
     _check_shapes(cfg, teacher)
+    positions = max_positions(teacher)
+    if positions is not None and cfg.task.max_length > positions:
+        raise ConfigError(f"task.max_length={cfg.task.max_length} is longer than teacher={cfg.teacher} reads "
+                          f"({positions} positions): use task.max_length <= {positions}")
     shares = cfg.resources.num_workers * cfg.train.grad_accum
-    if cfg.train.batch_size < shares:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} cannot be split over resources.num_workers="
-                          f"{cfg.resources.num_workers} x train.grad_accum={cfg.train.grad_accum} micro-batches: "
-                          f"use a batch of at least {shares}")
+    if cfg.train.batch_size % shares:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split evenly over "
+                          f"resources.num_workers={cfg.resources.num_workers} x train.grad_accum="
+                          f"{cfg.train.grad_accum} micro-batches: use a multiple of {shares}")
     if cfg.train.teacher_cache:
         _check_teacher_cache(cfg, read_by(spec, family_of(teacher)).kind)
     if cfg.distill.w_relation > 0:

@@ -156,6 +156,19 @@ def test_resume_gives_exactly_one_run_per_trial(store: str, exp: str) -> None:
     assert len(searches) == 1
 
 
+def test_reopening_a_search_with_less_config_keeps_its_whole_record(store: str, exp: str, tmp_path: Path) -> None:
+    import json
+
+    first = SearchTracker(uri=store, experiment=exp)
+    parent = first.start_search(name="s", space="kd", config={"space": "kd", "base.train.lr": 1e-3},
+                                code_version="v")
+    # the search's end (export, report) reopens the parent run naming only the space
+    SearchTracker(uri=store, experiment=exp).start_search(name="s", space="kd", config={"space": "kd"},
+                                                          code_version="v")
+    saved = first.client.download_artifacts(parent, "search_config.json", str(tmp_path))
+    assert json.loads(Path(saved).read_text()) == {"space": "kd", "base.train.lr": "0.001"}
+
+
 def test_failed_trial_records_error(tracker: SearchTracker, tmp_path: Path) -> None:
     tracker.start_search(name="s", space="kd", config={}, code_version="v")
     run_id = tracker.trial_run("bad", params={"teacher": "tiny-bert"})

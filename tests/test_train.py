@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -24,7 +25,7 @@ from kdsearch.loop import (
     run_distillation,
 )
 from kdsearch.optimiser import Optimiser
-from kdsearch.overrides import load_config
+from kdsearch.overrides import CONFIG_FILE, load_config
 from kdsearch.precision import autocast
 from kdsearch.prepare import prepare
 from kdsearch.step import teacher_forward
@@ -103,11 +104,12 @@ def test_fp16_loss_scaling_skips_an_overflowing_step_and_checkpoints_its_scale()
 def test_gradient_accumulation_takes_the_same_step_as_one_big_batch(cache: Path) -> None:
     cfg = small(cache, "distill.layer_map=none")  # CE and KL are means over rows: they split exactly
     prepared = prepare(cfg)
-    rows = next(iter(make_loader(prepared.data["train"], batch_size=16, shuffle=False, seed=0,
-                                 pad_id=prepared.pad_id)))
+    loader = iter(make_loader(prepared.data["train"], batch_size=16, shuffle=False, seed=0, pad_id=prepared.pad_id))
+    rows, more = next(loader), next(loader)
     halves = [{k: v[:8] for k, v in rows.items()}, {k: v[8:] for k, v in rows.items()}]
+    tail = {k: v[:8] for k, v in more.items()}  # the epoch's last step: a group of one micro-batch, not two
     after = {}
-    for accum, batches in ((1, [rows]), (2, halves)):
+    for accum, batches in ((1, [rows, tail]), (2, [*halves, tail])):
         torch.manual_seed(0)
         teacher, distiller = build_distiller(cfg, prepared, torch.device("cpu"))
         params = [p for p in distiller.parameters() if p.requires_grad]
@@ -115,7 +117,7 @@ def test_gradient_accumulation_takes_the_same_step_as_one_big_batch(cache: Path)
         sgd = torch.optim.SGD(params, lr=0.5)  # plain SGD, no clipping: the update is the gradient itself
         optimiser = Optimiser(sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda s: 1.0), params,
                               max_grad_norm=float("inf"))
-        terms = _train_epoch(distiller, teacher, batches, optimiser, [], steps=1, ctx=WorkerContext(), epoch=0,
+        terms = _train_epoch(distiller, teacher, batches, optimiser, [], steps=2, ctx=WorkerContext(), epoch=0,
                              accum=accum)
         after[accum] = [p.detach().clone() for p in params]
         assert any(not torch.equal(a, b) for a, b in zip(after[accum], before, strict=True))
@@ -157,6 +159,11 @@ def test_ted_stage1_heads_beat_chance_on_the_default_task(cache: Path) -> None:
     assert Path(prepared.student_filters).exists()
     again = prepare(cfg)  # content-addressed: the second preparation reuses every artifact
     assert again.teacher_filters == prepared.teacher_filters and again.teacher_dir == prepared.teacher_dir
+    # keyed on what stage 1 reads: not on how stage 2 initialises its student filters, but on the batches
+    assert prepare(dataclasses.replace(cfg, ted=dataclasses.replace(cfg.ted, student_filters="random"))
+                   ).teacher_filters == prepared.teacher_filters
+    smaller = prepare(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=64)))
+    assert smaller.teacher_filters != prepared.teacher_filters
 
 
 @pytest.mark.slow
@@ -248,6 +255,8 @@ def test_train_command_writes_a_student_that_from_pretrained_loads(cache: Path, 
     assert "epoch=2" in console  # kdsearch's own epoch lines, not buried under library progress bars
     assert not [m for m in ("it/s]", "examples/s]", "Reporting training result") if m in console]
     assert proc.stdout.strip().splitlines()[-1] == f"student saved to {out / 'student'}"
+    rerun = load_config([f"config={out / 'student' / CONFIG_FILE}"])  # the run's whole config, beside it
+    assert rerun.train.batch_size == 16 and rerun.task.train_size == 256
     model = AutoModelForSequenceClassification.from_pretrained(out / "student")
     assert model.config.num_hidden_layers == 2
     assert AutoModel.from_pretrained(out / "student") is not None

@@ -21,7 +21,12 @@ import pytest
     (["task.name=sst2", "task.data_dir=/nonexistent/sst2"], "task.data_dir"),
     (["teacher=./no/such/model"], "no model directory"),
     (["train.precision=fp16"], "fp16 needs a GPU"),
-    (["train.batch_size=4", "train.grad_accum=8"], "cannot be split"),
+    (["train.batch_size=4", "train.grad_accum=8"], "does not split evenly"),
+    (["train.batch_size=33", "resources.num_workers=2"], "use a multiple of 2"),
+    (["task.max_length=300"], "task.max_length=300 is longer than teacher=tiny-bert reads (256 positions)"),
+    (["teacher=tiny-roberta", "task.max_length=257"], "(256 positions)"),  # 258 embeddings, 2 before the first
+    (["train.max_steps_per_epoch=0"], "train.max_steps_per_epoch=0: must be >= 1"),
+    (["finetune.batch_size=0"], "finetune.batch_size=0: must be >= 1"),
     (["distill.logit_loss=wasserstein"], "unknown logit loss"),
     (["train.precision=fp8"], "choose one of fp32, bf16, fp16"),
     (["distill.w_relation=1", "relation.teacher_layer=9"], "beyond the teacher's 4 layers"),

@@ -74,9 +74,11 @@ class SearchTracker:
         run = retry_locked(find_or_create)
         self.parent_run_id, self.search_name = run.info.run_id, name
         self._reopen(run)
-        self._write(run.info.run_id, dict(run.data.params), flatten_params(config), run_tags)
+        logged, given = dict(run.data.params), flatten_params(config)
+        self._write(run.info.run_id, logged, given, run_tags)
+        # Reopened at the end of a search (export) with less than it was started with: keep the whole record.
         self._log(self.parent_run_id, files={"search_config.json": json.dumps(
-            flatten_params(config), indent=2, sort_keys=True)})
+            {**logged, **given}, indent=2, sort_keys=True)})
         return self.parent_run_id
 
     def end_search(self, *, status: Literal["FINISHED", "FAILED", "KILLED"] = "FINISHED",
