@@ -25,7 +25,7 @@ from .evaluation import make_loader
 from .overrides import load_config, split_arguments
 from .prepare import Prepared, load_teacher, make_student, prepare
 from .report import commit, hardware
-from .tracking import DEFAULT_EXPERIMENT, DEFAULT_URI, log_analysis_run
+from .tracking import DEFAULT_EXPERIMENT, default_uri, log_analysis_run
 from .usage import command_help, wants_help
 from .validate import validate
 
@@ -84,7 +84,7 @@ def parse_args(argv: Sequence[str]) -> tuple[AngleArgs, Config]:
     cfg = with_absolute_paths(load_config(rest))
     args = AngleArgs(student=student if student == "init" else str(Path(student).expanduser().resolve()),
                      layers=layers, out=Path(own.get("out", "docs/results/angles")),
-                     uri=own.get("tracking.uri", DEFAULT_URI),
+                     uri=own.get("tracking.uri", default_uri()),
                      experiment=own.get("tracking.experiment", DEFAULT_EXPERIMENT),
                      max_batches=int(batches) if batches else None)
     return args, cfg

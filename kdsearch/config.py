@@ -346,6 +346,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str, all_keys: list[str]) ->
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         key = f"{prefix}{name}"
+        if key == "tracking":  # the search's and the analyses' key, not a run's
+            raise ConfigError("tracking.*: a run logs no MLflow runs of its own; tracking.uri and "
+                              "tracking.experiment belong to kdsearch.tune, report, analyze and evaluate")
         if name not in names:
             raise ConfigError(f"{key}: no such config key{did_you_mean(key, all_keys)}")
         if dataclasses.is_dataclass(hints[name]):

@@ -21,8 +21,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from kdsearch.config import ConfigError
 from kdsearch.data import content_hash
-from kdsearch.metrics import IGNORE_INDEX
-from kdsearch.tasks import TaskSpec
+from kdsearch.tasks import IGNORE_INDEX, TaskSpec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

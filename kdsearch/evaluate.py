@@ -28,7 +28,7 @@ from .leaderboard import render_text
 from .overrides import CONFIG_FILE, load_config, split_arguments
 from .prepare import prepare_teacher
 from .tasks import TaskSpec, read_by
-from .tracking import DEFAULT_EXPERIMENT, DEFAULT_URI, check_tracking_uri, log_analysis_run
+from .tracking import DEFAULT_EXPERIMENT, check_tracking_uri, default_uri, log_analysis_run
 from .usage import command_help, wants_help
 
 LATENCY_ROWS = 32
@@ -69,7 +69,7 @@ def parse_args(argv: Sequence[str]) -> tuple[EvalArgs, Config]:
     with_teacher = own.get("with_teacher", "false").lower()
     if with_teacher not in ("true", "false"):
         raise ConfigError(f"with_teacher={own['with_teacher']}: must be true or false")
-    uri = own.get("tracking.uri", DEFAULT_URI)
+    uri = own.get("tracking.uri", default_uri())
     check_tracking_uri(uri)
     exported = model / CONFIG_FILE
     cfg = with_absolute_paths(load_config(([f"config={exported}"] if exported.is_file() else []) + rest))

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from .encoding import collate
 from .losses import task_loss
 from .metrics import compute_metrics
+from .tasks import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from .tasks import TaskSpec
@@ -34,7 +35,7 @@ def predictions(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[
     """Per-example (or per-response-token for causal LMs) predictions and gold labels."""
     if kind == "causal_lm":
         pred, gold = logits[:, :-1].argmax(-1), labels[:, 1:]
-        keep = gold != -100
+        keep = gold != IGNORE_INDEX
         return pred[keep].cpu().numpy(), gold[keep].cpu().numpy()
     if kind == "regression":
         return logits.squeeze(-1).float().cpu().numpy(), labels.float().cpu().numpy()
@@ -52,8 +53,11 @@ def evaluate(model: torch.nn.Module, dataset: Any, *, spec: TaskSpec, batch_size
     for batch in make_loader(shard, batch_size=batch_size, shuffle=False, seed=0, pad_id=pad_id):
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum += float(task_loss(logits, batch["labels"], kind=spec.kind)) * len(batch["labels"])
-        count += len(batch["labels"])
+        # weighted by what the loss averages over: rows, or a causal LM's target tokens
+        weight = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if spec.kind == "causal_lm" \
+            else len(batch["labels"])
+        loss_sum += float(task_loss(logits, batch["labels"], kind=spec.kind)) * weight
+        count += weight
         p, g = predictions(logits, batch["labels"], spec.kind)
         preds.append(p)
         golds.append(g)

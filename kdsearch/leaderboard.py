@@ -25,6 +25,7 @@ from kdsearch.tracking import (
     SAMPLED_TAG,
     SEARCHED_TAG,
     RunRecord,
+    default_uri,
     find_search,
     list_trials,
     log_run_artifacts,
@@ -33,7 +34,7 @@ from kdsearch.usage import command_help, wants_help
 
 # Params that differ per trial without being a strategy choice: never leaderboard columns.
 _BOOKKEEPING = ("output_dir", "storage_path", "cache_dir", "resources.")
-_CLI_KEYS = ("search", "tracking.uri", "experiment", "top", "out", "objectives")
+_CLI_KEYS = ("search", "tracking.uri", "tracking.experiment", "top", "out", "objectives")
 
 
 def search_objectives(search: RunRecord) -> list[Objective]:
@@ -151,6 +152,11 @@ def search_ranking(*, uri: str, experiment: str, search: str | None,
     trials = list_trials(uri=uri, experiment=experiment, search_run_id=parent.run_id)
     rows = trial_rows(trials, searched=parent.tags.get(SEARCHED_TAG, "").split(","))
     objectives = objectives or search_objectives(parent)
+    reported = sorted({k for t in trials for k in t.metrics})
+    for objective in objectives:
+        if trials and objective.name not in reported:
+            raise ConfigError(f"objectives={objective.name}:{objective.mode}: no trial of {parent.name} reports "
+                              f"{objective.name}{did_you_mean(objective.name, reported)}")
     ranked = rank_rows(rows, *objectives[0], then=objectives[1:])
     return Ranking(parent, objectives, ranked, sorted({k for t in trials for k in t.params}))
 
@@ -166,7 +172,7 @@ def build_leaderboard(*, uri: str = DEFAULT_URI, experiment: str = DEFAULT_EXPER
     front = pareto_front(ranked, objectives) if len(objectives) > 1 else None
     params = varying_params(ranked, sorted(set(logged) - {o.name for o in objectives} - {"student_params"}))
     columns, cells = table(ranked, objectives, params, front)
-    out = out or Path("outputs", "leaderboard", re.sub(r"[^A-Za-z0-9_.-]+", "_", parent.name))
+    out = out or Path("outputs", "search", re.sub(r"[^A-Za-z0-9_.-]+", "_", parent.name), "leaderboard")
     title = f"kdsearch leaderboard: {parent.name} ({', '.join(f'{n}:{m}' for n, m in objectives)})"
     write_tables(columns, cells, out, title)
     plot_all(ranked, objectives, params, front, out)
@@ -197,9 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             [("search=<name|run id>", "the search (default: the latest one)"),
              ("objectives=m:max,...", "rank by these (default: the search's own)"),
              ("top=20", "rows printed (the files hold every trial)"),
-             ("out=<dir>", "where the files go (default outputs/leaderboard/<search>)"),
-             ("tracking.uri=<uri>", f"MLflow store (default {DEFAULT_URI})"),
-             ("experiment=<name>", f"MLflow experiment (default {DEFAULT_EXPERIMENT})")], config_keys=False))
+             ("out=<dir>", "where the files go (default outputs/search/<search>/leaderboard, as the search's own)"),
+             ("tracking.uri=<uri>", f"MLflow store (default $MLFLOW_TRACKING_URI, else {DEFAULT_URI})"),
+             ("tracking.experiment=<name>", f"MLflow experiment (default {DEFAULT_EXPERIMENT})")],
+            config_keys=False))
         return 0
     try:
         args = parse_args(argv)
@@ -207,7 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not top.isdigit() or int(top) < 1:
             raise ConfigError(f"top={top}: must be a positive integer")
         text, out = build_leaderboard(
-            uri=args.get("tracking.uri", DEFAULT_URI), experiment=args.get("experiment", DEFAULT_EXPERIMENT),
+            uri=args.get("tracking.uri", default_uri()),
+            experiment=args.get("tracking.experiment", DEFAULT_EXPERIMENT),
             search=args.get("search") or None, out=Path(args["out"]) if "out" in args else None,
             objectives=parse_objectives(args["objectives"]) if "objectives" in args else None)
     except ConfigError as err:

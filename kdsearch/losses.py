@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdsearch.registry import Registry
+from kdsearch.tasks import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 """Label value that task losses skip (the Hugging Face convention for padding and prompt tokens)."""
 
 HiddenDistance = Callable[..., Tensor]

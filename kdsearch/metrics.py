@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdsearch.tasks import TaskSpec
-
-IGNORE_INDEX = -100
+from kdsearch.tasks import IGNORE_INDEX, TaskSpec
 
 
 def accuracy(pred: np.ndarray, true: np.ndarray) -> float:

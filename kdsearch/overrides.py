@@ -73,8 +73,15 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
              for item in overrides if not item.startswith("config=")]
     try:
         given: dict[str, Any] = OmegaConf.to_container(OmegaConf.from_dotlist(items))  # type: ignore[assignment]
-    except Exception as err:  # OmegaConf grammar errors
-        raise ConfigError(f"cannot parse overrides {overrides}: {err}") from None
+    except Exception:  # OmegaConf/YAML grammar errors span lines: name the override that broke it, in one
+        for item in items:
+            try:
+                OmegaConf.from_dotlist([item])
+            except Exception as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ConfigError(f"{item!r}: cannot parse the value ({first}); a list is written [1,2,3], "
+                                  "a string with spaces or commas in quotes") from None
+        raise ConfigError(f"cannot parse overrides {overrides}") from None
     base: dict[str, Any] = {}
     for path in files:
         base = merge(base, read_config_file(path))

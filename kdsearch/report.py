@@ -34,6 +34,7 @@ from .tracking import (
     DEFAULT_EXPERIMENT,
     DEFAULT_URI,
     SearchTracker,
+    default_uri,
     find_search,
     list_trials,
     log_run_artifacts,
@@ -204,7 +205,7 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
     only = own.get("only")
     return {"study": study, "seeds": seeds, "cli": raw, "search": own.get("search"),
             "only": [only] if isinstance(only, str) else only,
-            "uri": str(tracking.get("uri", os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI))),
+            "uri": str(tracking.get("uri", default_uri())),
             "experiment": str(tracking.get("experiment", DEFAULT_EXPERIMENT)),
             "name": own.get("name") or f"report-{study}-{time.strftime('%Y%m%d-%H%M%S')}",
             "out": Path(own.get("out") or Path("docs", "results", study)),

@@ -7,7 +7,6 @@ config it can know in advance (the papers' points, the base) and renders the dry
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from .config import ConfigError, did_you_mean, flatten
 from .loop import reported_metrics
 from .overrides import parse_overrides
 from .ranking import parse_objectives
-from .tracking import DEFAULT_EXPERIMENT, DEFAULT_URI, check_tracking_uri
+from .tracking import DEFAULT_EXPERIMENT, DEFAULT_URI, check_tracking_uri, default_uri
 from .usage import command_help
 from .validate import validate
 
@@ -38,12 +37,13 @@ class SearchSettings:
     resume: bool = False
     """Continue an interrupted search of the same name; finished trials are not rerun."""
     dry_run: bool = False
-    """Print the resolved space and base config, start nothing."""
+    """Make every check a real run makes (the tracking store is read, not written), print the resolved search,
+    start nothing."""
     objectives: tuple[str, ...] = ()
     """Multi-objective, e.g. [eval_score:max,student_params:min]; empty = the space's metric and mode."""
     seed: int = 0
     """Seed of the Optuna sampler."""
-    tracking_uri: str = field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI))
+    tracking_uri: str = field(default_factory=default_uri)
     """MLflow store: `tracking.uri=`, else $MLFLOW_TRACKING_URI (clusters), else sqlite:///mlflow.db."""
     experiment: str = DEFAULT_EXPERIMENT
     results_dir: str = "outputs/search"
@@ -62,7 +62,7 @@ def search_help() -> str:
     own = [("space=<name|path>", f"a shipped space ({', '.join(spaces.available_spaces())}) or a .yaml file"),
            ("name=<name>", "the search's name (default kdsearch-<space>, then -2, -3, ...)"),
            ("smoke=true", "the same space on a tiny model, a few steps, 2-3 trials: checks a cluster or a config"),
-           ("dry_run=true", "print the resolved search and its space; starts nothing"),
+           ("dry_run=true", "check everything a real run checks, print the resolved search; starts nothing"),
            ("resume=true", "continue the newest (or the named) interrupted search"),
            ("objectives=[m:max,...]", "several objectives: Optuna searches the Pareto front"),
            ("seed=0", "seed of the Optuna sampler"),
@@ -71,7 +71,7 @@ def search_help() -> str:
            ("results_dir=outputs/search", "Tune results (without storage_path), leaderboard and best student"),
            (f"{'|'.join(spaces.BUDGET_KEYS[:2])}|...", f"the space's budget: {', '.join(spaces.BUDGET_KEYS)}"),
            ("metric=<name> mode=max|min", "the space's objective")]
-    return command_help("usage: python -m kdsearch.tune space=<name> [key=value ...]",
+    return command_help(f"usage: python -m kdsearch.tune [space=<name> (default {DEFAULT_SPACE})] [key=value ...]",
                         "A Ray Tune + Optuna search over a space's strategies; each trial is one run of the shared "
                         "distillation step,\nlogged to MLflow. A config key given here is fixed for every trial "
                         "(and no longer searched).", own)
@@ -95,7 +95,8 @@ def parse_search_args(argv: list[str]) -> tuple[SearchSettings, space_model.Spac
     if settings.smoke:
         space = spaces.smoke(space)
     if raw:
-        space = spaces.apply_overrides(space, raw)
+        space = spaces.apply_overrides(space, raw, commands=[*_SEARCH_KEYS, "results_dir", "tracking.uri",
+                                                              "tracking.experiment"])
     for objective in settings.objectives:
         parse_objectives(objective)
     return settings, absolute_paths(space)
@@ -128,8 +129,7 @@ def check_search(settings: SearchSettings, space: space_model.Space) -> None:
                               f"(reported: {', '.join(known)})")
     for point in space_model.initial_points(space):
         validate(space_model.trial_config(space, point))
-    if not settings.dry_run:
-        check_tracking_uri(settings.tracking_uri)
+    check_tracking_uri(settings.tracking_uri)
 
 
 def render_dry_run(settings: SearchSettings, space: space_model.Space) -> str:
@@ -139,7 +139,9 @@ def render_dry_run(settings: SearchSettings, space: space_model.Space) -> str:
         return yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False).strip()
 
     base = flatten(space_model.trial_config(space, {}))
-    head = {"search": dataclasses.asdict(settings) | {"search_name": settings.search_name},
+    cli_names = {"tracking_uri": "tracking.uri", "experiment": "tracking.experiment"}  # as they are typed
+    shown = {cli_names.get(k, k): v for k, v in dataclasses.asdict(settings).items()}
+    head = {"search": shown | {"search_name": settings.search_name},
             "objectives": [f"{m}:{d}" for m, d in objectives_of(settings, space)],
             "budget": dataclasses.asdict(space.budget)}
     params = [f"  {name}: {flow(_param_fields(p))}" for name, p in space.params.items()]

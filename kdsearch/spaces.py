@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -263,10 +263,10 @@ def _flat_overrides(overrides: Mapping[str, Any], prefix: str = "") -> dict[str,
     return out
 
 
-def apply_overrides(space: Space, overrides: Mapping[str, Any]) -> Space:
+def apply_overrides(space: Space, overrides: Mapping[str, Any], *, commands: Sequence[str] = ()) -> Space:
     """CLI `key=value`s, flat dotted or nested: config keys go into base and stop being searched; budget
     keys (`num_samples=40`, `budget.num_samples=40`) into the budget; `metric`/`mode` replace theirs.
-    `task=sst2` is short for `task.name=sst2`."""
+    `task=sst2` is short for `task.name=sst2`. `commands`: the calling command's own keys, for did-you-mean."""
     keys = config_keys()
     base, budget = copy.deepcopy(space.base), dataclasses.asdict(space.budget)
     params = dict(space.params)
@@ -287,7 +287,7 @@ def apply_overrides(space: Space, overrides: Mapping[str, Any]) -> Space:
                 params.pop(_EITHER[key], None)
         else:
             raise ConfigError(f"{key}={value}: no such config or budget key"
-                              f"{did_you_mean(key, keys + list(BUDGET_KEYS))}")
+                              f"{did_you_mean(key, [*keys, *BUDGET_KEYS, *commands])}")
     # The space file passed these checks when it loaded: a failure now is the override's, named as typed.
     _check_budget(Budget(**budget), where=None)
     build_config(base)

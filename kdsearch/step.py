@@ -18,6 +18,7 @@ from torch import nn
 
 from .losses import DISTANCES, LOGIT_LOSSES, RELATION_LOSSES, combine, task_loss
 from .relations import RELATIONS, Captured, RelationSpec, Tap, capture
+from .tasks import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from .bridges import Bridge
@@ -104,7 +105,7 @@ class Distiller(nn.Module):
         if self.kind == "regression":  # one output: KL is undefined, match the scores instead
             return F.mse_loss(student.float(), teacher.float())
         if self.kind == "causal_lm":  # position t predicts token t+1; only response tokens count
-            mask = labels[:, 1:] != -100
+            mask = labels[:, 1:] != IGNORE_INDEX
             return self.logit_loss(student[:, :-1], teacher[:, :-1], temperature=self.cfg.temperature, mask=mask)
         return self.logit_loss(student, teacher, temperature=self.cfg.temperature)
 

@@ -13,6 +13,8 @@ from typing import Literal
 from kdsearch.config import ConfigError, did_you_mean
 
 TaskKind = Literal["classification", "regression", "causal_lm"]
+IGNORE_INDEX = -100
+"""The label of a token that is not a target (prompt, padding): what cross_entropy's ignore_index skips."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from torch import nn
 
 from .losses import task_loss
 from .registry import Registry
-from .tasks import TaskKind
+from .tasks import IGNORE_INDEX, TaskKind
 
 if TYPE_CHECKING:
     from .config import TedConfig
@@ -83,7 +83,7 @@ def stage1_accuracy(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tu
     """(correct, count) of a stage-1 head; regression heads count within 0.5."""
     if kind == "causal_lm":
         pred, gold = logits[:, :-1].argmax(-1), labels[:, 1:]
-        keep = gold != -100
+        keep = gold != IGNORE_INDEX
         return float((pred[keep] == gold[keep]).sum()), int(keep.sum())
     if kind == "regression":
         return float(((logits.squeeze(-1) - labels).abs() < 0.5).sum()), len(labels)

@@ -213,6 +213,13 @@ def resolve_name(settings: SearchSettings, space: space_model.Space) -> SearchSe
     return dataclasses.replace(settings, name=f"{base}-{n}")
 
 
+def check_resumable(settings: SearchSettings, space: space_model.Space) -> None:
+    """With resume=true: ConfigError unless Tune can restore the named search."""
+    storage = _storage(settings, space)
+    if settings.resume and not _can_restore(storage, settings.search_name):
+        raise ConfigError(f"resume=true: no search named {settings.search_name} under {storage} to resume")
+
+
 def run_search(settings: SearchSettings, space: space_model.Space) -> tune.ResultGrid:
     """Prepare the shared artifacts, start Ray, run every trial, stop Ray; Tune's ResultGrid.
 
@@ -221,9 +228,7 @@ def run_search(settings: SearchSettings, space: space_model.Space) -> tune.Resul
     """
     # Checkpoints are pruned (num_to_keep), which makes Tune snapshot often; that is intended here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    storage = _storage(settings, space)
-    if settings.resume and not _can_restore(storage, settings.search_name):
-        raise ConfigError(f"resume=true: no search named {settings.search_name} under {storage} to resume")
+    check_resumable(settings, space)
     # Prepare the shared artifacts (teacher fine-tuning, tokenised data) once, before trials race for them.
     prepare(space_model.trial_config(space, {}))
     init_ray(resources={sizing.DRIVER_RESOURCE: sizing.HEAD_DRIVER_UNITS})
@@ -245,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     try:
         settings, space = parse_search_args(argv)
-        check_search(settings, space)
+        check_search(settings, space)  # a dry run makes every check a real run makes, Ray's start aside
+        settings = resolve_name(settings, space)
+        check_resumable(settings, space)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -253,7 +260,6 @@ def main(argv: list[str] | None = None) -> int:
         print(render_dry_run(settings, space))
         return 0
     try:
-        settings = resolve_name(settings, space)
         results = run_search(settings, space)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -136,7 +136,7 @@ def _csv(path: Path) -> list[dict[str, str]]:
 def test_cli_multi_objective(store: tuple[str, str], tmp_path: Path,
                              capsys: pytest.CaptureFixture[str]) -> None:
     uri, parent = store
-    assert main([f"tracking.uri={uri}", f"experiment={EXP}", "search=multi", f"out={tmp_path}", "top=3"]) == 0
+    assert main([f"tracking.uri={uri}", f"tracking.experiment={EXP}", "search=multi", f"out={tmp_path}", "top=3"]) == 0
     printed = capsys.readouterr().out.splitlines()
     header = printed[1].split()
     assert header[:5] == ["rank", "trial", "distill.layer_map", "distill.w_hidden", "units.ratio"]
@@ -168,7 +168,7 @@ def test_cli_single_objective_by_run_id_and_latest(store: tuple[str, str], tmp_p
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     uri, _ = store
     single = find_search(uri=uri, experiment=EXP, search="single")
-    args = [f"tracking.uri={uri}", f"experiment={EXP}"]
+    args = [f"tracking.uri={uri}", f"tracking.experiment={EXP}"]
     assert main([*args, f"search={single.run_id}", f"out={tmp_path / 'a'}"]) == 0
     rows = _csv(tmp_path / "a" / "leaderboard.csv")
     assert [r["trial"] for r in rows] == ["s1", "s2", "s0"]  # loss:min
@@ -178,13 +178,28 @@ def test_cli_single_objective_by_run_id_and_latest(store: tuple[str, str], tmp_p
     capsys.readouterr()
 
 
+def test_the_store_defaults_to_mlflow_tracking_uri_as_the_search_does(store: tuple[str, str], tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    uri, _ = store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # a cluster's nodes carry the server's address
+    monkeypatch.chdir(tmp_path)  # and no ./mlflow.db to fall back on
+    assert main([f"tracking.experiment={EXP}", "search=single"]) == 0
+    written = Path("outputs/search/single/leaderboard")  # where the search itself writes it
+    assert capsys.readouterr().out.strip().endswith(f"leaderboard written to {written}")
+    assert (tmp_path / "outputs" / "search" / "single" / "leaderboard" / "leaderboard.csv").is_file()
+
+
 def test_cli_errors_are_one_line(store: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     uri, _ = store
-    assert main([f"tracking.uri={uri}", f"experiment={EXP}", "search=nope"]) == 2
+    assert main([f"tracking.uri={uri}", f"tracking.experiment={EXP}", "search=nope"]) == 2
     assert "no search named 'nope'" in (err := capsys.readouterr().err) and "searches there: multi, single" in err
     assert main(["serach=multi"]) == 2
     assert "did you mean search?" in capsys.readouterr().err
-    assert main([f"tracking.uri={uri}", "experiment=missing"]) == 2
+    assert main([f"tracking.uri={uri}", "tracking.experiment=missing"]) == 2
     assert "no such experiment" in capsys.readouterr().err
+    assert main([f"tracking.uri={uri}", f"tracking.experiment={EXP}", "search=multi", "objectives=eval_scor:max"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("no trial of multi reports eval_scor; did you mean eval_score?") and "\n" not in err
     assert main(["tracking.uri=./mlruns"]) == 2
     assert "file store" in capsys.readouterr().err

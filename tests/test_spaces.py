@@ -326,3 +326,4 @@ def test_the_dry_run_is_yaml_that_gives_back_the_space(name: str, capsys: pytest
         assert tuple(shown["params"][key].get("choices", ())) == param.choices
     assert shown["points_to_evaluate"] == initial_points(space)
     assert shown["base_config"]["teacher"] == trial_config(space, {}).teacher
+    assert shown["search"]["tracking.uri"] == settings.tracking_uri  # keys as the command line types them

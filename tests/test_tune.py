@@ -218,7 +218,7 @@ def test_ray_job_submit_runs_a_smoke_search_on_a_local_head(tmp_path: Path) -> N
     assert len(trials) == 2 and all(t.status == "FINISHED" for t in trials)
 
 
-def test_a_new_search_never_writes_into_an_earlier_one(tmp_path: Path) -> None:
+def test_a_new_search_never_writes_into_an_earlier_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from dataclasses import replace
 
     from kdsearch.config import ConfigError
@@ -240,3 +240,7 @@ def test_a_new_search_never_writes_into_an_earlier_one(tmp_path: Path) -> None:
     assert resolve_name(replace(settings, name="yours"), space).search_name == "yours"
     with pytest.raises(ConfigError, match="name=mine: a search of that name exists.*resume=true continues it"):
         resolve_name(replace(settings, name="mine"), space)
+    # a dry run names the search the real run would start
+    from kdsearch.tune import main
+    assert main(["space=smoke", f"tracking.uri={uri}", f"results_dir={tmp_path}/results", "dry_run=true"]) == 0
+    assert "search_name: kdsearch-smoke-3" in capsys.readouterr().out

@@ -27,6 +27,8 @@ import pytest
     (["teacher=tiny-roberta", "task.max_length=257"], "(256 positions)"),  # 258 embeddings, 2 before the first
     (["train.max_steps_per_epoch=0"], "train.max_steps_per_epoch=0: must be >= 1"),
     (["finetune.batch_size=0"], "finetune.batch_size=0: must be >= 1"),
+    (["distill.layers=[1,2", "distill.layer_map=explicit"], "'distill.layers=[1,2': cannot parse the value"),
+    (["tracking.uri=http://127.0.0.1:5000"], "tracking.uri and tracking.experiment belong to kdsearch.tune"),
     (["distill.logit_loss=wasserstein"], "unknown logit loss"),
     (["train.precision=fp8"], "choose one of fp32, bf16, fp16"),
     (["distill.w_relation=1", "relation.teacher_layer=9"], "beyond the teacher's 4 layers"),
@@ -79,14 +81,16 @@ def test_train_command_rejects_bad_data_in_one_line(tmp_path, rows: str, overrid
     (["space=smoke", "objectives=[eval_score:max,latency:min]"], "no trial reports latency"),
     (["space=smoke", "metric=eval_scor"], "did you mean eval_score"),
     (["space=smoke", "resume=true", "name=never-started"], "no search named never-started"),
+    (["space=smoke", "dryrun=true"], "did you mean dry_run?"),
 ])
-def test_tune_command_rejects_bad_input_in_one_line_before_ray(argv: list[str], message: str,
+@pytest.mark.parametrize("dry_run", [False, True])  # a dry run refuses what the real run would refuse
+def test_tune_command_rejects_bad_input_in_one_line_before_ray(argv: list[str], message: str, dry_run: bool,
                                                               capsys: pytest.CaptureFixture) -> None:
     import ray
 
     from kdsearch.tune import main
 
-    assert main(argv) == 2
+    assert main([*argv, *(["dry_run=true"] if dry_run else [])]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
     assert not ray.is_initialized()

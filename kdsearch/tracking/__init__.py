@@ -16,7 +16,15 @@ from .runs import (
     log_run_artifacts,
     search_names,
 )
-from .store import DEFAULT_EXPERIMENT, DEFAULT_URI, check_tracking_uri, is_locked_error, open_client, retry_locked
+from .store import (
+    DEFAULT_EXPERIMENT,
+    DEFAULT_URI,
+    check_tracking_uri,
+    default_uri,
+    is_locked_error,
+    open_client,
+    retry_locked,
+)
 from .tracker import ERROR_TAG_CHARS, SearchTracker
 
 __all__ = [
@@ -28,6 +36,7 @@ __all__ = [
     "RunRecord",
     "SearchTracker",
     "check_tracking_uri",
+    "default_uri",
     "find_search",
     "flatten_params",
     "format_param",

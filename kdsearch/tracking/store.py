@@ -38,6 +38,11 @@ def _sqlite_path(uri: str) -> Path:
     return Path(path)
 
 
+def default_uri() -> str:
+    """$MLFLOW_TRACKING_URI (set on every node of a cluster), else the local sqlite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+
+
 def check_tracking_uri(uri: str) -> None:
     """Raise ConfigError (one line saying how to fix it) when runs could not be written to `uri`."""
     if uri == "databricks" or uri.startswith("databricks://"):
@@ -158,7 +163,7 @@ def open_client(uri: str, experiment: str, *, create: bool = True) -> tuple[Mlfl
         if found is not None:
             return client, found.experiment_id
         if not create:
-            raise ConfigError(f"experiment={experiment}: no such experiment at {uri}; run a search first")
+            raise ConfigError(f"tracking.experiment={experiment}: no such experiment at {uri}; run a search first")
         location = None
         if uri.lower().startswith("sqlite:"):  # keep artifacts beside the database, not in the cwd's ./mlruns
             safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment)
