@@ -40,9 +40,32 @@ def best_result(results: Any, ranked_trials: list[str]) -> Any | None:
     return next((usable[t] for t in ranked_trials if t in usable), None)
 
 
+_HIDDEN_KEYS = ("distill.layers", "distill.embeddings", "distill.bridge", "distill.distance", "distill.hidden_reduce",
+                "distill.mask_padding")
+_LOGIT_KEYS = ("distill.temperature", "distill.logit_loss")
+
+
+def strategy_settings(cfg: Any) -> dict[str, Any]:
+    """The strategy keys the run acted on: a family's settings only when its term or bridge is on (a logit-only
+    student's card does not list TED filter widths)."""
+    d = cfg.distill
+    hidden = d.w_hidden > 0 and d.layer_map != "none"
+    off = {"ted.": not (hidden and d.bridge == "ted"), "units.": not (hidden and d.bridge == "units"),
+           "relation.": d.w_relation == 0}
+    out = {}
+    for key, value in flatten(cfg).items():
+        if not key.startswith(("distill.", "ted.", "units.", "relation.", "student.")):
+            continue
+        if any(key.startswith(prefix) and skip for prefix, skip in off.items()):
+            continue
+        if (key in _HIDDEN_KEYS and not hidden) or (key in _LOGIT_KEYS and d.w_logit == 0):
+            continue
+        out[key] = value
+    return out
+
+
 def model_card(cfg: Any, metrics: dict[str, Any], *, search: str, trial_id: str, metric: str) -> str:
-    flat = flatten(cfg)
-    strategy = {k: v for k, v in flat.items() if k.startswith(("distill.", "ted.", "units.", "relation.", "student."))}
+    strategy = strategy_settings(cfg)
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in strategy.items())
     latency = (f"\n- latency: {metrics['student_latency_ms']:.2f} ms per forward pass over 32 evaluation rows "
                "(measured during the search, on its device)" if "student_latency_ms" in metrics else "")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -232,4 +233,10 @@ def export_student(cfg: Config, prepared: Prepared, checkpoint: Path, out: Path)
     student: Any = distiller.student
     student.save_pretrained(out)
     AutoTokenizer.from_pretrained(prepared.teacher_dir).save_pretrained(out)
+    # transformers writes the weights through a private temp file (mode 0600); a shared model folder needs
+    # them readable like its other files, under the user's umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    for weights in out.glob("*.safetensors"):
+        weights.chmod(0o666 & ~umask)
     return out

@@ -356,6 +356,7 @@ def combine(terms: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
 
 
 def describe(weights: dict[str, float]) -> str:
-    """Printable weighted sum, e.g. `loss = 1.0*task + 1.0*logit + 3.0*hidden` (weight-0 terms left out)."""
-    parts = [f"{float(w)}*{name}" for name, w in weights.items() if w != 0]
+    """Printable weighted sum, e.g. `loss = 1*task + 1*logit + 3*hidden` (weight-0 terms left out; weights to 4
+    significant digits, as a sampled 0.16131289742292726 is not read to the last one)."""
+    parts = [f"{float(w):.4g}*{name}" for name, w in weights.items() if w != 0]
     return "loss = " + (" + ".join(parts) if parts else "0")

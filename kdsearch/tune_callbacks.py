@@ -116,8 +116,10 @@ class ProgressTable(tune.Callback):
         for t in trials:
             counts[t.status] = counts.get(t.status, 0) + 1
         print(f"[kdsearch.tune] {len(trials)} trials: " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items()))
-        print(f"  {'trial':<14}{'status':<11}{'epoch':>6}{self.metric:>14}  params")
-        for t in self._shown(trials):
+        shown_trials = self._shown(trials)
+        if shown_trials:  # none running or scored yet (all pending): the count line says it all
+            print(f"  {'trial':<14}{'status':<11}{'epoch':>6}{self.metric:>14}  params")
+        for t in shown_trials:
             last = t.last_result or {}
             value = last.get(self.metric)
             shown = f"{value:.4f}" if isinstance(value, float) else "-"

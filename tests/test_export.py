@@ -41,6 +41,11 @@ def test_model_card_names_the_strategy_metric_and_teacher() -> None:
                       search="s", trial_id="t1", metric="eval_score")
     assert "**0.8125**" in card and "teacher `tiny-bert`" in card and "1,234" in card
     assert "| `distill.bridge` | `ted` |" in card and "| `distill.layer_map` | `reverse` |" in card
+    assert "`ted.filter`" in card and "`units.ratio`" not in card and "`relation.kinds`" not in card
+    logit_only = model_card(load_config(["distill.layer_map=none", "distill.bridge=ted"]), {}, search="s",
+                            trial_id="t2", metric="eval_score")
+    assert "`distill.temperature`" in logit_only  # only what the run acted on: no hidden term, no filters
+    assert not any(f"`{key}`" in logit_only for key in ("ted.filter", "distill.distance", "distill.bridge"))
     assert "latency" not in card  # not measured: no line, rather than nan
     timed = model_card(cfg, {"eval_score": 0.8, "student_latency_ms": 3.25}, search="s", trial_id="t1",
                        metric="eval_score")

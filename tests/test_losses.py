@@ -307,6 +307,8 @@ def test_combine_backpropagates_through_every_weighted_term() -> None:
 
 
 def test_describe() -> None:
-    assert describe({"task": 1.0, "logit": 1.0, "hidden": 3.0}) == "loss = 1.0*task + 1.0*logit + 3.0*hidden"
-    assert describe({"task": 1, "logit": 0.0, "hidden": 20}) == "loss = 1.0*task + 20.0*hidden"
+    assert describe({"task": 1.0, "logit": 1.0, "hidden": 3.0}) == "loss = 1*task + 1*logit + 3*hidden"
+    assert describe({"task": 1, "logit": 0.0, "hidden": 20}) == "loss = 1*task + 20*hidden"
+    assert describe({"task": 1, "logit": 0.16131289742292726, "hidden": 7500}) == \
+        "loss = 1*task + 0.1613*logit + 7500*hidden"
     assert describe({"task": 0.0}) == "loss = 0"

@@ -255,6 +255,8 @@ def test_train_command_writes_a_student_that_from_pretrained_loads(cache: Path, 
     assert "epoch=2" in console  # kdsearch's own epoch lines, not buried under library progress bars
     assert not [m for m in ("it/s]", "examples/s]", "Reporting training result") if m in console]
     assert proc.stdout.strip().splitlines()[-1] == f"student saved to {out / 'student'}"
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (out / "student").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"]  # readable like the rest of the folder
     rerun = load_config([f"config={out / 'student' / CONFIG_FILE}"])  # the run's whole config, beside it
     assert rerun.train.batch_size == 16 and rerun.task.train_size == 256
     model = AutoModelForSequenceClassification.from_pretrained(out / "student")
