@@ -34,6 +34,13 @@ class BridgeInputs:
 
 
 class Bridge(nn.Module):
+    """Maps one matched pair's hidden states into a space where a distance can compare them; itself the identity.
+
+    The Distiller calls `student_view(l, h_s[l])` and `teacher_view(k, h_t[k])` once per layer pair (l, k) per
+    step. The student view trains with the student; the teacher view runs on frozen states (its parameters,
+    TED's teacher filters, never train).
+    """
+
     def student_view(self, index: int, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, d_s) -> (B, T, d)
         return hidden
 

@@ -57,9 +57,6 @@ class Store:
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / key
 
-    def has(self, kind: str, key: str) -> bool:
-        return (self.path(kind, key) / ".done").exists()
-
     def get_or_build(self, kind: str, key: str, build: Callable[[Path], None],
                      *, meta: dict[str, Any] | None = None) -> Path:
         final = self.path(kind, key)

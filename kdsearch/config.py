@@ -267,13 +267,6 @@ class ResourcesConfig:
     def use_gpu(self) -> bool:
         return self.gpus_per_trial > 0
 
-    def per_worker(self) -> dict[str, float]:
-        """Resources of one Train worker: the trial's request split evenly."""
-        per = {"CPU": self.cpus_per_trial / self.num_workers}
-        if self.use_gpu:
-            per["GPU"] = self.gpus_per_trial / self.num_workers
-        return per
-
 
 @dataclass(frozen=True)
 class Config:

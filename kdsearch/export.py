@@ -1,7 +1,8 @@
 """The end of a search: pick the best trial, export its student with a model card, rank and summarise.
 
 Takes Tune's ResultGrid (duck-typed: an iterable of results with .config, .metrics, .checkpoint, .error);
-imports no Ray itself. The last line it prints says where the best student is.
+imports Ray only to open a multi-worker trial's Train checkpoint. The last line it prints says where the best
+student is.
 """
 
 from __future__ import annotations

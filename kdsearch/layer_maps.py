@@ -29,7 +29,8 @@ ONE_TO_ONE = frozenset({"forward", "reverse", "last", "random", "inorder_random"
 """Maps that give each student layer its own teacher layer, so they need n_student <= n_teacher."""
 
 
-def _forward_targets(n_student: int, n_teacher: int) -> list[int]:
+def forward_targets(n_student: int, n_teacher: int) -> list[int]:
+    """Teacher layer (1..n_t) of each student layer under the forward map; also the layers teacher-init copies."""
     # ceil(i * n_t / n_s) in integer math: last to last, and the released n_t = 12 tables exactly.
     return [-(-i * n_teacher // n_student) for i in range(1, n_student + 1)]
 
@@ -43,14 +44,14 @@ def _with_embeddings(targets: list[int], embeddings: bool) -> LayerMap:
 def forward(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
             layers: tuple[int, ...] | None) -> LayerMap:
     """Student layer i <-> teacher layer ceil(i n_t / n_s) (Yu et al. 2025, arXiv 2502.04499, "forward")."""
-    return _with_embeddings(_forward_targets(n_student, n_teacher), embeddings)
+    return _with_embeddings(forward_targets(n_student, n_teacher), embeddings)
 
 
 @LAYER_MAPS.register("reverse")
 def reverse(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
             layers: tuple[int, ...] | None) -> LayerMap:
     """The forward targets in reverse order; embeddings stay 0 <-> 0 (Yu et al. 2025, "reverse")."""
-    return _with_embeddings(_forward_targets(n_student, n_teacher)[::-1], embeddings)
+    return _with_embeddings(forward_targets(n_student, n_teacher)[::-1], embeddings)
 
 
 @LAYER_MAPS.register("last")
@@ -78,7 +79,7 @@ def random_order(n_student: int, n_teacher: int, *, embeddings: bool, seed: int,
     Out of order by definition: a draw in forward order is drawn again, so random never silently repeats
     forward (with two student layers it is therefore the reverse order).
     """
-    forward_order = _forward_targets(n_student, n_teacher)
+    forward_order = forward_targets(n_student, n_teacher)
     targets, rng = list(forward_order), random.Random(seed)
     rng.shuffle(targets)
     while targets == forward_order and len(set(targets)) > 1:
@@ -128,7 +129,7 @@ def check_map_args(name: str, n_student: int, n_teacher: int, layers: tuple[int,
                           "both need at least 1 layer")
     if name == "explicit":
         if layers is None:
-            example = _show(tuple(_forward_targets(n_student, n_teacher)))
+            example = _show(tuple(forward_targets(n_student, n_teacher)))
             raise ConfigError("distill.layer_map=explicit needs distill.layers: one teacher index "
                               f"(1..{n_teacher}) per student layer, e.g. distill.layers={example}")
         if len(layers) != n_student:

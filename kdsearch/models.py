@@ -8,7 +8,6 @@ Imports torch and transformers only.
 from __future__ import annotations
 
 import copy
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from transformers import (
 )
 
 from .config import ConfigError
+from .layer_maps import forward_targets
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -201,18 +201,15 @@ def copy_teacher_layers(teacher: torch.nn.Module, student: torch.nn.Module, teac
     return copied
 
 
-def forward_teacher_layers(n_student: int, n_teacher: int) -> list[int]:
-    """0-indexed teacher blocks of the forward map (ceil(i * n_t / n_s) - 1); the teacher-init layers."""
-    return [math.ceil(i * n_teacher / n_student) - 1 for i in range(1, n_student + 1)]
-
-
 def build_student(teacher: PreTrainedModel, *, layers: int, hidden_size: int | None,
                   init: Literal["teacher", "random"], seed: int, dropout: float | None = None) -> torch.nn.Module:
     config = student_config(teacher.config, layers=layers, hidden_size=hidden_size, dropout=dropout)
     torch.manual_seed(seed)
     student = task_model_class(family_of(config)).from_config(config)
     if init == "teacher":
-        copy_teacher_layers(teacher, student, forward_teacher_layers(layers, teacher.config.num_hidden_layers))
+        # hidden_states index k is block k - 1: the blocks under the forward map's targets
+        blocks = [t - 1 for t in forward_targets(layers, teacher.config.num_hidden_layers)]
+        copy_teacher_layers(teacher, student, blocks)
     return student
 
 

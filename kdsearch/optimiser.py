@@ -44,10 +44,6 @@ class Optimiser:
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
 
-    def step(self, loss: torch.Tensor) -> None:
-        self.backward(loss)
-        self.update()
-
     def state_dict(self) -> dict[str, Any]:
         state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
         return state | ({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})

@@ -25,6 +25,7 @@ from .console import quiet_libraries
 from .loop import WorkerContext, export_student, run_distillation
 from .overrides import CONFIG_FILE, load_config, write_config_file
 from .prepare import Prepared, prepare
+from .sizing import worker_bundle
 from .step import leaves_parameters_unused
 from .usage import command_help, wants_help
 from .validate import validate
@@ -82,7 +83,9 @@ def make_trainer(cfg: Config, prepared: Prepared, *, name: str, storage_path: st
         loop,
         train_loop_config={"cfg": cfg, "prepared": prepared},
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
-                                     resources_per_worker=resources.per_worker()),
+                                     resources_per_worker=worker_bundle(resources.num_workers,
+                                                                        resources.cpus_per_trial,
+                                                                        resources.gpus_per_trial)),
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),

@@ -38,8 +38,10 @@ def test_every_bridge_maps_both_sides_to_one_space_and_trains_only_the_student_s
         sv.sum().backward()
         assert hs.grad is not None and hs.grad.abs().sum() > 0
         hs.grad = None
+        assert not tv.requires_grad  # nothing on the teacher side is trained
     teacher_side = [p for n, p in bridge.named_parameters() if n.startswith("teacher")]
     assert all(not p.requires_grad for p in teacher_side)
+    assert bool(teacher_side) == (name == "ted")  # only TED's bridge holds teacher-side parameters (frozen)
 
 
 @pytest.mark.parametrize("name", FILTERS.names())

@@ -88,11 +88,14 @@ def test_fp16_loss_scaling_skips_an_overflowing_step_and_checkpoints_its_scale()
     opt = torch.optim.AdamW(params, lr=0.1, fused=True)
     optimiser = Optimiser(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), params,
                           torch.amp.GradScaler("cpu", init_scale=1024.0))
-    optimiser.step(model(torch.randn(8, 4)).pow(2).mean())
+    optimiser.backward(model(torch.randn(8, 4)).pow(2).mean())
+    optimiser.update()
     weights = model.weight.detach().clone()
-    optimiser.step(model(torch.randn(8, 4)).sum() * float("inf"))  # inf gradients: no update, scale halved
+    optimiser.backward(model(torch.randn(8, 4)).sum() * float("inf"))  # inf gradients: no update, scale halved
+    optimiser.update()
     assert torch.equal(model.weight, weights) and optimiser.scaler.get_scale() == 512.0
-    optimiser.step(model(torch.randn(8, 4)).pow(2).mean())
+    optimiser.backward(model(torch.randn(8, 4)).pow(2).mean())
+    optimiser.update()
     assert not torch.equal(model.weight, weights)
     state = optimiser.state_dict()
     fresh = Optimiser(opt, optimiser.sched, params, torch.amp.GradScaler("cpu"))
