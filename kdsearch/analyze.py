@@ -114,7 +114,7 @@ def check_shapes(args: AngleArgs, cfg: Config) -> tuple[int, int]:
 
 def load_student(args: AngleArgs, cfg: Config, prepared: Prepared, teacher: torch.nn.Module) -> torch.nn.Module:
     if args.student == "init":
-        return models.freeze(make_student(cfg, teacher))
+        return models.freeze(make_student(cfg, teacher, prepared.student_dir))
     student = models.load_task_model(args.student, prepared.family)
     fine_tuned = models.teacher_config(models.TeacherSource("", False, prepared.teacher_dir))
     vocab_t, vocab_s = fine_tuned.vocab_size, student.config.vocab_size

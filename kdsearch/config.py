@@ -47,6 +47,9 @@ class StudentConfig:
     12-head, 384-wide MiniLM: 6 heads, 192). Spaces use it so that one space fits any teacher."""
     init: Literal["teacher", "random"] = "teacher"
     """`teacher` copies embeddings, head and the teacher layers at the forward-map indices."""
+    finetune: bool = False
+    """Fine-tune the initial student on the task (finetune.* settings, cached) before distilling, as TED's code
+    does: stage 1 then trains the student filters on the fine-tuned student, and distillation starts from it."""
 
     def __post_init__(self) -> None:
         _require(self.layers >= 1, f"student.layers={self.layers}: a student needs at least 1 layer")

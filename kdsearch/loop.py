@@ -69,7 +69,7 @@ def reported_metrics(spec: TaskSpec) -> tuple[str, ...]:
 def build_distiller(cfg: Config, prepared: Prepared, device: torch.device) -> tuple[nn.Module, Distiller]:
     """The frozen teacher and the trainable Distiller (student + bridge), identically on every worker."""
     teacher = load_teacher(prepared, device)
-    student = make_student(cfg, teacher)
+    student = make_student(cfg, teacher, prepared.student_dir)
     d_s = models.student_width(teacher.config, cfg.student)
     inputs = BridgeInputs(cfg=cfg, pairs=layer_pairs(cfg, prepared, epoch=0), d_student=d_s,
                           d_teacher=prepared.d_teacher,

@@ -49,6 +49,7 @@ class Prepared:
     unit_scores: str | None = None  # safetensors {"scores": (n_t + 1, d_t)}
     teacher_outputs: str | None = None  # directory of the cached teacher outputs (kdsearch.teacher_cache)
     teacher_projections: str | None = None  # directory of the cached projections the relation term reads
+    student_dir: str | None = None  # the fine-tuned initial student (student.finetune), save_pretrained
 
     def load_tensors(self, path: str | None) -> dict[str, torch.Tensor]:
         return load_file(path) if path else {}
@@ -132,11 +133,29 @@ def load_teacher(prepared: Prepared, device: torch.device) -> Any:
     return models.freeze(model.to(device))
 
 
-def make_student(cfg: Config, teacher: Any) -> torch.nn.Module:
-    """The run's initial student; deterministic in cfg, so stage 1 and every worker build the same one."""
+def make_student(cfg: Config, teacher: Any, fine_tuned: str | None = None) -> torch.nn.Module:
+    """The run's initial student; deterministic in cfg, so stage 1 and every worker build the same one.
+    `fine_tuned`: the directory of that student fine-tuned on the task (Prepared.student_dir), loaded instead."""
+    if fine_tuned is not None:
+        return models.load_task_model(fine_tuned, models.family_of(teacher.config))
     return models.build_student(teacher, layers=cfg.student.layers,
                                 hidden_size=models.student_width(teacher.config, cfg.student),
                                 init=cfg.student.init, seed=cfg.train.seed, dropout=cfg.train.dropout)
+
+
+def _fine_tuned_student(cfg: Config, prepared: Prepared, store: Store, device: torch.device) -> str:
+    """The initial student fine-tuned on the task with the finetune.* settings (student.finetune)."""
+    key = content_key(teacher=prepared.teacher_dir, student=flatten(cfg.student), seed=cfg.train.seed,
+                      dropout=cfg.train.dropout, finetune=flatten(cfg.finetune))
+
+    def build(out: Path) -> None:
+        student: Any = make_student(cfg, load_teacher(prepared, device))
+        torch.manual_seed(cfg.finetune.seed)
+        _log(f"fine-tuning the initial student on {prepared.spec.name} (cached as student/{key})")
+        fit_task(student, prepared.data, spec=prepared.spec, cfg=cfg, pad_id=prepared.pad_id, device=device)
+        student.cpu().save_pretrained(out)
+
+    return str(store.get_or_build("student", key, build))
 
 
 def _ted_filters(cfg: Config, prepared: Prepared, pairs: list[tuple[int, int]], store: Store,
@@ -172,10 +191,10 @@ def _ted_filters(cfg: Config, prepared: Prepared, pairs: list[tuple[int, int]], 
                                 stage1(teacher, t_idx, prepared.d_teacher, "teacher"))
     s_path = None
     if ted.student_filters == "stage1":
-        student = models.freeze(make_student(cfg, teacher).to(device))
+        student = models.freeze(make_student(cfg, teacher, prepared.student_dir).to(device))
         s_idx = sorted({s for s, _ in pairs})
         d_s = models.student_width(teacher.config, cfg.student)
-        s_key = content_key(indices=s_idx, student=flatten(cfg.student), **common)
+        s_key = content_key(indices=s_idx, student=flatten(cfg.student), start=prepared.student_dir, **common)
         s_path = str(store.get_or_build("ted_student", s_key, stage1(student, s_idx, d_s, "student"))
                      / "filters.safetensors")
     return str(t_path / "filters.safetensors"), s_path
@@ -241,6 +260,8 @@ def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:
     device = device or _default_device()
     store = Store(cfg.cache_dir)
     prepared = prepare_teacher(cfg, device=device)
+    if cfg.student.finetune:  # before stage 1, which reads the student it starts from
+        prepared = dataclasses.replace(prepared, student_dir=_fine_tuned_student(cfg, prepared, store, device))
     teacher = AutoConfig.from_pretrained(prepared.teacher_dir)
     n_t, d_t = prepared.n_teacher, prepared.d_teacher
     bridge = resolve_bridge(cfg.distill.bridge, models.student_width(teacher, cfg.student), d_t)

@@ -170,6 +170,31 @@ def test_ted_stage1_heads_beat_chance_on_the_default_task(cache: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_fine_tuned_student_is_where_stage1_and_distillation_start(cache: Path) -> None:
+    from kdsearch import models
+    from kdsearch.evaluation import evaluate
+    from kdsearch.prepare import load_teacher, make_student
+
+    cfg = small(cache, "distill.bridge=ted", "student.finetune=true")  # TED's code: both models fine-tuned first
+    prepared = prepare(cfg)
+    cpu = torch.device("cpu")
+    _, distiller = build_distiller(cfg, prepared, cpu)
+    fine_tuned = models.load_task_model(prepared.student_dir, prepared.family).state_dict()
+    start = distiller.student.state_dict()
+    assert all(torch.equal(start[k], v) for k, v in fine_tuned.items())
+    initial = make_student(cfg, load_teacher(prepared, cpu))
+
+    def loss(model: torch.nn.Module) -> float:
+        return evaluate(model, prepared.data["validation"], spec=prepared.spec, batch_size=64,
+                        pad_id=prepared.pad_id, device=cpu)["eval_loss"]
+
+    assert loss(distiller.student) < loss(initial)  # it did learn the task before distillation starts
+    plain = prepare(dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, finetune=False)))
+    assert plain.student_dir is None and plain.teacher_filters == prepared.teacher_filters
+    assert plain.student_filters != prepared.student_filters  # stage 1 on the student it starts from
+
+
+@pytest.mark.slow
 def test_ted_continual_pretraining_trains_filters_with_the_language_modelling_objective(cache: Path,
                                                                                         tmp_path: Path) -> None:
     # A raw-text corpus (no prompts, no labels) where each word determines the next: a filter keeps what
