@@ -132,6 +132,28 @@ def check_search(settings: SearchSettings, space: space_model.Space) -> None:
     check_tracking_uri(settings.tracking_uri)
 
 
+PROBES = 32
+"""Random trials drawn from a space before a search, to warn of combinations its trials would fail on."""
+
+
+def probe_space(space: space_model.Space, n: int = PROBES) -> str | None:
+    """One warning line when some of `n` drawn trials fail validation (each param's ends, then at random), else
+    None. A combination of valid values can still be invalid (a unit ratio above a narrow student's share):
+    such trials fail in the search, which goes on; the warning says so before any runs."""
+    failed: list[tuple[dict[str, Any], str]] = []
+    for params in space_model.probe_params(space, n):
+        try:
+            validate(space_model.trial_config(space, params))
+        except ConfigError as err:
+            failed.append((params, str(err)))
+    if not failed:
+        return None
+    params, reason = failed[0]
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    return (f"warning: {len(failed)} of {n} trials drawn from space {space.name} would fail validation, e.g. "
+            f"{shown}: {reason}. Such trials end FAILED and the search goes on; narrow the ranges or add `when`.")
+
+
 def render_dry_run(settings: SearchSettings, space: space_model.Space) -> str:
     """The resolved search as YAML: settings, objectives, budget, then one line per param and per paper point
     (written as in a space file), then every key of the base config."""

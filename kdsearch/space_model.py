@@ -8,6 +8,8 @@ YAML or Ray.
 from __future__ import annotations
 
 import copy
+import math
+import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +59,23 @@ class Param:
         if self.type == "int" and not float(value).is_integer():
             return False
         return self.low <= value <= self.high
+
+    def draw(self, rng: random.Random, where: Literal["low", "high", "any"] = "any") -> Any:
+        """A value of the domain: its lower or upper end, or one at random (log-uniform for a log range)."""
+        if self.type == "categorical":
+            return self.choices[0] if where == "low" else self.choices[-1] if where == "high" else \
+                rng.choice(self.choices)
+        assert self.low is not None and self.high is not None
+        if where != "any":
+            value = self.low if where == "low" else self.high
+        elif self.log:
+            value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+        else:
+            value = rng.uniform(self.low, self.high)
+        if self.type == "int":
+            step = int(self.step or 1)
+            return int(self.low) + step * round((value - self.low) / step)
+        return value
 
     def domain(self) -> str:
         if self.type == "categorical":
@@ -137,6 +156,21 @@ class DefineByRun:
 
 def define_by_run(space: Space) -> Callable[[optuna.trial.BaseTrial], None]:
     return DefineByRun(space)
+
+
+def probe_params(space: Space, n: int, *, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` trials' params as the define-by-run function could draw them: every range at its lower end, at its
+    upper end, then at random; conditional params only where active. For checking a space before a search."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        where: Literal["low", "high", "any"] = "low" if i == 0 else "high" if i == 1 else "any"
+        values: dict[str, Any] = {}
+        for name, param in space.params.items():
+            if is_active(space, param, values):
+                values[name] = param.draw(rng, where)
+        out.append(values)
+    return out
 
 
 def complete_point(space: Space, point: Mapping[str, Any]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from .search import (
     code_version,
     objectives_of,
     parse_search_args,
+    probe_space,
     render_dry_run,
     search_help,
 )
@@ -256,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    warning = probe_space(space)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     if settings.dry_run:
         print(render_dry_run(settings, space))
         return 0

@@ -113,6 +113,23 @@ def test_bad_space_files_are_rejected_with_the_reason(tmp_path, capsys: pytest.C
         assert len(err) == 1, err
 
 
+def test_a_space_whose_combinations_fail_is_warned_about_before_ray(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    from kdsearch.tune import main
+
+    # each value is valid on its own; 0.75 of the teacher's 64 units do not fit a student of width 32
+    path = tmp_path / "units.yaml"
+    path.write_text("description: interacting ranges\nmetric: eval_score\nmode: max\nbudget: {num_samples: 2}\n"
+                    "base: {student: {init: random}, distill: {bridge: units}}\n"
+                    "params:\n  student.width_ratio: {type: categorical, choices: [null, 0.5]}\n"
+                    "  units.ratio: {type: float, low: 0.25, high: 0.75}\n")
+    assert main([f"space={path}", "dry_run=true"]) == 0  # a warning, not an error: the other trials can run
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: ") and "of 32 trials drawn from space units" in err[0]
+    assert "student.width_ratio=0.5, units.ratio=0.75: units.ratio=0.75 keeps 48 teacher units" in err[0]
+    assert main(["space=flex", "dry_run=true"]) == 0
+    assert not capsys.readouterr().err  # the shipped spaces draw no failing trial
+
+
 def test_task_shorthand_composes_with_task_keys_on_every_command() -> None:
     """`task=sst2 task.data_dir=...` names the task and adds its files (the later key must not replace the first)."""
     from kdsearch.overrides import load_config
