@@ -160,7 +160,8 @@ def _fine_tuned_student(cfg: Config, prepared: Prepared, store: Store, device: t
 
 def _ted_filters(cfg: Config, prepared: Prepared, pairs: list[tuple[int, int]], store: Store,
                  device: torch.device) -> tuple[str, str | None]:
-    """Stage 1 on the frozen teacher (teacher filters) and on the initial student (student filters)."""
+    """Stage 1 on the frozen teacher (teacher filters) and on the student distillation starts from (student
+    filters)."""
     teacher = load_teacher(prepared, device)
     ted = cfg.ted
     # Stage-1 heads predict the task: classes, a score, or (causal LMs) the next token over the vocabulary.

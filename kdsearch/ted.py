@@ -2,7 +2,8 @@
 
 Stage 1 trains one filter + pooler + task head per matched layer on a frozen model with the task loss (mean
 over filters), so each filter keeps what the task needs. It runs on the fine-tuned teacher (its filters are
-frozen in stage 2) and on the initial student (to initialise the student filters). Plain PyTorch only.
+frozen in stage 2) and on the student distillation starts from, fine-tuned first or not (to initialise the
+student filters). Plain PyTorch only.
 """
 
 from __future__ import annotations
