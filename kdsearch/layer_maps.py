@@ -7,10 +7,13 @@ of (student_index, teacher_index) pairs. Pure Python: imports no framework.
 from __future__ import annotations
 
 import random
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kdsearch.config import ConfigError
 from kdsearch.registry import Registry
+
+if TYPE_CHECKING:
+    from kdsearch.config import Config
 
 LayerMap = list[tuple[int, int]]
 """(student hidden index, teacher hidden index) pairs."""
@@ -151,3 +154,12 @@ def map_layers(name: str, n_student: int, n_teacher: int, *, embeddings: bool = 
     check_map_args(name, n_student, n_teacher, layers)
     return LAYER_MAPS.get(name)(n_student, n_teacher, embeddings=embeddings, seed=seed, epoch=epoch,
                                 layers=layers)
+
+
+def run_pairs(cfg: Config, n_teacher: int, *, epoch: int = 0) -> LayerMap:
+    """The hidden pairs a run matches in `epoch` (distill.* and the run's seed); none when w_hidden is 0."""
+    d = cfg.distill
+    if d.w_hidden == 0:
+        return []
+    return map_layers(d.layer_map, cfg.student.layers, n_teacher, embeddings=d.embeddings, seed=cfg.train.seed,
+                      epoch=epoch, layers=d.layers)

@@ -25,7 +25,7 @@ from . import models
 from .bridges import BRIDGES, BridgeInputs, resolve_bridge
 from .config import Config, Precision
 from .evaluation import evaluate, forward_latency_ms, make_loader
-from .layer_maps import map_layers
+from .layer_maps import run_pairs
 from .losses import describe
 from .metrics import metric_names
 from .optimiser import Optimiser, make_optimiser
@@ -83,10 +83,7 @@ def build_distiller(cfg: Config, prepared: Prepared, device: torch.device) -> tu
 
 
 def layer_pairs(cfg: Config, prepared: Prepared, *, epoch: int) -> list[tuple[int, int]]:
-    if cfg.distill.w_hidden == 0:
-        return []
-    return map_layers(cfg.distill.layer_map, cfg.student.layers, prepared.n_teacher,
-                      embeddings=cfg.distill.embeddings, seed=cfg.train.seed, epoch=epoch, layers=cfg.distill.layers)
+    return run_pairs(cfg, prepared.n_teacher, epoch=epoch)
 
 
 def _save_checkpoint(distiller: Distiller, optimiser: Optimiser, epoch: int, out: Path) -> None:

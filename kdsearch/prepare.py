@@ -24,7 +24,7 @@ from .config import Config, flatten
 from .data import load_raw_task
 from .encoding import tokenize_task, train_texts
 from .evaluation import evaluate, make_loader
-from .layer_maps import map_layers
+from .layer_maps import run_pairs
 from .losses import task_loss
 from .relations import Tap, resolve_relation
 from .tasks import TaskSpec, read_by
@@ -267,9 +267,7 @@ def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:
     n_t, d_t = prepared.n_teacher, prepared.d_teacher
     bridge = resolve_bridge(cfg.distill.bridge, models.student_width(teacher, cfg.student), d_t)
     # No hidden pairs (w_hidden = 0, layer_map=none): no filters or scores to prepare.
-    pairs = [] if cfg.distill.w_hidden == 0 else map_layers(
-        cfg.distill.layer_map, cfg.student.layers, n_t, embeddings=cfg.distill.embeddings, seed=cfg.train.seed,
-        epoch=0, layers=cfg.distill.layers)
+    pairs = run_pairs(cfg, n_t)
     extra: dict[str, Any] = {}
     if bridge == "ted" and pairs:
         extra["teacher_filters"], extra["student_filters"] = _ted_filters(cfg, prepared, pairs, store, device)

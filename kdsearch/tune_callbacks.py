@@ -16,7 +16,7 @@ from ray import tune
 
 from . import space_model
 from .config import flatten
-from .layer_maps import map_layers
+from .layer_maps import run_pairs
 from .models import depth_width, resolve_teacher, teacher_config
 from .tracking import SAMPLED_TAG, SEARCHED_TAG, SearchTracker
 
@@ -31,11 +31,8 @@ def trial_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 def layer_map_of(cfg: Any) -> list[tuple[int, int]]:
     """The epoch-0 layer pairs of a trial (student hidden index, teacher hidden index)."""
-    if cfg.distill.w_hidden == 0:
-        return []
     n_t, _ = depth_width(teacher_config(resolve_teacher(cfg.teacher)))
-    return map_layers(cfg.distill.layer_map, cfg.student.layers, n_t, embeddings=cfg.distill.embeddings,
-                      seed=cfg.train.seed, epoch=0, layers=cfg.distill.layers)
+    return run_pairs(cfg, n_t)
 
 
 class MlflowTrials(tune.Callback):
