@@ -8,6 +8,7 @@ Imports torch and transformers only.
 from __future__ import annotations
 
 import copy
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,33 @@ def teacher_config(source: TeacherSource, *, vocab_size: int = 1000) -> Pretrain
         cls_name, kwargs = _TINY[source.name]
         return getattr(transformers, cls_name)(vocab_size=vocab_size, **kwargs)
     assert source.location is not None
+    if Path(source.location).is_dir():
+        return AutoConfig.from_pretrained(source.location)
+    try:  # a hub id already in the Hugging Face cache needs no network
+        return AutoConfig.from_pretrained(source.location, local_files_only=True)
+    except OSError:
+        _check_hub(source.name)
     return AutoConfig.from_pretrained(source.location)
+
+
+def _check_hub(name: str) -> None:
+    """ConfigError at once when the hub cannot be reached, rather than after ~30 s of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"teacher={name}: not in the Hugging Face cache, and HF_HUB_OFFLINE is set; download it "
+                          "where the hub is reachable, or give a local directory")
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # the proxy decides; a direct connection proves nothing
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as err:
+        raise ConfigError(f"teacher={name}: not in the Hugging Face cache, and {host} is unreachable ({err}); "
+                          "download it where the hub is reachable, or give a local directory") from None
 
 
 def max_positions(config: PretrainedConfig) -> int | None:

@@ -50,6 +50,22 @@ def test_train_command_rejects_bad_input_in_one_line_before_ray(overrides: list[
     assert not ray.is_initialized()  # rejected before any cluster work
 
 
+def test_a_hub_teacher_out_of_reach_fails_at_once(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    from huggingface_hub import constants
+
+    from kdsearch.train import main
+
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1")  # nothing listens on 443 here
+    assert main(["teacher=no-such-org/no-such-model"]) == 2
+    assert "not in the Hugging Face cache, and 127.0.0.1 is unreachable" in capsys.readouterr().err
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(["teacher=no-such-org/no-such-model"]) == 2
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("rows, overrides, message", [
     ("a b\tc d\t3.5\n", ["task.name=stsb", "teacher=tiny-gpt2"], "regression task"),
     ("a good film\t7\n", ["task.name=sst2"], "labels span 7..7"),  # found only by reading the rows
