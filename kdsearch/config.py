@@ -27,7 +27,8 @@ def did_you_mean(word: str, options: Sequence[str]) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
+    """ConfigError(message) unless ok: the one-line check every config field and command argument uses."""
     if not ok:
         raise ConfigError(message)
 
@@ -52,12 +53,12 @@ class StudentConfig:
     does: stage 1 then trains the student filters on the fine-tuned student, and distillation starts from it."""
 
     def __post_init__(self) -> None:
-        _require(self.layers >= 1, f"student.layers={self.layers}: a student needs at least 1 layer")
-        _require(self.hidden_size is None or self.hidden_size > 0,
+        require(self.layers >= 1, f"student.layers={self.layers}: a student needs at least 1 layer")
+        require(self.hidden_size is None or self.hidden_size > 0,
                  f"student.hidden_size={self.hidden_size}: must be > 0")
-        _require(self.width_ratio is None or 0 < self.width_ratio <= 1,
+        require(self.width_ratio is None or 0 < self.width_ratio <= 1,
                  f"student.width_ratio={self.width_ratio}: must be in (0, 1]")
-        _require(self.hidden_size is None or self.width_ratio is None,
+        require(self.hidden_size is None or self.width_ratio is None,
                  f"student.hidden_size={self.hidden_size} and student.width_ratio={self.width_ratio}: give one "
                  "(set the other to null)")
 
@@ -76,10 +77,10 @@ class TaskConfig:
     eval_size: int | None = None
 
     def __post_init__(self) -> None:
-        _require(self.max_length >= 4, f"task.max_length={self.max_length}: must be >= 4")
+        require(self.max_length >= 4, f"task.max_length={self.max_length}: must be >= 4")
         for key in ("train_size", "eval_size"):
             value = getattr(self, key)
-            _require(value is None or value > 0, f"task.{key}={value}: must be > 0")
+            require(value is None or value > 0, f"task.{key}={value}: must be > 0")
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,8 @@ class DistillConfig:
     def __post_init__(self) -> None:
         for key in ("w_task", "w_logit", "w_hidden", "w_relation"):
             value = getattr(self, key)
-            _require(value >= 0, f"distill.{key}={value}: loss weights must be >= 0")
-        _require(self.temperature > 0, f"distill.temperature={self.temperature}: must be > 0")
+            require(value >= 0, f"distill.{key}={value}: loss weights must be >= 0")
+        require(self.temperature > 0, f"distill.temperature={self.temperature}: must be > 0")
 
 
 @dataclass(frozen=True)
@@ -136,15 +137,15 @@ class TedConfig:
     """Student filter init: stage-1 training on the student, a copy of the teacher filter, or random."""
 
     def __post_init__(self) -> None:
-        _require(self.width is None or self.width > 0, f"ted.width={self.width}: filter width must be > 0")
-        _require(self.width_ratio is None or self.width_ratio > 0,
+        require(self.width is None or self.width > 0, f"ted.width={self.width}: filter width must be > 0")
+        require(self.width_ratio is None or self.width_ratio > 0,
                  f"ted.width_ratio={self.width_ratio}: filter width must be > 0")
-        _require(self.width is None or self.width_ratio is None,
+        require(self.width is None or self.width_ratio is None,
                  f"ted.width={self.width} and ted.width_ratio={self.width_ratio}: give one (set the other to null)")
-        _require(self.mlp_hidden is None or self.mlp_hidden > 0,
+        require(self.mlp_hidden is None or self.mlp_hidden > 0,
                  f"ted.mlp_hidden={self.mlp_hidden}: must be > 0")
-        _require(self.depth >= 2, f"ted.depth={self.depth}: an mlp filter has at least 2 layers")
-        _require(self.stage1_epochs >= 1, f"ted.stage1_epochs={self.stage1_epochs}: must be >= 1")
+        require(self.depth >= 2, f"ted.depth={self.depth}: an mlp filter has at least 2 layers")
+        require(self.stage1_epochs >= 1, f"ted.stage1_epochs={self.stage1_epochs}: must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -169,11 +170,11 @@ class RelationConfig:
     large teachers)."""
 
     def __post_init__(self) -> None:
-        _require(all(self.names), f"relation.kinds={self.kinds!r}: name relations joined by + (e.g. qq+kk+vv)")
-        _require(self.heads is None or self.heads > 0, f"relation.heads={self.heads}: must be > 0")
+        require(all(self.names), f"relation.kinds={self.kinds!r}: name relations joined by + (e.g. qq+kk+vv)")
+        require(self.heads is None or self.heads > 0, f"relation.heads={self.heads}: must be > 0")
         for key in ("student_layer", "teacher_layer"):
             value = getattr(self, key)
-            _require(value is None or value >= 1, f"relation.{key}={value}: layers count from 1")
+            require(value is None or value >= 1, f"relation.{key}={value}: layers count from 1")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -195,8 +196,8 @@ class UnitsConfig:
     score_batches: int = 8
 
     def __post_init__(self) -> None:
-        _require(self.ratio is None or 0 < self.ratio <= 1, f"units.ratio={self.ratio}: must be in (0, 1]")
-        _require(self.score_batches >= 1, f"units.score_batches={self.score_batches}: must be >= 1")
+        require(self.ratio is None or 0 < self.ratio <= 1, f"units.ratio={self.ratio}: must be in (0, 1]")
+        require(self.score_batches >= 1, f"units.score_batches={self.score_batches}: must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -225,14 +226,14 @@ class TrainConfig:
     tokens x 3 x d per relation layer with distill.w_relation > 0 (query, key, value: any relation.kinds)."""
 
     def __post_init__(self) -> None:
-        _require(self.epochs >= 1, f"train.epochs={self.epochs}: must be >= 1")
-        _require(self.batch_size >= 1, f"train.batch_size={self.batch_size}: must be >= 1")
-        _require(self.grad_accum >= 1, f"train.grad_accum={self.grad_accum}: must be >= 1")
-        _require(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
+        require(self.epochs >= 1, f"train.epochs={self.epochs}: must be >= 1")
+        require(self.batch_size >= 1, f"train.batch_size={self.batch_size}: must be >= 1")
+        require(self.grad_accum >= 1, f"train.grad_accum={self.grad_accum}: must be >= 1")
+        require(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
                  f"train.max_steps_per_epoch={self.max_steps_per_epoch}: must be >= 1 (or null for whole epochs)")
-        _require(self.lr > 0, f"train.lr={self.lr}: must be > 0")
-        _require(0 <= self.warmup_ratio < 1, f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
-        _require(self.dropout is None or 0 <= self.dropout < 1, f"train.dropout={self.dropout}: must be in [0, 1)")
+        require(self.lr > 0, f"train.lr={self.lr}: must be > 0")
+        require(0 <= self.warmup_ratio < 1, f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+        require(self.dropout is None or 0 <= self.dropout < 1, f"train.dropout={self.dropout}: must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -249,9 +250,9 @@ class FinetuneConfig:
     """Seed of the teacher's fine-tune, apart from train.seed: students of every seed share one teacher."""
 
     def __post_init__(self) -> None:
-        _require(self.epochs >= 1, f"finetune.epochs={self.epochs}: must be >= 1")
-        _require(self.batch_size >= 1, f"finetune.batch_size={self.batch_size}: must be >= 1")
-        _require(self.lr > 0, f"finetune.lr={self.lr}: must be > 0")
+        require(self.epochs >= 1, f"finetune.epochs={self.epochs}: must be >= 1")
+        require(self.batch_size >= 1, f"finetune.batch_size={self.batch_size}: must be >= 1")
+        require(self.lr > 0, f"finetune.lr={self.lr}: must be > 0")
 
 
 @dataclass(frozen=True)
@@ -262,9 +263,9 @@ class ResourcesConfig:
     gpus_per_trial: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(self.num_workers >= 1, f"resources.num_workers={self.num_workers}: must be >= 1")
-        _require(self.cpus_per_trial > 0, f"resources.cpus_per_trial={self.cpus_per_trial}: must be > 0")
-        _require(self.gpus_per_trial >= 0, f"resources.gpus_per_trial={self.gpus_per_trial}: must be >= 0")
+        require(self.num_workers >= 1, f"resources.num_workers={self.num_workers}: must be >= 1")
+        require(self.cpus_per_trial > 0, f"resources.cpus_per_trial={self.cpus_per_trial}: must be > 0")
+        require(self.gpus_per_trial >= 0, f"resources.gpus_per_trial={self.gpus_per_trial}: must be >= 0")
 
     @property
     def use_gpu(self) -> bool:
@@ -319,17 +320,17 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return _coerce(value, args[0], key)
     if origin is Literal:
         choices = typing.get_args(hint)
-        _require(value in choices, f"{key}={value}: choose one of {', '.join(map(str, choices))}")
+        require(value in choices, f"{key}={value}: choose one of {', '.join(map(str, choices))}")
         return value
     if origin is tuple:
-        _require(isinstance(value, (list, tuple)), f"{key}={value}: expected a list such as [1,2,3]")
+        require(isinstance(value, (list, tuple)), f"{key}={value}: expected a list such as [1,2,3]")
         return tuple(_coerce(v, typing.get_args(hint)[0], key) for v in value)
     if hint is bool:
-        _require(isinstance(value, bool), f"{key}={value}: expected true or false")
+        require(isinstance(value, bool), f"{key}={value}: expected true or false")
         return value
     if hint in (int, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        _require(ok and (hint is float or float(value).is_integer()), f"{key}={value}: expected {hint.__name__}")
+        require(ok and (hint is float or float(value).is_integer()), f"{key}={value}: expected {hint.__name__}")
         return hint(value)
     if hint is str:
         return str(value)
@@ -348,7 +349,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, all_keys: list[str]) ->
         if name not in names:
             raise ConfigError(f"{key}: no such config key{did_you_mean(key, all_keys)}")
         if dataclasses.is_dataclass(hints[name]):
-            _require(isinstance(value, dict), f"{key}={value}: expected keys under {key}.")
+            require(isinstance(value, dict), f"{key}={value}: expected keys under {key}.")
             kwargs[name] = _build(hints[name], value, key + ".", all_keys)
         else:
             kwargs[name] = _coerce(value, hints[name], key)

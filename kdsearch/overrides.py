@@ -14,15 +14,10 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from .config import Config, ConfigError, build_config, flatten, merge, nest
+from .config import Config, ConfigError, build_config, flatten, merge, nest, require
 
 CONFIG_FILE = "kdsearch_config.yaml"
 """An exported student's whole trial config, which `config=<file>` reads back."""
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -51,7 +46,7 @@ def split_arguments(argv: Sequence[str], own_keys: Sequence[str], usage: str) ->
     rest: list[str] = []
     for item in argv:
         key, eq, value = item.partition("=")
-        _require(bool(eq), f"{item!r}: arguments take the form key=value. {usage}")
+        require(bool(eq), f"{item!r}: arguments take the form key=value. {usage}")
         if key in own_keys:
             own[key] = value
         else:
@@ -67,7 +62,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     exported trial's `kdsearch_config.yaml`, say); the other overrides then apply on top of it.
     """
     for item in overrides:
-        _require("=" in item, f"{item!r}: overrides take the form key=value")
+        require("=" in item, f"{item!r}: overrides take the form key=value")
     files = [item.partition("=")[2] for item in overrides if item.startswith("config=")]
     items = [f"task.name={item[5:]}" if item.startswith("task=") and "{" not in item else item
              for item in overrides if not item.startswith("config=")]
@@ -91,14 +86,14 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 def read_config_file(path: str) -> dict[str, Any]:
     """`config=<path>`: a YAML mapping of config keys, nested or dotted (as a search space's `base`)."""
     file = Path(path).expanduser()
-    _require(file.is_file(), f"config={path}: no such file")
+    require(file.is_file(), f"config={path}: no such file")
     try:
         data = yaml.load(file.read_text(), Loader=YamlLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"config={path}: not valid YAML: {' '.join(str(err).split())}") from None
     except ConfigError as err:
         raise ConfigError(f"config={path}: {err}") from None
-    _require(isinstance(data, dict), f"config={path}: expected a mapping of config keys (key: value)")
+    require(isinstance(data, dict), f"config={path}: expected a mapping of config keys (key: value)")
     return nest(data)
 
 

@@ -27,6 +27,7 @@ from .models import (
 from .relations import RELATIONS, projection_modules, projection_widths
 from .tasks import TaskSpec, read_by
 from .ted import ACTIVATIONS, FILTERS
+from .units import units_to_keep
 
 
 def _check_names(cfg: Config) -> None:
@@ -66,7 +67,7 @@ def _check_shapes(cfg: Config, teacher: PretrainedConfig) -> None:
         raise ConfigError(f"distill.bridge=identity needs equal widths (student {d_s}, teacher {d_t}) or a "
                           f"width-free distance ({', '.join(sorted(WIDTH_FREE))}); use projector, ted or units")
     if bridge == "units":
-        k = round(cfg.units.ratio * d_t) if cfg.units.ratio is not None else d_s
+        k = units_to_keep(cfg.units.ratio, d_s, d_t)
         if k > d_s:
             raise ConfigError(f"units.ratio={cfg.units.ratio} keeps {k} teacher units but the student has only "
                               f"{d_s}: use units.ratio <= {d_s / d_t:.4g}")
