@@ -75,7 +75,7 @@ def _tokenizer(source: models.TeacherSource, raw: Any, spec: TaskSpec, store: St
 
 
 def fit_task(model: torch.nn.Module, data: Any, *, spec: TaskSpec, cfg: Config, pad_id: int,
-             device: torch.device) -> dict[str, float]:
+             device: torch.device, label: str = "teacher") -> dict[str, float]:
     """Fine-tune `model` on the task (AdamW, linear decay); returns its evaluation metrics."""
     ft = cfg.finetune
     model.to(device).train()
@@ -95,7 +95,7 @@ def fit_task(model: torch.nn.Module, data: Any, *, spec: TaskSpec, cfg: Config, 
             opt.step()
             sched.step()
         metrics = evaluate(model, data["validation"], spec=spec, batch_size=64, pad_id=pad_id, device=device)
-        _log(f"teacher fine-tune epoch {epoch + 1}/{ft.epochs}: eval_score={metrics['eval_score']:.4f}")
+        _log(f"{label} fine-tune epoch {epoch + 1}/{ft.epochs}: eval_score={metrics['eval_score']:.4f}")
     return metrics
 
 
@@ -152,7 +152,8 @@ def _fine_tuned_student(cfg: Config, prepared: Prepared, store: Store, device: t
         student: Any = make_student(cfg, load_teacher(prepared, device))
         torch.manual_seed(cfg.finetune.seed)
         _log(f"fine-tuning the initial student on {prepared.spec.name} (cached as student/{key})")
-        fit_task(student, prepared.data, spec=prepared.spec, cfg=cfg, pad_id=prepared.pad_id, device=device)
+        fit_task(student, prepared.data, spec=prepared.spec, cfg=cfg, pad_id=prepared.pad_id, device=device,
+                 label="student")
         student.cpu().save_pretrained(out)
 
     return str(store.get_or_build("student", key, build))
