@@ -49,8 +49,8 @@ class StudentConfig:
     init: Literal["teacher", "random"] = "teacher"
     """`teacher` copies embeddings, head and the teacher layers at the forward-map indices."""
     finetune: bool = False
-    """Fine-tune the initial student on the task (finetune.* settings, cached) before distilling, as TED's code
-    does: stage 1 then trains the student filters on the fine-tuned student, and distillation starts from it."""
+    """Fine-tune the initial student on the task (finetune.* settings but train.seed; cached) before distilling,
+    as TED's code does: stage 1 then trains the student filters on it, and distillation starts from it."""
 
     def __post_init__(self) -> None:
         require(self.layers >= 1, f"student.layers={self.layers}: a student needs at least 1 layer")

@@ -144,13 +144,15 @@ def make_student(cfg: Config, teacher: Any, fine_tuned: str | None = None) -> to
 
 
 def _fine_tuned_student(cfg: Config, prepared: Prepared, store: Store, device: torch.device) -> str:
-    """The initial student fine-tuned on the task with the finetune.* settings (student.finetune)."""
+    """The initial student fine-tuned on the task with the finetune.* settings (student.finetune), seeded by the
+    run's train.seed: the teacher's fine-tune is shared by every seed, the student's is part of each seed's run."""
+    cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, seed=cfg.train.seed))
     key = content_key(teacher=prepared.teacher_dir, student=flatten(cfg.student), seed=cfg.train.seed,
                       dropout=cfg.train.dropout, finetune=flatten(cfg.finetune))
 
     def build(out: Path) -> None:
         student: Any = make_student(cfg, load_teacher(prepared, device))
-        torch.manual_seed(cfg.finetune.seed)
+        torch.manual_seed(cfg.train.seed)
         _log(f"fine-tuning the initial student on {prepared.spec.name} (cached as student/{key})")
         fit_task(student, prepared.data, spec=prepared.spec, cfg=cfg, pad_id=prepared.pad_id, device=device,
                  label="student")
