@@ -57,6 +57,11 @@ class Store:
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / key
 
+    def find(self, kind: str, key: str) -> Path | None:
+        """The finished artifact, or None (never builds)."""
+        final = self.path(kind, key)
+        return final if (final / ".done").exists() else None
+
     def get_or_build(self, kind: str, key: str, build: Callable[[Path], None],
                      *, meta: dict[str, Any] | None = None) -> Path:
         final = self.path(kind, key)

@@ -49,8 +49,9 @@ class StudentConfig:
     init: Literal["teacher", "random"] = "teacher"
     """`teacher` copies embeddings, head and the teacher layers at the forward-map indices."""
     finetune: bool = False
-    """Fine-tune the initial student on the task (finetune.* settings but train.seed; cached) before distilling,
-    as TED's code does: stage 1 then trains the student filters on it, and distillation starts from it."""
+    """Fine-tune the initial student on the task before distilling, as TED's code does: stage 1 then trains the
+    student filters on it, and distillation starts from it. Cached; finetune.epochs/lr/batch_size as for the
+    teacher (changing them re-fine-tunes the teacher too), seeded by train.seed; finetune.mode is the teacher's."""
 
     def __post_init__(self) -> None:
         require(self.layers >= 1, f"student.layers={self.layers}: a student needs at least 1 layer")

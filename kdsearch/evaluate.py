@@ -44,7 +44,7 @@ class EvalArgs:
     """Absolute path of a Hugging Face task model directory (save_pretrained, with its tokenizer)."""
     split: Split
     with_teacher: bool
-    """Also score the fine-tuned teacher (kdsearch's cached one: fine-tuned first when it is not cached)."""
+    """Also score the fine-tuned teacher the student was distilled from, found in cache_dir (never rebuilt)."""
     out: Path | None
     """A JSON file for the scores; None = printed only."""
     uri: str
@@ -69,12 +69,20 @@ def parse_args(argv: Sequence[str]) -> tuple[EvalArgs, Config]:
     with_teacher = own.get("with_teacher", "false").lower()
     if with_teacher not in ("true", "false"):
         raise ConfigError(f"with_teacher={own['with_teacher']}: must be true or false")
+    out = Path(own["out"]) if own.get("out") else None
+    if out is not None and out.is_dir():
+        raise ConfigError(f"out={own['out']}: a folder; give a file name such as {out / 'scores.json'}")
     uri = own.get("tracking.uri", default_uri())
     check_tracking_uri(uri)
     exported = model / CONFIG_FILE
     cfg = with_absolute_paths(load_config(([f"config={exported}"] if exported.is_file() else []) + rest))
+    if exported.is_file():
+        distilled_on = load_config([f"config={exported}"]).task.name
+        if cfg.task.name != distilled_on:  # its head and tokenizer fit that task: scores elsewhere mean nothing
+            raise ConfigError(f"task.name={cfg.task.name}: model={own['model']} was distilled on task "
+                              f"{distilled_on}; task.data_dir= or task.hub= may point at other files of it")
     args = EvalArgs(model=str(model), split=split, with_teacher=with_teacher == "true",  # type: ignore[arg-type]
-                    out=Path(own["out"]) if own.get("out") else None, uri=uri,
+                    out=out, uri=uri,
                     experiment=own.get("tracking.experiment", DEFAULT_EXPERIMENT))
     return args, cfg
 
@@ -109,13 +117,19 @@ def score_model(model_dir: str, cfg: Config, split: Split, device: torch.device)
 def run_evaluation(args: EvalArgs, cfg: Config) -> tuple[dict[str, dict[str, Any]], str]:
     """Scores per model name ("student", and "teacher" with_teacher), logged as one MLflow run; (scores, run id)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher_dir = None
+    if args.with_teacher:  # found (or refused) before anything is scored
+        try:
+            teacher_dir = prepare_teacher(cfg, device=device, cached_only=True).teacher_dir
+        except ConfigError as err:
+            raise ConfigError(f"with_teacher=true: {err}") from None
     scores = {"student": score_model(args.model, cfg, args.split, device)}
-    if args.with_teacher:
-        teacher_dir = prepare_teacher(cfg, device=device).teacher_dir
+    if teacher_dir is not None:
         scores["teacher"] = score_model(teacher_dir, cfg, args.split, device)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"model": args.model, "task": cfg.task.name, "split": args.split,
+        args.out.write_text(json.dumps({"model": args.model, "teacher": cfg.teacher, "task": cfg.task.name,
+                                        "data": cfg.task.data_dir or cfg.task.hub, "split": args.split,
                                         "scores": scores}, indent=2))
     metrics = {f"{who}.{key}": float(v) for who, s in scores.items() for key, v in s.items()}
     params = {"analysis": "evaluate", "model": args.model, "split": args.split, "teacher": cfg.teacher,
@@ -145,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             [("model=<dir>", "a saved Hugging Face task model with its tokenizer (e.g. <search>/best_student)"),
              ("split=test|validation", "the labelled split to score (default test: task.data_dir's test.tsv/.csv/"
                                        ".jsonl/.parquet, the hub's test split, or the default task's)"),
-             ("with_teacher=true", "also score the fine-tuned teacher (kdsearch's cached one)"),
+             ("with_teacher=true", "also score the fine-tuned teacher it was distilled from (found in cache_dir)"),
              ("out=<file.json>", "write the scores as JSON"),
              ("tracking.uri=<uri>", "MLflow store"), ("tracking.experiment=<name>", "MLflow experiment")]))
         return 0

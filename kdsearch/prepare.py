@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from transformers import AutoConfig, AutoTokenizer
 from . import models, teacher_cache
 from .bridges import resolve_bridge
 from .cache import Store, content_key, file_digest
-from .config import Config, flatten
+from .config import Config, ConfigError, flatten
 from .data import load_raw_task
 from .encoding import tokenize_task, train_texts
 from .evaluation import evaluate, make_loader
@@ -59,15 +60,28 @@ def _log(message: str) -> None:
     print(f"[kdsearch.prepare] {message}", flush=True)
 
 
-def _tokenizer(source: models.TeacherSource, raw: Any, spec: TaskSpec, store: Store) -> Any:
+def _artifact(store: Store, kind: str, key: str, build: Callable[[Path], None], *, cached_only: bool,
+              meta: dict[str, Any] | None = None) -> Path:
+    """store.get_or_build, or with `cached_only` the finished artifact or a ConfigError: a tokenizer or teacher
+    built anew would not be the one an earlier run distilled from (WordPiece training is not bit-reproducible)."""
+    if not cached_only:
+        return store.get_or_build(kind, key, build, meta=meta)
+    found = store.find(kind, key)
+    if found is None:
+        raise ConfigError(f"cache_dir={store.root}: no {kind} for this teacher and task there ({kind}/{key}); "
+                          "pass the cache_dir= of the run that distilled the student")
+    return found
+
+
+def _tokenizer(source: models.TeacherSource, raw: Any, spec: TaskSpec, store: Store, cached_only: bool) -> Any:
     if not source.builtin:
         assert source.location is not None
         tok = AutoTokenizer.from_pretrained(source.location)
     else:
         family = models.family_of(models.teacher_config(source))
         key = content_key(kind="wordpiece", family=family, task=spec.name, data=raw["train"]._fingerprint)
-        path = store.get_or_build("tokenizer", key, lambda d: models.train_tokenizer(
-            train_texts(raw, spec), family=family).save_pretrained(d))
+        path = _artifact(store, "tokenizer", key, lambda d: models.train_tokenizer(
+            train_texts(raw, spec), family=family).save_pretrained(d), cached_only=cached_only)
         tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:  # GPT-2-like tokenizers ship without one
         tok.pad_token = tok.eos_token
@@ -100,7 +114,7 @@ def fit_task(model: torch.nn.Module, data: Any, *, spec: TaskSpec, cfg: Config, 
 
 
 def _teacher(cfg: Config, source: models.TeacherSource, tok: Any, data: Any, spec: TaskSpec,
-             store: Store, device: torch.device) -> Path:
+             store: Store, device: torch.device, cached_only: bool) -> Path:
     family = models.family_of(models.teacher_config(source))
     weights = file_digest(source.location) if source.location and Path(source.location).is_dir() else source.name
     key = content_key(teacher=source.name, weights=weights, data=data["train"]._fingerprint,
@@ -125,7 +139,8 @@ def _teacher(cfg: Config, source: models.TeacherSource, tok: Any, data: Any, spe
         tok.save_pretrained(out)
         (out / "teacher_metrics.json").write_text(json.dumps(metrics))
 
-    return store.get_or_build("teacher", key, build, meta={"teacher": source.name, "task": spec.name})
+    return _artifact(store, "teacher", key, build, cached_only=cached_only,
+                     meta={"teacher": source.name, "task": spec.name})
 
 
 def load_teacher(prepared: Prepared, device: torch.device) -> Any:
@@ -158,7 +173,9 @@ def _fine_tuned_student(cfg: Config, prepared: Prepared, store: Store, device: t
                  label="student")
         student.cpu().save_pretrained(out)
 
-    return str(store.get_or_build("student", key, build))
+    path = store.get_or_build("student", key, build)
+    _log(f"distilling from the fine-tuned student (student/{key})")
+    return str(path)
 
 
 def _ted_filters(cfg: Config, prepared: Prepared, pairs: list[tuple[int, int]], store: Store,
@@ -241,17 +258,18 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def prepare_teacher(cfg: Config, *, device: torch.device | None = None) -> Prepared:
-    """The task data, tokenised, and the fine-tuned teacher: what every strategy shares (no bridge artifacts)."""
+def prepare_teacher(cfg: Config, *, device: torch.device | None = None, cached_only: bool = False) -> Prepared:
+    """The task data, tokenised, and the fine-tuned teacher: what every strategy shares (no bridge artifacts).
+    `cached_only`: the tokenizer and teacher an earlier run built, or a ConfigError; never build them."""
     device = device or _default_device()
     store = Store(cfg.cache_dir)
     spec, raw = load_raw_task(cfg.task, cache_dir=cfg.cache_dir)
     source = models.resolve_teacher(cfg.teacher)
     family = models.family_of(models.teacher_config(source))
-    tok = _tokenizer(source, raw, spec, store)
+    tok = _tokenizer(source, raw, spec, store, cached_only)
     data = tokenize_task(raw, spec, tok, max_length=cfg.task.max_length, cache_dir=cfg.cache_dir, family=family)
     spec = read_by(spec, family)
-    teacher_dir = _teacher(cfg, source, tok, data, spec, store, device)
+    teacher_dir = _teacher(cfg, source, tok, data, spec, store, device, cached_only)
     n_t, d_t = models.depth_width(AutoConfig.from_pretrained(teacher_dir))
     return Prepared(spec=spec, family=family, teacher_dir=str(teacher_dir), data=data,
                     pad_id=tok.pad_token_id, n_teacher=n_t, d_teacher=d_t,

@@ -138,8 +138,8 @@ PROBES = 32
 
 def probe_space(space: space_model.Space, n: int = PROBES) -> str | None:
     """One warning line when some of `n` drawn trials fail validation (each param's ends, then at random), else
-    None. A combination of valid values can still be invalid (a unit ratio above a narrow student's share):
-    such trials fail in the search, which goes on; the warning says so before any runs."""
+    None; ConfigError when all do. A combination of valid values can still be invalid (a unit ratio above a
+    narrow student's share): such trials fail in the search, which goes on; the warning says so before any runs."""
     failed: list[tuple[dict[str, Any], str]] = []
     for params in space_model.probe_params(space, n):
         try:
@@ -149,6 +149,8 @@ def probe_space(space: space_model.Space, n: int = PROBES) -> str | None:
     if not failed:
         return None
     params, reason = failed[0]
+    if len(failed) == n:
+        raise ConfigError(f"space {space.name}: every one of {n} trials drawn from it fails validation, e.g. {reason}")
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
     return (f"warning: {len(failed)} of {n} trials drawn from space {space.name} would fail validation, e.g. "
             f"{shown}: {reason}. Such trials end FAILED and the search goes on; narrow the ranges or add `when`.")

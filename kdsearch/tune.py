@@ -254,10 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         check_search(settings, space)  # a dry run makes every check a real run makes, Ray's start aside
         settings = resolve_name(settings, space)
         check_resumable(settings, space)
+        warning = probe_space(space)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    warning = probe_space(space)
     if warning:
         print(warning, file=sys.stderr, flush=True)
     if settings.dry_run:

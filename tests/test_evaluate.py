@@ -30,6 +30,7 @@ def config_only(tmp_path: Path) -> Path:
     (["model={m}", "oops"], "'oops': arguments take the form key=value"),
     (["model={m}", "distill.layer_mapp=forward"], "did you mean distill.layer_map"),
     (["model={m}", "tracking.uri=file:./mlruns"], "the file store .* is unsupported"),
+    (["model={m}", "out={m}"], "a folder; give a file name such as"),
 ])
 def test_bad_command_lines_say_what_to_fix(config_only: Path, argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -62,6 +63,13 @@ def test_a_saved_student_is_scored_on_the_test_split_beside_its_teacher(tmp_path
     AutoTokenizer.from_pretrained(prepared.teacher_dir).save_pretrained(saved)
     write_config_file(cfg, saved / CONFIG_FILE)  # as an export writes it: the task, not the cache folder
     local = [f"cache_dir={tmp_path}/cache", f"tracking.uri={uri}"]
+
+    # the teacher it was distilled from is looked up, never fine-tuned anew (that would be another teacher)
+    assert main([f"model={saved}", "with_teacher=true", f"cache_dir={tmp_path}/elsewhere", f"tracking.uri={uri}"]) == 2
+    assert "with_teacher=true: cache_dir=" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere" / "teacher").exists()
+    with pytest.raises(ConfigError, match="was distilled on task default"):  # its head and vocabulary fit that task
+        parse_args([f"model={saved}", "task=sst2", "task.data_dir=/data/sst2"])
 
     # validation: the teacher's score is the one its fine-tune recorded, read back through the saved model
     assert main([f"model={saved}", "split=validation", "with_teacher=true", f"out={tmp_path}/val.json", *local]) == 0

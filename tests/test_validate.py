@@ -144,6 +144,9 @@ def test_a_space_whose_combinations_fail_is_warned_about_before_ray(tmp_path, ca
     assert "student.width_ratio=0.5, units.ratio=0.75: units.ratio=0.75 keeps 48 teacher units" in err[0]
     assert main(["space=flex", "dry_run=true"]) == 0
     assert not capsys.readouterr().err  # the shipped spaces draw no failing trial
+    path.write_text(path.read_text().replace("choices: [null, 0.5]", "choices: [0.5]").replace("low: 0.25", "low: 0.6"))
+    assert main([f"space={path}", "dry_run=true"]) == 2  # every trial would fail: refused, not warned about
+    assert "every one of 32 trials drawn from it fails validation" in capsys.readouterr().err
 
 
 def test_task_shorthand_composes_with_task_keys_on_every_command() -> None:
