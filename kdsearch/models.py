@@ -266,16 +266,29 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def train_tokenizer(texts: Iterable[str], *, family: Family, vocab_size: int = 2000):
-    """A WordPiece tokenizer trained on the task's text: the vocabulary of a built-in tiny teacher."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A WordPiece tokenizer for the task's text: the vocabulary of a built-in tiny teacher.
+
+    Deterministic, unlike the `tokenizers` WordPiece trainer (its ties break by hash order, so two trainings on
+    the same text differ): every character, alone and as a `##` continuation, then the most frequent whole
+    words (ties by spelling) up to `vocab_size`; a rarer word is spelled out in characters.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[EOS]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer, splitter = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts = Counter(word for text in texts for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    pieces = [*special, *chars, *(f"##{c}" for c in chars)]
+    taken = set(pieces)
+    words = [w for w, _ in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0])) if w not in taken]
+    vocab = {token: i for i, token in enumerate([*pieces, *words][:max(vocab_size, len(pieces))])}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = splitter
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
     if family == "encoder":
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(

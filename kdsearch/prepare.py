@@ -79,7 +79,7 @@ def _tokenizer(source: models.TeacherSource, raw: Any, spec: TaskSpec, store: St
         tok = AutoTokenizer.from_pretrained(source.location)
     else:
         family = models.family_of(models.teacher_config(source))
-        key = content_key(kind="wordpiece", family=family, task=spec.name, data=raw["train"]._fingerprint)
+        key = content_key(kind="words+chars", family=family, task=spec.name, data=raw["train"]._fingerprint)
         path = _artifact(store, "tokenizer", key, lambda d: models.train_tokenizer(
             train_texts(raw, spec), family=family).save_pretrained(d), cached_only=cached_only)
         tok = AutoTokenizer.from_pretrained(path)

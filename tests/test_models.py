@@ -103,3 +103,13 @@ def test_a_width_ratio_keeps_whole_heads_of_the_teachers_head_size(name: str) ->
     assert models.student_width(teacher, StudentConfig(width_ratio=0.05)) == 16  # never below one head
     config = models.student_config(teacher, layers=2, hidden_size=32)
     assert config.hidden_size // config.num_attention_heads == 16
+
+
+def test_the_built_in_tokenizer_is_the_same_every_time_it_is_trained() -> None:
+    # content-addressed caches and fine-tuned teachers assume it: the same text gives the same vocabulary
+    texts = [f"sentence {i} with words {'good ' * (i % 3)}and bad endings" for i in range(200)]
+    first, again = (models.train_tokenizer(texts, family="encoder", vocab_size=60) for _ in range(2))
+    assert first.get_vocab() == again.get_vocab() and len(first) == 60  # 53 characters and pieces, 7 words
+    pieces = first.convert_ids_to_tokens(first("endings goodbad")["input_ids"])
+    assert pieces[0] == "[CLS]" and pieces[-1] == "[SEP]" and "[UNK]" not in pieces  # rarer words spelled out
+    assert len(pieces) > 4  # ... in characters
