@@ -17,7 +17,11 @@ from torch import Tensor
 from kdsearch.registry import Registry
 from kdsearch.tasks import IGNORE_INDEX
 
-"""Label value that task losses skip (the Hugging Face convention for padding and prompt tokens)."""
+
+def _full_precision(t: Tensor) -> torch.autocast:
+    """Autocast off on t's device: matmuls inside run in t's dtype (fp32 here), not in bf16/fp16."""
+    return torch.autocast(t.device.type, enabled=False)
+
 
 HiddenDistance = Callable[..., Tensor]
 """`(student (B,T,D), teacher (B,T,D), *, mask (B,T) | None) -> scalar`."""
@@ -153,8 +157,9 @@ def cka(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None, eps: fl
     y = teacher.float()[keep]  # (N, d_t)
     x = x - x.mean(dim=0, keepdim=True)
     y = y - y.mean(dim=0, keepdim=True)
-    cross = (y.T @ x).pow(2).sum()  # ||Y^T X||_F^2
-    norms = (x.T @ x).norm() * (y.T @ y).norm()
+    with _full_precision(x):  # Gram matrices of BERT-like states overflow fp16 and round to zero in bf16
+        cross = (y.T @ x).pow(2).sum()  # ||Y^T X||_F^2
+        norms = (x.T @ x).norm() * (y.T @ y).norm()
     return 1.0 - cross / norms.clamp_min(eps)
 
 
@@ -260,7 +265,8 @@ def relation_scores(x: Tensor, y: Tensor, *, heads: int) -> Tensor:
                          f"{width} and {y.shape[-1]}")
     xh = x.float().reshape(batch, length, heads, -1).transpose(1, 2)  # (B, R, T, d/R)
     yh = y.float().reshape(batch, length, heads, -1).transpose(1, 2)
-    return xh @ yh.transpose(-1, -2) / math.sqrt(xh.shape[-1])  # (B, R, T, T)
+    with _full_precision(xh):
+        return xh @ yh.transpose(-1, -2) / math.sqrt(xh.shape[-1])  # (B, R, T, T)
 
 
 def relation_log_probs(x: Tensor, y: Tensor, *, heads: int, mask: Tensor | None = None,

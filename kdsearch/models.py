@@ -8,6 +8,7 @@ Imports torch and transformers only.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -39,8 +40,11 @@ Family = Literal["encoder", "causal"]
 _TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-bert": ("BertConfig", dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                                      intermediate_size=128, max_position_embeddings=256)),
+    # RoBERTa's padding index is the built-in tokenizer's [PAD] (0), not RobertaConfig's default 1 ([UNK] there):
+    # positions start after it, so 257 position embeddings embed 256 tokens.
     "tiny-roberta": ("RobertaConfig", dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                           intermediate_size=128, max_position_embeddings=258)),
+                                           intermediate_size=128, max_position_embeddings=257, pad_token_id=0,
+                                           bos_token_id=2, eos_token_id=3)),
     "tiny-deberta": ("DebertaV2Config", dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                                              intermediate_size=128, max_position_embeddings=256)),
     # GPT-2's special ids (50256) lie outside a tiny vocabulary; the trained tokenizer owns its own.
@@ -158,15 +162,15 @@ _DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_p
 
 
 def student_width(teacher: PretrainedConfig, student: StudentConfig) -> int:
-    """d_s: `student.hidden_size`; or `student.width_ratio` of the teacher's width, rounded to whole heads of the
-    teacher's head size (so every student head keeps it); or the teacher's width."""
+    """d_s: `student.hidden_size`; or `student.width_ratio` of the teacher's width, rounded (half up) to whole
+    heads of the teacher's head size (so every student head keeps it); or the teacher's width."""
     d_t = int(teacher.hidden_size)
     if student.hidden_size:
         return student.hidden_size
     if student.width_ratio is None:
         return d_t
     heads = int(teacher.num_attention_heads)
-    return max(1, round(student.width_ratio * heads)) * (d_t // heads)
+    return max(1, math.floor(student.width_ratio * heads + 0.5)) * (d_t // heads)
 
 
 def student_config(teacher: PretrainedConfig, *, layers: int, hidden_size: int | None,

@@ -10,7 +10,7 @@ from kdsearch import models
 from kdsearch.bridges import BRIDGES, BridgeInputs
 from kdsearch.losses import LOGIT_LOSSES
 from kdsearch.overrides import load_config
-from kdsearch.step import Distiller, leaves_parameters_unused, teacher_forward
+from kdsearch.step import Distiller, TeacherOutputs, leaves_parameters_unused, teacher_forward
 from kdsearch.tasks import task_spec
 from kdsearch.ted import FILTERS, build_filters, filter_width
 from kdsearch.units import score_units, select_units
@@ -221,3 +221,70 @@ def test_a_step_leaves_parameters_unused_only_when_declared(family: str, bridge:
         assert idle == []
     elif family != "tiny-gpt2":  # GPT-2's last hidden state is after ln_f and its head shares the embeddings
         assert idle, "hidden pairs alone leave the task head idle"
+
+
+def test_causal_logit_term_matches_next_token_predictions_on_response_tokens_only() -> None:
+    # position t predicts token t+1: the teacher's and student's logits at t are compared where token t+1 is a
+    # target (a response token), never at the prompt
+    source = models.resolve_teacher("tiny-gpt2")
+    config = models.teacher_config(source, vocab_size=30)
+    torch.manual_seed(0)
+    teacher = models.freeze(models.task_model_class("causal").from_config(config))
+    student = models.build_student(teacher, layers=2, hidden_size=None, init="random", seed=0).eval()  # no dropout
+    cfg = load_config(["distill.w_task=0", "distill.w_hidden=0", "distill.temperature=2"]).distill
+    distiller = Distiller(student, BRIDGES.get("identity")(inputs("identity", 64)), kind="causal_lm", cfg=cfg)
+    ids = torch.randint(1, 30, (2, 6), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[:, :3] = -100  # a 3-token prompt: the first target is token 3, predicted at position 2
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    live = teacher_forward(teacher, batch, hidden=False)
+    terms = distiller(batch, live, [])
+    expected = LOGIT_LOSSES.get("kl")(terms["logits"][:, :-1], live.logits[:, :-1], temperature=2.0,
+                                      mask=labels[:, 1:] != -100)
+    torch.testing.assert_close(terms["logit"].detach(), expected)
+
+    def logit_term_with_teacher_changed_at(position: int) -> torch.Tensor:
+        logits = live.logits.clone()
+        logits[:, position] += torch.randn_like(logits[:, position])
+        return distiller(batch, TeacherOutputs(logits, None), [])["logit"].detach()
+
+    for prompt_position in (0, 1, 5):  # 0, 1 predict prompt tokens; 5 predicts nothing
+        torch.testing.assert_close(logit_term_with_teacher_changed_at(prompt_position), terms["logit"].detach())
+    assert not torch.isclose(logit_term_with_teacher_changed_at(2), terms["logit"].detach())
+
+
+class _LabelAtLayer(nn.Module):
+    """A frozen 'model' whose hidden state `informative` carries the label in its first token; every other
+    state is noise: which filter learns the task tells which state it was trained on."""
+
+    def __init__(self, informative: int, layers: int = 4, width: int = 8) -> None:
+        super().__init__()
+        self.informative, self.layers, self.width = informative, layers, width
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, output_hidden_states: bool):
+        g = torch.Generator().manual_seed(int(input_ids.sum()))
+        states = [self.scale * torch.randn(*input_ids.shape, self.width, generator=g) for _ in range(self.layers + 1)]
+        signal = (input_ids[:, 0] % 2).float() * 2 - 1  # the label, as +-1
+        states[self.informative][:, 0, 0] = 3 * signal
+        return type("Out", (), {"hidden_states": tuple(states)})()
+
+
+def test_ted_stage1_trains_each_filter_on_its_own_hidden_state_and_leaves_the_model_alone() -> None:
+    from kdsearch.ted import train_stage1
+
+    model = _LabelAtLayer(informative=2)
+    before = model.scale.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    loader = []
+    for _ in range(8):
+        ids = torch.randint(1, 50, (16, 5), generator=g)
+        loader.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[:, 0] % 2})
+    cfg = load_config(["distill.bridge=ted"]).ted
+    torch.manual_seed(0)
+    filters = build_filters([1, 2, 3], 8, 8, cfg)
+    accuracy = train_stage1(model, filters, d_f=8, loader=loader, kind="classification", n_out=2, epochs=6,
+                            lr=1e-2, device=torch.device("cpu"))
+    assert accuracy["2"] > 0.95
+    assert accuracy["1"] < 0.8 and accuracy["3"] < 0.8
+    assert torch.equal(model.scale.detach(), before)

@@ -159,6 +159,19 @@ def test_cka_compares_across_widths_up_to_rotation_and_scale() -> None:
         cka(s, torch.zeros(3, 4, 8))
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_distance_is_computed_in_fp32_under_autocast(name: str) -> None:
+    """BERT-like states (a few outlier units of large magnitude): bf16 matmuls would lose the signal."""
+    s, t, mask = _pair(d=64)
+    s[..., :2] *= 300.0
+    t = s + 0.05 * t
+    exact = DISTANCES.get(name)(s, t, mask=mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = DISTANCES.get(name)(s, t, mask=mask)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, exact)
+
+
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
 def test_logit_kl_matches_kl_div_batchmean(temperature: float) -> None:
     g = torch.Generator().manual_seed(1)

@@ -101,8 +101,21 @@ def test_a_width_ratio_keeps_whole_heads_of_the_teachers_head_size(name: str) ->
     assert models.student_width(teacher, StudentConfig(width_ratio=0.5)) == 32
     assert models.student_width(teacher, StudentConfig(width_ratio=0.3)) == 16  # 1.2 heads -> 1
     assert models.student_width(teacher, StudentConfig(width_ratio=0.05)) == 16  # never below one head
+    assert models.student_width(teacher, StudentConfig(width_ratio=0.625)) == 48  # 2.5 heads -> 3
+    assert models.student_width(teacher, StudentConfig(width_ratio=0.375)) == 32  # 1.5 heads -> 2
     config = models.student_config(teacher, layers=2, hidden_size=32)
     assert config.hidden_size // config.num_attention_heads == 16
+
+
+@pytest.mark.parametrize("name", models.TINY_MODELS)
+def test_a_built_in_teachers_special_ids_are_its_tokenizers(name: str) -> None:
+    family = models.family_of(models.teacher_config(models.resolve_teacher(name)))
+    tok = models.train_tokenizer(["a good film", "a bad one"], family=family, vocab_size=40)
+    model = tiny(name, vocab=len(tok))
+    assert model.config.pad_token_id == tok.pad_token_id
+    assert model.get_input_embeddings().padding_idx in (None, tok.pad_token_id)  # [UNK] trains like any token
+    if family == "encoder" and model.config.bos_token_id is not None:
+        assert (model.config.bos_token_id, model.config.eos_token_id) == (tok.cls_token_id, tok.sep_token_id)
 
 
 def test_the_built_in_tokenizer_is_the_same_every_time_it_is_trained() -> None:

@@ -24,7 +24,7 @@ import pytest
     (["train.batch_size=4", "train.grad_accum=8"], "does not split evenly"),
     (["train.batch_size=33", "resources.num_workers=2"], "use a multiple of 2"),
     (["task.max_length=300"], "task.max_length=300 is longer than teacher=tiny-bert reads (256 positions)"),
-    (["teacher=tiny-roberta", "task.max_length=257"], "(256 positions)"),  # 258 embeddings, 2 before the first
+    (["teacher=tiny-roberta", "task.max_length=257"], "(256 positions)"),  # 257 embeddings, 1 before the first
     (["train.max_steps_per_epoch=0"], "train.max_steps_per_epoch=0: must be >= 1"),
     (["finetune.batch_size=0"], "finetune.batch_size=0: must be >= 1"),
     (["distill.layers=[1,2", "distill.layer_map=explicit"], "'distill.layers=[1,2': cannot parse the value"),
