@@ -76,14 +76,18 @@ def _header(path: Path, where: str) -> list[str]:
         if meta.num_rows == 0:
             raise ConfigError(f"{where}: {path.name} has no rows")
         return list(meta.schema.to_arrow_schema().names)
-    with path.open(encoding="utf-8") as f:
-        first, second = f.readline(), f.readline()
-    if path.suffix == ".jsonl":
-        try:
-            return list(json.loads(first))
-        except (json.JSONDecodeError, TypeError):
-            raise ConfigError(f"{where}: the first line of {path.name} is not a JSON object") from None
-    if not second.strip():
+    with path.open(encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel's CSVs) is not in a name
+        first = f.readline()
+        if path.suffix == ".jsonl":
+            try:
+                row = json.loads(first)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{where}: the first line of {path.name} is not a JSON object")
+            return list(row)
+        rows = any(line.strip() for line in f)  # blank lines are skipped, as the CSV reader skips them
+    if not rows:
         raise ConfigError(f"{where}: {path.name} has a header but no rows")
     delimiter = "\t" if path.suffix == ".tsv" else ","
     return [name.strip() for name in next(csv.reader([first], delimiter=delimiter))]

@@ -26,7 +26,7 @@ from kdsearch.tasks import IGNORE_INDEX, TaskSpec
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-_CACHE_VERSION = 1  # bump when the tokenised layout changes, so old cache entries are not reused
+_CACHE_VERSION = 2  # bump when the tokenised layout changes, so old cache entries are not reused
 
 
 # --- text views -----------------------------------------------------------------------------------------
@@ -67,13 +67,18 @@ def _tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _cache_key(raw: DatasetDict, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase,
-               max_length: int, family: str) -> str:
-    parts = {
-        "version": _CACHE_VERSION, "task": spec.name, "family": family, "max_length": max_length,
-        "tokenizer": _tokenizer_hash(tokenizer),
-        "splits": {split: [len(ds), content_hash(ds)] for split, ds in sorted(raw.items())},
-    }
+def _split_keys(raw: DatasetDict, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase,
+                max_length: int, family: str) -> dict[str, str]:
+    """Each split's tokenised identity: its rows and how they are tokenised. It becomes the split's fingerprint,
+    which artifacts built from one split (a teacher fine-tuned on train) are keyed on: a new validation split
+    leaves the train split's key, and so the fine-tuned teacher, as they were."""
+    common = {"version": _CACHE_VERSION, "task": spec.name, "family": family, "max_length": max_length,
+              "tokenizer": _tokenizer_hash(tokenizer)}
+    return {split: _digest({**common, "split": split, "rows": [len(ds), content_hash(ds)]})
+            for split, ds in raw.items()}
+
+
+def _digest(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -125,15 +130,15 @@ def tokenize_task(raw: DatasetDict, spec: TaskSpec, tokenizer: PreTrainedTokeniz
         raise ConfigError(f"task.name={spec.name}: a causal_lm task needs a causal (decoder) teacher")
     if family == "causal" and spec.kind == "regression":
         raise ConfigError(f"task.name={spec.name}: a regression task needs an encoder teacher")
-    target = Path(cache_dir) / "data" / _cache_key(raw, spec, tokenizer, max_length, family)
+    keys = _split_keys(raw, spec, tokenizer, max_length, family)
+    target = Path(cache_dir) / "data" / _digest(keys)
     if not target.is_dir():
         encode = _encode_causal if family == "causal" else _encode_encoder
         kwargs = {"spec": spec, "tokenizer": tokenizer, "max_length": max_length}
         # new_fingerprint: the key already names the result, and spares datasets hashing the tokenizer
         built = DatasetDict({
             split: ds.map(encode, batched=True, remove_columns=ds.column_names, fn_kwargs=kwargs,
-                          features=_features(spec, family), keep_in_memory=True,
-                          new_fingerprint=f"{target.name}-{split}")
+                          features=_features(spec, family), keep_in_memory=True, new_fingerprint=keys[split])
             for split, ds in raw.items()})
         # Trials tokenise concurrently: write aside, then rename; the loser of the race drops its copy.
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")

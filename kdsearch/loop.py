@@ -8,6 +8,7 @@ No Ray, Optuna or MLflow import here.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from . import models
 from .bridges import BRIDGES, BridgeInputs, resolve_bridge
@@ -163,14 +165,23 @@ def _mean_over_workers(shares: list[dict[str, float]]) -> dict[str, float]:
     return {name: sum(share[name] for share in shares) / len(shares) for name in shares[0]}
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed for (run seed, epoch), the pair hashed: `seed + epoch` would give seed s at epoch e + 1
+    the batches and dropout masks of seed s + 1 at epoch e, so runs of neighbouring seeds would share them."""
+    digest = hashlib.sha256(f"kdsearch-epoch:{seed}:{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def _seed_epoch(loader: Any, seed: int, epoch: int) -> None:
     """Epoch e draws the same batches and dropout masks whether the run started fresh or resumed."""
-    torch.manual_seed(seed + epoch)
+    mixed = epoch_seed(seed, epoch)
+    torch.manual_seed(mixed)
     sampler: Any = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):  # DistributedSampler (several workers): shuffles with seed + epoch
-        sampler.set_epoch(epoch)
+    if isinstance(sampler, DistributedSampler):  # several workers: it shuffles with its seed + its epoch
+        sampler.seed = mixed
+        sampler.set_epoch(0)
     elif getattr(loader, "generator", None) is not None:
-        loader.generator.manual_seed(seed + epoch)
+        loader.generator.manual_seed(mixed)
 
 
 # Steps between finiteness checks of the loss: each check is a host sync, which on a GPU stops the CPU from
@@ -211,12 +222,15 @@ def _train_epoch(model: nn.Module, teacher: nn.Module | TeacherCache, loader: An
                 sums[name] = sums[name] + value.detach() if name in sums else value.detach()
         if not last:
             continue
+        norm = optimiser.clip()
+        if optimiser.scaler is None:  # with fp16 an overflowing gradient is the scaler's to skip
+            finite &= torch.isfinite(norm)
         if (step + 1) % _CHECK_EVERY == 0 or step + 1 == steps:
             if not finite.item():  # every epoch ends on a check: no checkpoint holds weights a nan updated
-                raise FloatingPointError(f"the loss became nan or inf at epoch {epoch + 1}, steps {checked + 1}-"
-                                         f"{step + 1}: lower train.lr or the loss weights")
+                raise FloatingPointError(f"the loss or its gradients became nan or inf at epoch {epoch + 1}, steps "
+                                         f"{checked + 1}-{step + 1}: lower train.lr or the loss weights")
             checked = step + 1
-        optimiser.update()
+        optimiser.step()
     return {f"train_{name}": value.item() / max(micro_batches, 1) for name, value in sums.items()}
 
 

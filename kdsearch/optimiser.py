@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class Optimiser:
-    """AdamW, its schedule and (fp16) the loss scaler: one update per step, one state to checkpoint."""
+    """AdamW, its schedule and (fp16) the loss scaler: per step backward (per micro-batch), clip, step; one state
+    to checkpoint."""
 
     opt: torch.optim.Optimizer
     sched: Any
@@ -31,17 +32,28 @@ class Optimiser:
         """Accumulate the loss's gradients (scaled for fp16)."""
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
-    def update(self) -> None:
-        """Clip the accumulated gradients, apply them, advance the schedule, clear the gradients."""
+    def clip(self) -> torch.Tensor:
+        """Unscale (fp16) and clip the accumulated gradients; their total norm before clipping, left on the
+        device (no host sync): non-finite when a gradient is."""
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)  # clip the true gradients, not the scaled ones
-        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        return torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+
+    def step(self) -> None:
+        """Apply the clipped gradients, advance the schedule, clear the gradients.
+
+        With fp16 the scaler skips an update whose gradients overflowed and lowers its scale; the schedule then
+        stays where it is, so that it counts updates made (GradScaler.step syncs with the host anyway).
+        """
         if self.scaler is None:
             self.opt.step()
+            self.sched.step()
         else:
-            self.scaler.step(self.opt)  # skips the update when a gradient overflowed
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.opt)
             self.scaler.update()
-        self.sched.step()
+            if self.scaler.get_scale() >= scale:
+                self.sched.step()
         self.opt.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,10 +138,33 @@ def _teacher(cfg: Config, source: models.TeacherSource, tok: Any, data: Any, spe
                                pad_id=tok.pad_token_id, device=device)
         model.cpu().save_pretrained(out)
         tok.save_pretrained(out)
-        (out / "teacher_metrics.json").write_text(json.dumps(metrics))
+        (out / _metrics_file(data["validation"])).write_text(json.dumps(metrics))
 
     return _artifact(store, "teacher", key, build, cached_only=cached_only,
                      meta={"teacher": source.name, "task": spec.name})
+
+
+def _metrics_file(validation: Any) -> str:
+    return f"metrics-{validation._fingerprint}.json"
+
+
+def _teacher_metrics(teacher_dir: Path, validation: Any, *, spec: TaskSpec, family: models.Family, pad_id: int,
+                     device: torch.device) -> dict[str, float]:
+    """The fine-tuned teacher's scores on this validation split, kept beside it. Its key names the training
+    split only (fine-tuning never reads the validation split), so another validation split reuses the teacher
+    and has it scored once more."""
+    path = teacher_dir / _metrics_file(validation)
+    if path.is_file():
+        return json.loads(path.read_text())
+    model: torch.nn.Module = models.load_task_model(str(teacher_dir), family)
+    metrics = evaluate(model.to(device), validation, spec=spec, batch_size=64, pad_id=pad_id, device=device)
+    try:  # write aside, then rename: trials scoring it at once each write a whole file
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(metrics))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache: scored again next time
+    return metrics
 
 
 def load_teacher(prepared: Prepared, device: torch.device) -> Any:
@@ -271,9 +295,10 @@ def prepare_teacher(cfg: Config, *, device: torch.device | None = None, cached_o
     spec = read_by(spec, family)
     teacher_dir = _teacher(cfg, source, tok, data, spec, store, device, cached_only)
     n_t, d_t = models.depth_width(AutoConfig.from_pretrained(teacher_dir))
+    metrics = _teacher_metrics(teacher_dir, data["validation"], spec=spec, family=family, pad_id=tok.pad_token_id,
+                               device=device)
     return Prepared(spec=spec, family=family, teacher_dir=str(teacher_dir), data=data,
-                    pad_id=tok.pad_token_id, n_teacher=n_t, d_teacher=d_t,
-                    teacher_metrics=json.loads((teacher_dir / "teacher_metrics.json").read_text()))
+                    pad_id=tok.pad_token_id, n_teacher=n_t, d_teacher=d_t, teacher_metrics=metrics)
 
 
 def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:

@@ -51,6 +51,17 @@ def test_every_file_format_loads_the_same_rows(tmp_path: Path, fmt: str) -> None
     assert len(raw["validation"]) == 3
 
 
+@pytest.mark.parametrize("fmt", ["tsv", "csv"])
+def test_a_byte_order_mark_and_blank_lines_do_not_change_the_rows(tmp_path: Path, fmt: str) -> None:
+    d = sst2_dir(tmp_path / "d", fmt)
+    train = d / f"train.{fmt}"
+    header, *rows = train.read_text(encoding="utf-8").splitlines(keepends=True)
+    train.write_text("\ufeff" + header + "\n" + "".join(rows), encoding="utf-8")  # as Excel saves, a blank line
+    spec, raw = load(tmp_path, name="sst2", data_dir=str(d))
+    assert raw["train"].column_names == ["sentence", "label"]
+    assert [(r["sentence"], r["label"]) for r in raw["train"]] == ROWS
+
+
 def test_validation_file_name_pair_task_and_mnli_dev_matched(tmp_path: Path) -> None:
     rows = [{"sentence1": "a b", "sentence2": "c d", "label": 1, "idx": 0}] * 4
     write(tmp_path / "m" / "train.jsonl", rows, "jsonl")
@@ -173,6 +184,9 @@ def _broken(tmp_path: Path, case: str) -> dict:
         write(d / "train.tsv", [{"text": "x", "label": 1}], "tsv")
     if case == "two_train_files":
         write(d / "train.csv", [{"sentence": "x", "label": 1}], "csv")
+    if case == "jsonl_not_objects":
+        (d / "train.tsv").unlink()
+        (d / "train.jsonl").write_text('["x", 1]\n["y", 0]\n')
     if case == "empty_parquet":
         (d / "train.tsv").unlink()
         pq.write_table(pa.table({"sentence": pa.array([], pa.string()), "label": pa.array([], pa.int64())}),
@@ -186,7 +200,8 @@ ERRORS = {"no_dir": ("task.data_dir", "no such directory"), "unknown_task": ("ta
           "no_label": ("task.data_dir", "found columns: sentence, labels"),
           "no_text": ("task.data_dir", "no 'sentence' column"),
           "two_train_files": ("task.data_dir", "keep one"),
-          "empty_parquet": ("task.data_dir", "no rows")}
+          "empty_parquet": ("task.data_dir", "no rows"),
+          "jsonl_not_objects": ("task.data_dir", "train.jsonl is not a JSON object")}
 
 
 @pytest.mark.parametrize("case", sorted(ERRORS))

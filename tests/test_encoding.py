@@ -92,6 +92,11 @@ def test_tokenised_data_is_cached_on_disk_and_reused(default_task, tmp_path: Pat
     tokenize_task(raw, spec, tok, **{**kwargs, "max_length": 12})  # type: ignore[arg-type]
     tokenize_task(raw.map(lambda r: {"label": 1 - r["label"]}), spec, tok, **kwargs)  # type: ignore[arg-type]
     assert len(list((tmp_path / "data").iterdir())) == 3
+    fewer = datasets.DatasetDict({"train": raw["train"], "validation": raw["validation"].select(range(10))})
+    third = tokenize_task(fewer, spec, tok, **kwargs)  # type: ignore[arg-type]
+    # what is built from the train split alone (the fine-tuned teacher) keys on its fingerprint: unchanged
+    assert third["train"]._fingerprint == first["train"]._fingerprint
+    assert third["validation"]._fingerprint != first["validation"]._fingerprint
 
 
 # --- collation ----------------------------------------------------------------------------------------

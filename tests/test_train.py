@@ -74,10 +74,42 @@ def test_loop_reports_each_epoch_and_resumes_from_a_checkpoint(cache: Path, tmp_
 
 
 @pytest.mark.slow
+def test_another_validation_split_reuses_the_fine_tuned_teacher_and_scores_it_anew(cache: Path) -> None:
+    from kdsearch.evaluation import evaluate
+    from kdsearch.prepare import load_teacher
+
+    first, other = prepare(small(cache)), prepare(small(cache, "task.eval_size=40"))
+    assert other.teacher_dir == first.teacher_dir and len(other.data["validation"]) == 40
+    scored = evaluate(load_teacher(other, torch.device("cpu")), other.data["validation"], spec=other.spec,
+                      batch_size=64, pad_id=other.pad_id, device=torch.device("cpu"))
+    assert other.teacher_metrics == pytest.approx(scored)
+    assert prepare(small(cache)).teacher_metrics == first.teacher_metrics
+
+
+@pytest.mark.slow
 def test_a_diverging_run_fails_with_a_clear_error(cache: Path) -> None:
     cfg = small(cache, "train.lr=1e12", "train.warmup_ratio=0", "train.epochs=1")
     with pytest.raises(FloatingPointError, match="lower train.lr"):
         _run(cfg)
+
+
+def test_each_seed_and_epoch_draws_its_own_batches_on_one_worker_and_on_several() -> None:
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from kdsearch.loop import _seed_epoch
+
+    rows = list(range(24))
+
+    def order(loader, seed: int, epoch: int) -> list[int]:
+        _seed_epoch(loader, seed, epoch)
+        return [int(x) for batch in loader for x in batch]
+
+    one = DataLoader(rows, batch_size=4, shuffle=True, generator=torch.Generator())
+    shard = DataLoader(rows, batch_size=4, sampler=DistributedSampler(rows, num_replicas=2, rank=0, shuffle=True))
+    for loader in (one, shard):
+        orders = {(seed, epoch): order(loader, seed, epoch) for seed in (0, 1, 7) for epoch in (0, 1)}
+        assert len({tuple(o) for o in orders.values()}) == len(orders)  # seed s, epoch e+1 is not seed s+1, epoch e
+        assert order(loader, 1, 1) == orders[(1, 1)]  # and a resumed epoch draws what it drew the first time
 
 
 def test_fp16_loss_scaling_skips_an_overflowing_step_and_checkpoints_its_scale() -> None:
@@ -88,19 +120,42 @@ def test_fp16_loss_scaling_skips_an_overflowing_step_and_checkpoints_its_scale()
     opt = torch.optim.AdamW(params, lr=0.1, fused=True)
     optimiser = Optimiser(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), params,
                           torch.amp.GradScaler("cpu", init_scale=1024.0))
-    optimiser.backward(model(torch.randn(8, 4)).pow(2).mean())
-    optimiser.update()
+    def update(loss: torch.Tensor) -> None:
+        optimiser.backward(loss)
+        optimiser.clip()
+        optimiser.step()
+
+    update(model(torch.randn(8, 4)).pow(2).mean())
     weights = model.weight.detach().clone()
-    optimiser.backward(model(torch.randn(8, 4)).sum() * float("inf"))  # inf gradients: no update, scale halved
-    optimiser.update()
+    update(model(torch.randn(8, 4)).sum() * float("inf"))  # inf gradients: no update, scale halved
     assert torch.equal(model.weight, weights) and optimiser.scaler.get_scale() == 512.0
-    optimiser.backward(model(torch.randn(8, 4)).pow(2).mean())
-    optimiser.update()
-    assert not torch.equal(model.weight, weights)
+    assert optimiser.sched.last_epoch == 1  # the skipped update does not use up a step of the schedule
+    update(model(torch.randn(8, 4)).pow(2).mean())
+    assert not torch.equal(model.weight, weights) and optimiser.sched.last_epoch == 2
     state = optimiser.state_dict()
     fresh = Optimiser(opt, optimiser.sched, params, torch.amp.GradScaler("cpu"))
     fresh.load_state_dict(state)  # a resumed run keeps the learned scale
     assert fresh.scaler is not None and fresh.scaler.get_scale() == 512.0
+
+
+def test_a_nan_gradient_under_a_finite_loss_fails_the_epoch_before_its_update(monkeypatch) -> None:
+    class Kinked(torch.nn.Module):  # the loss is sqrt(0) + 1 = 1, its gradient 0/0
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, batch: dict, outputs: object, pairs: list) -> dict:
+            d = (self.w - self.w.detach()) * batch["input_ids"]
+            return {"loss": torch.sqrt((d ** 2).sum()) + 1.0}
+
+    monkeypatch.setattr("kdsearch.loop.teacher_forward", lambda *args, **kwargs: None)
+    model = Kinked()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    optimiser = Optimiser(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), list(model.parameters()))
+    batch = {"input_ids": torch.ones(3)}
+    with pytest.raises(FloatingPointError, match="gradients became nan"):
+        _train_epoch(model, torch.nn.Identity(), [batch], optimiser, [], steps=1, ctx=WorkerContext(), epoch=0)
+    assert torch.equal(model.w.detach(), torch.ones(3))  # the checkpoint of this epoch would hold no nan
 
 
 @pytest.mark.slow
