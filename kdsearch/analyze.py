@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import models
 from .config import Config, ConfigError, with_absolute_paths
-from .console import quiet_libraries
+from .console import quiet_libraries, run_command
 from .evaluation import make_loader
 from .overrides import load_config, split_arguments
 from .prepare import Prepared, load_teacher, make_student, prepare
@@ -252,4 +252,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_command(main))

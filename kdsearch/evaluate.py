@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from . import models
 from .config import Config, ConfigError, with_absolute_paths
-from .console import quiet_libraries
+from .console import quiet_libraries, run_command
 from .data import Split, load_raw_task
 from .encoding import tokenize_task
 from .evaluation import evaluate, forward_latency_ms
@@ -177,4 +177,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_command(main))

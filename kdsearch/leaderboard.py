@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from kdsearch.config import ConfigError, config_keys, did_you_mean
+from kdsearch.console import run_command
 from kdsearch.plots import plot_all
 from kdsearch.ranking import Objective, Row, pareto_front, parse_objectives, rank_rows, value
 from kdsearch.tracking import (
@@ -154,7 +155,7 @@ def search_ranking(*, uri: str, experiment: str, search: str | None,
     objectives = objectives or search_objectives(parent)
     reported = sorted({k for t in trials for k in t.metrics})
     for objective in objectives:
-        if trials and objective.name not in reported:
+        if reported and objective.name not in reported:  # (nothing reported yet: a search stopped early)
             raise ConfigError(f"objectives={objective.name}:{objective.mode}: no trial of {parent.name} reports "
                               f"{objective.name}{did_you_mean(objective.name, reported)}")
     ranked = rank_rows(rows, *objectives[0], then=objectives[1:])
@@ -230,4 +231,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_command(main))

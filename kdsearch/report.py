@@ -26,7 +26,7 @@ from typing import Any
 
 from . import models, space_model
 from .config import Config, ConfigError, build_config, did_you_mean
-from .console import quiet_libraries
+from .console import quiet_libraries, run_command
 from .overrides import parse_overrides
 from .search import SearchSettings, check_search, code_version
 from .studies import STUDIES, Study, grid_space, make_study, row_of, seeded_rows, unique
@@ -229,7 +229,7 @@ def build_study(args: dict[str, Any]) -> Study:
 
 def run_report(args: dict[str, Any], argv: Sequence[str]) -> tuple[Path, str]:
     """Run the grid through the search driver, then write and log the table. Returns (out dir, parent run id)."""
-    from .tune import run_search  # Ray is imported only when a study really runs
+    from .tune import run_search, unfinished_trials  # Ray is imported only when a study really runs
 
     study = build_study(args)
     space, study = grid_space(study, cli=args["cli"], seeds=args["seeds"], concurrency=args["concurrency"])
@@ -238,6 +238,9 @@ def run_report(args: dict[str, Any], argv: Sequence[str]) -> tuple[Path, str]:
     check_search(settings, space)
     version, began = commit(), time.time()  # the code that runs, before anyone commits during the run
     run_search(settings, space)
+    stopped = unfinished_trials(settings, space)
+    if stopped:  # a table of some seeds would read as the study's result (and replace the last whole one)
+        raise KeyboardInterrupt(f"{stopped} trial(s) unfinished: no table written")
     wall = time.time() - began
     parent = find_search(uri=args["uri"], experiment=args["experiment"], search=args["name"])
     trials = list_trials(uri=args["uri"], experiment=args["experiment"], search_run_id=parent.run_id)
@@ -310,4 +313,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_command(main))

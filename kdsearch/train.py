@@ -21,7 +21,7 @@ from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from .config import Config, ConfigError, with_absolute_paths
-from .console import quiet_libraries
+from .console import quiet_libraries, run_command
 from .loop import WorkerContext, export_student, run_distillation
 from .overrides import CONFIG_FILE, load_config, write_config_file
 from .prepare import Prepared, prepare
@@ -144,4 +144,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_command(main))

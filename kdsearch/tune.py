@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -26,7 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from . import sizing, space_model
 from .config import ConfigError
-from .console import quiet_libraries
+from .console import INTERRUPTED, quiet_libraries, run_command
 from .export import export_best
 from .loop import WorkerContext, run_distillation
 from .prepare import prepare
@@ -40,7 +41,7 @@ from .search import (
     render_dry_run,
     search_help,
 )
-from .tracking import search_names
+from .tracking import find_search, list_trials, search_names
 from .train import init_ray, make_trainer
 from .tune_callbacks import MlflowTrials, ProgressTable
 from .usage import wants_help
@@ -243,6 +244,16 @@ def run_search(settings: SearchSettings, space: space_model.Space) -> tune.Resul
     return results
 
 
+def unfinished_trials(settings: SearchSettings, space: space_model.Space) -> int:
+    """Trials that `resume=true` would still run: started and not ended (their MLflow runs still RUNNING: Tune
+    calls no trial-end callback for the trials a Ctrl-C or an expired time budget stops), plus samples not
+    drawn yet. 0 after a search that ran to its end."""
+    parent = find_search(uri=settings.tracking_uri, experiment=settings.experiment, search=settings.search_name)
+    trials = list_trials(uri=settings.tracking_uri, experiment=settings.experiment, search_run_id=parent.run_id)
+    running = sum(1 for t in trials if t.status == "RUNNING")
+    return running + max(0, space.budget.num_samples - len(trials))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if wants_help(argv):
@@ -268,9 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    stopped = unfinished_trials(settings, space)
+    if stopped:  # Ctrl-C: Tune saved the search's state; what finished so far is still ranked and exported
+        again = [a for a in argv if a.split("=", 1)[0] not in ("name", "resume")]
+        print(f"[kdsearch.tune] interrupted with {stopped} trial(s) unfinished; this continues it: python -m "
+              f"kdsearch.tune {shlex.join([*again, f'name={settings.search_name}', 'resume=true'])}",
+              file=sys.stderr, flush=True)
     out = export_best(results, settings=settings, space=space, objectives=objectives_of(settings, space))
-    return 0 if out is not None else 1
+    return INTERRUPTED if stopped else 0 if out is not None else 1
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_command(main))

@@ -347,3 +347,25 @@ def test_train_command_writes_a_student_that_from_pretrained_loads(cache: Path, 
     assert AutoModel.from_pretrained(out / "student") is not None
     with torch.no_grad():
         assert model(input_ids=torch.tensor([[2, 5, 6, 3]])).logits.shape == (1, 2)
+
+
+def test_ctrl_c_while_the_teacher_fine_tunes_is_one_line_and_status_130(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "kdsearch.train", "finetune.epochs=50", f"cache_dir={tmp_path}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "teacher fine-tune epoch 1/50" in line:  # well inside the fine-tuning loop, before Ray starts
+                break
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err[-2000:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -134,7 +135,8 @@ def _wait_for(predicate, timeout: float) -> None:
 @pytest.mark.slow
 def test_resume_finishes_an_interrupted_search_without_rerunning_finished_trials(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = [sys.executable, "-m", "kdsearch.tune", *_args(tmp_path, 4, "s2")]
+    # 6 trials, 2 at a time: when the first has finished, the rest take several seconds more
+    args = [sys.executable, "-m", "kdsearch.tune", *_args(tmp_path, 6, "s2")]
 
     def finished_trials() -> list:
         try:
@@ -144,25 +146,30 @@ def test_resume_finishes_an_interrupted_search_without_rerunning_finished_trials
         except Exception:  # store or parent run not created yet
             return []
 
-    driver = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    try:
-        _wait_for(lambda: len(finished_trials()) >= 1, timeout=600)
-        os.killpg(driver.pid, signal.SIGINT)  # interrupt the search driver
-        driver.wait(timeout=120)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        driver = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr,
+                                  start_new_session=True)
+        try:
+            _wait_for(lambda: len(finished_trials()) >= 1, timeout=600)
+            os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C in the search driver's terminal
+            driver.wait(timeout=120)
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 130
     before = {t.tags["kdsearch.trial_id"]: t for t in finished_trials()}
     assert before
+    # the driver's last words say how to continue: that command, as printed, resumes the search
+    hint = (tmp_path / "stderr.txt").read_text().split("this continues it: python ")[-1].splitlines()[0]
+    command = [sys.executable, *shlex.split(hint)]
+    assert command[-2:] == ["name=s2", "resume=true"] and command[1:-2] == [a for a in args[1:] if a != "name=s2"]
 
-    proc = subprocess.run([*args, "resume=true"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     parent = find_search(uri=uri, experiment="kdsearch", search="s2")
     trials = list_trials(uri=uri, experiment="kdsearch", search_run_id=parent.run_id)
     ids = [t.tags["kdsearch.trial_id"] for t in trials]
-    assert len(ids) == len(set(ids)) == 4
+    assert len(ids) == len(set(ids)) == 6
     for trial_id, old in before.items():  # finished before the interruption: untouched by the resumed search
         new = next(t for t in trials if t.tags["kdsearch.trial_id"] == trial_id)
         assert new.end_time == old.end_time and new.metrics == old.metrics
