@@ -23,6 +23,7 @@ from kdsearch.ranking import Objective, Row, pareto_front, parse_objectives, ran
 from kdsearch.tracking import (
     DEFAULT_EXPERIMENT,
     DEFAULT_URI,
+    NONFINITE_TAG,
     SAMPLED_TAG,
     SEARCHED_TAG,
     RunRecord,
@@ -53,14 +54,17 @@ def trial_rows(trials: Sequence[RunRecord], searched: Collection[str] = ()) -> l
     """One flat row per trial run: params, metrics (they win a clash), trial, status, time_s, start_ms.
 
     A `searched` param that a trial did not draw (a conditional one, inactive there) is left out of its row,
-    although the run logs the whole config: ted.filter means nothing for a projector trial.
+    although the run logs the whole config: ted.filter means nothing for a projector trial. So is a metric
+    whose last value was NaN/inf: the row would pair an earlier epoch's value with the last epoch's others.
     """
     rows = []
     for t in trials:
         sampled = t.tags.get(SAMPLED_TAG)
         inactive = set(searched) - set(sampled.split(",")) if sampled is not None else set()
+        stale = set(t.tags.get(NONFINITE_TAG, "").split(","))  # last value NaN/inf: MLflow shows an older one
         time_s = (t.end_time - t.start_time) / 1000 if t.end_time and t.start_time else None
-        rows.append({**{k: v for k, v in t.params.items() if k not in inactive}, **t.metrics, "trial": t.name,
+        rows.append({**{k: v for k, v in t.params.items() if k not in inactive},
+                     **{k: v for k, v in t.metrics.items() if k not in stale}, "trial": t.name,
                      "status": t.status, "time_s": time_s, "start_ms": t.start_time or 0})
     return rows
 

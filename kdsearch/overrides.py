@@ -40,6 +40,11 @@ YamlLoader.add_implicit_resolver(
 )
 
 
+def parse_value(text: str) -> Any:
+    """One logged or typed value as YAML reads it, `1e-05` as a float (MLflow logs small floats that way)."""
+    return yaml.load(text, Loader=YamlLoader)
+
+
 def split_arguments(argv: Sequence[str], own_keys: Sequence[str], usage: str) -> tuple[dict[str, str], list[str]]:
     """A command's own `key=value` arguments (those in `own_keys`) apart from the config overrides."""
     own: dict[str, str] = {}

@@ -127,7 +127,7 @@ def commit() -> str:
 def render(study: Study, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     grouped = any(r["group"] for r in rows)
     paper = any(r["paper"] is not None for r in rows)
-    head = ["strategy", *(["group"] if grouped else []), "eval_score % (mean ± std)", "seeds", "per seed",
+    head = ["strategy", *(["group"] if grouped else []), "eval_score x 100 (mean ± std)", "seeds", "per seed",
             *(["paper"] if paper else [])]
     lines = [f"# {study.name}: {study.description}", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()]
@@ -164,10 +164,10 @@ def plot(study: Study, rows: list[dict[str, Any]], path: Path) -> Path:
     if any(r["paper"] is not None for r in rows):
         ax.plot([], [], "x", color="C3", label="paper")
     scores = [s for r in rows for s in r["scores"]] + [r["paper"] for r in rows if r["paper"] is not None]
-    if scores:
-        ax.set_ylim(max(0, min(scores) - 5), min(100, max(scores) + 3))
+    if scores:  # Matthews and Pearson scores can be negative
+        ax.set_ylim(min(scores) - 5 if min(scores) < 0 else max(0, min(scores) - 5), min(100, max(scores) + 3))
     ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
-    ax.set(ylabel="final eval_score (%)", title=textwrap.fill(study.description, int(14 * fig.get_figwidth())))
+    ax.set(ylabel="final eval_score x 100", title=textwrap.fill(study.description, int(14 * fig.get_figwidth())))
     ax.title.set_fontsize(8)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -249,14 +249,17 @@ def run_report(args: dict[str, Any], argv: Sequence[str]) -> tuple[Path, str]:
     finished = [t for t in trials if "eval_score" in t.metrics]
     teacher = finished[0].metrics.get("teacher_score") if finished else None
     task = cfg.task
+    trained_on = {"always": "fine-tuned on the train rows below", "never": "as given, not fine-tuned",
+                  "auto": "fine-tuned on the train rows below unless it came with a task head"}[cfg.finetune.mode]
     meta = {"measured": f"{datetime.date.today()} on {hardware()}, {wall / 60:.1f} min wall for "
                         f"{len(trials)} trials ({cfg.resources.cpus_per_trial:g} CPU, "
                         f"{cfg.resources.gpus_per_trial:g} GPU each)",
             "commit": version, "MLflow": f"search {args['name']} (parent run {parent.run_id}) at {args['uri']}",
-            "teacher": f"{cfg.teacher}" + (f", fine-tuned on the subsample: {100 * teacher:.1f}" if teacher else ""),
+            "teacher": f"{cfg.teacher}, {trained_on}" + (f": eval_score x 100 {100 * teacher:.1f}" if teacher else ""),
             "student": f"{cfg.student.layers} layers, width {_width(cfg)}",
             "data": f"{task.name} ({task.data_dir or task.hub or 'embedded'}): train {task.train_size or 'all'} "
-                    f"rows (seeded subsample), eval {task.eval_size or 'all'} rows, max_length {task.max_length}",
+                    f"rows{' (seeded subsample)' if task.train_size else ''}, eval {task.eval_size or 'all'} rows, "
+                    f"max_length {task.max_length}",
             "training": f"{cfg.train.epochs} epochs x {cfg.train.max_steps_per_epoch or 'all'} steps, batch "
                         f"{cfg.train.batch_size}, lr {cfg.train.lr}; score = final-epoch eval "
                         f"{validate(cfg).primary_metric.replace('_', ' ')}",

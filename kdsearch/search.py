@@ -7,6 +7,7 @@ config it can know in advance (the papers' points, the base) and renders the dry
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,9 @@ def parse_search_args(argv: list[str]) -> tuple[SearchSettings, space_model.Spac
     if not isinstance(tracking, dict) or set(tracking) - {"uri", "experiment"}:
         raise ConfigError(f"tracking: known keys are tracking.uri and tracking.experiment (got {tracking})")
     settings_kw: dict[str, Any] = {k: raw.pop(k) for k in list(raw) if k in _SEARCH_KEYS}
+    _check_setting_types(settings_kw, tracking, raw.get("results_dir", "outputs/search"))
+    if "name" in settings_kw:
+        settings_kw["name"] = str(settings_kw["name"])
     if "objectives" in settings_kw:
         value = settings_kw["objectives"]
         settings_kw["objectives"] = tuple(value if isinstance(value, list) else str(value).split(","))
@@ -100,6 +104,27 @@ def parse_search_args(argv: list[str]) -> tuple[SearchSettings, space_model.Spac
     for objective in settings.objectives:
         parse_objectives(objective)
     return settings, absolute_paths(space)
+
+
+_FLAGS = ("smoke", "resume", "dry_run")
+
+
+def _check_setting_types(given: dict[str, Any], tracking: dict[str, Any], results_dir: Any) -> None:
+    """The search's own keys, typed: a wrong one would otherwise fail after Ray has started (a float seed in
+    Optuna's sampler) or do something else than asked (smoke=maybe read as true, results_dir= as ./None)."""
+    for key in _FLAGS:
+        if key in given and not isinstance(given[key], bool):
+            raise ConfigError(f"{key}={given[key]}: expected true or false")
+    if "seed" in given and (isinstance(given["seed"], bool) or not isinstance(given["seed"], int)):
+        raise ConfigError(f"seed={given['seed']}: expected an integer")
+    if "name" in given and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(given["name"] or "")):
+        raise ConfigError(f"name={given['name'] or ''}: a search name is letters, digits, '_', '.' and '-', "
+                          "starting with a letter or digit")
+    for key, value in (("space", given.get("space", DEFAULT_SPACE)), ("results_dir", results_dir),
+                       ("tracking.uri", tracking.get("uri", "-")),
+                       ("tracking.experiment", tracking.get("experiment", "-"))):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}={value if value is not None else ''}: expected a non-empty string")
 
 
 def absolute_paths(space: space_model.Space) -> space_model.Space:

@@ -18,7 +18,7 @@ import yaml
 from kdsearch.config import ConfigError, build_config, config_keys, did_you_mean, merge, nest, unflatten
 from kdsearch.overrides import YamlLoader
 
-from .space_model import Budget, Param, Space, base_value, complete_point, trial_config
+from .space_model import Budget, Param, Space, base_value, complete_point, max_epochs, trial_config
 
 SPACES_DIR = "search_spaces"
 """Folder, relative to the working directory, searched before the spaces shipped in the package."""
@@ -196,6 +196,9 @@ def validate(space: Space) -> None:
         build_config(space.base)
     except ConfigError as err:
         raise ConfigError(f"{where}: base: {err}") from None
+    if space.budget.grace_period > max_epochs(space):  # ASHA would refuse it once Ray has started
+        raise ConfigError(f"{where}: grace_period={space.budget.grace_period} exceeds the most epochs a trial "
+                          f"runs ({max_epochs(space)}, train.epochs); lower it or raise train.epochs")
     keys = config_keys()
     for position, (name, param) in enumerate(space.params.items()):
         at = f"{where}: params.{name}"
@@ -283,8 +286,13 @@ def apply_overrides(space: Space, overrides: Mapping[str, Any], *, commands: Seq
             base = merge(base, unflatten({key: value}))
             params.pop(key, None)
             if key in _EITHER and value is not None:  # an absolute width replaces the space's ratio, and back
-                base = merge(base, unflatten({_EITHER[key]: None}))
-                params.pop(_EITHER[key], None)
+                other = _EITHER[key]
+                base = merge(base, unflatten({other: None}))
+                params.pop(other, None)
+                # a param searched only at some value of the replaced key (student.init at width_ratio null,
+                # "the teacher's width") has lost what it depends on: it takes its base value
+                for name in [n for n, p in params.items() if other in p.when]:
+                    params.pop(name)
         else:
             raise ConfigError(f"{key}={value}: no such config or budget key"
                               f"{did_you_mean(key, [*keys, *BUDGET_KEYS, *commands])}")
@@ -298,6 +306,9 @@ def apply_overrides(space: Space, overrides: Mapping[str, Any], *, commands: Seq
     points = [{k: v for k, v in complete_point(space, p).items() if k in p} for p in raw_points]
     space = dataclasses.replace(space, points_to_evaluate=[p for i, p in enumerate(points)
                                                           if p and p not in points[:i]])
+    if not space.params:
+        raise ConfigError(f"{', '.join(sorted(_flat_overrides(overrides)))}: these fix every param the space "
+                          "searches, which leaves nothing to search; `python -m kdsearch.train` runs one config")
     validate(space)
     return space
 

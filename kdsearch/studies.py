@@ -11,11 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from . import space_model, spaces
 from .config import ConfigError, build_config, flatten, merge, unflatten
 from .leaderboard import search_objectives, trial_rows
+from .overrides import parse_value
 from .ranking import rank_rows
 from .registry import Registry
 from .search import absolute_paths
@@ -162,7 +161,7 @@ def seeded_rows(*, uri: str, experiment: str, search: str) -> tuple[dict[str, An
               if r.get("rank") and r.get("status") == "FINISHED"]
     if not ranked:
         raise ConfigError(f"search={search}: no finished trial with a {metric} to take the best from")
-    logged = {k: yaml.safe_load(str(ranked[0][k])) for k in space.params if k in ranked[0]}
+    logged = {k: parse_value(str(ranked[0][k])) for k in space.params if k in ranked[0]}
     typed = flatten(build_config(unflatten(logged)))  # logged strings -> the config's own types
     best = {k: typed[k] for k in logged}
     tag = f"search best ({ranked[0]['trial']}, {metric} {float(ranked[0][metric]):.4f})"
@@ -188,7 +187,7 @@ def _describe(point: dict[str, Any], among: list[dict[str, Any]]) -> str:
 def _search_base(parent: RunRecord) -> dict[str, Any]:
     """The search's own base config (teacher, task, data, budget as its command line set them), typed; {} for a
     search that logged none."""
-    logged = {k.removeprefix("base."): None if v == "None" else yaml.safe_load(v)
+    logged = {k.removeprefix("base."): None if v == "None" else parse_value(v)
               for k, v in parent.params.items() if k.startswith("base.")}
     return flatten(build_config(unflatten(logged))) if logged else {}
 

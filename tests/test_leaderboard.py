@@ -52,6 +52,19 @@ def test_ties_on_the_first_objective_go_to_the_better_later_ones() -> None:
     assert [r["trial"] for r in rank_rows(rows, "m", "max")] == ["best", "slow", "none", "fast"]
 
 
+def test_a_metric_whose_last_value_was_nan_is_not_ranked_on_its_older_value() -> None:
+    from kdsearch.leaderboard import trial_rows
+    from kdsearch.tracking import NONFINITE_TAG, RunRecord
+
+    def trial(name: str, loss: float, tags: dict[str, str]) -> RunRecord:
+        return RunRecord(name, name, "FINISHED", 0, 1000, {}, {"eval_loss": loss, "eval_score": 0.5, "epoch": 2},
+                         tags)
+
+    rows = trial_rows([trial("a", 0.30, {NONFINITE_TAG: "eval_loss"}), trial("b", 0.35, {NONFINITE_TAG: ""})])
+    ranked = rank_rows(rows, "eval_loss", "min")
+    assert [(r["trial"], r.get("rank")) for r in ranked] == [("b", 1), ("a", None)]  # a's epoch-2 loss was inf
+
+
 def test_pareto_front_hand_example() -> None:
     rows: list[dict[str, Any]] = [
         {"acc": 0.9, "size": 100},  # 0 front

@@ -12,7 +12,15 @@ import pytest
 
 from kdsearch.config import ConfigError, build_config
 from kdsearch.models import resolve_teacher, student_width, teacher_config
-from kdsearch.space_model import define_by_run, initial_points, is_active, max_epochs, trial_config, trial_overrides
+from kdsearch.space_model import (
+    base_value,
+    define_by_run,
+    initial_points,
+    is_active,
+    max_epochs,
+    trial_config,
+    trial_overrides,
+)
 from kdsearch.spaces import PACKAGED_SPACES, apply_overrides, available_spaces, find_space, load_space, smoke
 from kdsearch.validate import validate
 
@@ -226,6 +234,16 @@ def test_apply_overrides_routes_budget_base_and_fixes_params() -> None:
     define_by_run(out)(trial)
     assert not any(k.startswith("ted.") for k in trial.params)
     assert ted.params.keys() > out.params.keys() and ted.base["teacher"] == "tiny-bert"  # input untouched
+
+
+@pytest.mark.parametrize("name", ["relation", "all"])
+def test_an_absolute_width_replaces_the_ratio_and_what_was_searched_only_at_one_ratio(name: str) -> None:
+    # student.init is searched at the teacher's width (width_ratio null) only: at 32 units it takes base's random
+    out = apply_overrides(load_space(name), {"student.hidden_size": 32})
+    assert "student.width_ratio" not in out.params and "student.init" not in out.params
+    assert base_value(out, "student.init") == "random"
+    for point in initial_points(out):
+        assert validate(trial_config(out, point)).name == "default"
 
 
 def test_apply_overrides_accepts_nested_dicts_and_rejects_unknown_keys() -> None:

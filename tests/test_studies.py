@@ -93,7 +93,8 @@ def test_seeded_study_takes_the_best_trial_and_the_spaces_paper_points(tmp_path:
 def test_seeded_study_keeps_what_the_search_fixed_on_its_command_line(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     space = spaces.apply_overrides(spaces.load_space("layer_select"), {"student.init": "teacher",
-                                                                        "task.train_size": 96})
+                                                                        "task.train_size": 96,
+                                                                        "finetune.lr": 2e-5})  # logged "2e-05"
     tracker = SearchTracker(uri=uri, experiment="kdsearch")
     tracker.start_search(name="t", space="layer_select", code_version="v", objectives=[("eval_score", "max")],
                          tags={"kdsearch.searched": ",".join(space.params)},
@@ -105,4 +106,5 @@ def test_seeded_study_keeps_what_the_search_fixed_on_its_command_line(tmp_path: 
     base, rows = seeded_rows(uri=uri, experiment="kdsearch", search="t")
     assert base["student.init"] == "teacher" and all("student.init" not in r.overrides for r in rows)
     assert base["task.train_size"] == 96 and base["student.hidden_size"] is None  # the search's own data keys
+    assert base["finetune.lr"] == 2e-5
     assert len(rows) == 1 + 5  # the best, then the 5 teacher-init paper points (not the 10 of the shipped space)

@@ -192,8 +192,12 @@ def test_nonfinite_and_non_numeric_metrics(tracker: SearchTracker) -> None:
     tracker.log_metrics("t", {"eval_score": math.nan, "loss": 1.5, "hostname": "n1", "done": True}, step=0)
     tracker.log_metrics("t", {"loss": math.inf}, step=1)
     run = tracker.client.get_run(run_id)
-    assert run.data.metrics == {"loss": 1.5}
+    assert run.data.metrics == {"loss": 1.5}  # MLflow's latest loss is step 0's: the tag says it is stale
     assert run.data.tags["kdsearch.nonfinite_metrics"] == "eval_score,loss"
+    tracker.log_metrics("t", {"loss": 0.5}, step=2)  # finite again: the latest value is current
+    assert tracker.client.get_run(run_id).data.tags["kdsearch.nonfinite_metrics"] == "eval_score"
+    tracker.end_trial("t", status="FINISHED", final_metrics={"eval_score": 0.7})
+    assert tracker.client.get_run(run_id).data.tags["kdsearch.nonfinite_metrics"] == ""
 
 
 def test_artifacts_and_end_search(tracker: SearchTracker, tmp_path: Path) -> None:

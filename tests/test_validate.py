@@ -98,6 +98,13 @@ def test_train_command_rejects_bad_data_in_one_line(tmp_path, rows: str, overrid
     (["space=smoke", "metric=eval_scor"], "did you mean eval_score"),
     (["space=smoke", "resume=true", "name=never-started"], "no search named never-started"),
     (["space=smoke", "dryrun=true"], "did you mean dry_run?"),
+    (["space=smoke", "seed=1e3"], "error: seed=1000.0: expected an integer"),  # Optuna's sampler, after Ray
+    (["space=smoke", "smoke=maybe"], "error: smoke=maybe: expected true or false"),
+    (["space=smoke", "name=my/search"], "error: name=my/search: a search name is letters, digits"),
+    (["space=smoke", "results_dir="], "error: results_dir=: expected a non-empty string"),
+    (["space=smoke", "grace_period=3"], "grace_period=3 exceeds the most epochs a trial runs (2, train.epochs)"),
+    (["space=kd", "distill.w_logit=1", "distill.temperature=2", "distill.logit_loss=kl", "student.init=teacher",
+      "train.lr=1e-3"], "these fix every param the space searches, which leaves nothing to search"),
 ])
 @pytest.mark.parametrize("dry_run", [False, True])  # a dry run refuses what the real run would refuse
 def test_tune_command_rejects_bad_input_in_one_line_before_ray(argv: list[str], message: str, dry_run: bool,

@@ -5,6 +5,7 @@ The only package that imports mlflow; must not import ray. `store` opens the sto
 """
 
 from .runs import (
+    NONFINITE_TAG,
     SAMPLED_TAG,
     SEARCHED_TAG,
     RunRecord,
@@ -31,6 +32,7 @@ __all__ = [
     "DEFAULT_EXPERIMENT",
     "DEFAULT_URI",
     "ERROR_TAG_CHARS",
+    "NONFINITE_TAG",
     "SAMPLED_TAG",
     "SEARCHED_TAG",
     "RunRecord",

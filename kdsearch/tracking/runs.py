@@ -30,6 +30,8 @@ SEARCHED_TAG = "kdsearch.searched"
 """On a search's parent run: the space's searched params, comma-separated."""
 SAMPLED_TAG = "kdsearch.sampled"
 """On a trial run: the searched params this trial drew; a conditional param left out was inactive."""
+NONFINITE_TAG = "kdsearch.nonfinite_metrics"
+"""On a trial run: the metrics whose latest value was NaN or inf (MLflow then shows an earlier, stale one)."""
 
 
 def format_param(value: Any) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .runs import BATCH, flatten_params, is_finite, is_number, log_files, quote, search_all
+from .runs import BATCH, NONFINITE_TAG, flatten_params, is_finite, is_number, log_files, quote, search_all
 from .store import DEFAULT_EXPERIMENT, DEFAULT_URI, open_client, retry_locked
 
 ERROR_TAG_CHARS = 5000
@@ -119,11 +119,16 @@ class SearchTracker:
         state = self._trial(trial_id)
         finite = {k: float(v) for k, v in metrics.items() if is_finite(v)}
         self._metrics(state.run_id, finite, step=step, state=state)
-        bad = {k for k, v in metrics.items() if is_number(v) and not math.isfinite(v)} - state.nonfinite
-        if bad:
-            state.nonfinite |= bad
-            tag = ",".join(sorted(state.nonfinite))
-            self._write(state.run_id, {}, {}, {"kdsearch.nonfinite_metrics": tag})
+        self._note_nonfinite(state, metrics, finite)
+
+    def _note_nonfinite(self, state: _Trial, metrics: Mapping[str, Any], finite: Mapping[str, float]) -> None:
+        """NONFINITE_TAG names the metrics whose latest value was dropped as NaN/inf: the leaderboard must not
+        rank on the earlier value MLflow still shows."""
+        bad = {k for k, v in metrics.items() if is_number(v) and not math.isfinite(v)}
+        current = (state.nonfinite | bad) - finite.keys()
+        if current != state.nonfinite:
+            state.nonfinite = current
+            self._write(state.run_id, {}, {}, {NONFINITE_TAG: ",".join(sorted(current))})
 
     def end_trial(self, trial_id: str, *, status: Literal["FINISHED", "FAILED", "KILLED"],
                   error: str | None = None, final_metrics: Mapping[str, Any] | None = None) -> None:
@@ -137,6 +142,7 @@ class SearchTracker:
             for step in sorted({state.steps[k] for k in finite}):
                 self._metrics(state.run_id, {k: v for k, v in finite.items() if state.steps[k] == step},
                               step=step, state=state)
+            self._note_nonfinite(state, final_metrics, finite)
         if error:
             self._write(state.run_id, {}, {}, {"kdsearch.error": error[:ERROR_TAG_CHARS]})
             self._log(state.run_id, files={"error.txt": error})
@@ -173,7 +179,7 @@ class SearchTracker:
         if reopen:
             self._reopen(run)
         old = self._trials.get(trial_id)
-        nonfinite = set(filter(None, run.data.tags.get("kdsearch.nonfinite_metrics", "").split(",")))
+        nonfinite = set(filter(None, run.data.tags.get(NONFINITE_TAG, "").split(",")))
         state = _Trial(run.info.run_id, dict(run.data.params), nonfinite=nonfinite)
         if old is not None:
             state.steps, state.last_ms = old.steps, old.last_ms
