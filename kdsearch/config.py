@@ -378,11 +378,22 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
+def _leaves(nested: dict[str, Any], prefix: str = "") -> list[str]:
+    return [leaf for key, value in nested.items()
+            for leaf in (_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])]
+
+
 def nest(data: dict[str, Any]) -> dict[str, Any]:
-    """A mapping that mixes nested and dotted keys (`train: {lr: ..}`, `train.lr: ..`) -> one nested dict."""
+    """A mapping that mixes nested and dotted keys (`train: {lr: ..}`, `train.lr: ..`) -> one nested dict; a key
+    given both ways is a ConfigError, not a silent choice of one."""
     out: dict[str, Any] = {}
+    seen: set[str] = set()
     for key, value in data.items():
-        out = merge(out, unflatten({str(key): value}))
+        part = unflatten({str(key): value})
+        twice = seen & set(_leaves(part))
+        require(not twice, f"{min(twice, default='')}: given twice (nested and dotted); keep one")
+        seen |= set(_leaves(part))
+        out = merge(out, part)
     return out
 
 

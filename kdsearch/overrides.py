@@ -99,7 +99,10 @@ def read_config_file(path: str) -> dict[str, Any]:
     except ConfigError as err:
         raise ConfigError(f"config={path}: {err}") from None
     require(isinstance(data, dict), f"config={path}: expected a mapping of config keys (key: value)")
-    return nest(data)
+    try:
+        return nest(data)
+    except ConfigError as err:
+        raise ConfigError(f"config={path}: {err}") from None
 
 
 def load_config(overrides: list[str] | None = None, *, base: dict[str, Any] | None = None) -> Config:

@@ -82,7 +82,10 @@ def _nested(data: Any, where: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of config keys")
-    return nest(data)
+    try:
+        return nest(data)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def _parse(raw: Any, *, name: str, source: Path | None) -> Space:

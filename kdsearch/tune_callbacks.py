@@ -18,7 +18,7 @@ from . import space_model
 from .config import flatten
 from .layer_maps import run_pairs
 from .models import depth_width, resolve_teacher, teacher_config
-from .tracking import SAMPLED_TAG, SEARCHED_TAG, SearchTracker
+from .tracking import SAMPLED_TAG, SEARCHED_TAG, TRIAL_INDEX_TAG, SearchTracker
 
 _LOGGED = ("epoch", "student_params", "student_latency_ms", "teacher_score", "epoch_time_s", "time_total_s")
 
@@ -67,7 +67,8 @@ class MlflowTrials(tune.Callback):
         cfg = space_model.trial_config(self.space, trial.config)
         # The run logs the whole resolved config; the tag says which searched params this trial drew (a
         # conditional one left out is inactive: the leaderboard shows "-" there).
-        self.tracker.trial_run(trial.trial_id, params=flatten(cfg), tags={SAMPLED_TAG: ",".join(sorted(trial.config))})
+        tags = {SAMPLED_TAG: ",".join(sorted(trial.config)), TRIAL_INDEX_TAG: str(trials.index(trial) + 1)}
+        self.tracker.trial_run(trial.trial_id, params=flatten(cfg), tags=tags)
         pairs = layer_map_of(cfg)
         self.tracker.log_trial_artifacts(trial.trial_id, files={
             "trial_config.yaml": yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v

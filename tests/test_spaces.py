@@ -177,6 +177,8 @@ _PARAMS = "params:\n  distill.w_hidden: {type: float, low: 1.0, high: 10.0}\n"
     (_PARAMS + "budget: {num_smaples: 4}\n", r"budget\.num_smaples: unknown; did you mean num_samples\?"),
     (_PARAMS + "base: {train: {lr: -1.0}}\n", r"base: train\.lr=-1\.0: must be > 0"),
     (_PARAMS + "base: {trian: {lr: 0.1}}\n", r"base: trian: no such config key; did you mean train"),
+    (_PARAMS + "base: {student: {layers: 2}, student.layers: 3}\n",
+     r"base: student\.layers: given twice \(nested and dotted\); keep one"),
     (_PARAMS + "mode: maximize\n", r"mode=maximize: choose max or min"),
     (_PARAMS + "paramz: {}\n", r"unknown key 'paramz'; did you mean params\?"),
     ("description: nothing to search\n", r"params: a space needs at least one parameter"),

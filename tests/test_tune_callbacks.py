@@ -29,14 +29,16 @@ def test_a_trial_tune_ended_without_on_trial_error_still_gets_a_failed_run(tmp_p
     # Tune fails a trial whose reused actor did not reset in time without calling on_trial_error
     silent = _trial("silent", "ERROR", tmp_path / "silent.txt")
     (tmp_path / "silent.txt").write_text("_AbortTrialExecution: Trainable runner reuse requires reset_config()")
-    for trial in (done, failed):
-        callback.on_trial_start(0, [], trial)
+    for trial in (failed, done):  # concurrent trials: the second one created may start first
+        callback.on_trial_start(0, [done, failed, silent], trial)
     callback.on_trial_complete(0, [], done)
     callback.on_trial_error(0, [], failed)
     callback.on_experiment_end([done, failed, silent])
 
     parent = find_search(uri=uri, experiment="cb", search="s")
-    runs = {r.name: r for r in list_trials(uri=uri, experiment="cb", search_run_id=parent.run_id)}
+    listed = list_trials(uri=uri, experiment="cb", search_run_id=parent.run_id)
+    assert [r.name for r in listed] == ["done", "failed", "silent"]  # the search's order, not the start race
+    runs = {r.name: r for r in listed}
     assert {name: r.status for name, r in runs.items()} == {"done": "FINISHED", "failed": "FAILED",
                                                             "silent": "FAILED"}
     assert "reset_config" in runs["silent"].tags["kdsearch.error"]

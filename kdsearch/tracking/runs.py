@@ -30,6 +30,9 @@ SEARCHED_TAG = "kdsearch.searched"
 """On a search's parent run: the space's searched params, comma-separated."""
 SAMPLED_TAG = "kdsearch.sampled"
 """On a trial run: the searched params this trial drew; a conditional param left out was inactive."""
+TRIAL_INDEX_TAG = "kdsearch.trial_index"
+"""On a trial run: the trial's place in the order the search created its trials (1, 2, ...): list_trials' order,
+which breaks the leaderboard's ties the same way however the concurrent trials' start times raced."""
 NONFINITE_TAG = "kdsearch.nonfinite_metrics"
 """On a trial run: the metrics whose latest value was NaN or inf (MLflow then shows an earlier, stale one)."""
 
@@ -127,10 +130,16 @@ def search_names(*, uri: str, experiment: str) -> list[str]:
 
 
 def list_trials(*, uri: str, experiment: str, search_run_id: str) -> list[RunRecord]:
-    """Every child run of a search, oldest first (trial id breaks ties of the ms start time)."""
+    """Every child run of a search, in the order the search created its trials (TRIAL_INDEX_TAG); runs without
+    the tag after those, oldest first (trial id breaks ties of the ms start time)."""
     client, experiment_id = open_client(uri, experiment, create=False)
     runs = search_all(client, experiment_id, f"tags.`mlflow.parentRunId` = {quote(search_run_id)}")
-    return sorted((_record(run) for run in runs), key=lambda r: (r.start_time or 0, r.name))
+
+    def order(r: RunRecord) -> tuple[float, int, str]:
+        index = r.tags.get(TRIAL_INDEX_TAG, "")
+        return (int(index) if index.isdigit() else math.inf, r.start_time or 0, r.name)
+
+    return sorted((_record(run) for run in runs), key=order)
 
 
 def log_files(client: MlflowClient, run_id: str, files: Mapping[str, str | bytes] | None,
