@@ -171,18 +171,25 @@ def build_leaderboard(*, uri: str = DEFAULT_URI, experiment: str = DEFAULT_EXPER
                       objectives: list[Objective] | None = None,
                       log: bool = True) -> tuple[str, Path]:
     """Rank a search's trials, write tables and plots under `out`, log them to the parent run under
-    `leaderboard/`. Returns (the full text table, out). The tune driver calls this at the end of a search."""
+    `leaderboard/` (`leaderboard-<objectives>/` when ranked by others than the search's). Returns (the full text
+    table, out). The tune driver calls this at the end of a search."""
     parent, objectives, ranked, logged = search_ranking(uri=uri, experiment=experiment, search=search,
                                                         objectives=objectives)
     front = pareto_front(ranked, objectives) if len(objectives) > 1 else None
     params = varying_params(ranked, sorted(set(logged) - {o.name for o in objectives} - {"student_params"}))
     columns, cells = table(ranked, objectives, params, front)
-    out = out or Path("outputs", "search", re.sub(r"[^A-Za-z0-9_.-]+", "_", parent.name), "leaderboard")
+    # ranked by other objectives than the search's: beside its own tables, not over them
+    try:
+        own = list(objectives) == search_objectives(parent)
+    except ConfigError:  # a parent that stores none (a report's): the objectives given are its only ones
+        own = True
+    folder = "leaderboard" if own else "leaderboard-" + "-".join(f"{n}_{m}" for n, m in objectives)
+    out = out or Path("outputs", "search", re.sub(r"[^A-Za-z0-9_.-]+", "_", parent.name), folder)
     title = f"kdsearch leaderboard: {parent.name} ({', '.join(f'{n}:{m}' for n, m in objectives)})"
     write_tables(columns, cells, out, title)
     plot_all(ranked, objectives, params, front, out)
     if log:
-        log_run_artifacts(uri=uri, experiment=experiment, run_id=parent.run_id, dirs={"leaderboard": out})
+        log_run_artifacts(uri=uri, experiment=experiment, run_id=parent.run_id, dirs={folder: out})
     return title + "\n" + render_text(columns, cells), out
 
 

@@ -188,6 +188,12 @@ def test_cli_single_objective_by_run_id_and_latest(store: tuple[str, str], tmp_p
     assert "pareto" not in rows[0] and not (tmp_path / "a" / "pareto_front.png").exists()
     assert main([*args, f"out={tmp_path / 'b'}"]) == 0  # no search named: the latest, `single`
     assert _csv(tmp_path / "b" / "leaderboard.csv") == rows
+    # ranked by another objective: written and logged beside the search's own leaderboard, not over it
+    assert main([*args, "search=single", "objectives=loss:max", f"out={tmp_path / 'c'}"]) == 0
+    from mlflow import MlflowClient
+
+    folders = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(single.run_id)}
+    assert "leaderboard-loss_max" in folders
     capsys.readouterr()
 
 
