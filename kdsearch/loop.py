@@ -226,7 +226,9 @@ def _train_epoch(model: nn.Module, teacher: nn.Module | TeacherCache, loader: An
         if optimiser.scaler is None:  # with fp16 an overflowing gradient is the scaler's to skip
             finite &= torch.isfinite(norm)
         if (step + 1) % _CHECK_EVERY == 0 or step + 1 == steps:
-            if not finite.item():  # every epoch ends on a check: no checkpoint holds weights a nan updated
+            # every worker decides alike, at the same step (each sees its own shard's loss); every epoch ends on
+            # a check, so no checkpoint holds weights a nan updated
+            if not all(ctx.gather(bool(finite.item()))):
                 raise FloatingPointError(f"the loss or its gradients became nan or inf at epoch {epoch + 1}, steps "
                                          f"{checked + 1}-{step + 1}: lower train.lr or the loss weights")
             checked = step + 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -50,6 +51,25 @@ def _report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
     ray.train.report(metrics, checkpoint=checkpoint)
 
 
+DIVERGED = "kdsearch_diverged"
+"""A diverged run's last report: its error, with a checkpoint that holds only that error (DIVERGED_FILE). Ray
+Train retries every worker error (FailureConfig.max_failures), and a diverged loss would diverge again from the
+same checkpoint after each new worker-group start; reported instead, the run ends at once, and a restore of
+the same run (a Tune trial retried) finds the marker and reports it again without training."""
+DIVERGED_FILE = "diverged.txt"
+
+
+def diverged(result: Any) -> str | None:
+    """The error of a run whose loss diverged (Ray Train counts it as finished), else None."""
+    return (result.metrics or {}).get(DIVERGED)
+
+
+def _report_diverged(error: str, rank: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, DIVERGED_FILE).write_text(error)
+        ray.train.report({DIVERGED: error}, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point on each worker: the shared loop with Ray's hooks."""
     quiet_libraries()
@@ -58,6 +78,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank = context.get_world_rank()
 
     def run(checkpoint_dir: Path | None) -> None:
+        if checkpoint_dir is not None and (checkpoint_dir / DIVERGED_FILE).is_file():  # restored after diverging
+            _report_diverged((checkpoint_dir / DIVERGED_FILE).read_text(), rank)
+            return
         ctx = WorkerContext(
             rank=rank, world_size=context.get_world_size(), device=ray.train.torch.get_device(),
             report=_report, gather=_gather, checkpoint=checkpoint_dir,
@@ -65,7 +88,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "find_unused_parameters": leaves_parameters_unused(loop_config["cfg"].distill)}),
             wrap_loader=ray.train.torch.prepare_data_loader,
             log=_log)
-        run_distillation(loop_config["cfg"], loop_config["prepared"], ctx)
+        try:
+            run_distillation(loop_config["cfg"], loop_config["prepared"], ctx)
+        except FloatingPointError as err:  # raised by every worker at the same step (the loop decides together)
+            _report_diverged(f"FloatingPointError: {err}", rank)
 
     if checkpoint is None:
         run(None)
@@ -129,8 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A fresh run per command; Tune trials use stable names instead so that retries restore.
     name = f"distill-{prepared.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = make_trainer(cfg, prepared, name=name, storage_path=storage_for(cfg)).fit()
-    if result.error is not None:
-        print(f"error: training failed: {result.error}", file=sys.stderr)
+    if result.error is not None or diverged(result):
+        print(f"error: training failed: {result.error or diverged(result)}", file=sys.stderr)
         return 1
     final = result.metrics or {}
     assert result.checkpoint is not None

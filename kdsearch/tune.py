@@ -41,8 +41,8 @@ from .search import (
     render_dry_run,
     search_help,
 )
-from .tracking import find_search, list_trials, search_names
-from .train import init_ray, make_trainer
+from .tracking import UNFINISHED_TAG, find_search, search_names
+from .train import DIVERGED, diverged, init_ray, make_trainer
 from .tune_callbacks import MlflowTrials, ProgressTable
 from .usage import wants_help
 from .validate import validate
@@ -77,6 +77,8 @@ def run_trial(params: dict[str, Any], *, space: space_model.Space, search: str, 
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    if diverged(result):
+        raise FloatingPointError(diverged(result))
     last = result.metrics or {}
     if last.get("epoch") == cfg.train.epochs:  # the held-back last epoch
         tune.report({**last, **({CHECKPOINT_PATH_KEY: result.checkpoint.path} if result.checkpoint else {})})
@@ -84,7 +86,7 @@ def run_trial(params: dict[str, Any], *, space: space_model.Space, search: str, 
 
 class _ReportAllButLast(TuneReportCallback):
     """Forwards each epoch's rank-0 metrics to Tune, except the last: `run_trial` reports that one once `fit()`
-    has returned.
+    has returned (and except a diverged run's report, which `run_trial` raises as the trial's error).
 
     Tune stops a trial as soon as it sees the epoch that reaches max_t, which kills the trial actor and the Train
     controller it owns while the controller is still shutting down: its autoscaler request is never cancelled,
@@ -97,7 +99,7 @@ class _ReportAllButLast(TuneReportCallback):
         self.last_epoch = last_epoch
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if metrics[0].get("epoch") != self.last_epoch:
+        if metrics[0].get("epoch") != self.last_epoch and DIVERGED not in metrics[0]:
             super().after_report(run_context, metrics, checkpoint)
 
 
@@ -244,14 +246,11 @@ def run_search(settings: SearchSettings, space: space_model.Space) -> tune.Resul
     return results
 
 
-def unfinished_trials(settings: SearchSettings, space: space_model.Space) -> int:
-    """Trials that `resume=true` would still run: started and not ended (their MLflow runs still RUNNING: Tune
-    calls no trial-end callback for the trials a Ctrl-C or an expired time budget stops), plus samples not
-    drawn yet. 0 after a search that ran to its end."""
+def unfinished_trials(settings: SearchSettings) -> int:
+    """Trials that `resume=true` would still run (UNFINISHED_TAG, written as the search's driver ended): 0 after a
+    search that ran to its end, more after Ctrl-C or an expired time budget."""
     parent = find_search(uri=settings.tracking_uri, experiment=settings.experiment, search=settings.search_name)
-    trials = list_trials(uri=settings.tracking_uri, experiment=settings.experiment, search_run_id=parent.run_id)
-    running = sum(1 for t in trials if t.status == "RUNNING")
-    return running + max(0, space.budget.num_samples - len(trials))
+    return int(parent.tags.get(UNFINISHED_TAG, "0") or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    stopped = unfinished_trials(settings, space)
+    stopped = unfinished_trials(settings)
     if stopped:  # Ctrl-C: Tune saved the search's state; what finished so far is still ranked and exported
         again = [a for a in argv if a.split("=", 1)[0] not in ("name", "resume")]
         print(f"[kdsearch.tune] interrupted with {stopped} trial(s) unfinished; this continues it: python -m "

@@ -18,7 +18,7 @@ from . import space_model
 from .config import flatten
 from .layer_maps import run_pairs
 from .models import depth_width, resolve_teacher, teacher_config
-from .tracking import SAMPLED_TAG, SEARCHED_TAG, TRIAL_INDEX_TAG, SearchTracker
+from .tracking import SAMPLED_TAG, SEARCHED_TAG, TRIAL_INDEX_TAG, UNFINISHED_TAG, SearchTracker, list_trials
 
 _LOGGED = ("epoch", "student_params", "student_latency_ms", "teacher_score", "epoch_time_s", "time_total_s")
 
@@ -44,6 +44,7 @@ class MlflowTrials(tune.Callback):
         self.search, self.space_name, self.code_version, self.objectives = search, space_name, code_version, objectives
         self._tracker: SearchTracker | None = None
         self._ended: set[str] = set()
+        self._samples: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # pickled with the experiment for Tuner.restore
         return {**self.__dict__, "_tracker": None}
@@ -61,6 +62,7 @@ class MlflowTrials(tune.Callback):
 
     def setup(self, stop: Any = None, num_samples: Any = None, total_num_samples: Any = None,
               **info: Any) -> None:
+        self._samples = total_num_samples
         self.tracker  # noqa: B018  (create the store and the parent run before any trial starts)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -96,6 +98,16 @@ class MlflowTrials(tune.Callback):
             if trial.status == "ERROR" and trial.trial_id not in self._ended:
                 self.on_trial_start(0, trials, trial)
                 self.on_trial_error(0, trials, trial)
+        # Ctrl-C or time_budget_s: Tune stops the running trials without a trial-end callback (and marks them
+        # TERMINATED as it does finished ones); their runs are still open. The trials of an earlier driver end
+        # here too (a resumed search), so their runs are asked, not this driver's callbacks.
+        parent = self.tracker.parent_run_id
+        assert parent is not None
+        ended = {r.name for r in list_trials(uri=self.uri, experiment=self.experiment, search_run_id=parent)
+                 if r.status in ("FINISHED", "FAILED")}
+        open_ = sum(1 for t in trials if t.trial_id not in ended)
+        undrawn = max(0, (self._samples or 0) - len(trials))
+        self.tracker.tag_search({UNFINISHED_TAG: str(open_ + undrawn)})
 
 
 class ProgressTable(tune.Callback):

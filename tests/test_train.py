@@ -325,6 +325,21 @@ def test_two_ray_train_workers_agree_with_one(cache: Path, tmp_path: Path, ray_r
 
 
 @pytest.mark.slow
+def test_a_diverging_two_worker_run_fails_at_once_rather_than_after_ray_trains_retries(
+        cache: Path, tmp_path: Path, ray_runtime) -> None:
+    from kdsearch.train import diverged, make_trainer
+
+    cfg = small(cache, "train.lr=1e12", "train.warmup_ratio=0", "train.epochs=1", "resources.num_workers=2",
+                "resources.cpus_per_trial=2", "train.max_steps_per_epoch=4")
+    # a worker error would be a TrainingFailedError after max_failures restarts of the worker group
+    result = make_trainer(cfg, prepare(cfg), name="diverge", storage_path=str(tmp_path), max_failures=2).fit()
+    assert result.error is None and "lower train.lr" in (diverged(result) or "")
+    # the same run started again (a Tune trial retried) restores the marker and reports it, training nothing
+    again = make_trainer(cfg, prepare(cfg), name="diverge", storage_path=str(tmp_path), max_failures=2).fit()
+    assert diverged(again) == diverged(result)
+
+
+@pytest.mark.slow
 def test_train_command_writes_a_student_that_from_pretrained_loads(cache: Path, tmp_path: Path) -> None:
     from transformers import AutoModel, AutoModelForSequenceClassification
 

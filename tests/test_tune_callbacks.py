@@ -44,3 +44,20 @@ def test_a_trial_tune_ended_without_on_trial_error_still_gets_a_failed_run(tmp_p
     assert "reset_config" in runs["silent"].tags["kdsearch.error"]
     assert runs["silent"].params["distill.layer_map"] == "none"  # a complete run, params included
     assert "loss is nan" in runs["failed"].tags["kdsearch.error"]  # logged once, not overwritten
+
+
+def test_trials_a_stopped_search_left_open_are_counted_for_resume(tmp_path: Path) -> None:
+    from kdsearch.tracking import UNFINISHED_TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    callback = MlflowTrials(space=spaces.load_space("smoke"), uri=uri, experiment="cb", search="s",
+                            space_name="smoke", code_version="v", objectives=[("eval_score", "max")])
+    callback.setup(total_num_samples=5)
+    done, stopped, pending = (_trial(name, "TERMINATED") for name in ("done", "stopped", "pending"))
+    for trial in (done, stopped):
+        callback.on_trial_start(0, [done, stopped, pending], trial)
+    callback.on_trial_complete(0, [done, stopped, pending], done)
+    # Ctrl-C: Tune ends `stopped` (TERMINATED, as `done`) without a trial-end callback; `pending` never started;
+    # 2 of the 5 samples were not drawn
+    callback.on_experiment_end([done, stopped, pending])
+    assert find_search(uri=uri, experiment="cb", search="s").tags[UNFINISHED_TAG] == "4"

@@ -33,6 +33,9 @@ SAMPLED_TAG = "kdsearch.sampled"
 TRIAL_INDEX_TAG = "kdsearch.trial_index"
 """On a trial run: the trial's place in the order the search created its trials (1, 2, ...): list_trials' order,
 which breaks the leaderboard's ties the same way however the concurrent trials' start times raced."""
+UNFINISHED_TAG = "kdsearch.unfinished_trials"
+"""On a search's parent run: how many trials its last driver left for `resume=true` (stopped by Ctrl-C or
+time_budget_s before they ended, or not drawn yet); "0" when the search ran to its end."""
 NONFINITE_TAG = "kdsearch.nonfinite_metrics"
 """On a trial run: the metrics whose latest value was NaN or inf (MLflow then shows an earlier, stale one)."""
 

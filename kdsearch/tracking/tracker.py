@@ -81,6 +81,10 @@ class SearchTracker:
             {**logged, **given}, indent=2, sort_keys=True)})
         return self.parent_run_id
 
+    def tag_search(self, tags: Mapping[str, str]) -> None:
+        """Set tags on the parent run (they may change: a resumed search updates them)."""
+        self._write(self._parent(), {}, {}, dict(tags))
+
     def end_search(self, *, status: Literal["FINISHED", "FAILED", "KILLED"] = "FINISHED",
                    summary: dict[str, Any] | None = None) -> None:
         """Close the parent; trial runs still RUNNING (a trial the driver never saw end) become KILLED.
