@@ -91,7 +91,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         try:
             run_distillation(loop_config["cfg"], loop_config["prepared"], ctx)
         except FloatingPointError as err:  # raised by every worker at the same step (the loop decides together)
-            _report_diverged(f"FloatingPointError: {err}", rank)
+            _report_diverged(str(err), rank)
 
     if checkpoint is None:
         run(None)
@@ -156,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = f"distill-{prepared.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = make_trainer(cfg, prepared, name=name, storage_path=storage_for(cfg)).fit()
     if result.error is not None or diverged(result):
-        print(f"error: training failed: {result.error or diverged(result)}", file=sys.stderr)
+        print(f"error: training failed: {result.error or f'FloatingPointError: {diverged(result)}'}",
+              file=sys.stderr)
         return 1
     final = result.metrics or {}
     assert result.checkpoint is not None
