@@ -74,6 +74,16 @@ def test_loop_reports_each_epoch_and_resumes_from_a_checkpoint(cache: Path, tmp_
 
 
 @pytest.mark.slow
+def test_a_resumed_run_repeats_dropout_accumulation_and_a_redrawn_layer_map(cache: Path, tmp_path: Path) -> None:
+    # epoch 2 after a restart draws the batches, dropout masks and in-order random layers it drew the first time
+    cfg = small(cache, "train.dropout=0.1", "train.grad_accum=2", "distill.layer_map=inorder_random")
+    full = _run(cfg, store=tmp_path)
+    resumed = _run(cfg, checkpoint=tmp_path / "epoch1")
+    assert resumed[0]["train_loss"] == pytest.approx(full[1]["train_loss"], rel=1e-6)
+    assert resumed[0]["eval_loss"] == pytest.approx(full[1]["eval_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
 def test_another_validation_split_reuses_the_fine_tuned_teacher_and_scores_it_anew(cache: Path) -> None:
     from kdsearch.evaluation import evaluate
     from kdsearch.prepare import load_teacher
