@@ -238,7 +238,7 @@ def run_report(args: dict[str, Any], argv: Sequence[str]) -> tuple[Path, str]:
     check_search(settings, space)
     version, began = commit(), time.time()  # the code that runs, before anyone commits during the run
     run_search(settings, space)
-    stopped = unfinished_trials(settings)
+    stopped = unfinished_trials(settings) or 0
     if stopped:  # a table of some seeds would read as the study's result (and replace the last whole one)
         raise KeyboardInterrupt(f"{stopped} trial(s) unfinished: no table written")
     wall = time.time() - began

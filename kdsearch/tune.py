@@ -246,11 +246,16 @@ def run_search(settings: SearchSettings, space: space_model.Space) -> tune.Resul
     return results
 
 
-def unfinished_trials(settings: SearchSettings) -> int:
+def unfinished_trials(settings: SearchSettings) -> int | None:
     """Trials that `resume=true` would still run (UNFINISHED_TAG, written as the search's driver ended): 0 after a
-    search that ran to its end, more after Ctrl-C or an expired time budget."""
-    parent = find_search(uri=settings.tracking_uri, experiment=settings.experiment, search=settings.search_name)
-    return int(parent.tags.get(UNFINISHED_TAG, "0") or 0)
+    search that ran to its end, more after Ctrl-C or an expired time budget; None when no driver ended it (one
+    killed, or still running) or it has no MLflow run."""
+    try:
+        parent = find_search(uri=settings.tracking_uri, experiment=settings.experiment, search=settings.search_name)
+    except ConfigError:
+        return None
+    tag = parent.tags.get(UNFINISHED_TAG, "")
+    return int(tag) if tag.isdigit() else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if warning:
         print(warning, file=sys.stderr, flush=True)
+    if settings.resume and unfinished_trials(settings) == 0:
+        print(f"[kdsearch.tune] {settings.search_name} ran to its end: nothing to resume (`python -m "
+              f"kdsearch.leaderboard search={settings.search_name}` shows its trials)")
+        return 0
     if settings.dry_run:
         print(render_dry_run(settings, space))
         return 0
@@ -278,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    stopped = unfinished_trials(settings)
+    stopped = unfinished_trials(settings) or 0
     if stopped:  # Ctrl-C: Tune saved the search's state; what finished so far is still ranked and exported
         again = [a for a in argv if a.split("=", 1)[0] not in ("name", "resume")]
         print(f"[kdsearch.tune] interrupted with {stopped} trial(s) unfinished; this continues it: python -m "

@@ -173,6 +173,9 @@ def test_resume_finishes_an_interrupted_search_without_rerunning_finished_trials
     for trial_id, old in before.items():  # finished before the interruption: untouched by the resumed search
         new = next(t for t in trials if t.tags["kdsearch.trial_id"] == trial_id)
         assert new.end_time == old.end_time and new.metrics == old.metrics
+    # once the search has run to its end, resuming it again runs nothing
+    again = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "ran to its end: nothing to resume" in again.stdout, again.stderr[-2000:]
 
 
 def _free_port() -> int:
