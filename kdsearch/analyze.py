@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -144,7 +145,8 @@ def collect(teacher: torch.nn.Module, student: torch.nn.Module, prepared: Prepar
 def summarise(cosines: dict[tuple[int, int], Tensor]) -> list[dict[str, Any]]:
     rows = []
     for (sl, k), cos in sorted(cosines.items()):
-        q = torch.quantile(cos, torch.tensor([0.1, 0.5, 0.9])).tolist() if len(cos) else [float("nan")] * 3
+        # numpy: torch.quantile refuses inputs of more than 2^24 values (a long validation split)
+        q = np.quantile(cos.numpy(), [0.1, 0.5, 0.9]).tolist() if len(cos) else [float("nan")] * 3
         rows.append({"student_layer": sl, "teacher_layer": k, "tokens": len(cos),
                      "acute_share": float((cos > 0).float().mean()) if len(cos) else float("nan"),
                      "mean_cos": float(cos.mean()) if len(cos) else float("nan"),

@@ -36,12 +36,13 @@ class BridgeInputs:
 class Bridge(nn.Module):
     """Maps one matched pair's hidden states into a space where a distance can compare them; itself the identity.
 
-    The Distiller calls `student_view(l, h_s[l])` and `teacher_view(k, h_t[k])` once per layer pair (l, k) per
-    step. The student view trains with the student; the teacher view runs on frozen states (its parameters,
-    TED's teacher filters, never train).
+    The Distiller calls `student_view(l, h_s[l], paired_with=k)` and `teacher_view(k, h_t[k])` once per layer
+    pair (l, k) per step. The student view trains with the student; the teacher view runs on frozen states (its
+    parameters, TED's teacher filters, never train).
     """
 
-    def student_view(self, index: int, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, d_s) -> (B, T, d)
+    def student_view(self, index: int, hidden: torch.Tensor, *,
+                     paired_with: int | None = None) -> torch.Tensor:  # (B, T, d_s) -> (B, T, d)
         return hidden
 
     def teacher_view(self, index: int, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, d_t) -> (B, T, d)
@@ -62,7 +63,7 @@ class ProjectorBridge(Bridge):
         super().__init__()
         self.proj = nn.ModuleDict({str(k): nn.Linear(d_s, d_t, bias=False) for k in student_indices})
 
-    def student_view(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+    def student_view(self, index: int, hidden: torch.Tensor, *, paired_with: int | None = None) -> torch.Tensor:
         return self.proj[str(index)](hidden)
 
 
@@ -78,7 +79,7 @@ class FilterBridge(Bridge):
         self.student_filters = student
         self.teacher_filters = teacher.requires_grad_(False)
 
-    def student_view(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+    def student_view(self, index: int, hidden: torch.Tensor, *, paired_with: int | None = None) -> torch.Tensor:
         return self.student_filters[str(index)](hidden)
 
     def teacher_view(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -104,15 +105,22 @@ def ted_bridge(inputs: BridgeInputs) -> Bridge:
 
 
 class UnitsBridge(Bridge):
-    def __init__(self, teacher_units: torch.Tensor) -> None:
+    """A student narrower than its teacher matches a fixed subset of its units (the first k) to the teacher's
+    selected ones; a student as wide as its teacher (`aligned`) matches the same units the teacher's selection
+    names, so that a teacher-initialised student, whose unit i is the teacher's unit i, starts at distance 0."""
+
+    def __init__(self, teacher_units: torch.Tensor, *, aligned: bool = False) -> None:
         super().__init__()
         # (n_t + 1, k): the chosen units of every teacher layer, so maps that re-draw layers each epoch
         # (inorder_random) find theirs.
         self.teacher_units: torch.Tensor
         self.register_buffer("teacher_units", teacher_units)
         self.k = teacher_units.shape[1]
+        self.aligned = aligned
 
-    def student_view(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+    def student_view(self, index: int, hidden: torch.Tensor, *, paired_with: int | None = None) -> torch.Tensor:
+        if self.aligned and paired_with is not None:
+            return hidden.index_select(-1, self.teacher_units[paired_with])
         return hidden[..., : self.k]  # a fixed subset of student units (all of them when k = d_s)
 
     def teacher_view(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -130,7 +138,8 @@ def units_bridge(inputs: BridgeInputs) -> Bridge:
     scores = inputs.unit_scores  # (n_t + 1, d_t)
     if units.scope == "last":
         scores = scores[-1:].expand_as(scores)
-    return UnitsBridge(torch.stack([select_units(row, k) for row in scores]))
+    return UnitsBridge(torch.stack([select_units(row, k) for row in scores]),
+                       aligned=inputs.d_student == inputs.d_teacher)
 
 
 def resolve_bridge(name: str, d_student: int, d_teacher: int) -> str:

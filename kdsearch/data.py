@@ -200,6 +200,9 @@ def _normalise(ds: Dataset, spec: TaskSpec, where: str) -> Dataset:
     numeric = pa.types.is_integer(labels.type) or pa.types.is_floating(labels.type)
     if spec.kind == "regression" and not numeric:
         raise ConfigError(f"{where}: column 'label' holds {labels.type}; expected numbers")
+    if spec.kind == "regression" and len(labels) and pc.all(pc.equal(labels, -1)).as_py():
+        raise ConfigError(f"{where}: every label is -1, i.e. unlabelled (GLUE hides its test labels); "
+                          "scores need a labelled split")
     if spec.kind == "classification":
         if not pa.types.is_integer(labels.type):
             raise ConfigError(f"{where}: column 'label' holds {labels.type}; expected class ids {classes}")

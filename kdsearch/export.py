@@ -51,6 +51,7 @@ def strategy_settings(cfg: Any) -> dict[str, Any]:
     student's card does not list TED filter widths)."""
     d = cfg.distill
     hidden = d.w_hidden > 0 and d.layer_map != "none"
+    mapped = hidden or (d.w_relation > 0 and cfg.relation.layers == "map")  # TinyBERT's relations follow the map
     off = {"ted.": not (hidden and d.bridge == "ted"), "units.": not (hidden and d.bridge == "units"),
            "relation.": d.w_relation == 0}
     out = {}
@@ -61,8 +62,20 @@ def strategy_settings(cfg: Any) -> dict[str, Any]:
             continue
         if (key in _HIDDEN_KEYS and not hidden) or (key in _LOGIT_KEYS and d.w_logit == 0):
             continue
+        if key == "distill.layer_map" and not mapped:
+            continue
         out[key] = value
     return out
+
+
+def _scores(metrics: dict[str, Any], metric: str) -> str:
+    """The ranked metric, and the task score beside the teacher's (`teacher_score` is the teacher's eval_score,
+    not its value of whatever metric the search ranked by)."""
+    def number(name: str) -> str:
+        return f"{metrics.get(name, float('nan')):.4f}"
+
+    task = f"eval_score: **{number('eval_score')}** (teacher: {number('teacher_score')})"
+    return f"- {task}" if metric == "eval_score" else f"- {metric} (ranked by): **{number(metric)}**\n- {task}"
 
 
 def model_card(cfg: Any, metrics: dict[str, Any], *, search: str, trial_id: str, metric: str) -> str:
@@ -75,7 +88,7 @@ def model_card(cfg: Any, metrics: dict[str, Any], *, search: str, trial_id: str,
 Distilled by kdsearch from teacher `{cfg.teacher}` on task `{cfg.task.name}`
 (data: `{cfg.task.data_dir or cfg.task.hub or 'embedded'}`, train subsample: {cfg.task.train_size or 'all'}).
 
-- {metric}: **{metrics.get(metric, float('nan')):.4f}** (teacher: {metrics.get('teacher_score', float('nan')):.4f})
+{_scores(metrics, metric)}
 - parameters: {int(metrics.get('student_params', 0)):,}{latency}
 - epochs trained: {metrics.get('epoch')}
 

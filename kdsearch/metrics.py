@@ -39,6 +39,8 @@ def matthews(pred: np.ndarray, true: np.ndarray) -> float:
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
     """Pearson r; 0 (not nan) for a constant input, so an untrained regressor does not break the search."""
+    if x.size == 0 or np.ptp(x) == 0 or np.ptp(y) == 0:  # rounding leaves a constant side tiny residuals
+        return 0.0
     x, y = x.astype(np.float64) - x.mean(), y.astype(np.float64) - y.mean()
     denom = np.sqrt((x @ x) * (y @ y))
     return float(x @ y / denom) if denom else 0.0
@@ -75,6 +77,9 @@ def compute_metrics(spec: TaskSpec, predictions: np.ndarray, labels: np.ndarray)
     -100 (prompt, padding) are dropped, so the already flattened and filtered arrays work as well.
     """
     predictions, labels = np.asarray(predictions), np.asarray(labels)
+    if np.issubdtype(predictions.dtype, np.floating) and not np.isfinite(predictions).all():
+        # a student whose outputs overflowed: no score at all (ranked last), not one of its finite rows' ranks
+        return dict.fromkeys(metric_names(spec), float("nan"))
     if spec.kind == "regression":
         pred, true = predictions.reshape(-1).astype(np.float64), labels.reshape(-1).astype(np.float64)
         out = {"pearson": pearson(pred, true), "spearman": spearman(pred, true)}

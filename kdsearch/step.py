@@ -139,6 +139,6 @@ class Distiller(nn.Module):
         for s, t in pairs:
             with torch.no_grad():
                 target = self.bridge.teacher_view(t, teacher[t])
-            per_pair.append(self.distance(self.bridge.student_view(s, student[s]), target, mask=mask))
+            per_pair.append(self.distance(self.bridge.student_view(s, student[s], paired_with=t), target, mask=mask))
         stacked = torch.stack(per_pair)
         return stacked.sum() if self.cfg.hidden_reduce == "sum" else stacked.mean()

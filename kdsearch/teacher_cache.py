@@ -118,7 +118,7 @@ class TeacherCache:
         starts, ends = self.offsets[rows].tolist(), self.offsets[rows + 1].tolist()
         tokens = torch.cat([torch.arange(s, e) for s, e in zip(starts, ends, strict=True)])
         real = batch["attention_mask"].cpu().bool()
-        if int(real.sum()) != len(tokens):
+        if not torch.equal(real.sum(dim=1), self.offsets[rows + 1] - self.offsets[rows]):
             raise ValueError("train.teacher_cache: the batch's tokens do not match the cached rows (was the cache "
                              "built from other data?)")
         states = _padded(self.hidden[tokens], real).to(device).unbind(dim=2) if hidden else None

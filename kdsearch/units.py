@@ -48,7 +48,9 @@ def score_units(teacher: Any, loader: Iterable[dict], *, kind: TaskKind, method:
         out = teacher(inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_hidden_states=True)
         for h in out.hidden_states:
             h.retain_grad()
-        task_loss(out.logits, batch["labels"], kind=kind).backward()
+        # the loss is a mean over the batch: times its rows, every example weighs the same in the sum, also in
+        # a short last batch
+        (task_loss(out.logits, batch["labels"], kind=kind) * len(batch["labels"])).backward()
         mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
         per_layer = []
         for h in out.hidden_states:
@@ -64,10 +66,11 @@ def score_units(teacher: Any, loader: Iterable[dict], *, kind: TaskKind, method:
 
 
 def select_units(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k highest-scoring units, in ascending index order (a fixed unit-to-unit pairing)."""
+    """Indices of the k highest-scoring units, in ascending index order (a fixed unit-to-unit pairing); ties go
+    to the lower index, whatever the device or torch version (topk leaves them unspecified)."""
     if not 0 < k <= scores.numel():
         raise ValueError(f"cannot select {k} of {scores.numel()} units")
-    return torch.topk(scores, k).indices.sort().values
+    return torch.sort(scores, descending=True, stable=True).indices[:k].sort().values
 
 
 def units_to_keep(ratio: float | None, d_student: int, d_teacher: int) -> int:

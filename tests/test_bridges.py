@@ -89,6 +89,21 @@ def test_units_bridge_serves_teacher_layers_a_map_draws_in_later_epochs() -> Non
     assert all(torch.equal(last.teacher_view(t, ht), last.teacher_view(4, ht)) for t in range(5))
 
 
+def test_a_student_as_wide_as_its_teacher_matches_the_units_the_teacher_selection_names() -> None:
+    # a teacher-initialised student's unit i is the teacher's unit i: identical states are at distance 0
+    bridge = BRIDGES.get("units")(inputs("units", 64, **{"units.ratio": 0.5}))
+    h = torch.randn(2, 5, 64)
+    for s, t in PAIRS:
+        assert torch.equal(bridge.student_view(s, h, paired_with=t), bridge.teacher_view(t, h))
+    narrow = BRIDGES.get("units")(inputs("units", 32, **{"units.ratio": 0.25}))
+    assert torch.equal(narrow.student_view(1, h[..., :32], paired_with=2), h[..., :16])  # another width: first k
+
+
+def test_select_units_breaks_ties_towards_the_lower_unit() -> None:
+    scores = torch.tensor([1.0, 0, 0, 0, 0, 1, 0, 0, 2, 0, 0, 0])
+    assert select_units(scores, 4).tolist() == [0, 1, 5, 8]
+
+
 def test_select_units_returns_the_asked_number_of_unique_units() -> None:
     for k in (1, 7, 64):
         chosen = select_units(torch.rand(64), k)

@@ -273,6 +273,13 @@ def test_a_test_split_is_read_from_its_own_file_and_must_hold_labels(tmp_path: P
     write(root / "test.tsv", [{"sentence": s, "label": -1} for s, _ in ROWS], "tsv")  # as GLUE's hub ships it
     with pytest.raises(ConfigError, match="every label is -1, i.e. unlabelled"):
         load(tmp_path, name="sst2", data_dir=str(root), splits=("test",))
+    stsb = tmp_path / "stsb"  # a regression task's hidden scores are -1.0 too
+    pairs = [{"sentence1": "a b", "sentence2": "c d", "label": 2.5}] * 3
+    write(stsb / "train.tsv", pairs, "tsv")
+    write(stsb / "dev.tsv", pairs, "tsv")
+    write(stsb / "test.tsv", [{**p, "label": -1.0} for p in pairs], "tsv")
+    with pytest.raises(ConfigError, match="every label is -1, i.e. unlabelled"):
+        load(tmp_path, name="stsb", data_dir=str(stsb), splits=("test",))
 
 
 # --- metrics ------------------------------------------------------------------------------------------
@@ -295,6 +302,16 @@ def test_metric_names_are_known_before_any_data(name: str, family: str) -> None:
     pred, gold = np.array([1, 0, 1, 1]), np.array([1, 0, 0, 1])
     assert tuple(compute_metrics(spec, pred, gold)) == metric_names(spec)
     assert spec.primary_metric in metric_names(spec)
+
+
+def test_non_finite_predictions_score_nan_and_constant_sides_correlate_zero() -> None:
+    stsb, sst2 = task_spec("stsb"), task_spec("sst2")
+    overflowed = compute_metrics(stsb, np.array([0.0, 1, 2, 3, np.nan, np.inf]), np.arange(6.0))
+    assert all(np.isnan(v) for v in overflowed.values())  # not the rank correlation of the finite rows
+    logits = np.array([[0.1, 0.9], [np.nan, 0.0]])
+    assert np.isnan(compute_metrics(sst2, logits, np.array([1, 0]))["score"])
+    constant = compute_metrics(stsb, np.full(7, 0.1), np.full(7, 0.3))
+    assert constant == {"pearson": 0.0, "spearman": 0.0, "score": 0.0}
 
 
 def test_regression_metrics_with_ties_match_hand_computed_values() -> None:

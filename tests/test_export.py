@@ -50,6 +50,15 @@ def test_model_card_names_the_strategy_metric_and_teacher() -> None:
     timed = model_card(cfg, {"eval_score": 0.8, "student_latency_ms": 3.25}, search="s", trial_id="t1",
                        metric="eval_score")
     assert "- latency: 3.25 ms" in timed
+    # ranked by another metric: the teacher's score stands beside the student's task score, not beside that metric
+    other = model_card(cfg, {"eval_score": 0.8, "eval_accuracy": 0.85, "teacher_score": 0.9}, search="s",
+                       trial_id="t1", metric="eval_accuracy")
+    assert "- eval_accuracy (ranked by): **0.8500**" in other and "- eval_score: **0.8000** (teacher: 0.9000)" in other
+    no_hidden = model_card(load_config(["distill.w_hidden=0"]), {}, search="s", trial_id="t3", metric="eval_score")
+    assert "`distill.layer_map`" not in no_hidden  # the map pairs nothing without a hidden term
+    tinybert = model_card(load_config(["distill.w_hidden=0", "distill.w_relation=1", "relation.layers=map"]), {},
+                          search="s", trial_id="t4", metric="eval_score")
+    assert "| `distill.layer_map` | `forward` |" in tinybert  # ... unless the relations follow it
 
 
 def test_the_exported_config_reruns_the_trial_anywhere(tmp_path) -> None:

@@ -131,6 +131,13 @@ def test_a_batch_from_other_data_is_refused(cache: Path) -> None:
     batch["attention_mask"][:, 1:] = 1
     with pytest.raises(ValueError, match="do not match the cached rows"):
         stored.outputs(batch, hidden=True)
+    # the same number of tokens in all, but not row by row: two rows of different lengths, their masks swapped
+    batch = next(b for b in make_loader(with_rows(prepared.data["train"]), batch_size=2, shuffle=False,
+                                        seed=0, pad_id=prepared.pad_id)
+                 if b["attention_mask"].sum(1).unique().numel() == 2)
+    batch["attention_mask"] = batch["attention_mask"].flip(0)
+    with pytest.raises(ValueError, match="do not match the cached rows"):
+        stored.outputs(batch, hidden=True)
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
