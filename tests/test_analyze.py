@@ -104,3 +104,34 @@ def test_angles_command_writes_histograms_and_an_mlflow_run(tmp_path: Path) -> N
     assert main(["angles", f"student={student_dir}", "layers=[2]", f"out={tmp_path}/dir", *common]) == 0
     from_dir = json.loads((tmp_path / "dir" / "angles.json").read_text())["rows"]
     assert [r["acute_share"] for r in from_dir] == pytest.approx([r["acute_share"] for r in rows[3:]])
+
+
+class _Layers(torch.nn.Module):
+    """States known in closed form: hidden state j of every token is j * `direction` (2 units)."""
+
+    def __init__(self, direction: tuple[float, float], layers: int) -> None:
+        super().__init__()
+        self.direction, self.layers = torch.tensor(direction), layers
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, output_hidden_states: bool):
+        shape = (*input_ids.shape, 2)
+        states = tuple(j * self.direction.expand(shape) for j in range(self.layers + 1))
+        return type("Out", (), {"hidden_states": states})()
+
+
+def test_collect_measures_each_student_and_teacher_layer_pair_on_real_tokens() -> None:
+    # teacher h_t[j] = (j, 0), student h_s[l] = (0, l): u = h_t[1] - h_s[l] = (1, -l), v = h_t[k] - h_s[l] = (k, -l)
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from kdsearch.analyze import collect
+
+    rows = {"input_ids": [[5, 6, 7], [5, 6], [8]], "attention_mask": [[1, 1, 1], [1, 1], [1]], "labels": [0, 1, 0]}
+    prepared = SimpleNamespace(data={"validation": Dataset.from_dict(rows)}, pad_id=0)
+    cosines = collect(_Layers((1.0, 0.0), 4), _Layers((0.0, 1.0), 2), prepared,  # type: ignore[arg-type]
+                      student_layers=[1, 2], n_teacher=4, max_batches=None)
+    assert sorted(cosines) == [(sl, k) for sl in (1, 2) for k in (2, 3, 4)]
+    for (sl, k), cos in cosines.items():
+        expected = (k + sl * sl) / (math.hypot(1, sl) * math.hypot(k, sl))
+        assert len(cos) == 6 and torch.allclose(cos, torch.full((6,), expected), atol=1e-5), (sl, k)

@@ -134,6 +134,32 @@ def test_flex_scores_find_the_units_that_carry_the_label(method: str, aggregate:
     assert select_units(scores[-1], 3).tolist() == carrying
 
 
+@pytest.mark.parametrize("aggregate", ["mean_abs", "abs_mean", "rms"])
+@pytest.mark.parametrize("method", ["grad", "grad_x_act"])
+def test_flex_scores_are_each_layers_per_token_relevance_aggregated_over_real_tokens(method: str,
+                                                                                    aggregate: str) -> None:
+    import torch.nn.functional as F
+
+    config = models.with_task_head(models.teacher_config(models.resolve_teacher("tiny-bert"), vocab_size=30),
+                                   task_spec("default"))
+    torch.manual_seed(0)
+    teacher = models.freeze(models.task_model_class("encoder").from_config(config))
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(4, 7, dtype=torch.long)
+    mask[1, 4:], mask[3, 2:] = 0, 0
+    batch = {"input_ids": torch.randint(1, 30, (4, 7), generator=g), "attention_mask": mask,
+             "labels": torch.randint(0, 2, (4,), generator=g)}
+    scores = score_units(teacher, [batch], kind="classification", method=method, batches=1,  # type: ignore[arg-type]
+                         device=torch.device("cpu"), aggregate=aggregate)  # type: ignore[arg-type]
+    embeds = teacher.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+    out = teacher(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
+    grads = torch.autograd.grad(F.cross_entropy(out.logits, batch["labels"], reduction="sum"), out.hidden_states)
+    for k, (grad, h) in enumerate(zip(grads, out.hidden_states, strict=True)):
+        r = (grad if method == "grad" else grad * h.detach())[mask.bool()]  # (real tokens, d_t)
+        expected = {"mean_abs": r.abs().mean(0), "abs_mean": r.mean(0).abs(), "rms": r.pow(2).mean(0).sqrt()}
+        torch.testing.assert_close(scores[k], expected[aggregate], rtol=1e-4, atol=1e-8)
+
+
 def _tiny_pair(hidden: int | None = None) -> tuple[nn.Module, nn.Module]:
     config = models.with_task_head(models.teacher_config(models.resolve_teacher("tiny-bert"), vocab_size=30),
                                    task_spec("default"))
