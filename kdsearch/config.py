@@ -73,9 +73,11 @@ class TaskConfig:
     hub: str | None = None
     """A datasets hub name (e.g. `glue`), read with load_dataset when data_dir is not given."""
     max_length: int = 64
+    """Longest input in tokens; longer rows are truncated (causal LMs keep the prompt's end and the response)."""
     train_size: int | None = None
     """Subsample the training split to this many rows (seeded); None keeps all."""
     eval_size: int | None = None
+    """Subsample the validation split to this many rows (seeded); None keeps all."""
 
     def __post_init__(self) -> None:
         require(self.max_length >= 4, f"task.max_length={self.max_length}: must be >= 4")
@@ -103,11 +105,15 @@ class DistillConfig:
     """Hidden distances over real tokens only (layer-selection paper); false: every position, padding included,
     as TED's code computes its MSE."""
     w_task: float = 1.0
+    """Weight of the task loss (CE on the labels; MSE for regression; next-token CE for causal LMs)."""
     w_logit: float = 1.0
+    """Weight of logit KD (`logit_loss` at `temperature`); 0 = no logit KD."""
     w_hidden: float = 3.0
+    """Weight of the hidden-state term over the layer map's pairs (3 in the layer-selection paper); 0 = none."""
     w_relation: float = 0.0
     """Weight of the self-attention relation term (MiniLM / MiniLMv2; settings under `relation.`)."""
     temperature: float = 1.0
+    """Softmax temperature T of logit KD; the divergence is scaled by T^2."""
     logit_loss: str = "kl"
     """Logit-KD divergence registry key: kl (Hinton), reverse_kl (MiniLLM), jsd (GKD, beta 1/2), skew_kl
     (DistiLLM, alpha 0.1); all at temperature T, times T^2."""
@@ -132,8 +138,11 @@ class TedConfig:
     depth: int = 2
     """Number of Linear layers of the mlp filter (>= 2)."""
     activation: str = "gelu"
+    """Activation between the mlp filter's layers (registry: gelu, relu, tanh, ...)."""
     stage1_epochs: int = 2
+    """Epochs of TED stage 1 (filters and their task heads on the frozen model)."""
     stage1_lr: float = 1e-3
+    """Learning rate of TED stage 1."""
     student_filters: Literal["stage1", "teacher", "random"] = "stage1"
     """Student filter init: stage-1 training on the student, a copy of the teacher filter, or random."""
 
@@ -195,6 +204,7 @@ class UnitsConfig:
     mean (signed effects cancel: the first-order estimate of the loss change without the unit), or root mean
     square (Fisher-like). Flex-KD leaves it open."""
     score_batches: int = 8
+    """Training batches (of train.batch_size) the relevance scores are averaged over."""
 
     def __post_init__(self) -> None:
         require(self.ratio is None or 0 < self.ratio <= 1, f"units.ratio={self.ratio}: must be in (0, 1]")
@@ -204,12 +214,17 @@ class UnitsConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 3
+    """Distillation epochs (ASHA's time axis in a search)."""
     batch_size: int = 32
     """Global batch: each of n data-parallel workers takes batch_size / n."""
     lr: float = 1e-3
+    """Peak AdamW learning rate of the student (and its bridge), after warmup, decaying linearly to 0."""
     weight_decay: float = 0.01
+    """AdamW weight decay."""
     warmup_ratio: float = 0.1
+    """Share of the optimiser steps spent warming the learning rate up from 0."""
     seed: int = 0
+    """Seed of the student's init, batch order, dropout, random layer maps and TED stage 1 (not the teacher's)."""
     max_steps_per_epoch: int | None = None
     """Cap on optimiser steps per epoch (smoke runs); None = the whole split."""
     dropout: float | None = None
@@ -242,11 +257,14 @@ class FinetuneConfig:
     """Fine-tuning of a teacher that has not seen the task yet (cached by content)."""
 
     mode: Literal["auto", "always", "never"] = "auto"
-    """auto: fine-tune when the task head was not in the checkpoint (or the teacher is built in code)."""
+    """auto: fine-tune when the task head was not in the checkpoint (or the teacher is built in code); always:
+    fine-tune even a checkpoint with a task head; never: use the checkpoint as it is."""
     epochs: int = 10
     """A tiny 4-layer teacher reaches ~85% on the default task in 10 epochs (~30 s on 2 CPU cores)."""
     lr: float = 1e-3
+    """Fine-tuning learning rate (AdamW, linear decay)."""
     batch_size: int = 32
+    """Fine-tuning batch size."""
     seed: int = 0
     """Seed of the teacher's fine-tune, apart from train.seed: students of every seed share one teacher."""
 
@@ -261,7 +279,9 @@ class ResourcesConfig:
     num_workers: int = 1
     """Ray Train data-parallel workers per run (per trial)."""
     cpus_per_trial: float = 1.0
+    """CPUs of one run (one trial) in all, split evenly over its num_workers."""
     gpus_per_trial: float = 0.0
+    """GPUs of one run in all, split over its workers (0.25 = four 1-worker trials share a GPU); > 0 uses CUDA."""
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 1, f"resources.num_workers={self.num_workers}: must be >= 1")
@@ -288,10 +308,12 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     output_dir: str = "outputs/train"
+    """Where `kdsearch.train` writes `student/` (and `ray/`, its Train storage unless storage_path is set)."""
     cache_dir: str = ".kdsearch_cache"
     """Content-addressed store for fine-tuned teachers, TED stage-1 filters, Flex-KD scores, tokenised data."""
     storage_path: str | None = None
-    """Ray Train storage (local path, s3:// or gs://); None = <output_dir>/ray."""
+    """Ray Train/Tune storage (local path, s3:// or gs://; shared by every node on a cluster); None =
+    <output_dir>/ray for kdsearch.train, <results_dir>/ray for searches and reports."""
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -215,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             [("search=<name|run id>", "the search (default: the latest one)"),
              ("objectives=m:max,...", "rank by these (default: the search's own)"),
              ("top=20", "rows printed (the files hold every trial)"),
-             ("out=<dir>", "where the files go (default outputs/search/<search>/leaderboard, as the search's own)"),
+             ("out=<dir>", "where the files go (default outputs/search/<search>/leaderboard, as the search's own; "
+                           "leaderboard-<objectives> when ranked by others)"),
              ("tracking.uri=<uri>", f"MLflow store (default $MLFLOW_TRACKING_URI, else {DEFAULT_URI})"),
              ("tracking.experiment=<name>", f"MLflow experiment (default {DEFAULT_EXPERIMENT})")],
             config_keys=False))
