@@ -13,9 +13,10 @@ import os
 import re
 import shlex
 import sys
+import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import optuna
 import ray
@@ -224,8 +225,13 @@ def check_resumable(settings: SearchSettings, space: space_model.Space) -> None:
         raise ConfigError(f"resume=true: no search named {settings.search_name} under {storage} to resume")
 
 
-def run_search(settings: SearchSettings, space: space_model.Space) -> tune.ResultGrid:
-    """Prepare the shared artifacts, start Ray, run every trial, stop Ray; Tune's ResultGrid.
+class SearchRun(NamedTuple):
+    results: tune.ResultGrid
+    seconds: float  # the trials' part (Tuner.fit): what time_budget_s counts
+
+
+def run_search(settings: SearchSettings, space: space_model.Space) -> SearchRun:
+    """Prepare the shared artifacts, start Ray, run every trial, stop Ray; Tune's ResultGrid and how long it took.
 
     Every trial lands in MLflow under one parent run (named settings.search_name), left open for the caller
     to close (`export_best` here, the study table in kdsearch.report). ConfigError before any trial runs.
@@ -239,11 +245,13 @@ def run_search(settings: SearchSettings, space: space_model.Space) -> tune.Resul
     tracker_args = {"uri": settings.tracking_uri, "experiment": settings.experiment,
                     "search": settings.search_name, "space_name": space.name, "code_version": code_version(),
                     "objectives": objectives_of(settings, space)}
+    tuner = make_tuner(settings, space, tracker_args)
+    began = time.monotonic()
     try:
-        results = make_tuner(settings, space, tracker_args).fit()
+        results = tuner.fit()
     finally:
         ray.shutdown()  # flush the trials' logs now, so that the caller's summary is the last thing printed
-    return results
+    return SearchRun(results, time.monotonic() - began)
 
 
 def unfinished_trials(settings: SearchSettings) -> int | None:
@@ -283,18 +291,21 @@ def main(argv: list[str] | None = None) -> int:
         print(render_dry_run(settings, space))
         return 0
     try:
-        results = run_search(settings, space)
+        results, seconds = run_search(settings, space)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     stopped = unfinished_trials(settings) or 0
-    if stopped:  # Ctrl-C: Tune saved the search's state; what finished so far is still ranked and exported
+    budget = space.budget.time_budget_s
+    expired = budget is not None and seconds >= budget  # else Ctrl-C stopped it
+    if stopped:  # Tune saved the search's state; what finished so far is still ranked and exported
         again = [a for a in argv if a.split("=", 1)[0] not in ("name", "resume")]
-        print(f"[kdsearch.tune] interrupted with {stopped} trial(s) unfinished; this continues it: python -m "
+        why = f"time_budget_s={budget:g} ran out" if expired else "interrupted"
+        print(f"[kdsearch.tune] {why} with {stopped} trial(s) unfinished; this continues it: python -m "
               f"kdsearch.tune {shlex.join([*again, f'name={settings.search_name}', 'resume=true'])}",
               file=sys.stderr, flush=True)
     out = export_best(results, settings=settings, space=space, objectives=objectives_of(settings, space))
-    return INTERRUPTED if stopped else 0 if out is not None else 1
+    return INTERRUPTED if stopped and not expired else 0 if out is not None else 1
 
 
 if __name__ == "__main__":

@@ -178,6 +178,15 @@ def test_resume_finishes_an_interrupted_search_without_rerunning_finished_trials
     assert again.returncode == 0 and "ran to its end: nothing to resume" in again.stdout, again.stderr[-2000:]
 
 
+@pytest.mark.slow
+def test_a_search_whose_time_budget_runs_out_says_how_to_continue(tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "kdsearch.tune", *_args(tmp_path, 40, "tb"), "time_budget_s=12"]
+    proc = subprocess.run(args, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    # not an interruption (status 130): 0, or 1 when no trial had finished in time to export
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    assert "time_budget_s=12 ran out with" in proc.stderr and "name=tb resume=true" in proc.stderr, proc.stderr[-3000:]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
