@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import optuna
+import pyarrow.fs
 import ray
 import torch
 from ray import tune
@@ -165,7 +166,8 @@ def make_tuner(settings: SearchSettings, space: space_model.Space, tracker_args:
     callbacks = [MlflowTrials(space=space, **tracker_args), ProgressTable(objectives=objectives)]
     run_config = tune.RunConfig(name=settings.search_name, storage_path=storage, callbacks=callbacks,
                                 failure_config=tune.FailureConfig(max_failures=1), verbose=0,
-                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
+                                # all, until the search ends: see drop_superseded_checkpoints
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=None))
     if settings.resume:
         return tune.Tuner.restore(os.path.join(storage, settings.search_name), trainable=trainable,
                                   resume_errored=True)
@@ -236,8 +238,6 @@ def run_search(settings: SearchSettings, space: space_model.Space) -> SearchRun:
     Every trial lands in MLflow under one parent run (named settings.search_name), left open for the caller
     to close (`export_best` here, the study table in kdsearch.report). ConfigError before any trial runs.
     """
-    # Checkpoints are pruned (num_to_keep), which makes Tune snapshot often; that is intended here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     check_resumable(settings, space)
     # Prepare the shared artifacts (teacher fine-tuning, tokenised data) once, before trials race for them.
     prepare(space_model.trial_config(space, {}))
@@ -251,7 +251,30 @@ def run_search(settings: SearchSettings, space: space_model.Space) -> SearchRun:
         results = tuner.fit()
     finally:
         ray.shutdown()  # flush the trials' logs now, so that the caller's summary is the last thing printed
-    return SearchRun(results, time.monotonic() - began)
+    seconds = time.monotonic() - began
+    drop_superseded_checkpoints(results)
+    return SearchRun(results, seconds)
+
+
+def drop_superseded_checkpoints(results: Any) -> None:
+    """Delete each trial's checkpoints older than its latest, from which Tune's final snapshot restores it.
+
+    `results` is Tune's ResultGrid. Tune keeps every checkpoint while the search runs (num_to_keep=None). With
+    pruning on, Tune deletes the old checkpoint as it registers a new one, but its experiment snapshot reaches
+    storage later. A driver killed in between left the resumed search restoring a trial from a checkpoint that no
+    longer exists, and the trial failed. A newer checkpoint that Tune never registered (the driver stopped as it
+    arrived) is kept. Multi-worker trials keep their checkpoints in their Train run, which saves its state before
+    it prunes.
+    """
+    for result in results:
+        if result.checkpoint is None:
+            continue
+        filesystem, path = result.checkpoint.filesystem, result.checkpoint.path.rstrip("/")
+        trial_dir, latest = path.rsplit("/", 1)
+        for entry in filesystem.get_file_info(pyarrow.fs.FileSelector(trial_dir)):
+            if (entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith("checkpoint_")
+                    and entry.base_name < latest):
+                filesystem.delete_dir(entry.path)
 
 
 def unfinished_trials(settings: SearchSettings) -> int | None:

@@ -17,8 +17,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+from ray import tune
 
 from kdsearch.overrides import load_config
 from kdsearch.tracking import SAMPLED_TAG, find_search, list_trials
@@ -100,6 +102,11 @@ def test_search_logs_every_trial_stops_bad_ones_early_and_survives_a_failing_tri
     assert exported.train.lr == float(rows[0]["train.lr"]) and exported.distill.layer_map == rows[0][
         "distill.layer_map"] and exported.train.epochs == 1
     assert f"trial {rows[0]['trial']}" in (best_dir / "README.md").read_text()
+    # every epoch was checkpointed while the search ran; each trial keeps only its last one after it
+    kept = {d.name.split("_")[2]: sorted(c.name for c in d.glob("checkpoint_*"))
+            for d in (tmp_path / "results" / "ray" / "s1").glob("run_trial_*")}
+    assert sorted(len(names) for names in kept.values()) == [0, 1, 1, 1, 1], kept  # the diverged trial has none
+    assert sorted(names[0] for names in kept.values() if names)[-1] == "checkpoint_000002"  # epoch 3 of 3
 
 
 @pytest.mark.slow
@@ -121,6 +128,26 @@ def test_a_multi_objective_search_ranks_on_its_pareto_front(tmp_path: Path) -> N
         rows = list(csv.DictReader(f))
     assert [r["rank"] for r in rows] == ["1", "2", "3"]
     assert rows[0]["pareto"] == "*"  # best on the first objective, ties to the second: never dominated
+
+
+class _Result(NamedTuple):
+    checkpoint: tune.Checkpoint | None
+
+
+def test_only_each_trials_latest_checkpoint_is_kept_after_a_search(tmp_path: Path) -> None:
+    from kdsearch.tune import drop_superseded_checkpoints
+
+    trial, other = tmp_path / "run_trial_a", tmp_path / "run_trial_b"
+    for name in ("checkpoint_000000", "checkpoint_000001", "checkpoint_000002", "checkpoint_000003"):
+        (trial / name).mkdir(parents=True)
+        (trial / name / "state.json").write_text("{}")
+    (other / "checkpoint_000000").mkdir(parents=True)
+    (trial / "result.json").write_text("")
+    # Tune registered checkpoint 2 last; 3 reached storage as the driver stopped, so a resume restores from 2
+    drop_superseded_checkpoints([_Result(tune.Checkpoint.from_directory(str(trial / "checkpoint_000002"))),
+                                 _Result(None)])
+    assert sorted(p.name for p in trial.iterdir()) == ["checkpoint_000002", "checkpoint_000003", "result.json"]
+    assert (trial / "checkpoint_000002" / "state.json").exists() and (other / "checkpoint_000000").exists()
 
 
 def _wait_for(predicate, timeout: float) -> None:
