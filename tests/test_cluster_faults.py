@@ -10,6 +10,7 @@ every process it starts dies with it; drivers attach with RAY_ADDRESS, as on a r
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -103,6 +104,15 @@ class _Runs:
         return [m.step for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)]
 
 
+def _tune_snapshot(tmp: Path) -> dict[str, str]:
+    """Trial id -> status in Tune's newest experiment snapshot under `tmp`: what a resumed search restores."""
+    states = sorted(tmp.rglob("experiment_state*.json"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return {}
+    trials = [json.loads(trial) for trial, _ in json.loads(states[-1].read_text())["trial_data"]]
+    return {t["trial_id"]: t["status"] for t in trials}
+
+
 @dataclass
 class Cluster:
     """A 0-CPU head that hosts the trial drivers (DRIVER_RESOURCE) and 1-CPU worker nodes, in a sandbox."""
@@ -182,24 +192,26 @@ class TestStaticCluster:
         # 1-worker trials run in the trial process; 2 CPUs / 1 CPU per trial = two at a time
         assert max_concurrent_trials(cluster.resources, 1, 1, 0) == 2
         args = _search_args(tmp_path, cache_dir, "driver", epochs=3, workers=1, cpus=1, num=num)
-        env = {"RAY_ADDRESS": cluster.head.address}
+        # Tune snapshots its state every 10 s or more (what `resume=true` restores): here every second, so that
+        # the driver dies soon after the first trial is in a snapshot as ended, with most of the search to do
+        env = {"RAY_ADDRESS": cluster.head.address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
         driver = sb.spawn("driver-killed", args, env=env)
         try:
-            def some_finished() -> bool:
+            def one_ended_in_a_snapshot() -> bool:
                 assert driver.alive(), driver.tail()
-                return any(r.info.status == "FINISHED" for r in runs.poll())
+                return "TERMINATED" in _tune_snapshot(tmp_path).values()
 
-            wait_for(some_finished, timeout=240, what="a finished trial", every=0.5)
+            wait_for(one_ended_in_a_snapshot, timeout=240, what="a trial ended in Tune's snapshot", every=0.5)
         finally:
             kill_session(driver.pid)  # SIGKILL: no chance to save anything or close runs
-        states = list(tmp_path.rglob("experiment_state*.json"))
-        saved_ms = max((p.stat().st_mtime for p in states), default=0.0) * 1000  # Tune's last snapshot
         before = {t.tags["kdsearch.trial_id"]: t for t in runs.trials()}
-        finished = {k: t for k, t in before.items() if t.status == "FINISHED"}
-        assert 1 <= len(finished) < num, [(t.name, t.status) for t in before.values()]
+        assert 1 <= sum(t.status == "FINISHED" for t in before.values()) < num, [
+            (t.name, t.status) for t in before.values()]
         # A trial that ended after Tune's last snapshot is legitimately continued from its checkpoint by the
-        # resumed search; only trials already in the snapshot must stay untouched.
-        finished = {k: t for k, t in finished.items() if t.end_time is not None and t.end_time < saved_ms - 1000}
+        # resumed search; the trials the snapshot holds as ended must stay untouched.
+        snapshot = _tune_snapshot(tmp_path)
+        finished = {k: t for k, t in before.items() if t.status == "FINISHED" and snapshot.get(k) == "TERMINATED"}
+        assert finished, (snapshot, [(t.name, t.status) for t in before.values()])
         resumed = sb.spawn("driver-resumed", [*args, "resume=true"], env=env)
         try:
             assert resumed.wait(timeout=300) == 0, resumed.tail(6000)

@@ -38,7 +38,7 @@ def _uri(folder: Path) -> str:
 
 
 def _hammer(uri: str, name: str, barrier: multiprocessing.synchronize.Barrier) -> None:
-    barrier.wait()  # both processes open the fresh database at the same moment
+    barrier.wait(timeout=60)  # both processes open the fresh database at the same moment
     tracker = SearchTracker(uri=uri, experiment=RACE_EXP)
     tracker.start_search(name=name, space="kd", config={"name": name}, code_version="v")
     for i in range(20):
@@ -65,6 +65,10 @@ def raced_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[int
         p.start()
     for p in procs:
         p.join(timeout=120)
+    for p in procs:  # one still running after 2 minutes is hung: do not leave it behind
+        if p.is_alive():
+            p.kill()
+            p.join()
     return uri, [p.exitcode for p in procs]
 
 

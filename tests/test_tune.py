@@ -150,20 +150,22 @@ def test_only_each_trials_latest_checkpoint_is_kept_after_a_search(tmp_path: Pat
     assert (trial / "checkpoint_000002" / "state.json").exists() and (other / "checkpoint_000000").exists()
 
 
-def _wait_for(predicate, timeout: float) -> None:
+def _wait_for(predicate, timeout: float, every: float = 1.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(1)
+        time.sleep(every)
     raise TimeoutError("condition not reached")
 
 
 @pytest.mark.slow
 def test_resume_finishes_an_interrupted_search_without_rerunning_finished_trials(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    # 6 trials, 2 at a time: when the first has finished, the rest take several seconds more
-    args = [sys.executable, "-m", "kdsearch.tune", *_args(tmp_path, 6, "s2")]
+    # 12 trials, 2 at a time: the first two finish together and 3 of the 5 fixed points end after an epoch or
+    # less, so only the sampled trials leave enough work for the interruption to find trials still unfinished
+    num = 12
+    args = [sys.executable, "-m", "kdsearch.tune", *_args(tmp_path, num, "s2")]
 
     def finished_trials() -> list:
         try:
@@ -177,7 +179,7 @@ def test_resume_finishes_an_interrupted_search_without_rerunning_finished_trials
         driver = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr,
                                   start_new_session=True)
         try:
-            _wait_for(lambda: len(finished_trials()) >= 1, timeout=600)
+            _wait_for(lambda: len(finished_trials()) >= 1, timeout=600, every=0.2)
             os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C in the search driver's terminal
             driver.wait(timeout=120)
         finally:
@@ -196,7 +198,7 @@ def test_resume_finishes_an_interrupted_search_without_rerunning_finished_trials
     parent = find_search(uri=uri, experiment="kdsearch", search="s2")
     trials = list_trials(uri=uri, experiment="kdsearch", search_run_id=parent.run_id)
     ids = [t.tags["kdsearch.trial_id"] for t in trials]
-    assert len(ids) == len(set(ids)) == 6
+    assert len(ids) == len(set(ids)) == num
     for trial_id, old in before.items():  # finished before the interruption: untouched by the resumed search
         new = next(t for t in trials if t.tags["kdsearch.trial_id"] == trial_id)
         assert new.end_time == old.end_time and new.metrics == old.metrics
