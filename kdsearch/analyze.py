@@ -22,6 +22,7 @@ from torch import Tensor
 from . import models
 from .config import Config, ConfigError, with_absolute_paths
 from .console import quiet_libraries, run_command
+from .encoding import model_inputs
 from .evaluation import make_loader
 from .overrides import load_config, split_arguments
 from .prepare import Prepared, load_teacher, make_student, prepare
@@ -134,8 +135,7 @@ def collect(teacher: torch.nn.Module, student: torch.nn.Module, prepared: Prepar
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                  "output_hidden_states": True}
+        inputs = {**model_inputs(batch), "output_hidden_states": True}
         h_t, h_s = teacher(**inputs).hidden_states, student(**inputs).hidden_states
         for (sl, k), found in parts.items():
             found.append(angle_cosines(h_t[1], h_t[k], h_s[sl], batch["attention_mask"]))

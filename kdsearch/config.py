@@ -47,7 +47,11 @@ class StudentConfig:
     """d_s as a share of the teacher's width, in whole attention heads of the teacher's head size (0.5 of a
     12-head, 384-wide MiniLM: 6 heads, 192). Spaces use it so that one space fits any teacher."""
     init: Literal["teacher", "random"] = "teacher"
-    """`teacher` copies embeddings, head and the teacher layers at the forward-map indices."""
+    """`teacher` copies the embeddings, the pooler and the teacher layers of the family's copy table (the forward
+    map's layers; T5 and Qwen3 have their own tables, as in the layer-selection code); `random` copies nothing."""
+    copy_head: bool = False
+    """With init=teacher, also copy the teacher's task head (classifier). The layer-selection BERT code leaves it
+    random; a causal LM's LM head is part of the language model and is always copied (its Qwen3 code)."""
     finetune: bool = False
     """Fine-tune the initial student on the task before distilling, as TED's code does: stage 1 then trains the
     student filters on it, and distillation starts from it. Cached; finetune.epochs/lr/batch_size as for the
@@ -89,18 +93,22 @@ class TaskConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     layer_map: str = "forward"
-    """Registry key in kdsearch.layer_maps (forward, reverse, last, all_to_one, random, inorder_random, explicit,
-    none)."""
+    """Registry key in kdsearch.layer_maps (forward, reverse, last, all_to_one, random, random_strict,
+    inorder_random, explicit, none)."""
     layers: tuple[int, ...] | None = None
     """Teacher hidden-state indices for layer_map=explicit, one per student layer (1..n_t)."""
-    embeddings: bool = True
-    """Also match the embedding outputs h_s[0] <-> h_t[0] (encoder runs of the layer-selection paper)."""
+    embeddings: bool | None = None
+    """Also match the embedding outputs h_s[0] <-> h_t[0] (the layer-selection paper's BERT and seq2seq runs);
+    null = true, except with bridge=ted (TED's code has no filter on the embeddings)."""
     bridge: str = "auto"
     """Width bridge: identity, projector, ted, units; `auto` = identity if widths match, else projector."""
     distance: str = "mse"
-    """Hidden distance registry key (mse, token_mse, ln_mse, cosine, correlation, cka, pkd_cls)."""
+    """Hidden distance registry key (mse, token_mse, ln_mse, cosine, correlation, cka, pkd_cls, and the
+    layer-selection code's own forms layer_select_bert, layer_select_t5, layer_select_qwen3)."""
     hidden_reduce: Literal["sum", "mean"] = "sum"
-    """How per-pair hidden terms combine: sum (layer-selection paper) or mean (TED code)."""
+    """How per-pair hidden terms combine. The papers' forms (docs/results/README.md, fidelity): layer-selection
+    BERT = layer_select_bert + mean; BART = mse + sum; T5 = layer_select_t5 + sum; Qwen3 = layer_select_qwen3 +
+    mean (no embedding pair); TED = mse + mean with mask_padding=false."""
     mask_padding: bool = True
     """Hidden distances over real tokens only (layer-selection paper); false: every position, padding included,
     as TED's code computes its MSE."""
@@ -109,7 +117,8 @@ class DistillConfig:
     w_logit: float = 1.0
     """Weight of logit KD (`logit_loss` at `temperature`); 0 = no logit KD."""
     w_hidden: float = 3.0
-    """Weight of the hidden-state term over the layer map's pairs (3 in the layer-selection paper); 0 = none."""
+    """Weight of the hidden-state term over the layer map's pairs (3 in the layer-selection paper, with its
+    family's distance and reduction; TED's mse_alpha 10-7500); 0 = none."""
     w_relation: float = 0.0
     """Weight of the self-attention relation term (MiniLM / MiniLMv2; settings under `relation.`)."""
     temperature: float = 1.0
@@ -119,6 +128,8 @@ class DistillConfig:
     (DistiLLM, alpha 0.1); all at temperature T, times T^2."""
 
     def __post_init__(self) -> None:
+        if self.embeddings is None:  # resolved here, so runs, MLflow params and exports all read true or false
+            object.__setattr__(self, "embeddings", self.bridge != "ted")
         for key in ("w_task", "w_logit", "w_hidden", "w_relation"):
             value = getattr(self, key)
             require(value >= 0, f"distill.{key}={value}: loss weights must be >= 0")
@@ -140,9 +151,11 @@ class TedConfig:
     activation: str = "gelu"
     """Activation between the mlp filter's layers (registry: gelu, relu, tanh, ...)."""
     stage1_epochs: int = 2
-    """Epochs of TED stage 1 (filters and their task heads on the frozen model)."""
-    stage1_lr: float = 1e-3
-    """Learning rate of TED stage 1."""
+    """Epochs of TED stage 1 (filters and their task heads on the frozen model); TED's scripts reuse the
+    model's fine-tuning epochs (6 on SST-2)."""
+    stage1_lr: float | None = None
+    """Peak learning rate of TED stage 1 (AdamW, no weight decay, linear decay to 0, no warmup, as TED's
+    learn_filters script); null = finetune.lr, the model's own fine-tuning rate, as TED's scripts do."""
     student_filters: Literal["stage1", "teacher", "random"] = "stage1"
     """Student filter init: stage-1 training on the student, a copy of the teacher filter, or random."""
 
@@ -156,6 +169,7 @@ class TedConfig:
                  f"ted.mlp_hidden={self.mlp_hidden}: must be > 0")
         require(self.depth >= 2, f"ted.depth={self.depth}: an mlp filter has at least 2 layers")
         require(self.stage1_epochs >= 1, f"ted.stage1_epochs={self.stage1_epochs}: must be >= 1")
+        require(self.stage1_lr is None or self.stage1_lr > 0, f"ted.stage1_lr={self.stage1_lr}: must be > 0")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from kdsearch.tasks import IGNORE_INDEX, TaskSpec
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-_CACHE_VERSION = 2  # bump when the tokenised layout changes, so old cache entries are not reused
+_CACHE_VERSION = 3  # bump when the tokenised layout changes, so old cache entries are not reused
 
 
 # --- text views -----------------------------------------------------------------------------------------
@@ -68,12 +68,12 @@ def _tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def _split_keys(raw: DatasetDict, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase,
-                max_length: int, family: str) -> dict[str, str]:
+                max_length: int, family: str, segments: bool) -> dict[str, str]:
     """Each split's tokenised identity: its rows and how they are tokenised. It becomes the split's fingerprint,
     which artifacts built from one split (a teacher fine-tuned on train) are keyed on: a new validation split
     leaves the train split's key, and so the fine-tuned teacher, as they were."""
     common = {"version": _CACHE_VERSION, "task": spec.name, "family": family, "max_length": max_length,
-              "tokenizer": _tokenizer_hash(tokenizer)}
+              "segments": segments, "tokenizer": _tokenizer_hash(tokenizer)}
     return {split: _digest({**common, "split": split, "rows": [len(ds), content_hash(ds)]})
             for split, ds in raw.items()}
 
@@ -82,10 +82,12 @@ def _digest(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _encode_encoder(batch: dict[str, list], spec: TaskSpec, tokenizer: Any, max_length: int) -> dict:
+def _encode_encoder(batch: dict[str, list], spec: TaskSpec, tokenizer: Any, max_length: int,
+                    segments: bool) -> dict:
     enc = tokenizer(*[batch[name] for name in spec.text_fields], truncation=True, max_length=max_length,
-                    return_token_type_ids=False)
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": batch["label"]}
+                    return_token_type_ids=segments)
+    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": batch["label"]}
+    return {**out, "token_type_ids": enc["token_type_ids"]} if segments else out
 
 
 def _encode_causal(batch: dict[str, list], spec: TaskSpec, tokenizer: Any, max_length: int) -> dict:
@@ -109,36 +111,42 @@ def _encode_causal(batch: dict[str, list], spec: TaskSpec, tokenizer: Any, max_l
     return out
 
 
-def _features(spec: TaskSpec, family: str) -> Features:
+def _features(spec: TaskSpec, family: str, segments: bool) -> Features:
     ids = Sequence(Value("int32"))
     if family == "causal":
         labels: Any = Sequence(Value("int32"))
     else:
         labels = Value("float32" if spec.kind == "regression" else "int64")
-    return Features({"input_ids": ids, "attention_mask": Sequence(Value("int8")), "labels": labels})
+    features = {"input_ids": ids, "attention_mask": Sequence(Value("int8")), "labels": labels}
+    return Features({**features, "token_type_ids": Sequence(Value("int8"))} if segments else features)
 
 
 def tokenize_task(raw: DatasetDict, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, max_length: int,
-                  cache_dir: str | Path, family: Literal["encoder", "causal"]) -> DatasetDict:
-    """Splits with input_ids, attention_mask, labels; read from `cache_dir/data/<key>` when already built.
+                  cache_dir: str | Path, family: Literal["encoder", "causal"], segments: bool) -> DatasetDict:
+    """Splits with input_ids, attention_mask, labels (and token_type_ids with `segments`, for a model that
+    reads them: `models.uses_segments`); read from `cache_dir/data/<key>` when already built.
 
-    The key hashes the tokenizer, the rows themselves, max_length, family and task, so any change re-tokenises
-    and an unchanged run (another trial, a rerun) reads the Arrow files saved by the first one.
+    The key hashes the tokenizer, the rows themselves, max_length, family, segments and task, so any change
+    re-tokenises and an unchanged run (another trial, a rerun) reads the Arrow files saved by the first one.
     encoder: labels are the class id / score. causal: labels are the token ids, -100 on prompt tokens.
     """
+    if family == "causal" and segments:
+        raise ValueError("segments=True: causal LMs read no segment ids")
     if family == "encoder" and spec.kind == "causal_lm":
         raise ConfigError(f"task.name={spec.name}: a causal_lm task needs a causal (decoder) teacher")
     if family == "causal" and spec.kind == "regression":
         raise ConfigError(f"task.name={spec.name}: a regression task needs an encoder teacher")
-    keys = _split_keys(raw, spec, tokenizer, max_length, family)
+    keys = _split_keys(raw, spec, tokenizer, max_length, family, segments)
     target = Path(cache_dir) / "data" / _digest(keys)
     if not target.is_dir():
         encode = _encode_causal if family == "causal" else _encode_encoder
-        kwargs = {"spec": spec, "tokenizer": tokenizer, "max_length": max_length}
+        kwargs = {"spec": spec, "tokenizer": tokenizer, "max_length": max_length,
+                  **({} if family == "causal" else {"segments": segments})}
         # new_fingerprint: the key already names the result, and spares datasets hashing the tokenizer
         built = DatasetDict({
             split: ds.map(encode, batched=True, remove_columns=ds.column_names, fn_kwargs=kwargs,
-                          features=_features(spec, family), keep_in_memory=True, new_fingerprint=keys[split])
+                          features=_features(spec, family, segments), keep_in_memory=True,
+                          new_fingerprint=keys[split])
             for split, ds in raw.items()})
         # Trials tokenise concurrently: write aside, then rename; the loser of the race drops its copy.
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -165,3 +173,18 @@ def collate(batch: list[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Ten
         fill = pad_id if key == "input_ids" else IGNORE_INDEX if key == "labels" else 0
         out[key] = pad_sequence([v.long() for v in values], batch_first=True, padding_value=fill)
     return out
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+"""The batch keys a model reads; a batch also carries labels, row ids, ..."""
+
+
+def model_inputs(batch: dict[str, Any], *, inputs_embeds: torch.Tensor | None = None) -> dict[str, Any]:
+    """The model's keyword inputs from a collated batch: input_ids, attention_mask and token_type_ids where the
+    batch holds them (tokenised with segments). Every forward takes its inputs from here, so none drops the
+    segment ids. `inputs_embeds`: passed instead of input_ids (gradients with respect to the embeddings)."""
+    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+    if inputs_embeds is not None:
+        del inputs["input_ids"]
+        inputs["inputs_embeds"] = inputs_embeds
+    return inputs

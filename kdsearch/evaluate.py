@@ -99,13 +99,15 @@ def _check_head(model_dir: str, spec: TaskSpec, family: models.Family) -> None:
 
 def score_model(model_dir: str, cfg: Config, split: Split, device: torch.device) -> dict[str, Any]:
     """Metrics ("eval_" prefixed), parameters and forward latency of the model at `model_dir` on `split`."""
-    family = models.family_of(AutoConfig.from_pretrained(model_dir))
+    config = AutoConfig.from_pretrained(model_dir)
+    family = models.family_of(config)
     spec, raw = load_raw_task(cfg.task, cache_dir=cfg.cache_dir, splits=(split,))
     _check_head(model_dir, read_by(spec, family), family)
     tok = AutoTokenizer.from_pretrained(model_dir)
     if tok.pad_token is None:  # GPT-2-like tokenizers ship without one
         tok.pad_token = tok.eos_token
-    data = tokenize_task(raw, spec, tok, max_length=cfg.task.max_length, cache_dir=cfg.cache_dir, family=family)
+    data = tokenize_task(raw, spec, tok, max_length=cfg.task.max_length, cache_dir=cfg.cache_dir, family=family,
+                         segments=models.uses_segments(config))
     spec = read_by(spec, family)
     model: torch.nn.Module = models.load_task_model(model_dir, family)
     model = models.freeze(model.to(device))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .encoding import collate
+from .encoding import collate, model_inputs
 from .losses import task_loss
 from .metrics import compute_metrics
 from .tasks import IGNORE_INDEX
@@ -52,7 +52,7 @@ def evaluate(model: torch.nn.Module, dataset: Any, *, spec: TaskSpec, batch_size
     preds, golds, loss_sum, count = [], [], 0.0, 0
     for batch in make_loader(shard, batch_size=batch_size, shuffle=False, seed=0, pad_id=pad_id):
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**model_inputs(batch)).logits
         # weighted by what the loss averages over: rows, or a causal LM's target tokens
         weight = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if spec.kind == "causal_lm" \
             else len(batch["labels"])
@@ -82,7 +82,7 @@ def forward_latency_ms(model: torch.nn.Module, dataset: Any, *, rows: int, pad_i
     model.eval()
     first = dataset.select(range(min(rows, len(dataset))))
     batch = next(iter(make_loader(first, batch_size=rows, shuffle=False, seed=0, pad_id=pad_id)))
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+    inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
     times = []
     for k in range(repeats + 2):
         if device.type == "cuda":

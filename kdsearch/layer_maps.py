@@ -28,7 +28,7 @@ class LayerMapFn(Protocol):
 
 LAYER_MAPS: Registry[LayerMapFn] = Registry("layer map")
 
-ONE_TO_ONE = frozenset({"forward", "reverse", "last", "random", "inorder_random"})
+ONE_TO_ONE = frozenset({"forward", "reverse", "last", "random", "random_strict", "inorder_random"})
 """Maps that give each student layer its own teacher layer, so they need n_student <= n_teacher."""
 
 
@@ -79,9 +79,19 @@ def random_order(n_student: int, n_teacher: int, *, embeddings: bool, seed: int,
                  layers: tuple[int, ...] | None) -> LayerMap:
     """One seeded permutation of the forward targets, the same every epoch (Yu et al. 2025, "random").
 
-    Out of order by definition: a draw in forward order is drawn again, so random never silently repeats
-    forward (with two student layers it is therefore the reverse order).
+    Drawn as the paper's code draws it (`np.random.permutation` of the forward list, once per run, after the
+    seed is set): any permutation, the forward order included.
     """
+    targets = forward_targets(n_student, n_teacher)
+    random.Random(seed).shuffle(targets)
+    return _with_embeddings(targets, embeddings)
+
+
+@LAYER_MAPS.register("random_strict")
+def random_strict(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
+                  layers: tuple[int, ...] | None) -> LayerMap:
+    """`random`, but never the forward order: a draw in forward order is drawn again (with two student layers
+    it is therefore the reverse order), so a comparison with forward is never a comparison with itself."""
     forward_order = forward_targets(n_student, n_teacher)
     targets, rng = list(forward_order), random.Random(seed)
     rng.shuffle(targets)
@@ -161,5 +171,5 @@ def run_pairs(cfg: Config, n_teacher: int, *, epoch: int = 0) -> LayerMap:
     d = cfg.distill
     if d.w_hidden == 0:
         return []
-    return map_layers(d.layer_map, cfg.student.layers, n_teacher, embeddings=d.embeddings, seed=cfg.train.seed,
+    return map_layers(d.layer_map, cfg.student.layers, n_teacher, embeddings=bool(d.embeddings), seed=cfg.train.seed,
                       epoch=epoch, layers=d.layers)

@@ -57,8 +57,9 @@ def _check_pair(student: Tensor, teacher: Tensor) -> None:
 def mse(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None) -> Tensor:
     """Element-mean squared error over the real tokens' elements.
 
-    mean_{real tokens, d} (s - t)^2. BART runs of Yu et al. 2025 (arXiv 2502.04499); TED stage 2 (Liang et al.
-    2023, arXiv 2210.01351) uses it unmasked on filtered states.
+    mean_{real tokens, d} (s - t)^2. Summed over pairs, the BART runs of Yu et al. 2025 (arXiv 2502.04499,
+    dart/distillation.py `calc_hidden_loss`); unmasked and averaged over filter pairs, TED stage 2 (Liang et al.
+    2023, arXiv 2210.01351, `F.mse_loss(..., reduction="mean")`).
     """
     _check_pair(student, teacher)
     # (B, T, D) -> (B, T): mean over D, so the token mean below is the element mean over real tokens.
@@ -70,8 +71,8 @@ def mse(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None) -> Tens
 def token_mse(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None) -> Tensor:
     """Squared L2 distance per token (sum over D), averaged over real tokens.
 
-    mean_{real tokens} ||s - t||^2: the masked squared L2 per token of the BERT runs of Yu et al. 2025
-    (arXiv 2502.04499).
+    mean_{real tokens} ||s - t||^2. The BERT runs of Yu et al. 2025 divide this once more by the batch size:
+    that form is `layer_select_bert`.
     """
     _check_pair(student, teacher)
     per_token = (student.float() - teacher.float()).pow(2).sum(dim=-1)  # (B, T)
@@ -82,13 +83,59 @@ def token_mse(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None) -
 def ln_mse(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None) -> Tensor:
     """Element-mean MSE after standardising each token vector over D (layer norm without affine params).
 
-    T5 runs of Yu et al. 2025 (arXiv 2502.04499): removes the per-layer scale differences of T5 residuals.
+    Removes per-token scale differences. The T5 runs of Yu et al. 2025 standardise each layer's whole
+    (B, T, D) tensor instead: that form is `layer_select_t5`.
     """
     _check_pair(student, teacher)
     d = student.shape[-1]
     s = F.layer_norm(student.float(), (d,))  # (B, T, D)
     t = F.layer_norm(teacher.float(), (d,))  # (B, T, D)
     return _token_mean((s - t).pow(2).mean(dim=-1), mask)
+
+
+@DISTANCES.register("layer_select_bert")
+def layer_select_bert(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None) -> Tensor:
+    """sum_{b, t} mask ||s - t||^2 / (B * N_valid): the BERT runs of Yu et al. 2025 (arXiv 2502.04499).
+
+    classification/trainer.py `_hidden_loss`: `(diff * attention_mask).mean(dim=0).sum() / valids`, with
+    `valids = attention_mask.sum()` over the whole batch, so the per-token squared L2 averaged over real tokens
+    is divided once more by the batch size B (the rows of this forward pass). Averaged over pairs
+    (distill.hidden_reduce=mean) at weight 3, the paper's hidden term. No mask: every position is real.
+    """
+    _check_pair(student, teacher)
+    return token_mse(student, teacher, mask=mask) / student.shape[0]
+
+
+@DISTANCES.register("layer_select_t5")
+def layer_select_t5(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """Element-mean MSE over real tokens after standardising each side's whole (B, T, D) tensor.
+
+    The T5 runs of Yu et al. 2025 (t5mt/distillation.py `calc_hidden_loss`, `--normalize_hidden`):
+    `F.layer_norm(states, states.shape[1:])` on the stacked (pairs, B, T, D) states, i.e. one mean and one
+    (biased) variance per layer over every position, padding included; then the masked element-mean MSE. Summed
+    over pairs (distill.hidden_reduce=sum) at weight 3.
+    """
+    _check_pair(student, teacher)
+    s = F.layer_norm(student.float(), tuple(student.shape), eps=eps)  # (B, T, D), one mean/var for the tensor
+    t = F.layer_norm(teacher.float(), tuple(teacher.shape), eps=eps)
+    return _token_mean((s - t).pow(2).mean(dim=-1), mask)
+
+
+@DISTANCES.register("layer_select_qwen3")
+def layer_select_qwen3(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None,
+                       eps: float = 1e-12) -> Tensor:
+    """Squared L2 of unit-normalised token vectors, mean over every position, times N_valid / (B T).
+
+    The Qwen3 runs of Yu et al. 2025 (llm/sft_trainer.py): `t / t.norm(dim=-1)`, `((t - s)**2).sum(-1).mean()
+    * valids / totals`: padding positions enter the mean, which is then scaled by the share of real tokens.
+    Averaged over pairs (distill.hidden_reduce=mean) at weight 3, without the embedding pair.
+    """
+    _check_pair(student, teacher)
+    s = student.float() / student.float().norm(dim=-1, keepdim=True).clamp_min(eps)  # (B, T, D)
+    t = teacher.float() / teacher.float().norm(dim=-1, keepdim=True).clamp_min(eps)
+    per_token = (s - t).pow(2).sum(dim=-1)  # (B, T)
+    share = 1.0 if mask is None else mask.float().sum() / mask.numel()
+    return per_token.mean() * share
 
 
 @DISTANCES.register("cosine")
@@ -134,6 +181,9 @@ def pkd_cls(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None, eps
     t = F.normalize(teacher[:, 0].float(), dim=-1, eps=eps)  # (B, D)
     return (s - t).pow(2).sum(dim=-1).mean()
 
+
+READS_PADDING = frozenset({"layer_select_t5", "layer_select_qwen3"})
+"""Distances that read the states at padded positions even with a mask (as their reference code does)."""
 
 WIDTH_FREE = frozenset({"cka"})
 """Distances that compare states of different widths directly (no bridge needed when d_s != d_t)."""

@@ -41,10 +41,10 @@ _TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-bert": ("BertConfig", dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                                      intermediate_size=128, max_position_embeddings=256)),
     # RoBERTa's padding index is the built-in tokenizer's [PAD] (0), not RobertaConfig's default 1 ([UNK] there):
-    # positions start after it, so 257 position embeddings embed 256 tokens.
+    # positions start after it, so 257 position embeddings embed 256 tokens. One segment, as roberta-base has.
     "tiny-roberta": ("RobertaConfig", dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                                            intermediate_size=128, max_position_embeddings=257, pad_token_id=0,
-                                           bos_token_id=2, eos_token_id=3)),
+                                           bos_token_id=2, eos_token_id=3, type_vocab_size=1)),
     "tiny-deberta": ("DebertaV2Config", dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                                              intermediate_size=128, max_position_embeddings=256)),
     # GPT-2's special ids (50256) lie outside a tiny vocabulary; the trained tokenizer owns its own.
@@ -139,6 +139,12 @@ def family_of(config: PretrainedConfig) -> Family:
     return "encoder"
 
 
+def uses_segments(config: PretrainedConfig) -> bool:
+    """Whether the model reads segment ids (token_type_ids): an encoder with more than one segment embedding
+    (BERT, MiniLM: 2; RoBERTa has 1, DeBERTa-v3 0; causal LMs none)."""
+    return family_of(config) == "encoder" and (getattr(config, "type_vocab_size", None) or 0) > 1
+
+
 def depth_width(config: PretrainedConfig) -> tuple[int, int]:
     return int(config.num_hidden_layers), int(config.hidden_size)
 
@@ -209,8 +215,31 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def copy_teacher_layers(teacher: torch.nn.Module, student: torch.nn.Module, teacher_layers: list[int]) -> list[str]:
-    """Student init from teacher weights: embeddings, head and teacher layer teacher_layers[j] -> student layer j.
+# Copy tables of the layer-selection code where they differ from the forward map: 0-indexed blocks copied per
+# (student depth, teacher depth). T5: t5mt/make_student.py LAYERS_TO_COPY (it matches the forward layers
+# [3, 7, 11] but copies [0, 6, 11]); Qwen3: llm/model_utils.py LAYER_COPY_MAP. Its BERT and BART code copies
+# the forward-mapped layers themselves.
+COPY_TABLES: dict[str, dict[tuple[int, int], tuple[int, ...]]] = {
+    "t5": {(3, 12): (0, 6, 11), (6, 12): (0, 2, 4, 7, 9, 11), (9, 12): (0, 1, 2, 5, 6, 7, 9, 10, 11)},
+    "qwen3": {(7, 28): (0, 4, 9, 13, 18, 22, 27), (9, 36): (0, 4, 9, 13, 18, 22, 27, 31, 35),
+              (10, 40): (0, 4, 9, 13, 18, 22, 27, 31, 35, 39)},
+}
+# Task heads on top of a sequence classifier (BERT/DeBERTa `classifier`, RoBERTa's `classifier.dense/out_proj`,
+# `score` of decoder classifiers); a causal LM's `lm_head` is the language model's own and is not listed.
+_TASK_HEADS = ("classifier.", "score.")
+
+
+def copied_blocks(model_type: str, n_student: int, n_teacher: int) -> list[int]:
+    """0-indexed teacher blocks a teacher-initialised student copies, one per student layer: the family's copy
+    table where the layer-selection code has one, else the forward map's targets (hidden_states index - 1)."""
+    table = COPY_TABLES.get(model_type, {}).get((n_student, n_teacher))
+    return list(table) if table else [t - 1 for t in forward_targets(n_student, n_teacher)]
+
+
+def copy_teacher_layers(teacher: torch.nn.Module, student: torch.nn.Module, teacher_layers: list[int], *,
+                        copy_head: bool = False) -> list[str]:
+    """Student init from teacher weights: embeddings, pooler and teacher block teacher_layers[j] -> student block j;
+    the task head too with `copy_head` (the layer-selection BERT code leaves it random).
 
     `teacher_layers` are 0-indexed transformer blocks (hidden_states index - 1), one per student layer.
     Returns the student keys that were copied (everything whose shape matches).
@@ -219,6 +248,8 @@ def copy_teacher_layers(teacher: torch.nn.Module, student: torch.nn.Module, teac
     target = student.state_dict()
     copied = []
     for key, value in target.items():
+        if not copy_head and key.startswith(_TASK_HEADS):
+            continue
         match = _LAYER_KEY.match(key)
         if match:
             prefix, index, rest = match.groups()
@@ -233,14 +264,14 @@ def copy_teacher_layers(teacher: torch.nn.Module, student: torch.nn.Module, teac
 
 
 def build_student(teacher: PreTrainedModel, *, layers: int, hidden_size: int | None,
-                  init: Literal["teacher", "random"], seed: int, dropout: float | None = None) -> torch.nn.Module:
+                  init: Literal["teacher", "random"], seed: int, dropout: float | None = None,
+                  copy_head: bool = False) -> torch.nn.Module:
     config = student_config(teacher.config, layers=layers, hidden_size=hidden_size, dropout=dropout)
     torch.manual_seed(seed)
     student = task_model_class(family_of(config)).from_config(config)
     if init == "teacher":
-        # hidden_states index k is block k - 1: the blocks under the forward map's targets
-        blocks = [t - 1 for t in forward_targets(layers, teacher.config.num_hidden_layers)]
-        copy_teacher_layers(teacher, student, blocks)
+        blocks = copied_blocks(teacher.config.model_type, layers, teacher.config.num_hidden_layers)
+        copy_teacher_layers(teacher, student, blocks, copy_head=copy_head)
     return student
 
 

@@ -24,7 +24,7 @@ from .bridges import resolve_bridge
 from .cache import Store, content_key, file_digest
 from .config import Config, ConfigError, flatten
 from .data import load_raw_task
-from .encoding import tokenize_task, train_texts
+from .encoding import model_inputs, tokenize_task, train_texts
 from .evaluation import evaluate, make_loader
 from .layer_maps import run_pairs
 from .losses import task_loss
@@ -102,7 +102,7 @@ def fit_task(model: torch.nn.Module, data: Any, *, spec: TaskSpec, cfg: Config, 
         model.train()
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            out = model(**model_inputs(batch))
             loss = task_loss(out.logits, batch["labels"], kind=spec.kind)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -179,7 +179,8 @@ def make_student(cfg: Config, teacher: Any, fine_tuned: str | None = None) -> to
         return models.load_task_model(fine_tuned, models.family_of(teacher.config))
     return models.build_student(teacher, layers=cfg.student.layers,
                                 hidden_size=models.student_width(teacher.config, cfg.student),
-                                init=cfg.student.init, seed=cfg.train.seed, dropout=cfg.train.dropout)
+                                init=cfg.student.init, seed=cfg.train.seed, dropout=cfg.train.dropout,
+                                copy_head=cfg.student.copy_head)
 
 
 def _fine_tuned_student(cfg: Config, prepared: Prepared, store: Store, device: torch.device) -> str:
@@ -202,6 +203,11 @@ def _fine_tuned_student(cfg: Config, prepared: Prepared, store: Store, device: t
     return str(path)
 
 
+STAGE1_VERSION = 2
+"""Bump when stage 1's training changes, so that filters cached by an earlier rule are not reused (2: TED's
+pooler activation, head dropout, schedule and weight decay)."""
+
+
 def _ted_filters(cfg: Config, prepared: Prepared, pairs: list[tuple[int, int]], store: Store,
                  device: torch.device) -> tuple[str, str | None]:
     """Stage 1 on the frozen teacher (teacher filters) and on the student distillation starts from (student
@@ -216,15 +222,16 @@ def _ted_filters(cfg: Config, prepared: Prepared, pairs: list[tuple[int, int]], 
     kind = prepared.spec.kind
     # What stage 1 reads: the filter settings (not how stage 2 initialises its student filters), the batches.
     architecture = {k: v for k, v in flatten(ted).items() if k != "student_filters"}
+    stage1_lr = ted.stage1_lr or cfg.finetune.lr  # TED's scripts reuse each model's fine-tuning rate
     common = dict(filter=architecture, d_f=d_f, teacher=prepared.teacher_dir, seed=cfg.train.seed,
-                  batch_size=cfg.train.batch_size)
+                  batch_size=cfg.train.batch_size, lr=stage1_lr, version=STAGE1_VERSION)
 
     def stage1(model: torch.nn.Module, indices: list[int], d_in: int, label: str):
         def build(out: Path) -> None:
             torch.manual_seed(cfg.train.seed)
             filters = build_filters(indices, d_in, d_f, ted)
             acc = train_stage1(model, filters, d_f=d_f, loader=loader, kind=kind, n_out=n_out,
-                               epochs=ted.stage1_epochs, lr=ted.stage1_lr, device=device)
+                               epochs=ted.stage1_epochs, lr=stage1_lr, device=device)
             per_layer = ", ".join(f"h[{k}] {a:.3f}" for k, a in acc.items())
             _log(f"TED stage 1 ({label}): head accuracy per filtered layer: {per_layer}")
             save_file({k: v.contiguous() for k, v in filters.cpu().state_dict().items()}, out / "filters.safetensors")
@@ -289,9 +296,11 @@ def prepare_teacher(cfg: Config, *, device: torch.device | None = None, cached_o
     store = Store(cfg.cache_dir)
     spec, raw = load_raw_task(cfg.task, cache_dir=cfg.cache_dir)
     source = models.resolve_teacher(cfg.teacher)
-    family = models.family_of(models.teacher_config(source))
+    config = models.teacher_config(source)
+    family = models.family_of(config)
     tok = _tokenizer(source, raw, spec, store, cached_only)
-    data = tokenize_task(raw, spec, tok, max_length=cfg.task.max_length, cache_dir=cfg.cache_dir, family=family)
+    data = tokenize_task(raw, spec, tok, max_length=cfg.task.max_length, cache_dir=cfg.cache_dir, family=family,
+                         segments=models.uses_segments(config))
     spec = read_by(spec, family)
     teacher_dir = _teacher(cfg, source, tok, data, spec, store, device, cached_only)
     n_t, d_t = models.depth_width(AutoConfig.from_pretrained(teacher_dir))

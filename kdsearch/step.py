@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .encoding import model_inputs
 from .losses import DISTANCES, LOGIT_LOSSES, RELATION_LOSSES, combine, task_loss
 from .relations import RELATIONS, Captured, RelationSpec, Tap, capture
 from .tasks import IGNORE_INDEX
@@ -41,8 +42,7 @@ class TeacherOutputs:
 def teacher_forward(teacher: nn.Module, batch: dict[str, torch.Tensor], *, hidden: bool,
                     tap: Tap | None = None) -> TeacherOutputs:
     with capture(teacher, tap) as projections:
-        out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      output_hidden_states=hidden)
+        out = teacher(**model_inputs(batch), output_hidden_states=hidden)
     return TeacherOutputs(out.logits, out.hidden_states if hidden else None, dict(projections) if tap else None)
 
 
@@ -82,8 +82,7 @@ class Distiller(nn.Module):
                 pairs: Pairs) -> dict[str, torch.Tensor]:
         use_hidden = self.weights["hidden"] > 0 and bool(pairs)
         with capture(self.student, self.relation.student if self.relation else None) as projections:
-            out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               output_hidden_states=use_hidden)
+            out = self.student(**model_inputs(batch), output_hidden_states=use_hidden)
         terms: dict[str, torch.Tensor] = {}
         if self.weights["task"] > 0:
             terms["task"] = task_loss(out.logits, batch["labels"], kind=self.kind)

@@ -60,7 +60,8 @@ GRIDS: Registry[Callable[[int], Study]] = Registry("study")
 def _layer_select(d_teacher: int) -> Study:
     rows = [Row(m, init, {"distill.layer_map": m, "student.init": init}, _LAYER_PAPER.get((m, init)))
             for init in ("random", "teacher") for m in ("none", "forward", "reverse", "all_to_one", "random")]
-    base = {"distill.bridge": "auto", "distill.distance": "token_mse", "distill.hidden_reduce": "sum",
+    # the BERT code's hidden term: per pair sum mask ||h_t - h_s||^2 / (B * real tokens), mean over pairs, weight 3
+    base = {"distill.bridge": "auto", "distill.distance": "layer_select_bert", "distill.hidden_reduce": "mean",
             "distill.embeddings": True, "distill.w_task": 1.0, "distill.w_logit": 1.0, "distill.w_hidden": 3.0,
             "distill.temperature": 1.0}
     return Study("layer_select", "layer maps x student init (Yu, Wen, Mou 2025; papers.md section 2)", base, rows,
@@ -76,12 +77,14 @@ def _ted_vs_lwd(d_teacher: int) -> Study:
             Row("logit KD only", "", {"distill.layer_map": "none"}),
             Row("no KD", "", {"distill.layer_map": "none", "distill.w_logit": 0.0})]
     base = {"student.init": "teacher", "distill.layer_map": "forward", "distill.embeddings": False,
-            "distill.hidden_reduce": "mean", "distill.distance": "mse", "distill.w_logit": 20.0,
+            "distill.hidden_reduce": "mean", "distill.distance": "mse", "distill.mask_padding": False,
+            "distill.w_logit": 20.0,
             "distill.w_hidden": 20.0, "distill.temperature": 2.0, "ted.filter": "linear", "distill.bridge": "auto"}
     return Study("ted_vs_lwd", "TED vs plain layer-wise distillation vs logit KD vs none (Liang et al. 2023; "
                  "papers.md section 1)", base, rows, baseline="no KD",
-                 notes=["TED code's SST-2 stage-2 weights: kl_alpha 20, mse_alpha 20, T 2, element-mean MSE, "
-                        "uniform (forward) map without the embedding pair",
+                 notes=["TED code's SST-2 stage-2 weights: kl_alpha 20, mse_alpha 20, T 2, element-mean MSE over "
+                        "every position (padding included), mean over pairs, uniform (forward) map without the "
+                        "embedding pair",
                         "paper: DeBERTaV3-base -> xsmall, TED 94.4 on SST-2 (no same-setup baseline numbers "
                         "in papers.md)"])
 
@@ -122,8 +125,8 @@ def _relation(d_teacher: int) -> Study:
             Row("TinyBERT attention MSE", "", {"distill.layer_map": "forward", "distill.w_hidden": 0.0,
                                                "distill.w_relation": 1.0, "relation.kinds": "qk",
                                                "relation.loss": "mse", "relation.layers": "map"})]
-    base = {"student.init": "teacher", "distill.bridge": "auto", "distill.distance": "token_mse",
-            "distill.hidden_reduce": "sum", "distill.embeddings": True, "distill.w_task": 1.0,
+    base = {"student.init": "teacher", "distill.bridge": "auto", "distill.distance": "layer_select_bert",
+            "distill.hidden_reduce": "mean", "distill.embeddings": True, "distill.w_task": 1.0,
             "distill.w_logit": 1.0, "distill.w_hidden": 3.0, "distill.temperature": 1.0}
     return Study("relation", "attention relations (MiniLM, MiniLMv2, TinyBERT) vs hidden-state matching vs logit "
                  "KD (papers.md: other baselines)", base, rows, baseline="logit KD only",

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .encoding import model_inputs
 from .losses import task_loss
 from .registry import Registry
 from .tasks import IGNORE_INDEX, TaskKind
@@ -61,8 +62,13 @@ def build_filters(indices: Iterable[int], d_in: int, d_out: int, cfg: TedConfig)
     return nn.ModuleDict({str(i): FILTERS.get(cfg.filter)(d_in, d_out, cfg) for i in indices})
 
 
+HEAD_DROPOUT = 0.1
+"""Dropout before each stage-1 task head: TED's `filter_dropout` (StableDropout(cls_dropout), default 0.1)."""
+
+
 class FilterHead(nn.Module):
-    """Stage-1 head on a filtered state: pooler (dense + tanh on the first token) + linear task head.
+    """Stage-1 head on a filtered state, as TED's code builds it per filter: a pooler (dense d_f -> d_f + GELU on
+    the first token: DeBERTa's ContextPooler with its pooler_hidden_act), dropout, a linear task head.
 
     For causal LMs (continual pre-training scenario) the head is a per-token LM head instead.
     """
@@ -70,14 +76,15 @@ class FilterHead(nn.Module):
     def __init__(self, d_f: int, n_out: int, *, causal: bool) -> None:
         super().__init__()
         self.causal = causal
-        self.pooler = None if causal else nn.Sequential(nn.Linear(d_f, d_f), nn.Tanh())
+        self.pooler = None if causal else nn.Sequential(nn.Linear(d_f, d_f), nn.GELU())
+        self.dropout = nn.Dropout(HEAD_DROPOUT)
         self.head = nn.Linear(d_f, n_out)
 
     def forward(self, filtered: torch.Tensor) -> torch.Tensor:  # (B, T, d_f)
         if self.causal:
             return self.head(filtered)  # (B, T, V)
         assert self.pooler is not None
-        return self.head(self.pooler(filtered[:, 0]))  # (B, C)
+        return self.head(self.dropout(self.pooler(filtered[:, 0])))  # (B, C)
 
 
 def stage1_accuracy(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[float, int]:
@@ -91,25 +98,37 @@ def stage1_accuracy(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tu
     return float((logits.argmax(-1) == labels).sum()), len(labels)
 
 
+def stage1_optimiser(params: list[nn.Parameter], *, lr: float,
+                     total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """TED's learn_filters optimiser: AdamW at `lr` with no weight decay (its --weight_decay default 0), the
+    linear schedule with no warmup (its --lr_scheduler_type and --num_warmup_steps defaults): lr * (1 - s / S)."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    total = max(1, total_steps)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, (total - step) / total))
+
+
 def train_stage1(model: nn.Module, filters: nn.ModuleDict, *, d_f: int, loader: Iterable[dict], kind: TaskKind,
                  n_out: int, epochs: int, lr: float, device: torch.device) -> dict[str, float]:
     """Train `filters` (+ fresh heads) on the frozen `model`; loss = mean over filters of the task loss.
 
-    Returns the final-epoch training accuracy of each filter's head (a check that filters learned the task).
+    As TED's learn_filters script: AdamW at `lr` without weight decay, decaying linearly to 0 with no warmup;
+    the frozen model runs in training mode (its dropout on), as there. Returns the final-epoch training accuracy
+    of each filter's head (a check that filters learned the task).
     """
     heads = nn.ModuleDict({k: FilterHead(d_f, n_out, causal=kind == "causal_lm") for k in filters})
     filters.to(device).train()
     heads.to(device).train()
-    model.eval()
-    opt = torch.optim.AdamW([*filters.parameters(), *heads.parameters()], lr=lr)
+    was_training = model.training
+    model.train()
+    opt, sched = stage1_optimiser([*filters.parameters(), *heads.parameters()], lr=lr,
+                                  total_steps=epochs * len(loader))  # type: ignore[arg-type]
     for _ in range(epochs):
         correct = {k: 0.0 for k in filters}
         seen = {k: 0 for k in filters}
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.no_grad():
-                hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               output_hidden_states=True).hidden_states
+                hidden = model(**model_inputs(batch), output_hidden_states=True).hidden_states
             losses = []
             for key, filt in filters.items():
                 logits = heads[key](filt(hidden[int(key)]))
@@ -120,5 +139,7 @@ def train_stage1(model: nn.Module, filters: nn.ModuleDict, *, d_f: int, loader: 
             opt.zero_grad(set_to_none=True)
             torch.stack(losses).mean().backward()
             opt.step()
+            sched.step()
+    model.train(was_training)
     return {k: correct[k] / max(seen[k], 1) for k in filters}
 

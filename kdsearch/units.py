@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from .encoding import model_inputs
 from .losses import task_loss
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ def score_units(teacher: Any, loader: Iterable[dict], *, kind: TaskKind, method:
         # Gradients w.r.t. activations of a frozen model: make the embedding lookup the leaf that requires grad.
         lookup = teacher.get_input_embeddings()
         embeds = lookup(batch["input_ids"]).detach().requires_grad_(True)
-        out = teacher(inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_hidden_states=True)
+        out = teacher(**model_inputs(batch, inputs_embeds=embeds), output_hidden_states=True)
         for h in out.hidden_states:
             h.retain_grad()
         # the loss is a mean over the batch: times its rows, every example weighs the same in the sum, also in

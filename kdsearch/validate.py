@@ -14,7 +14,7 @@ from .bridges import BRIDGES, resolve_bridge
 from .config import Config, ConfigError
 from .data import check_task
 from .layer_maps import LAYER_MAPS, check_map_args
-from .losses import DISTANCES, LOGIT_LOSSES, RELATION_LOSSES, WIDTH_FREE
+from .losses import DISTANCES, LOGIT_LOSSES, READS_PADDING, RELATION_LOSSES, WIDTH_FREE
 from .models import (
     depth_width,
     family_of,
@@ -125,6 +125,10 @@ def _check_teacher_cache(cfg: Config, kind: str) -> None:
         raise ConfigError("train.teacher_cache=true needs distill.mask_padding=true: the teacher's states at "
                           "padding depend on the batch, so they are not cached (a space that searches it: add "
                           "distill.mask_padding=true to fix it)")
+    if cfg.distill.w_hidden > 0 and cfg.distill.distance in READS_PADDING:
+        raise ConfigError(f"train.teacher_cache=true: distill.distance={cfg.distill.distance} reads the states at "
+                          "padded positions, which depend on the batch and are not cached; set "
+                          "train.teacher_cache=false")
 
 
 def validate(cfg: Config) -> TaskSpec:

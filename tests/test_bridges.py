@@ -329,3 +329,24 @@ def test_ted_stage1_trains_each_filter_on_its_own_hidden_state_and_leaves_the_mo
     assert accuracy["2"] > 0.95
     assert accuracy["1"] < 0.8 and accuracy["3"] < 0.8
     assert torch.equal(model.scale.detach(), before)
+
+
+def test_ted_stage1_optimiser_and_heads_are_teds() -> None:
+    """TED's learn_filters script: AdamW without weight decay, linear decay to 0 with no warmup; each filter's
+    head pools the first token through dense + GELU (DeBERTa's pooler act), dropout 0.1, then a linear head."""
+    from kdsearch.ted import FilterHead, stage1_optimiser
+
+    param = nn.Parameter(torch.zeros(3))
+    opt, sched = stage1_optimiser([param], lr=4e-5, total_steps=4)
+    assert opt.param_groups[0]["weight_decay"] == 0.0
+    rates = []
+    for _ in range(4):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates == pytest.approx([4e-5, 3e-5, 2e-5, 1e-5])
+    head = FilterHead(8, 2, causal=False)
+    assert isinstance(head.pooler[1], nn.GELU) and head.dropout.p == 0.1
+    head.eval()
+    x = torch.randn(2, 5, 8)
+    torch.testing.assert_close(head(x), head.head(torch.nn.functional.gelu(head.pooler[0](x[:, 0]))))

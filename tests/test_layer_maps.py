@@ -16,7 +16,8 @@ def _layers_for(name: str, n_s: int, n_t: int) -> tuple[int, ...] | None:
 
 
 def test_registry_has_exactly_the_documented_maps() -> None:
-    expected = ["all_to_one", "explicit", "forward", "inorder_random", "last", "none", "random", "reverse"]
+    expected = ["all_to_one", "explicit", "forward", "inorder_random", "last", "none", "random", "random_strict",
+                "reverse"]
     assert LAYER_MAPS.names() == expected
 
 
@@ -79,19 +80,32 @@ def test_all_to_one_targets_the_middle_teacher_layer() -> None:
     assert map_layers("all_to_one", 2, 1, embeddings=False) == [(1, 1), (2, 1)]
 
 
-def test_random_is_a_fixed_permutation_of_forward() -> None:
+@pytest.mark.parametrize("name", ["random", "random_strict"])
+def test_random_is_a_fixed_permutation_of_forward(name: str) -> None:
     fwd = [t for _, t in map_layers("forward", 6, 12)]
-    draws = {seed: map_layers("random", 6, 12, seed=seed) for seed in range(8)}
+    draws = {seed: map_layers(name, 6, 12, seed=seed) for seed in range(8)}
     for seed, pairs in draws.items():
         assert pairs[0] == (0, 0)
         assert sorted(t for _, t in pairs) == sorted(fwd)
         for epoch in range(1, 4):
-            assert map_layers("random", 6, 12, seed=seed, epoch=epoch) == pairs
-    # the seed matters, and no draw is the forward order ("out of order"), also for small students
-    assert len({tuple(p) for p in draws.values()}) > 1
+            assert map_layers(name, 6, 12, seed=seed, epoch=epoch) == pairs
+    assert len({tuple(p) for p in draws.values()}) > 1  # the seed matters
+
+
+def test_random_draws_any_permutation_as_the_paper_and_random_strict_never_forward() -> None:
+    # the paper's np.random.permutation can return the forward order: with 2 student layers half the seeds do
+    fwd = map_layers("forward", 2, 12)
+    paper = [map_layers("random", 2, 12, seed=seed) for seed in range(40)]
+    assert fwd in paper and any(p != fwd for p in paper)
+    # random_strict keeps the earlier rule: never the forward order, also for small students
     for n_student in (2, 3, 6):
         fwd = map_layers("forward", n_student, 12)
-        assert all(map_layers("random", n_student, 12, seed=seed) != fwd for seed in range(20))
+        assert all(map_layers("random_strict", n_student, 12, seed=seed) != fwd for seed in range(20))
+    # where the paper's draw is not forward, both rules give the same permutation (same seed, same first draw)
+    for seed in range(20):
+        drawn = map_layers("random", 3, 12, seed=seed)
+        if drawn != map_layers("forward", 3, 12):
+            assert map_layers("random_strict", 3, 12, seed=seed) == drawn
 
 
 def test_inorder_random_is_sorted_and_redrawn_per_epoch() -> None:

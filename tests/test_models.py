@@ -20,27 +20,69 @@ def tiny(name: str, vocab: int = 50) -> torch.nn.Module:
     return models.task_model_class(family).from_config(config)
 
 
+@pytest.mark.parametrize("copy_head", [False, True])
 @pytest.mark.parametrize("name", models.TINY_MODELS)
-def test_teacher_init_copies_exactly_the_forward_mapped_layers(name: str) -> None:
+def test_teacher_init_copies_exactly_the_forward_mapped_layers(name: str, copy_head: bool) -> None:
     teacher = tiny(name)
-    student = models.build_student(teacher, layers=2, hidden_size=None, init="teacher", seed=1)
+    student = models.build_student(teacher, layers=2, hidden_size=None, init="teacher", seed=1, copy_head=copy_head)
     mapped = [1, 3]  # 0-indexed blocks of hidden_states 2 and 4: the forward map of 2 -> 4 layers
     copied = 0
     t_state, s_state = teacher.state_dict(), student.state_dict()
+    heads = [k for k in s_state if k.startswith(("classifier.", "score."))]
     for key, value in s_state.items():
         match = models._LAYER_KEY.match(key)
         if match:
             prefix, index, rest = match.groups()
             torch.testing.assert_close(value, t_state[f"{prefix}.{mapped[int(index)]}.{rest}"], rtol=0, atol=0)
             copied += 1
-        elif key in t_state:
+        elif key in heads and not copy_head:
+            # the layer-selection BERT code copies embeddings, mapped layers and pooler, not the classifier
+            # (biases start at 0 on both sides, so compare the weights)
+            assert key.endswith("bias") or not torch.equal(value, t_state[key]), key
+        elif key in t_state:  # embeddings, pooler, final norm, a causal LM's lm_head: always copied
             torch.testing.assert_close(value, t_state[key], rtol=0, atol=0)
     assert copied > 0
+    assert bool(heads) == (models.family_of(teacher.config) == "encoder")
     # and it is not the same as copying the first two layers
     first = {k for k, v in s_state.items() if models._LAYER_KEY.match(k) and ".0." in k and v.dim() == 2}
     some = sorted(first)[0]
     prefix, _, rest = models._LAYER_KEY.match(some).groups()
     assert not torch.equal(s_state[some], t_state[f"{prefix}.0.{rest}"])
+
+
+def test_bert_init_copies_the_pooler_but_not_the_classifier() -> None:
+    teacher = tiny("tiny-bert")
+    student = models.build_student(teacher, layers=2, hidden_size=None, init="teacher", seed=1)
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    assert torch.equal(s_state["bert.pooler.dense.weight"], t_state["bert.pooler.dense.weight"])
+    assert not torch.equal(s_state["classifier.weight"], t_state["classifier.weight"])
+
+
+@pytest.mark.parametrize(("model_type", "n_s", "n_t", "blocks"), [
+    # the layer-selection code's tables, transcribed from papers.md section 2
+    ("bert", 3, 12, [3, 7, 11]), ("bert", 6, 12, [1, 3, 5, 7, 9, 11]), ("bart", 3, 12, [3, 7, 11]),
+    ("t5", 3, 12, [0, 6, 11]), ("t5", 6, 12, [0, 2, 4, 7, 9, 11]),
+    ("qwen3", 9, 36, [0, 4, 9, 13, 18, 22, 27, 31, 35]),
+    ("qwen3", 4, 36, [8, 17, 26, 35]),  # no table for this depth: the forward map's layers
+])
+def test_copy_tables_per_family(model_type: str, n_s: int, n_t: int, blocks: list[int]) -> None:
+    assert models.copied_blocks(model_type, n_s, n_t) == blocks
+
+
+def test_a_qwen3_student_copies_its_table_not_the_forward_layers() -> None:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=50, hidden_size=16, num_hidden_layers=36, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=32, head_dim=8, max_position_embeddings=32)
+    torch.manual_seed(0)
+    teacher = Qwen3ForCausalLM(config)
+    student = models.build_student(teacher, layers=9, hidden_size=None, init="teacher", seed=0)
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    for j, block in enumerate([0, 4, 9, 13, 18, 22, 27, 31, 35]):
+        key = f"model.layers.{j}.mlp.up_proj.weight"
+        assert torch.equal(s_state[key], t_state[f"model.layers.{block}.mlp.up_proj.weight"])
+    assert torch.equal(s_state["lm_head.weight"], t_state["lm_head.weight"])  # Qwen3 code copies the LM head
+    assert torch.equal(s_state["model.norm.weight"], t_state["model.norm.weight"])
 
 
 def test_random_init_differs_from_teacher() -> None:

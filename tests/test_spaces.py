@@ -51,6 +51,25 @@ def test_papers_points_run_through_define_by_run(name: str) -> None:
         trial_config(space, trial.params)
 
 
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_paper_weight_has_a_decade_of_room_each_side(name: str) -> None:
+    space = load_space(name)
+    checked = 0
+    for point in space.points_to_evaluate:
+        for key, value in point.items():
+            param = space.params.get(key)
+            if not key.startswith("distill.w_") or param is None or not value:
+                continue
+            if param.type == "categorical":
+                weights = [c for c in param.choices if c]
+                low, high = min(weights), max(weights)
+            else:
+                low, high = param.low, param.high
+            assert low <= value / 10 and high >= value * 10, f"{name}: {key}={value} in {param.domain()}"
+            checked += 1
+    assert checked  # every shipped space searches a weight that its paper points set
+
+
 def _check_conditionals(space, params: dict) -> None:
     """Exactly the active params were suggested: a conditional one is present iff its `when` holds."""
     seen: dict = {}

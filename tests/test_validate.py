@@ -37,6 +37,8 @@ import pytest
     (["distill.w_relation=1", "teacher=tiny-qwen", "relation.kinds=qk"], "grouped-query attention"),
     (["distill.w_relation=1", "relation.layers=map", "distill.layer_map=none"], "relation.layers=map takes"),
     (["distill.w_relation=1", "relation.loss=l1"], "unknown relation loss"),
+    (["train.teacher_cache=true", "distill.distance=layer_select_t5"], "reads the states at padded positions"),
+    (["ted.stage1_lr=0"], "ted.stage1_lr=0.0: must be > 0"),
 ])
 def test_train_command_rejects_bad_input_in_one_line_before_ray(overrides: list[str], message: str,
                                                                capsys: pytest.CaptureFixture) -> None:
