@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import space_model
-from .config import flatten
+from .config import flatten, rate_defaults
 from .leaderboard import build_leaderboard, search_ranking
 from .loop import export_student
 from .overrides import CONFIG_FILE, write_config_file
@@ -90,7 +90,8 @@ Distilled by kdsearch from teacher `{cfg.teacher}` on task `{cfg.task.name}`
 
 {_scores(metrics, metric)}
 - parameters: {int(metrics.get('student_params', 0)):,}{latency}
-- epochs trained: {metrics.get('epoch')}
+- epochs trained: {metrics.get('epoch')}, train.lr {cfg.train.lr:g}; teacher fine-tune: finetune.lr {cfg.finetune.lr:g},
+  finetune.epochs {cfg.finetune.epochs} ({rate_defaults(cfg.teacher, cfg.student.init)}; keys set explicitly win)
 
 Load it with `transformers.AutoModelForSequenceClassification.from_pretrained(<this folder>)` (encoders) or
 `AutoModelForCausalLM` (causal LMs); `AutoModel.from_pretrained` loads the backbone.

@@ -25,7 +25,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from .config import ConfigError
+from .config import BUILTIN_TEACHERS, ConfigError
 from .layer_maps import forward_targets
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ _TINY: dict[str, tuple[str, dict[str, Any]]] = {
                                       max_position_embeddings=256)),
 }
 TINY_MODELS = tuple(_TINY)
+assert TINY_MODELS == BUILTIN_TEACHERS, "config.BUILTIN_TEACHERS names the built-in models (their rate defaults)"
 _CAUSAL_TYPES = {"gpt2", "gpt_neo", "gptj", "opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi", "bloom"}
 # Layer containers in HF state dicts: bert.encoder.layer.3., transformer.h.3., model.layers.3., ...
 _LAYER_KEY = re.compile(r"^(.*?(?:^|\.)(?:layer|layers|h|block|blocks))\.(\d+)\.(.*)$")

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from . import space_model, spaces
-from .config import ConfigError, did_you_mean, flatten
+from .config import ConfigError, did_you_mean, flatten, rate_defaults
 from .loop import reported_metrics
 from .overrides import parse_overrides
 from .ranking import parse_objectives
@@ -187,12 +187,14 @@ def render_dry_run(settings: SearchSettings, space: space_model.Space) -> str:
     def flow(value: Any) -> str:
         return yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False).strip()
 
-    base = flatten(space_model.trial_config(space, {}))
+    base_cfg = space_model.trial_config(space, {})
+    base = flatten(base_cfg)
     cli_names = {"tracking_uri": "tracking.uri", "experiment": "tracking.experiment"}  # as they are typed
     shown = {cli_names.get(k, k): v for k, v in dataclasses.asdict(settings).items()}
     head = {"search": shown | {"search_name": settings.search_name},
             "objectives": [f"{m}:{d}" for m, d in objectives_of(settings, space)],
-            "budget": dataclasses.asdict(space.budget)}
+            "budget": dataclasses.asdict(space.budget),
+            "rates": rate_defaults(base_cfg.teacher, base_cfg.student.init) + "; keys set in base or params win"}
     params = [f"  {name}: {flow(_param_fields(p))}" for name, p in space.params.items()]
     points = [f"  - {flow(point)}" for point in space_model.initial_points(space)]
     tail = {"base_config": {k: list(v) if isinstance(v, tuple) else v for k, v in base.items()}}

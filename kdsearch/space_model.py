@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from kdsearch.config import Config, build_config, flatten, merge, unflatten
+from kdsearch.config import Config, ConfigError, build_config, flatten, merge, unflatten
 
 if TYPE_CHECKING:
     import optuna
@@ -114,12 +114,16 @@ class Space:
 # ---------------------------------------------------------------- conditions, define-by-run, trial configs
 
 
-def base_value(space: Space, key: str) -> Any:
-    """A dotted key's fixed value: from base, else the Config default."""
+def base_value(space: Space, key: str, given: Mapping[str, Any] | None = None) -> Any:
+    """A dotted key's fixed value: from base, else the default of the config that base and the params `given`
+    so far make (a default can depend on them: train.lr on the teacher and student.init)."""
     node: Any = space.base
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            return flatten(Config())[key]
+            try:
+                return flatten(build_config(merge(space.base, unflatten(dict(given or {})))))[key]
+            except ConfigError:
+                return flatten(Config())[key]
         node = node[part]
     return node
 
@@ -182,7 +186,7 @@ def complete_point(space: Space, point: Mapping[str, Any]) -> dict[str, Any]:
             continue
         if name in point:
             out[name] = point[name]
-        elif param.contains(default := base_value(space, name)):
+        elif param.contains(default := base_value(space, name, out)):
             out[name] = default
     return out
 

@@ -170,3 +170,17 @@ def test_task_shorthand_composes_with_task_keys_on_every_command() -> None:
     _, space = parse_search_args(["space=kd", *argv])  # python -m kdsearch.tune
     assert space.base["task"] == {"name": "sst2", "data_dir": "/data/sst2", "train_size": 64}
     assert parse_args(["study=flex", *argv])["cli"]["task"] == space.base["task"]  # python -m kdsearch.report
+
+
+def test_rates_fit_the_teacher_unless_set() -> None:
+    from kdsearch.config import rate_defaults
+    from kdsearch.overrides import load_config
+
+    tiny = load_config([])
+    assert (tiny.finetune.lr, tiny.finetune.epochs, tiny.train.lr) == (1e-3, 10, 1e-3)
+    pretrained = load_config(["teacher=minilm"])
+    assert (pretrained.finetune.lr, pretrained.finetune.epochs, pretrained.train.lr) == (1e-4, 3, 2e-4)
+    assert load_config(["teacher=minilm", "student.init=random"]).train.lr == 5e-4
+    mine = load_config(["teacher=minilm", "finetune.lr=3e-5", "finetune.epochs=5", "train.lr=1e-5"])
+    assert (mine.finetune.lr, mine.finetune.epochs, mine.train.lr) == (3e-5, 5, 1e-5)
+    assert "pretrained teacher (minilm): finetune.lr 0.0001" in rate_defaults("minilm", "teacher")
