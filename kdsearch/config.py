@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -157,6 +158,9 @@ class DistillConfig:
             value = getattr(self, key)
             require(value >= 0, f"distill.{key}={value}: loss weights must be >= 0")
         require(self.temperature > 0, f"distill.temperature={self.temperature}: must be > 0")
+        require(self.layers is None or self.layer_map == "explicit",
+                f"distill.layers={list(self.layers or ())} is read only by distill.layer_map=explicit (here "
+                f"{self.layer_map}); set distill.layer_map=explicit or leave distill.layers out")
 
 
 @dataclass(frozen=True)
@@ -405,6 +409,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint in (int, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         require(ok and (hint is float or float(value).is_integer()), f"{key}={value}: expected {hint.__name__}")
+        require(math.isfinite(value), f"{key}={value}: expected a finite number")
         return hint(value)
     if hint is str:
         return str(value)

@@ -69,6 +69,7 @@ class Optimiser:
 
 def make_optimiser(cfg: Config, model: nn.Module, *, total_steps: int, device: torch.device) -> Optimiser:
     """AdamW with linear warmup (train.warmup_ratio) and linear decay to 0 over `total_steps`."""
+    assert cfg.train.lr is not None  # Config resolved it for its teacher
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel for all parameters; on small models the per-tensor AdamW ops dominate the step
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)

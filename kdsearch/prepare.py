@@ -93,6 +93,7 @@ def fit_task(model: torch.nn.Module, data: Any, *, spec: TaskSpec, cfg: Config, 
              device: torch.device, label: str = "teacher") -> dict[str, float]:
     """Fine-tune `model` on the task (AdamW, linear decay); returns its evaluation metrics."""
     ft = cfg.finetune
+    assert ft.lr is not None and ft.epochs is not None  # Config resolved them for its teacher
     model.to(device).train()
     loader = make_loader(data["train"], batch_size=ft.batch_size, shuffle=True, seed=ft.seed, pad_id=pad_id)
     opt = torch.optim.AdamW(model.parameters(), lr=ft.lr, weight_decay=0.01)
@@ -223,6 +224,7 @@ def _ted_filters(cfg: Config, prepared: Prepared, pairs: list[tuple[int, int]], 
     # What stage 1 reads: the filter settings (not how stage 2 initialises its student filters), the batches.
     architecture = {k: v for k, v in flatten(ted).items() if k != "student_filters"}
     stage1_lr = ted.stage1_lr or cfg.finetune.lr  # TED's scripts reuse each model's fine-tuning rate
+    assert stage1_lr is not None
     common = dict(filter=architecture, d_f=d_f, teacher=prepared.teacher_dir, seed=cfg.train.seed,
                   batch_size=cfg.train.batch_size, lr=stage1_lr, version=STAGE1_VERSION)
 

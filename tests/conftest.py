@@ -1,12 +1,18 @@
-"""Fixtures shared by the data and encoding tests."""
+"""Fixtures shared by the data and encoding tests; the environment every test starts from."""
 
 from __future__ import annotations
+
+import os
 
 import datasets
 import pytest
 
 from kdsearch.config import TaskConfig
 from kdsearch.data import load_raw_task
+
+# A user's RAY_ADDRESS would send every test's ray.init to their cluster: tests start their own Ray, and those
+# that attach to one (tests/test_cluster_faults.py) pass the address to the processes they start.
+os.environ.pop("RAY_ADDRESS", None)
 
 
 @pytest.fixture

@@ -46,3 +46,9 @@ def test_the_core_loads_without_any_framework() -> None:
             f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_tests_never_reach_a_users_ray_cluster() -> None:
+    import os
+
+    assert "RAY_ADDRESS" not in os.environ  # tests/conftest.py clears it

@@ -39,6 +39,9 @@ import pytest
     (["distill.w_relation=1", "relation.loss=l1"], "unknown relation loss"),
     (["train.teacher_cache=true", "distill.distance=layer_select_t5"], "reads the states at padded positions"),
     (["ted.stage1_lr=0"], "ted.stage1_lr=0.0: must be > 0"),
+    (["train.lr=.inf"], "train.lr=inf: expected a finite number"),
+    (["distill.temperature=.nan"], "distill.temperature=nan: expected a finite number"),
+    (["distill.layers=[4,4]"], "distill.layers=[4, 4] is read only by distill.layer_map=explicit (here forward)"),
 ])
 def test_train_command_rejects_bad_input_in_one_line_before_ray(overrides: list[str], message: str,
                                                                capsys: pytest.CaptureFixture) -> None:
