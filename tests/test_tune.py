@@ -33,21 +33,21 @@ base:
   teacher: tiny-bert
   student: {layers: 2}
   task: {name: default, train_size: 256, eval_size: 128}
-  train: {epochs: 3, max_steps_per_epoch: 4, batch_size: 16}
+  train: {epochs: 3, max_steps_per_epoch: 4, batch_size: 16, warmup_ratio: 0.0}
   finetune: {epochs: 1}
   resources: {num_workers: 1, cpus_per_trial: 1, gpus_per_trial: 0}
 metric: eval_loss
 mode: min
 budget: {num_samples: NUM, grace_period: 1, reduction_factor: 2, max_concurrent_trials: 2}
 params:
-  train.lr: {type: categorical, choices: [1.0e-7, 0.3, .inf]}
+  train.lr: {type: categorical, choices: [1.0e-7, 0.3, 1.0e+12]}   # 1e12 diverges at its first step
   distill.layer_map: {type: categorical, choices: [forward, none]}
 points_to_evaluate:
   - {train.lr: 1.0e-7, distill.layer_map: forward}
   - {train.lr: 1.0e-7, distill.layer_map: none}
   - {train.lr: 0.3, distill.layer_map: forward}
   - {train.lr: 0.3, distill.layer_map: none}
-  - {train.lr: .inf, distill.layer_map: forward}
+  - {train.lr: 1.0e+12, distill.layer_map: forward}
 """
 
 
@@ -84,7 +84,7 @@ def test_search_logs_every_trial_stops_bad_ones_early_and_survives_a_failing_tri
     assert len({t.tags["kdsearch.trial_id"] for t in trials}) == 5
     assert {t.tags[SAMPLED_TAG] for t in trials} == {"distill.layer_map,train.lr"}
     failed = [t for t in trials if t.status == "FAILED"]
-    assert len(failed) == 1 and failed[0].params["train.lr"] == "inf"
+    assert len(failed) == 1 and failed[0].params["train.lr"] == str(1e12)
     assert "lower train.lr" in failed[0].tags["kdsearch.error"]
     finished = [t for t in trials if t.status == "FINISHED"]
     assert len(finished) == 4
