@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import models
+from . import hub, models
 from .config import Config, ConfigError, with_absolute_paths
 from .console import quiet_libraries, run_command
 from .encoding import model_inputs
@@ -72,8 +72,8 @@ def parse_args(argv: Sequence[str]) -> tuple[AngleArgs, Config]:
     if "student" not in own:
         raise ConfigError(f"student=: give a Hugging Face student directory or `init`. {USAGE}")
     student = own["student"]
-    if student != "init" and not (Path(student).expanduser() / "config.json").is_file():
-        raise ConfigError(f"student={student}: no model directory there (expected config.json); or use student=init")
+    if student != "init":
+        hub.check_model_dir(Path(student).expanduser(), f"student={student} (or student=init)")
     layers = None
     if "layers" in own:
         try:

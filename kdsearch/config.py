@@ -17,6 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
+MAX_EPOCHS = 1000
+"""The most epochs any stage takes: more is a typo (1e9), which would otherwise run until killed."""
+
 
 class ConfigError(ValueError):
     """Bad user input; the message is one line that says how to fix it."""
@@ -195,7 +198,8 @@ class TedConfig:
         require(self.mlp_hidden is None or self.mlp_hidden > 0,
                  f"ted.mlp_hidden={self.mlp_hidden}: must be > 0")
         require(self.depth >= 2, f"ted.depth={self.depth}: an mlp filter has at least 2 layers")
-        require(self.stage1_epochs >= 1, f"ted.stage1_epochs={self.stage1_epochs}: must be >= 1")
+        require(1 <= self.stage1_epochs <= MAX_EPOCHS,
+                f"ted.stage1_epochs={self.stage1_epochs}: must be in 1..{MAX_EPOCHS}")
         require(self.stage1_lr is None or self.stage1_lr > 0, f"ted.stage1_lr={self.stage1_lr}: must be > 0")
 
 
@@ -284,7 +288,7 @@ class TrainConfig:
     tokens x 3 x d per relation layer with distill.w_relation > 0 (query, key, value: any relation.kinds)."""
 
     def __post_init__(self) -> None:
-        require(self.epochs >= 1, f"train.epochs={self.epochs}: must be >= 1")
+        require(1 <= self.epochs <= MAX_EPOCHS, f"train.epochs={self.epochs}: must be in 1..{MAX_EPOCHS}")
         require(self.batch_size >= 1, f"train.batch_size={self.batch_size}: must be >= 1")
         require(self.grad_accum >= 1, f"train.grad_accum={self.grad_accum}: must be >= 1")
         require(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
@@ -311,11 +315,18 @@ class FinetuneConfig:
     """Fine-tuning batch size."""
     seed: int = 0
     """Seed of the teacher's fine-tune, apart from train.seed: students of every seed share one teacher."""
+    require_better: bool = False
+    """Stop before distilling when the fine-tuned teacher does not beat the majority-class (regression: mean)
+    baseline on the validation split by finetune.margin; false = a warning line only."""
+    margin: float = 0.02
+    """How far (in eval_score) the teacher must clear that baseline not to be called weak."""
 
     def __post_init__(self) -> None:
-        require(self.epochs is None or self.epochs >= 1, f"finetune.epochs={self.epochs}: must be >= 1")
+        require(self.epochs is None or 1 <= self.epochs <= MAX_EPOCHS,
+                f"finetune.epochs={self.epochs}: must be in 1..{MAX_EPOCHS}")
         require(self.batch_size >= 1, f"finetune.batch_size={self.batch_size}: must be >= 1")
         require(self.lr is None or self.lr > 0, f"finetune.lr={self.lr}: must be > 0")
+        require(self.margin >= 0, f"finetune.margin={self.margin}: must be >= 0")
 
 
 @dataclass(frozen=True)

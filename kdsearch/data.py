@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,17 +78,14 @@ def _header(path: Path, where: str) -> list[str]:
         if meta.num_rows == 0:
             raise ConfigError(f"{where}: {path.name} has no rows")
         return list(meta.schema.to_arrow_schema().names)
-    with path.open(encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel's CSVs) is not in a name
-        first = f.readline()
+    with closing(_lines(path, where)) as lines:  # utf-8-sig: a byte-order mark (Excel's CSVs) is not in a name
+        first = next(lines)
         if path.suffix == ".jsonl":
-            try:
-                row = json.loads(first)
-            except json.JSONDecodeError:
-                row = None
+            row = _json_object(first)
             if not isinstance(row, dict):
                 raise ConfigError(f"{where}: the first line of {path.name} is not a JSON object")
             return list(row)
-        rows = any(line.strip() for line in f)  # blank lines are skipped, as the CSV reader skips them
+        rows = any(line.strip() for line in lines)  # blank lines are skipped, as the CSV reader skips them
     if not rows:
         raise ConfigError(f"{where}: {path.name} has a header but no rows")
     delimiter = "\t" if path.suffix == ".tsv" else ","
@@ -122,8 +121,55 @@ def _check_columns(columns: list[str], spec: TaskSpec, where: str) -> None:
                               f"{', '.join(spec.text_fields)}); {found}")
 
 
+def _lines(path: Path, where: str) -> Iterator[str]:
+    """The file's lines decoded as UTF-8; the first bad byte is a ConfigError naming its line."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{where}: line {number} of {path.name} is not UTF-8 (byte "
+                                  f"0x{raw[err.start]:02x} at column {err.start + 1}); save the file as UTF-8") \
+                    from None
+
+
+def _check_rows(path: Path, where: str, columns: list[str], spec: TaskSpec) -> None:
+    """Every row of a text file decodes and is whole: as many cells as the header (CSV/TSV), a JSON object
+    (JSONL), and a label in each labelled row. One streaming pass; the loaders would otherwise fill gaps with
+    nulls and fail later with a message that names neither the row nor the problem."""
+    if path.suffix == ".parquet":
+        return
+    label = columns.index("label") if spec.kind != "causal_lm" and "label" in columns else None
+    if path.suffix == ".jsonl":
+        for number, line in enumerate(_lines(path, where), 1):
+            if line.strip() and not isinstance(_json_object(line), dict):
+                raise ConfigError(f"{where}: line {number} of {path.name} is not a JSON object")
+        return
+    tsv = path.suffix == ".tsv"
+    reader = csv.reader(_lines(path, where), delimiter="\t" if tsv else ",",
+                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    header = not _headerless(columns, spec)
+    for row in reader:
+        if not row or (header and reader.line_num == 1):
+            continue
+        if len(row) != len(columns):
+            cells = f"{len(row)} cell" + ("" if len(row) == 1 else "s")
+            raise ConfigError(f"{where}: line {reader.line_num} of {path.name} has {cells} where the header has "
+                              f"{len(columns)} ({', '.join(columns)})")
+        if label is not None and not row[label].strip():
+            raise ConfigError(f"{where}: line {reader.line_num} of {path.name} has an empty 'label' cell")
+
+
+def _json_object(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 def check_task(cfg: TaskConfig, splits: tuple[Split, ...] = TRAINING_SPLITS) -> TaskSpec:
-    """Validate task.* cheaply (paths, non-empty files, header columns) without reading whole files."""
+    """Validate task.*: paths, non-empty files, header columns, and one streaming pass over each text file
+    (encoding, whole rows, labels present)."""
     spec = task_spec(cfg.name)
     if spec.name == "default":
         if cfg.data_dir is not None or cfg.hub is not None:
@@ -133,7 +179,9 @@ def check_task(cfg: TaskConfig, splits: tuple[Split, ...] = TRAINING_SPLITS) -> 
     if cfg.data_dir is not None:
         for path in _split_files(cfg, spec, splits).values():
             where = f"task.data_dir={cfg.data_dir}: {path.name}"
-            _check_columns(_hub_columns(_header(path, f"task.data_dir={cfg.data_dir}"), spec), spec, where)
+            columns = _hub_columns(_header(path, f"task.data_dir={cfg.data_dir}"), spec)
+            _check_columns(columns, spec, where)
+            _check_rows(path, f"task.data_dir={cfg.data_dir}", columns, spec)
     elif cfg.hub is None:
         hint = "train/dev .jsonl files" if spec.kind == "causal_lm" else "train.tsv and dev.tsv"
         raise ConfigError(f"task.data_dir: task.name={spec.name} needs data; set task.data_dir=<folder with "

@@ -18,14 +18,15 @@ from typing import Any, get_args
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from . import models
+from . import hub, models
 from .config import Config, ConfigError, with_absolute_paths
 from .console import quiet_libraries, run_command
 from .data import Split, load_raw_task
 from .encoding import tokenize_task
 from .evaluation import evaluate, forward_latency_ms
 from .leaderboard import render_text
-from .overrides import CONFIG_FILE, load_config, split_arguments
+from .overrides import CONFIG_FILE, load_config, read_config_file, split_arguments
+from .paths import check_local_dirs, check_writable
 from .prepare import prepare_teacher
 from .tasks import TaskSpec, read_by
 from .tracking import DEFAULT_EXPERIMENT, check_tracking_uri, default_uri, log_analysis_run
@@ -34,6 +35,9 @@ from .usage import command_help, wants_help
 LATENCY_ROWS = 32
 USAGE = ("usage: python -m kdsearch.evaluate model=<student dir> [split=test|validation] [with_teacher=true] "
          "[out=<file.json>] [tracking.uri=...] [tracking.experiment=...] [<config key>=<value> ...]")
+_DESCRIBES_MODEL = ("teacher", "student", "task", "finetune")
+"""What `evaluate` reads from a model's kdsearch_config.yaml: the task it was distilled on and how its teacher
+was fine-tuned (with_teacher finds that teacher in the cache by these keys)."""
 _OWN_KEYS = ("model", "split", "with_teacher", "out", "tracking.uri", "tracking.experiment")
 _SPLITS = tuple(s for s in get_args(Split) if s != "train")
 
@@ -61,23 +65,21 @@ def parse_args(argv: Sequence[str]) -> tuple[EvalArgs, Config]:
     if "model" not in own:
         raise ConfigError(f"model=: give a saved student directory. {USAGE}")
     model = Path(own["model"]).expanduser().resolve()
-    if not (model / "config.json").is_file():
-        raise ConfigError(f"model={own['model']}: no model directory there (expected config.json)")
+    hub.check_model_dir(model, f"model={own['model']}")
     split = own.get("split", "test")
     if split not in _SPLITS:
         raise ConfigError(f"split={split}: choose {' or '.join(_SPLITS)} (the training split is no measure)")
     with_teacher = own.get("with_teacher", "false").lower()
     if with_teacher not in ("true", "false"):
         raise ConfigError(f"with_teacher={own['with_teacher']}: must be true or false")
-    out = Path(own["out"]) if own.get("out") else None
-    if out is not None and out.is_dir():
-        raise ConfigError(f"out={own['out']}: a folder; give a file name such as {out / 'scores.json'}")
+    out = _output_file(own["out"]) if own.get("out") else None
     uri = own.get("tracking.uri", default_uri())
     check_tracking_uri(uri)
-    exported = model / CONFIG_FILE
-    cfg = with_absolute_paths(load_config(([f"config={exported}"] if exported.is_file() else []) + rest))
-    if exported.is_file():
-        distilled_on = load_config([f"config={exported}"]).task.name
+    described = _model_description(model / CONFIG_FILE)
+    cfg = with_absolute_paths(load_config(rest, base=described))
+    check_local_dirs(cfg)
+    if described:
+        distilled_on = load_config(base=described).task.name
         if cfg.task.name != distilled_on:  # its head and tokenizer fit that task: scores elsewhere mean nothing
             raise ConfigError(f"task.name={cfg.task.name}: model={own['model']} was distilled on task "
                               f"{distilled_on}; task.data_dir= or task.hub= may point at other files of it")
@@ -85,6 +87,28 @@ def parse_args(argv: Sequence[str]) -> tuple[EvalArgs, Config]:
                     out=out, uri=uri,
                     experiment=own.get("tracking.experiment", DEFAULT_EXPERIMENT))
     return args, cfg
+
+
+def _output_file(given: str) -> Path:
+    """`out=`: a new JSON file; an existing one is another run's scores, kept unless the user removes it."""
+    out = Path(given).expanduser()
+    if out.is_dir():
+        raise ConfigError(f"out={given}: a folder; give a file name such as {out / 'scores.json'}")
+    if out.exists():
+        raise ConfigError(f"out={given}: already exists; give a new file name (or remove it)")
+    check_writable(out.parent, f"out={given}")
+    return out
+
+
+def _model_description(path: Path) -> dict[str, Any]:
+    """The keys of an exported student's kdsearch_config.yaml that describe the model and its task.
+
+    The file travels with the model (shared storage, a colleague's folder): its paths (cache_dir, output_dir,
+    storage_path) and run settings are not this evaluation's to take, so only these keys are read.
+    """
+    if not path.is_file():
+        return {}
+    return {k: v for k, v in read_config_file(str(path)).items() if k in _DESCRIBES_MODEL}
 
 
 def _check_head(model_dir: str, spec: TaskSpec, family: models.Family) -> None:
@@ -130,9 +154,10 @@ def run_evaluation(args: EvalArgs, cfg: Config) -> tuple[dict[str, dict[str, Any
         scores["teacher"] = score_model(teacher_dir, cfg, args.split, device)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"model": args.model, "teacher": cfg.teacher, "task": cfg.task.name,
-                                        "data": cfg.task.data_dir or cfg.task.hub, "split": args.split,
-                                        "scores": scores}, indent=2))
+        with args.out.open("x") as f:  # "x": never replace a file that appeared since the check
+            f.write(json.dumps({"model": args.model, "teacher": cfg.teacher, "task": cfg.task.name,
+                                "data": cfg.task.data_dir or cfg.task.hub, "split": args.split,
+                                "scores": scores}, indent=2))
     metrics = {f"{who}.{key}": float(v) for who, s in scores.items() for key, v in s.items()}
     params = {"analysis": "evaluate", "model": args.model, "split": args.split, "teacher": cfg.teacher,
               "task.name": cfg.task.name, "task.data_dir": cfg.task.data_dir, "task.hub": cfg.task.hub}

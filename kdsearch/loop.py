@@ -34,6 +34,7 @@ from .optimiser import Optimiser, make_optimiser
 from .precision import autocast
 from .prepare import Prepared, load_teacher, make_student
 from .relations import Tap, resolve_relation
+from .safe_io import load_tensors
 from .step import Distiller, loss_weights, teacher_forward
 from .tasks import TaskSpec
 from .teacher_cache import TeacherCache, with_rows
@@ -99,7 +100,7 @@ def _resume(distiller: Distiller, optimiser: Optimiser, checkpoint: Path | None)
     if checkpoint is None:
         return 0
     load_model(distiller, str(checkpoint / "distiller.safetensors"))
-    optimiser.load_state_dict(torch.load(checkpoint / "optim.pt", weights_only=False))
+    optimiser.load_state_dict(load_tensors(checkpoint / "optim.pt"))
     return int(json.loads((checkpoint / "state.json").read_text())["epoch"])
 
 

@@ -98,3 +98,16 @@ def compute_metrics(spec: TaskSpec, predictions: np.ndarray, labels: np.ndarray)
                 out["matthews"] = matthews(pred, true)
     out["score"] = out[spec.primary_metric]
     return out
+
+
+def baseline_score(spec: TaskSpec, train_labels: np.ndarray, labels: np.ndarray) -> float:
+    """The score of the best constant answer learnt from the training labels, on `labels`: the majority class
+    (for a causal LM, the most frequent target token) or, for regression, the mean (correlation 0). A model
+    that does not beat it has learnt nothing from its inputs."""
+    train_labels, labels = np.asarray(train_labels).reshape(-1), np.asarray(labels).reshape(-1)
+    if spec.kind == "regression":
+        constant = float(train_labels.astype(np.float64).mean())
+    else:
+        values, counts = np.unique(train_labels[train_labels != IGNORE_INDEX], return_counts=True)
+        constant = values[counts.argmax()]
+    return compute_metrics(spec, np.full(labels.shape, constant), labels)["score"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from . import hub
 from .config import BUILTIN_TEACHERS, ConfigError
 from .layer_maps import forward_targets
 
@@ -83,8 +83,7 @@ def resolve_teacher(name: str) -> TeacherSource:
     looks_like_path = name.startswith(("/", "./", "../", "~")) or Path(name).exists()
     if looks_like_path:
         path = Path(name).expanduser()
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"teacher={name}: no model directory there (expected {path / 'config.json'})")
+        hub.check_model_dir(path, f"teacher={name}")
         return TeacherSource(name, False, str(path))
     return TeacherSource(name, False, name)  # a hub id: from_pretrained resolves it (online or from the HF cache)
 
@@ -95,32 +94,25 @@ def teacher_config(source: TeacherSource, *, vocab_size: int = 1000) -> Pretrain
         return getattr(transformers, cls_name)(vocab_size=vocab_size, **kwargs)
     assert source.location is not None
     if Path(source.location).is_dir():
-        return AutoConfig.from_pretrained(source.location)
+        return AutoConfig.from_pretrained(source.location, trust_remote_code=False)
     try:  # a hub id already in the Hugging Face cache needs no network
-        return AutoConfig.from_pretrained(source.location, local_files_only=True)
+        return _hub_config(source, local_files_only=True)
     except OSError:
-        _check_hub(source.name)
-    return AutoConfig.from_pretrained(source.location)
+        if why := "HF_HUB_OFFLINE is set" if hub.offline() else hub.unreachable():
+            raise ConfigError(f"teacher={source.name}: not in the Hugging Face cache, and {why}; download it "
+                              "where the hub is reachable, or give a local directory") from None
+    return _hub_config(source)
 
 
-def _check_hub(name: str) -> None:
-    """ConfigError at once when the hub cannot be reached, rather than after ~30 s of retries."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        raise ConfigError(f"teacher={name}: not in the Hugging Face cache, and HF_HUB_OFFLINE is set; download it "
-                          "where the hub is reachable, or give a local directory")
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return  # the proxy decides; a direct connection proves nothing
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+def _hub_config(source: TeacherSource, **kwargs: Any) -> PretrainedConfig:
+    """A hub model's config; one whose repository asks for its own code is refused, never prompted for."""
     try:
-        socket.create_connection((host, 443), timeout=5).close()
-    except OSError as err:
-        raise ConfigError(f"teacher={name}: not in the Hugging Face cache, and {host} is unreachable ({err}); "
-                          "download it where the hub is reachable, or give a local directory") from None
+        return AutoConfig.from_pretrained(source.location, trust_remote_code=False, **kwargs)
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ConfigError(f"teacher={source.name}: the model needs its own code (trust_remote_code); kdsearch runs "
+                          "only the architectures transformers ships, never code from a model repository") from None
 
 
 def max_positions(config: PretrainedConfig) -> int | None:

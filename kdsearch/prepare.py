@@ -8,6 +8,7 @@ starts; workers only load the finished artifacts. Plain PyTorch + transformers; 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer
@@ -28,6 +30,7 @@ from .encoding import model_inputs, tokenize_task, train_texts
 from .evaluation import evaluate, make_loader
 from .layer_maps import run_pairs
 from .losses import task_loss
+from .metrics import baseline_score
 from .relations import Tap, resolve_relation
 from .tasks import TaskSpec, read_by
 from .ted import build_filters, filter_width, train_stage1
@@ -166,6 +169,27 @@ def _teacher_metrics(teacher_dir: Path, validation: Any, *, spec: TaskSpec, fami
     except OSError:
         pass  # a read-only cache: scored again next time
     return metrics
+
+
+def _labels(split: Any) -> np.ndarray:
+    """Every label of a tokenised split, flattened (a causal LM's are per token, of uneven lengths)."""
+    column = split["labels"]
+    return np.fromiter(itertools.chain.from_iterable(column), dtype=np.int64) if column and isinstance(
+        column[0], list) else np.asarray(column)
+
+
+def _check_teacher_learnt(cfg: Config, spec: TaskSpec, data: Any, score: float) -> None:
+    """Warn (finetune.require_better: refuse) when the teacher does not clear the constant-answer baseline: every
+    trial would then distil a teacher that knows nothing of the task."""
+    baseline = baseline_score(spec, _labels(data["train"]), _labels(data["validation"]))
+    if score >= baseline + cfg.finetune.margin:
+        return
+    what = "the mean" if spec.kind == "regression" else "the majority class"
+    line = (f"teacher={cfg.teacher} scores {score:.4f} on the validation split, {what} {baseline:.4f}: it has "
+            f"learnt next to nothing of {spec.name}; try more finetune.epochs, another finetune.lr or another teacher")
+    if cfg.finetune.require_better:
+        raise ConfigError(f"finetune.require_better=true: {line}")
+    _log(f"warning: {line} (finetune.require_better=true stops here)")
 
 
 def load_teacher(prepared: Prepared, device: torch.device) -> Any:
@@ -308,6 +332,7 @@ def prepare_teacher(cfg: Config, *, device: torch.device | None = None, cached_o
     n_t, d_t = models.depth_width(AutoConfig.from_pretrained(teacher_dir))
     metrics = _teacher_metrics(teacher_dir, data["validation"], spec=spec, family=family, pad_id=tok.pad_token_id,
                                device=device)
+    _check_teacher_learnt(cfg, spec, data, metrics["eval_score"])
     return Prepared(spec=spec, family=family, teacher_dir=str(teacher_dir), data=data,
                     pad_id=tok.pad_token_id, n_teacher=n_t, d_teacher=d_t, teacher_metrics=metrics)
 

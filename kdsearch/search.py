@@ -19,10 +19,11 @@ from . import space_model, spaces
 from .config import ConfigError, did_you_mean, flatten, rate_defaults
 from .loop import reported_metrics
 from .overrides import parse_overrides
+from .paths import check_writable
 from .ranking import parse_objectives
 from .tracking import DEFAULT_EXPERIMENT, DEFAULT_URI, check_tracking_uri, default_uri
 from .usage import command_help
-from .validate import validate
+from .validate import check_names, validate
 
 DEFAULT_SPACE = "layer_select"
 
@@ -95,6 +96,7 @@ def parse_search_args(argv: list[str]) -> tuple[SearchSettings, space_model.Spac
         settings_kw["tracking_uri"] = str(tracking["uri"])
     settings = SearchSettings(**settings_kw, results_dir=str(raw.pop("results_dir", "outputs/search")),
                               experiment=str(tracking.get("experiment", DEFAULT_EXPERIMENT)))
+    check_writable(settings.results_dir, f"results_dir={settings.results_dir}")
     space = spaces.load_space(settings.space)
     if settings.smoke:
         space = spaces.smoke(space)
@@ -143,9 +145,22 @@ def objectives_of(settings: SearchSettings, space: space_model.Space) -> list[tu
     return [(space.metric, space.mode)]
 
 
+def check_choices(space: space_model.Space) -> None:
+    """Each categorical choice, on its own, is a value its key takes (a type, a known strategy name): a typo in
+    a space's list would otherwise fail only the trials that draw it."""
+    for name, param in space.params.items():
+        for choice in param.choices if param.type == "categorical" else ():
+            try:
+                check_names(space_model.trial_config(space, {name: choice}))
+            except ConfigError as err:
+                raise ConfigError(f"space {space.name}: {name} choice {choice!r}: {err}") from None
+
+
 def check_search(settings: SearchSettings, space: space_model.Space) -> None:
-    """Everything checkable before ray.init: the base config, the objectives, every paper point, the store."""
+    """Everything checkable before ray.init: the base config, each categorical choice, the objectives, every paper
+    point, the store."""
     spec = validate(space_model.trial_config(space, {}))
+    check_choices(space)
     known = reported_metrics(spec)
     for name, _ in objectives_of(settings, space):
         if name not in known:

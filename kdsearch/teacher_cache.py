@@ -22,6 +22,7 @@ from .config import Precision
 from .evaluation import make_loader
 from .precision import autocast
 from .relations import Projection, Tap
+from .safe_io import load_tensors
 from .step import TeacherOutputs, teacher_forward
 
 ROW = "row"
@@ -96,14 +97,14 @@ class TeacherCache:
         logits = _open(directory, "logits", meta, meta["rows"])
         hidden = _open(directory, "hidden", meta, meta["tokens"])
         if projections is None:
-            return cls(logits, hidden, torch.load(directory / "offsets.pt"))
+            return cls(logits, hidden, load_tensors(directory / "offsets.pt"))
         projections = Path(projections)
         tapped = json.loads((projections / "outputs.json").read_text())
         if tapped["tokens"] != meta["tokens"]:
             raise ValueError(f"train.teacher_cache: {projections} holds {tapped['tokens']} tokens, {directory} "
                              f"{meta['tokens']}: built from other data")
         taps = tuple((int(layer), str(p)) for layer, p in tapped["taps"])
-        return cls(logits, hidden, torch.load(directory / "offsets.pt"),
+        return cls(logits, hidden, load_tensors(directory / "offsets.pt"),
                    _open(projections, "projections", tapped, tapped["tokens"]), taps)
 
     def outputs(self, batch: dict[str, torch.Tensor], *, hidden: bool, tap: Tap | None = None) -> TeacherOutputs:

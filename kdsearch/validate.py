@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModel, PretrainedConfig
 
+from . import hub
 from .bridges import BRIDGES, resolve_bridge
 from .config import Config, ConfigError
 from .data import check_task
@@ -24,13 +25,15 @@ from .models import (
     student_width,
     teacher_config,
 )
+from .paths import check_local_dirs
 from .relations import RELATIONS, projection_modules, projection_widths
 from .tasks import TaskSpec, read_by
 from .ted import ACTIVATIONS, FILTERS
 from .units import units_to_keep
 
 
-def _check_names(cfg: Config) -> None:
+def check_names(cfg: Config) -> None:
+    """Every strategy name the config gives is in its registry."""
     LAYER_MAPS.check(cfg.distill.layer_map, key="distill.layer_map")
     DISTANCES.check(cfg.distill.distance, key="distill.distance")
     LOGIT_LOSSES.check(cfg.distill.logit_loss, key="distill.logit_loss")
@@ -133,13 +136,17 @@ def _check_teacher_cache(cfg: Config, kind: str) -> None:
 
 def validate(cfg: Config) -> TaskSpec:
     """Raise ConfigError (one line) for anything that would fail later; else the task as the teacher reads it."""
-    _check_names(cfg)
+    check_names(cfg)
     source = resolve_teacher(cfg.teacher)
     try:
         teacher = teacher_config(source)
     except OSError as err:
         raise ConfigError(f"teacher={cfg.teacher}: cannot load its config ({str(err).splitlines()[0]})") from None
     spec = check_task(cfg.task)
+    if cfg.task.hub is not None and not hub.offline() and (why := hub.unreachable()):
+        raise ConfigError(f"task.hub={cfg.task.hub}: {why}; set HF_DATASETS_OFFLINE=1 to read it from the datasets "
+                          "cache, or give task.data_dir=<folder with its files>")
+    check_local_dirs(cfg)
     if family_of(teacher) == "encoder" and spec.kind == "causal_lm":
         raise ConfigError(f"task.name={spec.name} is a causal-LM task but teacher={cfg.teacher} is an encoder")
     if family_of(teacher) == "causal" and spec.kind == "regression":

@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from transformers import BertConfig
+from transformers import BertConfig, BertForSequenceClassification
 
 from kdsearch import analyze, evaluate, leaderboard, report
 from kdsearch.config import with_absolute_paths
@@ -101,7 +101,8 @@ def test_a_documented_command_validates(where: str, module: str, arguments: str,
         cfg = load_config(["task.name=sst2", "task.data_dir=../shared/data/sst2"])
         documented = next(a.split("=", 1)[1] for a in argv if a.startswith("model="))
         saved = tmp_path / documented
-        BertConfig(num_labels=2).save_pretrained(saved)
+        BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                 intermediate_size=64, vocab_size=100)).save_pretrained(saved)
         write_config_file(cfg, saved / CONFIG_FILE)
         argv = [f"model={saved}" if a.startswith("model=") else a for a in argv]
         _, loaded = evaluate.parse_args([*argv, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
