@@ -23,10 +23,11 @@ from . import hub, models
 from .config import Config, ConfigError, with_absolute_paths
 from .console import quiet_libraries, run_command
 from .encoding import model_inputs
-from .evaluation import make_loader
+from .evaluation import EVAL_BATCH_SIZE, make_loader
 from .overrides import load_config, split_arguments
+from .paths import output_uri
 from .prepare import Prepared, load_teacher, make_student, prepare
-from .report import commit, hardware
+from .provenance import commit, hardware
 from .tracking import DEFAULT_EXPERIMENT, default_uri, log_analysis_run
 from .usage import command_help, wants_help
 from .validate import validate
@@ -86,7 +87,7 @@ def parse_args(argv: Sequence[str]) -> tuple[AngleArgs, Config]:
     cfg = with_absolute_paths(load_config(rest))
     args = AngleArgs(student=student if student == "init" else str(Path(student).expanduser().resolve()),
                      layers=layers, out=Path(own.get("out", "docs/results/angles")),
-                     uri=own.get("tracking.uri", default_uri()),
+                     uri=output_uri(own.get("tracking.uri", default_uri())),
                      experiment=own.get("tracking.experiment", DEFAULT_EXPERIMENT),
                      max_batches=int(batches) if batches else None)
     return args, cfg
@@ -130,7 +131,8 @@ def load_student(args: AngleArgs, cfg: Config, prepared: Prepared, teacher: torc
 def collect(teacher: torch.nn.Module, student: torch.nn.Module, prepared: Prepared, *, student_layers: list[int],
             n_teacher: int, max_batches: int | None) -> dict[tuple[int, int], Tensor]:
     """{(l, k): cosines over the evaluation split's real tokens} for k = 2..n_t (k = 1 gives u = v, cos = 1)."""
-    loader = make_loader(prepared.data["validation"], batch_size=64, shuffle=False, seed=0, pad_id=prepared.pad_id)
+    loader = make_loader(prepared.data["validation"], batch_size=EVAL_BATCH_SIZE, shuffle=False, seed=0,
+                         pad_id=prepared.pad_id)
     parts: dict[tuple[int, int], list[Tensor]] = {(sl, k): [] for sl in student_layers for k in range(2, n_teacher + 1)}
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:

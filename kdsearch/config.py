@@ -281,11 +281,13 @@ class TrainConfig:
     precision: Precision = "fp32"
     """Autocast precision of the teacher and student forward passes (training, evaluation, latency): `bf16` on
     Ampere or later GPUs (no loss scaling), `fp16` with a loss scaler on older GPUs; the loss math stays fp32."""
-    teacher_cache: bool = False
+    teacher_cache: bool | None = None
     """Run the frozen teacher once over the training split and read its outputs back by row (cached by content,
-    shared by every trial on the same teacher, data and precision) instead of a teacher forward every step.
-    Encoder tasks with padding masked (distill.mask_padding=true); disk: tokens x (layers + 1) x d, plus
-    tokens x 3 x d per relation layer with distill.w_relation > 0 (query, key, value: any relation.kinds)."""
+    shared by every trial on the same teacher, data and precision) instead of a teacher forward every step; equal
+    to the live pass. Encoder tasks whose hidden term masks padding (distill.mask_padding=true, not the T5/Qwen3
+    forms). null: on where it applies and the run reads at least as many rows as the cache holds (epochs x steps
+    x batch_size >= training rows). Disk: tokens x (layers + 1) x d, plus tokens x 3 x d per relation layer with
+    distill.w_relation > 0 (query, key, value: any relation.kinds)."""
 
     def __post_init__(self) -> None:
         require(1 <= self.epochs <= MAX_EPOCHS, f"train.epochs={self.epochs}: must be in 1..{MAX_EPOCHS}")
@@ -492,13 +494,19 @@ def build_config(data: dict[str, Any]) -> Config:
 
 
 def with_absolute_paths(cfg: Config) -> Config:
-    """Resolve relative local paths now: Ray Train workers and Tune trials run in other working directories."""
+    """Resolve relative local paths now: Ray Train workers and Tune trials run in other working directories.
+    Outputs resolve as `paths.output_path` says (durable inside a Ray job), inputs against the working directory."""
     from pathlib import Path
+
+    from .paths import output_path
 
     def absolute(value: str | None) -> str | None:
         return value if value is None or "://" in value else str(Path(value).expanduser().resolve())
 
+    def output(value: str | None) -> str | None:
+        return None if value is None else output_path(value)
+
     teacher = absolute(cfg.teacher) if Path(cfg.teacher).exists() else cfg.teacher
-    return dataclasses.replace(cfg, teacher=teacher or cfg.teacher, cache_dir=absolute(cfg.cache_dir) or "",
-                               output_dir=absolute(cfg.output_dir) or "", storage_path=absolute(cfg.storage_path),
+    return dataclasses.replace(cfg, teacher=teacher or cfg.teacher, cache_dir=output(cfg.cache_dir) or "",
+                               output_dir=output(cfg.output_dir) or "", storage_path=output(cfg.storage_path),
                                task=dataclasses.replace(cfg.task, data_dir=absolute(cfg.task.data_dir)))

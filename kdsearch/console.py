@@ -1,5 +1,5 @@
 """Keeps the console to kdsearch's own lines: library progress bars and per-checkpoint INFO lines off; Ctrl-C
-is one line, not a traceback.
+is one line, not a traceback; tables printed as aligned plain text.
 
 A search prints a compact trial table; with two trials at a time, every trial's "Loading weights" bar and every
 "Checkpoint successfully created" line would bury it. Called by each command and in each trial or Train worker
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 _CHATTY_LOGGERS = (
@@ -49,3 +49,11 @@ def run_command(main: Callable[[], int]) -> int:
     except KeyboardInterrupt as err:
         print(f"interrupted{f': {err}' if str(err) else ''}", file=sys.stderr)
         return INTERRUPTED
+
+
+def render_text(columns: Sequence[str], cells: Sequence[Sequence[str]], width: int = 28) -> str:
+    """Aligned plain-text table; long cells are cut to `width` characters."""
+    cut = [[c if len(c) <= width else c[:width - 1] + "~" for c in line] for line in [columns, *cells]]
+    widths = [max(len(line[i]) for line in cut) for i in range(len(columns))]
+    lines = ("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in cut)
+    return "\n".join(lines)

@@ -21,7 +21,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from kdsearch.config import ConfigError
 from kdsearch.data import content_hash
-from kdsearch.tasks import IGNORE_INDEX, TaskSpec
+from kdsearch.kinds import IGNORE_INDEX
+from kdsearch.tasks import TaskSpec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -20,19 +20,17 @@ from transformers import AutoConfig, AutoTokenizer
 
 from . import hub, models
 from .config import Config, ConfigError, with_absolute_paths
-from .console import quiet_libraries, run_command
+from .console import quiet_libraries, render_text, run_command
 from .data import Split, load_raw_task
 from .encoding import tokenize_task
 from .evaluation import evaluate, forward_latency_ms
-from .leaderboard import render_text
 from .overrides import CONFIG_FILE, load_config, read_config_file, split_arguments
-from .paths import check_local_dirs, check_writable
+from .paths import check_local_dirs, check_writable, output_uri
 from .prepare import prepare_teacher
 from .tasks import TaskSpec, read_by
 from .tracking import DEFAULT_EXPERIMENT, check_tracking_uri, default_uri, log_analysis_run
 from .usage import command_help, wants_help
 
-LATENCY_ROWS = 32
 USAGE = ("usage: python -m kdsearch.evaluate model=<student dir> [split=test|validation] [with_teacher=true] "
          "[out=<file.json>] [tracking.uri=...] [tracking.experiment=...] [<config key>=<value> ...]")
 _DESCRIBES_MODEL = ("teacher", "student", "task", "finetune")
@@ -73,7 +71,7 @@ def parse_args(argv: Sequence[str]) -> tuple[EvalArgs, Config]:
     if with_teacher not in ("true", "false"):
         raise ConfigError(f"with_teacher={own['with_teacher']}: must be true or false")
     out = _output_file(own["out"]) if own.get("out") else None
-    uri = own.get("tracking.uri", default_uri())
+    uri = output_uri(own.get("tracking.uri", default_uri()))
     check_tracking_uri(uri)
     described = _model_description(model / CONFIG_FILE)
     cfg = with_absolute_paths(load_config(rest, base=described))
@@ -135,8 +133,8 @@ def score_model(model_dir: str, cfg: Config, split: Split, device: torch.device)
     spec = read_by(spec, family)
     model: torch.nn.Module = models.load_task_model(model_dir, family)
     model = models.freeze(model.to(device))
-    metrics = evaluate(model, data[split], spec=spec, batch_size=64, pad_id=tok.pad_token_id, device=device)
-    latency = forward_latency_ms(model, data[split], rows=LATENCY_ROWS, pad_id=tok.pad_token_id, device=device)
+    metrics = evaluate(model, data[split], spec=spec, pad_id=tok.pad_token_id, device=device)
+    latency = forward_latency_ms(model, data[split], pad_id=tok.pad_token_id, device=device)
     return {**metrics, "rows": len(data[split]), "params": models.count_parameters(model), "latency_ms": latency}
 
 

@@ -17,12 +17,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from .encoding import collate, model_inputs
+from .kinds import IGNORE_INDEX
 from .losses import task_loss
 from .metrics import compute_metrics
-from .tasks import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from .tasks import TaskSpec
+
+
+EVAL_BATCH_SIZE = 64
+"""Rows per evaluation batch, for every model scored anywhere (teachers, students, exports): one batch size, so
+one model scores the same wherever it is scored."""
+LATENCY_ROWS = 32
+"""student_latency_ms: one forward pass over this many evaluation rows."""
 
 
 def make_loader(dataset: Any, *, batch_size: int, shuffle: bool, seed: int, pad_id: int) -> DataLoader:
@@ -43,8 +50,8 @@ def predictions(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: Any, *, spec: TaskSpec, batch_size: int, pad_id: int,
-             device: torch.device, rank: int = 0, world_size: int = 1,
+def evaluate(model: torch.nn.Module, dataset: Any, *, spec: TaskSpec, pad_id: int, device: torch.device,
+             batch_size: int = EVAL_BATCH_SIZE, rank: int = 0, world_size: int = 1,
              gather: Callable[[Any], list[Any]] = lambda x: [x]) -> dict[str, float]:
     """Metrics of `model` on `dataset` ("eval_" prefixed, eval_score = the task's primary metric)."""
     model.eval()
@@ -72,7 +79,8 @@ def evaluate(model: torch.nn.Module, dataset: Any, *, spec: TaskSpec, batch_size
 
 
 @torch.no_grad()
-def forward_latency_ms(model: torch.nn.Module, dataset: Any, *, rows: int, pad_id: int, device: torch.device,
+def forward_latency_ms(model: torch.nn.Module, dataset: Any, *, rows: int = LATENCY_ROWS, pad_id: int,
+                       device: torch.device,
                        repeats: int = 10) -> float:
     """Median milliseconds of one forward pass over the first `rows` evaluation rows (one padded batch).
 

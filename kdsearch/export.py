@@ -7,6 +7,8 @@ student is.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +17,11 @@ from .config import flatten, rate_defaults
 from .leaderboard import build_leaderboard, search_ranking
 from .loop import export_student
 from .overrides import CONFIG_FILE, write_config_file
+from .paths import job_copy
 from .prepare import prepare
+from .provenance import code_version
 from .ranking import Objective
-from .search import SearchSettings, code_version
+from .search import SearchSettings
 from .tracking import SearchTracker
 
 
@@ -127,11 +131,16 @@ def export_best(results: Any, *, settings: SearchSettings, space: space_model.Sp
     cfg = space_model.trial_config(space, best.config)
     trial_id = str(best.metrics["trial_id"])
     out = Path(settings.results_dir, settings.search_name, "best_student").resolve()
+    staged = out.with_name(f".{out.name}.new-{os.getpid()}")  # whole before it takes out's place
     with _checkpoint_dir(best).as_directory() as directory:
-        export_student(cfg, prepare(cfg), Path(directory), out)
-    (out / "README.md").write_text(model_card(cfg, best.metrics, search=settings.search_name,
-                                              trial_id=trial_id, metric=metric))
-    write_config_file(cfg, out / CONFIG_FILE)
+        export_student(cfg, prepare(cfg), Path(directory), staged)
+    (staged / "README.md").write_text(model_card(cfg, best.metrics, search=settings.search_name,
+                                                 trial_id=trial_id, metric=metric))
+    write_config_file(cfg, staged / CONFIG_FILE)
+    if out.exists():  # a resumed search: the best of its earlier part, replaced whole (no stale files)
+        print(f"[kdsearch.tune] replacing the best student this search exported before, in {out}", flush=True)
+        shutil.rmtree(out)
+    staged.rename(out)
     tracker.log_search_artifacts(dirs={"best_student": out})
     text, board = build_leaderboard(uri=settings.tracking_uri, experiment=settings.experiment,
                                     search=settings.search_name,
@@ -142,5 +151,9 @@ def export_best(results: Any, *, settings: SearchSettings, space: space_model.Sp
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.config.items())
     print(f"[kdsearch.tune] best trial {trial_id}: {metric}={best.metrics[metric]:.4f} ({params}); "
           f"{failed} trial(s) failed; leaderboard in {board}")
+    if job_copy() is not None:  # Ray deletes the job's working directory, not these
+        print(f"[kdsearch.tune] on this node, outside the job's temporary folder: MLflow store "
+              f"{settings.tracking_uri}, leaderboard {board}; fetch them with `ray rsync-down <cluster.yaml> "
+              f"{Path(settings.results_dir, settings.search_name)} .`")
     print(f"best student saved to {out}")
     return out

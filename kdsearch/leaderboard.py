@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from kdsearch.config import ConfigError, config_keys, did_you_mean
-from kdsearch.console import run_command
+from kdsearch.console import render_text, run_command
+from kdsearch.paths import output_uri
 from kdsearch.plots import plot_all
 from kdsearch.ranking import Objective, Row, pareto_front, parse_objectives, rank_rows, value
 from kdsearch.tracking import (
@@ -113,14 +114,6 @@ def _fmt(number: float | None, digits: int = 4) -> str:
     if number is None:
         return ""
     return str(int(number)) if float(number).is_integer() and abs(number) >= 1000 else f"{number:.{digits}g}"
-
-
-def render_text(columns: Sequence[str], cells: Sequence[Sequence[str]], width: int = 28) -> str:
-    """Aligned plain-text table; long cells are cut to `width` characters."""
-    cut = [[c if len(c) <= width else c[:width - 1] + "~" for c in line] for line in [columns, *cells]]
-    widths = [max(len(line[i]) for line in cut) for i in range(len(columns))]
-    lines = ("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in cut)
-    return "\n".join(lines)
 
 
 def write_tables(columns: Sequence[str], cells: Sequence[Sequence[str]], out: Path, title: str) -> list[Path]:
@@ -227,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not top.isdigit() or int(top) < 1:
             raise ConfigError(f"top={top}: must be a positive integer")
         text, out = build_leaderboard(
-            uri=args.get("tracking.uri", default_uri()),
+            uri=output_uri(args.get("tracking.uri", default_uri())),
             experiment=args.get("tracking.experiment", DEFAULT_EXPERIMENT),
             search=args.get("search") or None, out=Path(args["out"]) if "out" in args else None,
             objectives=parse_objectives(args["objectives"]) if "objectives" in args else None)

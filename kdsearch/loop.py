@@ -26,7 +26,7 @@ from torch.utils.data import DistributedSampler
 from . import models
 from .bridges import BRIDGES, BridgeInputs, resolve_bridge
 from .config import Config, Precision
-from .evaluation import evaluate, forward_latency_ms, make_loader
+from .evaluation import EVAL_BATCH_SIZE, evaluate, forward_latency_ms, make_loader
 from .layer_maps import run_pairs
 from .losses import describe
 from .metrics import metric_names
@@ -57,7 +57,6 @@ class WorkerContext:
     log: Callable[[str], None] = print
 
 
-LATENCY_ROWS = 32  # student_latency_ms: one forward pass over this many evaluation rows
 
 
 def reported_metrics(spec: TaskSpec) -> tuple[str, ...]:
@@ -131,7 +130,7 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
                 f"params{resuming}")
     # Measured once, before training: the architecture sets it, not the weights.
     with autocast(ctx.device, precision):
-        latency = forward_latency_ms(distiller.student, prepared.data["validation"], rows=LATENCY_ROWS,
+        latency = forward_latency_ms(distiller.student, prepared.data["validation"],
                                      pad_id=prepared.pad_id, device=ctx.device)
     tap = distiller.relation.teacher if distiller.relation else None
     metrics: dict[str, Any] = {}
@@ -145,8 +144,8 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
         epoch_time = time.perf_counter() - began
         with autocast(ctx.device, precision):
             scores = evaluate(distiller.student, prepared.data["validation"], spec=prepared.spec,
-                              batch_size=max(cfg.train.batch_size, 64), pad_id=prepared.pad_id, device=ctx.device,
-                              rank=ctx.rank, world_size=ctx.world_size, gather=ctx.gather)
+                              batch_size=max(cfg.train.batch_size, EVAL_BATCH_SIZE), pad_id=prepared.pad_id,
+                              device=ctx.device, rank=ctx.rank, world_size=ctx.world_size, gather=ctx.gather)
         metrics = {"epoch": epoch + 1, **train_terms, "epoch_time_s": epoch_time, **scores,
                    "student_params": models.count_parameters(distiller.student), "student_latency_ms": latency,
                    "teacher_score": prepared.teacher_metrics.get("eval_score", float("nan"))}

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdsearch.kinds import IGNORE_INDEX
 from kdsearch.registry import Registry
-from kdsearch.tasks import IGNORE_INDEX
 
 
 def _full_precision(t: Tensor) -> torch.autocast:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdsearch.tasks import IGNORE_INDEX, TaskSpec
+from kdsearch.kinds import IGNORE_INDEX
+from kdsearch.tasks import TaskSpec
 
 
 def accuracy(pred: np.ndarray, true: np.ndarray) -> float:

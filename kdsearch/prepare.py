@@ -113,7 +113,7 @@ def fit_task(model: torch.nn.Module, data: Any, *, spec: TaskSpec, cfg: Config, 
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-        metrics = evaluate(model, data["validation"], spec=spec, batch_size=64, pad_id=pad_id, device=device)
+        metrics = evaluate(model, data["validation"], spec=spec, pad_id=pad_id, device=device)
         _log(f"{label} fine-tune epoch {epoch + 1}/{ft.epochs}: eval_score={metrics['eval_score']:.4f}")
     return metrics
 
@@ -138,8 +138,7 @@ def _teacher(cfg: Config, source: models.TeacherSource, tok: Any, data: Any, spe
             _log(f"fine-tuning teacher {source.name} on {spec.name} (cached as teacher/{key})")
             metrics = fit_task(model, data, spec=spec, cfg=cfg, pad_id=tok.pad_token_id, device=device)
         else:
-            metrics = evaluate(model.to(device), data["validation"], spec=spec, batch_size=64,
-                               pad_id=tok.pad_token_id, device=device)
+            metrics = evaluate(model.to(device), data["validation"], spec=spec, pad_id=tok.pad_token_id, device=device)
         model.cpu().save_pretrained(out)
         tok.save_pretrained(out)
         (out / _metrics_file(data["validation"])).write_text(json.dumps(metrics))
@@ -161,7 +160,7 @@ def _teacher_metrics(teacher_dir: Path, validation: Any, *, spec: TaskSpec, fami
     if path.is_file():
         return json.loads(path.read_text())
     model: torch.nn.Module = models.load_task_model(str(teacher_dir), family)
-    metrics = evaluate(model.to(device), validation, spec=spec, batch_size=64, pad_id=pad_id, device=device)
+    metrics = evaluate(model.to(device), validation, spec=spec, pad_id=pad_id, device=device)
     try:  # write aside, then rename: trials scoring it at once each write a whole file
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(metrics))
@@ -355,7 +354,7 @@ def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:
         extra["teacher_filters"], extra["student_filters"] = _ted_filters(cfg, prepared, pairs, store, device)
     if bridge == "units" and pairs:
         extra["unit_scores"] = _unit_scores(cfg, prepared, store, device)
-    if cfg.train.teacher_cache:
+    if teacher_cache.enabled(cfg, prepared.spec.kind, len(prepared.data["train"])):
         extra["teacher_outputs"] = _teacher_outputs(cfg, prepared, store, device)
         relation = resolve_relation(cfg, teacher)
         if relation:  # every projection of the relation's teacher layers: one cache for any relation.kinds

@@ -11,12 +11,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
-import platform
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import textwrap
 import time
@@ -28,7 +25,9 @@ from . import models, space_model
 from .config import Config, ConfigError, build_config, did_you_mean
 from .console import quiet_libraries, run_command
 from .overrides import parse_overrides
-from .search import SearchSettings, check_search, code_version
+from .paths import output_path, output_uri
+from .provenance import code_version, commit, hardware
+from .search import SearchSettings, check_search
 from .studies import STUDIES, Study, grid_space, make_study, row_of, seeded_rows, unique
 from .tracking import (
     DEFAULT_EXPERIMENT,
@@ -95,33 +94,6 @@ def summary_lines(study: Study, rows: list[dict[str, Any]]) -> list[str]:
                                                           for r in paper)
         lines.append(text)
     return lines
-
-
-def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    text = f"{os.cpu_count()} CPU cores ({cpu})"
-    import torch
-
-    if torch.cuda.is_available():
-        text += f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    return text
-
-
-def commit() -> str:
-    version = code_version()
-    try:
-        # the package folder only, untracked files included: a new module that ran counts as a change
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], capture_output=True,
-                               text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        dirty = ""
-    return f"{version} + uncommitted changes" if dirty else version
 
 
 def render(study: Study, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -205,11 +177,12 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
     only = own.get("only")
     return {"study": study, "seeds": seeds, "cli": raw, "search": own.get("search"),
             "only": [only] if isinstance(only, str) else only,
-            "uri": str(tracking.get("uri", default_uri())),
+            "uri": output_uri(str(tracking.get("uri", default_uri()))),
             "experiment": str(tracking.get("experiment", DEFAULT_EXPERIMENT)),
             "name": own.get("name") or f"report-{study}-{time.strftime('%Y%m%d-%H%M%S')}",
             "out": Path(own.get("out") or Path("docs", "results", study)),
-            "results_dir": str(own.get("results_dir", "outputs/report")), "concurrency": own.get("concurrency")}
+            "results_dir": output_path(str(own.get("results_dir", "outputs/report"))),
+            "concurrency": own.get("concurrency")}
 
 
 def build_study(args: dict[str, Any]) -> Study:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from . import space_model, spaces
 from .config import ConfigError, did_you_mean, flatten, rate_defaults
 from .loop import reported_metrics
 from .overrides import parse_overrides
-from .paths import check_writable
+from .paths import check_writable, output_path, output_uri
 from .ranking import parse_objectives
 from .tracking import DEFAULT_EXPERIMENT, DEFAULT_URI, check_tracking_uri, default_uri
 from .usage import command_help
@@ -94,8 +93,9 @@ def parse_search_args(argv: list[str]) -> tuple[SearchSettings, space_model.Spac
         settings_kw["objectives"] = tuple(value if isinstance(value, list) else str(value).split(","))
     if "uri" in tracking:
         settings_kw["tracking_uri"] = str(tracking["uri"])
-    settings = SearchSettings(**settings_kw, results_dir=str(raw.pop("results_dir", "outputs/search")),
+    settings = SearchSettings(**settings_kw, results_dir=output_path(str(raw.pop("results_dir", "outputs/search"))),
                               experiment=str(tracking.get("experiment", DEFAULT_EXPERIMENT)))
+    settings = dataclasses.replace(settings, tracking_uri=output_uri(settings.tracking_uri))
     check_writable(settings.results_dir, f"results_dir={settings.results_dir}")
     space = spaces.load_space(settings.space)
     if settings.smoke:
@@ -135,7 +135,8 @@ def absolute_paths(space: space_model.Space) -> space_model.Space:
     for key in ("cache_dir", "output_dir", "task.data_dir", "teacher", "storage_path"):
         value = space_model.base_value(space, key)
         if isinstance(value, str) and "://" not in value and (key != "teacher" or Path(value).exists()):
-            fixed[key] = str(Path(value).expanduser().resolve())
+            inputs = key in ("task.data_dir", "teacher")
+            fixed[key] = str(Path(value).expanduser().resolve()) if inputs else output_path(value)
     return spaces.apply_overrides(space, fixed)
 
 
@@ -227,13 +228,3 @@ def _param_fields(param: space_model.Param) -> dict[str, Any]:
     if "when" in fields:
         fields["when"] = {k: list(v) for k, v in fields["when"].items()}
     return fields
-
-
-def code_version() -> str:
-    """The git commit of the code being run (`unknown` outside a checkout)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"

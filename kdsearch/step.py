@@ -17,14 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoding import model_inputs
+from .kinds import IGNORE_INDEX
 from .losses import DISTANCES, LOGIT_LOSSES, RELATION_LOSSES, combine, task_loss
 from .relations import RELATIONS, Captured, RelationSpec, Tap, capture
-from .tasks import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from .bridges import Bridge
     from .config import DistillConfig
-    from .tasks import TaskKind
+    from .kinds import TaskKind
 
 Pairs = list[tuple[int, int]]
 

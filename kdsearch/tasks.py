@@ -11,10 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from kdsearch.config import ConfigError, did_you_mean
-
-TaskKind = Literal["classification", "regression", "causal_lm"]
-IGNORE_INDEX = -100
-"""The label of a token that is not a target (prompt, padding): what cross_entropy's ignore_index skips."""
+from kdsearch.kinds import TaskKind
 
 
 @dataclass(frozen=True)

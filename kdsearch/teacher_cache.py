@@ -1,4 +1,4 @@
-"""Teacher outputs computed once over the training split and read back by row (`train.teacher_cache=true`).
+"""Teacher outputs computed once over the training split and read back by row (`train.teacher_cache`).
 
 The teacher is frozen and deterministic (eval mode), so its logits, hidden states and (for the relation terms)
 attention projections for a row never change: every step of every trial that shares a fine-tuned teacher, data
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import Precision
+from .config import Config, Precision
 from .evaluation import make_loader
+from .kinds import TaskKind
+from .losses import READS_PADDING
 from .precision import autocast
 from .relations import Projection, Tap
 from .safe_io import load_tensors
@@ -27,6 +30,30 @@ from .step import TeacherOutputs, teacher_forward
 
 ROW = "row"
 """The column `with_rows` adds to the training split: each batch says which cached rows it holds."""
+
+
+def blocker(cfg: Config, kind: TaskKind) -> str | None:
+    """Why this run cannot read its teacher from the cache, or None when it can."""
+    if kind == "causal_lm":
+        return "encoder tasks only (a causal LM's teacher logits span the vocabulary at every token)"
+    hidden = cfg.distill.w_hidden > 0 and cfg.distill.layer_map != "none"
+    if hidden and not cfg.distill.mask_padding:
+        return ("it needs distill.mask_padding=true: the teacher's states at padding depend on the batch, so they "
+                "are not cached (a space that searches it: add distill.mask_padding=true to fix it)")
+    if hidden and cfg.distill.distance in READS_PADDING:
+        return (f"distill.distance={cfg.distill.distance} reads the states at padded positions, which depend on the "
+                "batch and are not cached")
+    return None
+
+
+def enabled(cfg: Config, kind: TaskKind, train_rows: int) -> bool:
+    """train.teacher_cache as set, or (null) on where it applies and the run reads at least as many rows as the
+    cache pass does: the pass costs one teacher forward per row, each step then saves one per row it reads."""
+    if cfg.train.teacher_cache is not None:
+        return cfg.train.teacher_cache
+    batches = math.ceil(train_rows / cfg.train.batch_size)
+    steps = batches if cfg.train.max_steps_per_epoch is None else min(batches, cfg.train.max_steps_per_epoch)
+    return blocker(cfg, kind) is None and cfg.train.epochs * steps * cfg.train.batch_size >= train_rows
 
 
 def build(teacher: nn.Module, dataset: Any, out: Path, *, pad_id: int, precision: Precision,

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from .encoding import model_inputs
+from .kinds import IGNORE_INDEX, TaskKind
 from .losses import task_loss
 from .registry import Registry
-from .tasks import IGNORE_INDEX, TaskKind
 
 if TYPE_CHECKING:
     from .config import TedConfig

@@ -25,6 +25,7 @@ from .config import Config, ConfigError, with_absolute_paths
 from .console import quiet_libraries, run_command
 from .loop import WorkerContext, export_student, run_distillation
 from .overrides import CONFIG_FILE, load_config, write_config_file
+from .paths import fresh_dir, job_note
 from .prepare import Prepared, prepare
 from .sizing import worker_bundle
 from .step import leaves_parameters_unused
@@ -123,14 +124,29 @@ def storage_for(cfg: Config) -> str:
 
 
 def init_ray(**kwargs: Any) -> None:
-    """Attach to RAY_ADDRESS when set (cluster, `ray job submit`), else start a local runtime."""
+    """Attach to RAY_ADDRESS when set (cluster, `ray job submit`), else start a local runtime on 127.0.0.1 only.
+
+    A local runtime otherwise listens on every interface (GCS, raylet, object manager, agents, each worker's
+    gRPC port): anyone on the network could reach a machine that only meant to search on itself.
+    """
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
-    else:
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        return
+    from ray._private import ray_constants
+
+    # Ray 2.60 replaces _node_ip_address="127.0.0.1" by the host's address unless its single-machine mode is
+    # on (the macOS/Windows default, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read once when ray is imported); with
+    # the node on 127.0.0.1 every Ray process binds loopback (tests/test_local_bind.py). Only for this start:
+    # attaching to a cluster and `ray start` need it off, and the started node keeps its address.
+    multi_node = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = multi_node
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -151,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"[kdsearch.train] teacher {cfg.teacher} on {prepared.spec.name}: "
           f"eval_score={prepared.teacher_metrics['eval_score']:.4f}", flush=True)
+    if note := job_note():
+        print(note, flush=True)
     init_ray()
     # A fresh run per command; Tune trials use stable names instead so that retries restore.
     name = f"distill-{prepared.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -162,10 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     final = result.metrics or {}
     assert result.checkpoint is not None
     with result.checkpoint.as_directory() as directory:
-        out = export_student(cfg, prepared, Path(directory), Path(cfg.output_dir, "student"))
+        out = export_student(cfg, prepared, Path(directory), fresh_dir(Path(cfg.output_dir, "student")))
     write_config_file(cfg, out / CONFIG_FILE)
     print(f"[kdsearch.train] final: eval_score={final['eval_score']:.4f} "
           f"(teacher {prepared.teacher_metrics['eval_score']:.4f}), student {final['student_params']:,} params")
+    if out.name != "student":
+        print(f"[kdsearch.train] {out.with_name('student')} holds an earlier student, kept: this one is {out.name}")
     print(f"student saved to {out.resolve()}")
     return 0
 

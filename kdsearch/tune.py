@@ -32,11 +32,12 @@ from .config import ConfigError
 from .console import INTERRUPTED, quiet_libraries, run_command
 from .export import export_best
 from .loop import WorkerContext, run_distillation
+from .paths import claim, job_note
 from .prepare import prepare
+from .provenance import code_version
 from .search import (
     SearchSettings,
     check_search,
-    code_version,
     objectives_of,
     parse_search_args,
     probe_space,
@@ -206,18 +207,31 @@ def resolve_name(settings: SearchSettings, space: space_model.Space) -> SearchSe
     storage = _storage(settings, space)
 
     def taken(name: str) -> bool:
-        return name in searches or _can_restore(storage, name)
+        return name in searches or _can_restore(storage, name) or Path(settings.results_dir, name).exists()
 
     if not taken(base):
         return settings
     if settings.name:
         raise ConfigError(f"name={base}: a search of that name exists (MLflow experiment {settings.experiment}, "
-                          f"{storage}); resume=true continues it, another name= starts a new one")
+                          f"{storage}, or {Path(settings.results_dir, base)}); resume=true continues it, another "
+                          "name= starts a new one")
     n = 2
     while taken(f"{base}-{n}"):
         n += 1
-    print(f"[kdsearch.tune] a search named {base} exists: this one is {base}-{n}", flush=True)
     return dataclasses.replace(settings, name=f"{base}-{n}")
+
+
+def claim_name(settings: SearchSettings, space: space_model.Space) -> SearchSettings:
+    """`resolve_name`, then take the name by creating its results folder, atomically: of two identical commands
+    started together one gets the name and the other the next free one (named: the error), so they never share
+    an MLflow parent or a Tune folder. A resumed search owns its folder already."""
+    while True:
+        named = resolve_name(settings, space)
+        if named.resume or claim(Path(named.results_dir, named.search_name)):
+            if named.search_name != settings.search_name and not named.resume:
+                print(f"[kdsearch.tune] a search named {settings.search_name} exists: this one is "
+                      f"{named.search_name}", flush=True)
+            return named
 
 
 def check_resumable(settings: SearchSettings, space: space_model.Space) -> None:
@@ -298,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings, space = parse_search_args(argv)
         check_search(settings, space)  # a dry run makes every check a real run makes, Ray's start aside
-        settings = resolve_name(settings, space)
+        asked, settings = settings, resolve_name(settings, space)
         check_resumable(settings, space)
         warning = probe_space(space)
     except ConfigError as err:
@@ -313,7 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     if settings.dry_run:
         print(render_dry_run(settings, space))
         return 0
+    if note := job_note():
+        print(note, flush=True)
     try:
+        settings = claim_name(asked, space)  # the name resolved above, unless a search started since took it
         results, seconds = run_search(settings, space)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -18,7 +18,7 @@ from .losses import task_loss
 
 if TYPE_CHECKING:
     from .config import UnitAggregate
-    from .tasks import TaskKind
+    from .kinds import TaskKind
 
 
 def _token_sum(g: torch.Tensor, mask: torch.Tensor, aggregate: UnitAggregate) -> torch.Tensor:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 from transformers import AutoModel, PretrainedConfig
 
-from . import hub
+from . import hub, teacher_cache
 from .bridges import BRIDGES, resolve_bridge
 from .config import Config, ConfigError
 from .data import check_task
 from .layer_maps import LAYER_MAPS, check_map_args
-from .losses import DISTANCES, LOGIT_LOSSES, READS_PADDING, RELATION_LOSSES, WIDTH_FREE
+from .losses import DISTANCES, LOGIT_LOSSES, RELATION_LOSSES, WIDTH_FREE
 from .models import (
     depth_width,
     family_of,
@@ -120,20 +120,6 @@ def _check_relation(cfg: Config, teacher: PretrainedConfig) -> None:
         raise ConfigError(f"distill.w_relation > 0: {err}") from None
 
 
-def _check_teacher_cache(cfg: Config, kind: str) -> None:
-    if kind == "causal_lm":
-        raise ConfigError("train.teacher_cache=true: encoder tasks only (a causal LM's teacher logits span the "
-                          "vocabulary at every token); set train.teacher_cache=false")
-    if cfg.distill.w_hidden > 0 and cfg.distill.layer_map != "none" and not cfg.distill.mask_padding:
-        raise ConfigError("train.teacher_cache=true needs distill.mask_padding=true: the teacher's states at "
-                          "padding depend on the batch, so they are not cached (a space that searches it: add "
-                          "distill.mask_padding=true to fix it)")
-    if cfg.distill.w_hidden > 0 and cfg.distill.distance in READS_PADDING:
-        raise ConfigError(f"train.teacher_cache=true: distill.distance={cfg.distill.distance} reads the states at "
-                          "padded positions, which depend on the batch and are not cached; set "
-                          "train.teacher_cache=false")
-
-
 def validate(cfg: Config) -> TaskSpec:
     """Raise ConfigError (one line) for anything that would fail later; else the task as the teacher reads it."""
     check_names(cfg)
@@ -162,8 +148,9 @@ def validate(cfg: Config) -> TaskSpec:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split evenly over "
                           f"resources.num_workers={cfg.resources.num_workers} x train.grad_accum="
                           f"{cfg.train.grad_accum} micro-batches: use a multiple of {shares}")
-    if cfg.train.teacher_cache:
-        _check_teacher_cache(cfg, read_by(spec, family_of(teacher)).kind)
+    if cfg.train.teacher_cache and (why := teacher_cache.blocker(cfg, read_by(spec, family_of(teacher)).kind)):
+        raise ConfigError(f"train.teacher_cache=true: {why}; set train.teacher_cache=false (or null: on where it "
+                          "applies)")
     if cfg.distill.w_relation > 0:
         _check_relation(cfg, teacher)
     if cfg.train.precision == "fp16" and not cfg.resources.use_gpu:

@@ -3,7 +3,9 @@
 Launcher YAMLs: the autoscaler schema shipped in the ray package, then Ray's own prepare/validate step (what
 `ray up` runs before it touches a cloud). KubeRay manifests: the fields KubeRay requires. Consistency with the
 project: the pinned Ray version, the real entrypoint module, per-trial resources that fit a worker type, the
-concurrency the README promises. Safety: no 0.0.0.0/0 ingress, no public dashboard or tracking server.
+concurrency the README promises. Safety: no 0.0.0.0/0 ingress, no public dashboard or tracking server; access
+control (last section): Ray token auth on every node, MLflow behind a login, GCP's firewall admitting Ray and
+MLflow by network tag, NetworkPolicies that admit only kdsearch's Ray pods.
 """
 
 from __future__ import annotations
@@ -322,7 +324,7 @@ def test_kuberay_images_and_dockerfile_use_the_pinned_ray() -> None:
 
 
 def test_kuberay_exposes_nothing_publicly() -> None:
-    docs = kuberay("raycluster") + kuberay("rayjob") + kuberay("mlflow")
+    docs = kuberay("raycluster") + kuberay("rayjob") + kuberay("mlflow") + kuberay("networkpolicy")
     dumped = json.dumps(docs)
     for cidr in OPEN_CIDRS:
         assert cidr not in dumped
@@ -549,3 +551,285 @@ def test_readme_covers_the_whole_lifecycle() -> None:
     steps = ["ray up", "ray job submit", "kdsearch.leaderboard", "resume=true", "ray down", "ray dashboard"]
     for step in [*steps, "kubectl apply", "RAY_AUTH", DRIVER_RESOURCE]:
         assert step in readme, f"cluster/README.md does not mention {step!r}"
+
+
+# ---------------------------------------------------------------- access control: tokens, logins, firewalls
+
+# Where Ray reads the token when RAY_AUTH_MODE=token and neither RAY_AUTH_TOKEN nor RAY_AUTH_TOKEN_PATH is set
+# (ray._private.authentication.authentication_token_setup._get_default_token_path).
+RAY_TOKEN_PATH = "~/.ray/auth_token"
+# `mlflow server --app-name basic-auth` imports Flask-WTF (the `auth` extra) or refuses to start.
+MLFLOW_AUTH_PACKAGE = re.compile(r"pip install .*(mlflow\[auth\]|flask-wtf)", re.IGNORECASE)
+SECRET_VARS = ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+               "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_TOKEN")
+
+
+def every_command(cfg: dict[str, Any]) -> str:
+    return "\n".join(c for key, cmds in cfg.items() if key.endswith("_commands") for c in cmds)
+
+
+def outside_checkout(source: str) -> bool:
+    """A file_mounts source in the user's home or an absolute path: a relative one is read from the checkout."""
+    return source.startswith(("~/", "/"))
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_every_launcher_node_starts_ray_with_token_auth(name: str) -> None:
+    cfg = launcher(name)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in cfg[key] if "ray start" in c]
+        assert starts, f"{key} starts no Ray"
+        for command in starts:
+            # the variable must prefix `ray start` itself, not an earlier command of the same line
+            assert re.search(r"(^|[;&|]\s*)(\w+=\S*\s+)*RAY_AUTH_MODE=token\s+(\w+=\S*\s+)*ray start\b", command), (
+                f"{key}: run `RAY_AUTH_MODE=token ray start ...` (a node without it cannot join)")
+    assert not re.search(r"RAY_AUTH_MODE=(?!token\b)", every_command(cfg)), "token auth switched off somewhere"
+    # Ray's CLI in a node's shell (`ray status`) is refused by the GCS unless it too is in token mode
+    assert "export RAY_AUTH_MODE=token" in commands(cfg, "setup_commands")
+    # file_mounts reach head and workers; the token must not come from (and be committed in) the checkout
+    source = cfg["file_mounts"].get(RAY_TOKEN_PATH)
+    assert source and outside_checkout(source), f"file_mounts must put the cluster's token at {RAY_TOKEN_PATH}"
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_launcher_mlflow_server_requires_a_login_every_node_has(name: str) -> None:
+    cfg = launcher(name)
+    server = mlflow_server_command(cfg)
+    assert re.search(r"mlflow server .*--app-name[= ]basic-auth\b", server), "run MLflow's basic-auth app"
+    assert MLFLOW_AUTH_PACKAGE.search(commands(cfg, "head_setup_commands")), "install mlflow[auth] on the head"
+    for var in SECRET_VARS[:3]:
+        assert re.search(rf"\b{var}=", server), f"the server needs {var}"
+    # no secret is written into the config: each comes from a variable or a file on the node
+    for var, value in re.findall(rf"\b({'|'.join(SECRET_VARS)})=(\S+)", every_command(cfg)):
+        assert value.startswith(('"$', "$")), f"{var}={value}: a literal secret in cluster/{name}.yaml"
+    # the login file reaches every node from outside the checkout, and every shell (`ray start`, the server) loads it
+    (login,) = [dst for dst in cfg["file_mounts"] if dst.endswith("mlflow.env")]
+    assert outside_checkout(cfg["file_mounts"][login])
+    assert f". {login}" in commands(cfg, "setup_commands") and f". {login}" in server
+
+
+def _gcloud_creates(what: str) -> dict[str, dict[str, str]]:
+    """The README's `gcloud compute <what> create NAME --flag value ...` commands: NAME -> flags."""
+    created = {}
+    for line in _readme_code_lines():
+        if f"gcloud compute {what} create " not in line:
+            continue
+        argv = shlex.split(line.split("#")[0])
+        flags, i = {}, argv.index("create") + 2
+        while i < len(argv):
+            key, _, value = argv[i].partition("=")
+            if not value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            flags[key] = value
+            i += 1
+        created[argv[argv.index("create") + 1]] = flags
+    return created
+
+
+def allows(rules: str, port: int) -> bool:
+    """Whether a gcloud `--rules` value (`tcp,icmp`, `tcp:22`, `tcp:8000-9000`, `all`) admits TCP `port`."""
+    for rule in rules.split(","):
+        protocol, _, ports = rule.partition(":")
+        low, _, high = ports.partition("-")
+        if protocol in ("tcp", "all") and (not ports or int(low) <= port <= int(high or low)):
+            return True
+    return False
+
+
+def launcher_ports(cfg: dict[str, Any]) -> dict[str, int]:
+    """The TCP ports the head's own commands open to the other nodes."""
+    head = commands(cfg, "head_start_ray_commands")
+    found = {what: re.search(pattern, head) for what, pattern in
+             [("GCS", r"--port=(\d+)"), ("object manager", r"--object-manager-port=(\d+)"),
+              ("MLflow", r"mlflow server .*--port[= ](\d+)")]}
+    assert all(found.values()), found
+    return {what: int(m.group(1)) for what, m in found.items() if m}
+
+
+def gcp_node_network(cfg: dict[str, Any]) -> str:
+    """The one network every node of gcp.yaml is on; it must be the one cluster/README.md creates."""
+    networks, subnets = _gcloud_creates("networks"), _gcloud_creates("networks subnets")
+    used = set()
+    for type_name, node_type in cfg["available_node_types"].items():
+        interfaces = node_type["node_config"].get("networkInterfaces")
+        # without networkInterfaces Ray puts the node on the project's first subnet (gcp/config.py _configure_subnet)
+        assert interfaces, f"{type_name}: set networkInterfaces"
+        for interface in interfaces:
+            subnet = interface["subnetwork"].rsplit("/subnetworks/", 1)[-1]
+            assert subnet in subnets, f"{type_name}: subnet {subnet} is not one that cluster/README.md creates"
+            assert "network" not in interface, f"{type_name}: the subnetwork alone names the network"
+            used.add(subnets[subnet]["--network"])
+    (network,) = used
+    assert network in networks and network != "default", "a network of the cluster's own, created in the README"
+    return network
+
+
+def only_ssh(rules: str) -> bool:
+    return all(rule == "tcp:22" or not rule.startswith(("tcp", "all")) for rule in rules.split(","))
+
+
+def test_gcp_firewall_admits_ray_and_mlflow_only_from_the_cluster_nodes() -> None:
+    cfg = launcher("gcp")
+    network = gcp_node_network(cfg)
+    tags = {name: set(t["node_config"]["tags"]["items"]) for name, t in cfg["available_node_types"].items()}
+    head_only = tags[cfg["head_node_type"]] - set.union(*(tags[w] for w in worker_node_types(cfg)))
+    every_node = set.intersection(*tags.values())
+    rules = {name: rule for name, rule in _gcloud_creates("firewall-rules").items()
+             if rule.get("--direction", "INGRESS") == "INGRESS" and rule.get("--action", "allow") == "allow"}
+    assert rules, "cluster/README.md must create the cluster's firewall rules"
+    for rule_name, rule in rules.items():
+        assert rule["--network"] == network, f"{rule_name}: not on the nodes' network"
+        targets = set(rule.get("--target-tags", "").split(","))  # without them it covers every VM of the network
+        sources = rule.get("--source-ranges", "")
+        assert not {"0.0.0.0/0", "10.128.0.0/9"} & set(sources.split(",")), f"{rule_name}: {sources}"
+        if only_ssh(rule["--rules"]):
+            assert sources and targets <= head_only, f"{rule_name}: SSH from your address, to the head only"
+        else:
+            # every other TCP port (Ray's, MLflow's, the workers'): from the nodes' own tag, never an address range
+            assert not sources and set(rule["--source-tags"].split(",")) <= every_node, rule_name
+            assert targets <= set.union(*tags.values()), rule_name
+    for what, port in {**launcher_ports(cfg), "SSH head to worker": 22}.items():
+        admitted = [r for r in rules.values() if "--source-tags" in r and allows(r["--rules"], port)]
+        assert any(every_node & set(r["--target-tags"].split(",")) for r in admitted), f"{what} ({port}) is shut"
+
+
+@pytest.mark.parametrize("name", ["raycluster", "rayjob"])
+def test_kuberay_gives_every_ray_container_the_token(name: str) -> None:
+    spec = cluster_specs()[name]
+    # KubeRay generates the token and sets RAY_AUTH_MODE/RAY_AUTH_TOKEN on head, workers, autoscaler, submitter
+    assert spec.get("authOptions", {}).get("mode") == "token"
+    assert not spec["authOptions"].get("enableK8sTokenAuth"), "K8s-delegated auth: RayCluster only (KubeRay 1.7)"
+    for container in pod_containers(spec):
+        # KubeRay leaves alone a container that sets RAY_AUTH_MODE itself (common/pod.go SetContainerTokenAuthEnvVars)
+        own = {e["name"] for e in container.get("env", [])} & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
+        assert not own, f"{container['name']} sets {own}: leave them to authOptions"
+
+
+def secret_ref(env: dict[str, Any]) -> tuple[str, str]:
+    ref = env.get("valueFrom", {}).get("secretKeyRef")
+    assert ref and "value" not in env, f"{env['name']} must come from a Secret, not the manifest"
+    return ref["name"], ref["key"]
+
+
+def test_kuberay_mlflow_requires_the_login_the_ray_pods_have() -> None:
+    (deployment,) = [doc for doc in kuberay("mlflow") if doc["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert "--app-name=basic-auth" in container["command"]
+    env = {e["name"]: e for e in container["env"]}
+    secret_ref(env["MLFLOW_FLASK_SERVER_SECRET_KEY"])
+    admin = (secret_ref(env["MLFLOW_AUTH_ADMIN_USERNAME"]), secret_ref(env["MLFLOW_AUTH_ADMIN_PASSWORD"]))
+    # basic-auth keeps its users in ./basic_auth.db: outside the volume, a restart would forget them
+    assert container.get("workingDir") in {m["mountPath"] for m in container["volumeMounts"]}
+    for spec in cluster_specs().values():
+        for c in pod_containers(spec):
+            env = {e["name"]: e for e in c["env"]}
+            login = (secret_ref(env["MLFLOW_TRACKING_USERNAME"]), secret_ref(env["MLFLOW_TRACKING_PASSWORD"]))
+            assert login == admin, f"{c['name']} must log in as the server's admin"
+    dockerfile = (KUBERAY / "Dockerfile").read_text().replace("\\\n", " ")
+    assert MLFLOW_AUTH_PACKAGE.search(dockerfile), "the image must install mlflow[auth]"
+
+
+# KubeRay's labels on every Ray pod (common/pod.go labelPod), and those of the clients it runs beside them.
+KUBERAY_OPERATOR = {"app.kubernetes.io/name": "kuberay-operator"}  # the Helm chart's pod label
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, "only matchLabels is modelled here"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def admitted(target: dict[str, str], source: dict[str, str], port: int, *, same_namespace: bool = True) -> bool:
+    """Whether the NetworkPolicies in networkpolicy.yaml let a pod labelled `source` reach `target`:`port`."""
+    policies = [doc["spec"] for doc in kuberay("networkpolicy") if doc["kind"] == "NetworkPolicy"]
+    isolating = [p for p in policies if "Ingress" in p["policyTypes"] and selects(p["podSelector"], target)]
+    if not isolating:
+        return True  # a pod no policy selects takes everything
+
+    def peer_matches(peer: dict[str, Any]) -> bool:
+        if "ipBlock" in peer:
+            return True  # an address range admits pods too: count it as admitting this one
+        in_namespace = "namespaceSelector" in peer or same_namespace  # only `namespaceSelector: {}` is used
+        return in_namespace and selects(peer.get("podSelector", {}), source)
+
+    def port_matches(entry: dict[str, Any]) -> bool:
+        assert isinstance(entry.get("port", 0), int), "give ports by number: a name is not modelled here"
+        return entry.get("port") in (None, port)
+
+    # `from` or `ports` absent or empty: every source, every port
+    return any(
+        (not rule.get("from") or any(peer_matches(peer) for peer in rule["from"]))
+        and (not rule.get("ports") or any(port_matches(entry) for entry in rule["ports"]))
+        for policy in isolating
+        for rule in policy.get("ingress", [])
+    )
+
+
+def ray_pods() -> dict[str, dict[str, str]]:
+    """Labels of every kdsearch Ray pod: its template's, and what KubeRay adds."""
+    pods = {}
+    for name, spec in cluster_specs().items():
+        groups = [("head", spec["headGroupSpec"])] + [("worker", g) for g in spec["workerGroupSpecs"]]
+        for node_type, group in groups:
+            labels = group["template"].get("metadata", {}).get("labels", {})
+            pods[f"{name}:{node_type}:{group.get('groupName', 'head')}"] = {
+                **labels, "ray.io/is-ray-node": "yes", "ray.io/node-type": node_type}
+    return pods
+
+
+def test_networkpolicies_admit_only_kdsearch_ray_pods_to_ray_and_mlflow() -> None:
+    (job,) = kuberay("rayjob")
+    (mlflow_service,) = [doc for doc in kuberay("mlflow") if doc["kind"] == "Service"]
+    mlflow_port = mlflow_service["spec"]["ports"][0]["targetPort"]
+    (mlflow,) = [d for d in kuberay("mlflow") if d["kind"] == "Deployment"]
+    mlflow_pod = mlflow["spec"]["template"]["metadata"]["labels"]
+    pods = ray_pods()
+    heads = {name: labels for name, labels in pods.items() if labels["ray.io/node-type"] == "head"}
+    submitter = {"ray.io/originated-from-crd": "RayJob", "ray.io/originated-from-cr-name": job["metadata"]["name"]}
+    strangers = {
+        "a pod of the namespace": {"app": "other"},
+        "another Ray cluster": {"ray.io/is-ray-node": "yes", "ray.io/node-type": "head", "ray.io/cluster": "x"},
+        "the MLflow pod": mlflow_pod,
+    }
+    for ray_pod in pods.values():  # the cluster's own traffic: GCS, raylets, object managers, workers' ports
+        for target in pods.values():
+            for port in (6379, 8265, 8076, 10001, 23456):
+                assert admitted(target, ray_pod, port)
+        assert admitted(mlflow_pod, ray_pod, mlflow_port)
+        assert not admitted(ray_pod, ray_pod, 6379, same_namespace=False), "only this namespace's Ray pods"
+    for name, target in pods.items():
+        for stranger, labels in strangers.items():
+            for port in (6379, 8265, 10001, 23456):
+                assert not admitted(target, labels, port), f"{stranger} reaches {name}:{port}"
+        # KubeRay's clients reach the Jobs API on the head, and nothing else
+        for client, labels, other_ns in (("operator", KUBERAY_OPERATOR, True), ("submitter", submitter, False)):
+            assert admitted(target, labels, 8265, same_namespace=not other_ns) == (name in heads), (client, name)
+            assert not admitted(target, labels, 6379, same_namespace=not other_ns), (client, name)
+            assert not admitted(mlflow_pod, labels, mlflow_port, same_namespace=not other_ns), client
+    for stranger, labels in strangers.items():
+        if labels is not mlflow_pod:
+            assert not admitted(mlflow_pod, labels, mlflow_port), f"{stranger} reaches MLflow"
+
+
+def secret_refs(node: Any) -> set[tuple[str, str]]:
+    """Every (Secret, key) a manifest reads through secretKeyRef."""
+    if isinstance(node, list):
+        return set().union(*map(secret_refs, node)) if node else set()
+    if not isinstance(node, dict):
+        return set()
+    found = {(node["secretKeyRef"]["name"], node["secretKeyRef"]["key"])} if "secretKeyRef" in node else set()
+    return found.union(*map(secret_refs, node.values()))
+
+
+def test_readme_says_how_to_make_every_secret_the_configs_read() -> None:
+    readme = "\n".join(_readme_code_lines())
+    # launcher: each secret file that file_mounts copies from your machine is created by a documented command
+    for name in LAUNCHERS:
+        for source in launcher(name)["file_mounts"].values():
+            if outside_checkout(source):
+                assert re.search(rf">\s*{re.escape(source)}\b", readme), f"README must create {source}"
+    # KubeRay: `kubectl create secret generic <name>` with every key the manifests read
+    refs = secret_refs(kuberay("mlflow") + kuberay("raycluster") + kuberay("rayjob"))
+    assert refs
+    for secret, key in refs:
+        created = re.search(rf"kubectl create secret generic {secret}\b(.*)", readme)
+        assert created and f"--from-literal={key}=" in created.group(1), f"README must create {secret}/{key}"

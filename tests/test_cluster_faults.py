@@ -109,7 +109,10 @@ def _tune_snapshot(tmp: Path) -> dict[str, str]:
     states = sorted(tmp.rglob("experiment_state*.json"), key=lambda p: p.stat().st_mtime)
     if not states:
         return {}
-    trials = [json.loads(trial) for trial, _ in json.loads(states[-1].read_text())["trial_data"]]
+    try:
+        trials = [json.loads(trial) for trial, _ in json.loads(states[-1].read_text())["trial_data"]]
+    except (json.JSONDecodeError, FileNotFoundError):  # Tune is rewriting it: the caller polls again
+        return {}
     return {t["trial_id"]: t["status"] for t in trials}
 
 

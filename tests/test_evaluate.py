@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from kdsearch.config import ConfigError
 from kdsearch.evaluate import main, parse_args
@@ -15,10 +15,11 @@ from kdsearch.overrides import CONFIG_FILE, load_config, write_config_file
 
 
 @pytest.fixture
-def config_only(tmp_path: Path) -> Path:
-    """A model directory holding only config.json: enough for the checks that run before weights load."""
-    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-               num_labels=3).save_pretrained(tmp_path / "m")
+def tiny_model(tmp_path: Path) -> Path:
+    """A saved 3-class model directory, weights and config, no tokenizer: enough for the checks that run first."""
+    BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=32,
+                                             num_labels=3)).save_pretrained(tmp_path / "m")
     return tmp_path / "m"
 
 
@@ -32,14 +33,14 @@ def config_only(tmp_path: Path) -> Path:
     (["model={m}", "tracking.uri=file:./mlruns"], "the file store .* is unsupported"),
     (["model={m}", "out={m}"], "a folder; give a file name such as"),
 ])
-def test_bad_command_lines_say_what_to_fix(config_only: Path, argv: list[str], message: str) -> None:
+def test_bad_command_lines_say_what_to_fix(tiny_model: Path, argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        parse_args([a.format(m=config_only) for a in argv])
+        parse_args([a.format(m=tiny_model) for a in argv])
 
 
-def test_a_head_that_does_not_fit_the_task_is_refused_before_its_weights_load(config_only: Path, tmp_path: Path,
+def test_a_head_that_does_not_fit_the_task_is_refused_before_its_weights_load(tiny_model: Path, tmp_path: Path,
                                                                               capsys: pytest.CaptureFixture) -> None:
-    assert main([f"model={config_only}", f"cache_dir={tmp_path}/cache", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+    assert main([f"model={tiny_model}", f"cache_dir={tmp_path}/cache", f"tracking.uri=sqlite:///{tmp_path}/m.db",
                  "task.train_size=8", "task.eval_size=8"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("its head has 3 outputs; task default needs 2") and len(err.splitlines()) == 1

@@ -239,3 +239,50 @@ def test_a_teacher_that_learnt_nothing_is_warned_about_or_refused(tmp_path: Path
     with pytest.raises(ConfigError, match="finetune.require_better=true: teacher=tiny-bert scores"):
         prepare_teacher(load_config([*keys, "finetune.require_better=true"]), device=torch.device("cpu"))
     assert os.listdir(tmp_path / "c")  # the teacher stays cached: a rerun with other settings reuses it
+
+
+def test_two_searches_started_together_never_share_a_name(tmp_path: Path) -> None:
+    """Both resolve the same free name; the atomic claim gives it to one and the next number to the other."""
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
+
+    from kdsearch.config import ConfigError
+    from kdsearch.search import parse_search_args
+    from kdsearch.tune import claim_name
+
+    settings, space = parse_search_args(["space=smoke", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                                         f"results_dir={tmp_path}/results"])
+    with ThreadPoolExecutor(4) as pool:
+        names = sorted(s.search_name for s in pool.map(lambda _: claim_name(settings, space), range(4)))
+    assert names == ["kdsearch-smoke", "kdsearch-smoke-2", "kdsearch-smoke-3", "kdsearch-smoke-4"]
+    assert claim_name(replace(settings, name="mine"), space).search_name == "mine"
+    with pytest.raises(ConfigError, match="name=mine: a search of that name exists"):
+        claim_name(replace(settings, name="mine"), space)  # the second of two named alike is refused
+
+
+def test_a_new_student_never_replaces_an_earlier_one(tmp_path: Path) -> None:
+    from kdsearch.paths import fresh_dir
+
+    first = fresh_dir(tmp_path / "student")
+    (first / "model.safetensors").write_text("the earlier student")
+    assert [fresh_dir(tmp_path / "student").name for _ in range(2)] == ["student-2", "student-3"]
+    assert (first / "model.safetensors").read_text() == "the earlier student"
+
+
+def test_inside_a_ray_job_outputs_resolve_outside_its_temporary_copy(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative outputs go under KDSEARCH_HOME, relative inputs still read the job's copy (real job: test_tune)."""
+    from kdsearch.config import Config, TaskConfig, with_absolute_paths
+    from kdsearch.paths import output_uri
+
+    copy = tmp_path / "working_dir_files" / "_ray_pkg_0123abcd"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    assert output_uri("sqlite:///mlflow.db") == f"sqlite:///{copy}/mlflow.db"  # not a job: the working directory
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    monkeypatch.setenv("KDSEARCH_HOME", str(tmp_path / "home"))
+    assert output_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/home/mlflow.db"
+    assert output_uri("sqlite:////abs/mlflow.db") == "sqlite:////abs/mlflow.db"
+    cfg = with_absolute_paths(Config(output_dir="outputs/train", task=TaskConfig(name="sst2", data_dir="data")))
+    assert cfg.output_dir == f"{tmp_path}/home/outputs/train" and cfg.cache_dir == f"{tmp_path}/home/.kdsearch_cache"
+    assert cfg.task.data_dir == f"{copy}/data"

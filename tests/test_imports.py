@@ -52,3 +52,35 @@ def test_tests_never_reach_a_users_ray_cluster() -> None:
     import os
 
     assert "RAY_ADDRESS" not in os.environ  # tests/conftest.py clears it
+
+
+def _package_imports(path: Path) -> set[str]:
+    """The kdsearch modules `path` imports (top level names: `tracking`, not `tracking.store`)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        module = node.module or ""
+        if node.level == 1 or module.startswith("kdsearch"):
+            inner = module.removeprefix("kdsearch").lstrip(".") if node.level == 0 else module
+            found |= {inner.split(".")[0]} if inner else {a.name for a in node.names}
+    return found
+
+
+# The loss math and layer maps know nothing of tasks, data, models or runs; what they share with the data layer
+# (the task kinds, the ignored label) lives in `kinds`, below both.
+PURE = {"kinds": set(), "registry": {"config"}, "losses": {"kinds", "registry"},
+        "layer_maps": {"config", "registry"}}
+# Commands that read a finished model or search import no other command for a helper.
+NOT_IMPORTED = {"evaluate": {"leaderboard", "report", "tune", "train"}, "analyze": {"report", "tune", "train"},
+                "models": {"prepare", "loop", "train", "tune"}, "leaderboard": {"tune", "train", "report"}}
+
+
+@pytest.mark.parametrize("module", sorted(PURE))
+def test_the_loss_math_imports_only_what_lies_below_it(module: str) -> None:
+    assert _package_imports(PACKAGE / f"{module}.py") <= PURE[module]
+
+
+@pytest.mark.parametrize("module", sorted(NOT_IMPORTED))
+def test_modules_do_not_reach_across_layers_for_a_helper(module: str) -> None:
+    assert not _package_imports(PACKAGE / f"{module}.py") & NOT_IMPORTED[module]

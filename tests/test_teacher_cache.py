@@ -56,7 +56,7 @@ def test_a_cached_run_trains_like_a_live_one_and_builds_the_cache_once(cache: Pa
         run_distillation(cfg, prepare(cfg), WorkerContext(report=lambda m, _: reports.append(m), log=lambda _: None))
         return reports
 
-    live = run(small(cache))
+    live = run(small(cache, "train.teacher_cache=false"))
     prepare(small(cache, "train.teacher_cache=true"))  # builds the cache (a teacher forward per row, once)
 
     def no_teacher(*args: object, **kwargs: object) -> None:
@@ -111,7 +111,7 @@ def test_a_cached_relation_run_trains_like_a_live_one(cache: Path, monkeypatch: 
         run_distillation(cfg, prepare(cfg), WorkerContext(report=lambda m, _: reports.append(m), log=lambda _: None))
         return reports
 
-    live = run(small(cache, *RELATION, "relation.kinds=qk+vv"))
+    live = run(small(cache, "train.teacher_cache=false", *RELATION, "relation.kinds=qk+vv"))
     prepare(small(cache, "train.teacher_cache=true", *RELATION))
     monkeypatch.setattr("kdsearch.loop.teacher_forward", lambda *a, **k: pytest.fail("a cached run ran the teacher"))
     cached = run(small(cache, "train.teacher_cache=true", *RELATION, "relation.kinds=qk+vv"))
@@ -151,3 +151,18 @@ def test_settings_the_cache_cannot_serve_fail_early(cache: Path, overrides: list
 
 def test_logit_only_runs_need_no_padding_mask(cache: Path) -> None:
     validate(small(cache, "train.teacher_cache=true", "distill.mask_padding=false", "distill.layer_map=none"))
+
+
+@pytest.mark.parametrize(("overrides", "on"), [
+    ([], True),  # 2 epochs x 6 steps x 16 rows read 192 >= 96 cached rows
+    (["distill.mask_padding=false"], False),  # the cache cannot serve it
+    (["distill.distance=layer_select_t5"], False),  # reads the states at padding
+    (["train.epochs=1", "train.max_steps_per_epoch=3"], False),  # 48 rows read: the cache pass costs more
+    (["distill.mask_padding=false", "distill.layer_map=none"], True),  # logits only: padding never read
+    (["train.teacher_cache=false"], False),
+])
+def test_the_cache_is_on_by_default_where_it_applies_and_pays(cache: Path, overrides: list[str], on: bool) -> None:
+    cfg = small(cache, *overrides)
+    assert cfg.train.teacher_cache is (False if "train.teacher_cache=false" in overrides else None)
+    validate(cfg)
+    assert (prepare(cfg, device=torch.device("cpu")).teacher_outputs is not None) is on

@@ -310,6 +310,25 @@ def test_every_strategy_family_trains(cache: Path, strategy: list[str]) -> None:
     assert ("train_hidden" in last) == (own == "hidden")  # no hidden term where no pair is matched
 
 
+@pytest.mark.parametrize("teacher", ["tiny-gpt2", "tiny-qwen"])
+def test_a_causal_lm_export_reloads_and_rescores_to_its_reported_score(cache: Path, tmp_path: Path,
+                                                                       teacher: str) -> None:
+    """The export of a causal-LM student (classification read as prompt -> answer): AutoModelForCausalLM loads
+    it with its tokenizer, and `kdsearch.evaluate` scores it to the token accuracy the run reported."""
+    from transformers import AutoModelForCausalLM
+
+    from kdsearch.evaluate import score_model
+    from kdsearch.loop import export_student
+
+    cfg = small(cache, f"teacher={teacher}", "train.epochs=1")
+    reports = _run(cfg, store=tmp_path / "checkpoints")
+    out = export_student(cfg, prepare(cfg), tmp_path / "checkpoints" / "epoch1", tmp_path / "student")
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == cfg.student.layers
+    scores = score_model(str(out), cfg, "validation", torch.device("cpu"))
+    assert scores["eval_token_accuracy"] == pytest.approx(reports[-1]["eval_token_accuracy"], abs=1e-6)
+    assert scores["eval_score"] == pytest.approx(reports[-1]["eval_score"], abs=1e-6) and scores["rows"] == 128
+
+
 @pytest.fixture(scope="module")
 def ray_runtime():
     ray = pytest.importorskip("ray")

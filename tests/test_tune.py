@@ -8,8 +8,10 @@ local head. Trials are tiny: 256 rows, 4 steps per epoch.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +24,7 @@ from typing import NamedTuple
 import pytest
 from ray import tune
 
+from kdsearch.config import ConfigError
 from kdsearch.overrides import load_config
 from kdsearch.tracking import SAMPLED_TAG, find_search, list_trials
 
@@ -102,6 +105,14 @@ def test_search_logs_every_trial_stops_bad_ones_early_and_survives_a_failing_tri
     assert exported.train.lr == float(rows[0]["train.lr"]) and exported.distill.layer_map == rows[0][
         "distill.layer_map"] and exported.train.epochs == 1
     assert f"trial {rows[0]['trial']}" in (best_dir / "README.md").read_text()
+    # read back from its folder alone (weights, tokenizer, config), the best student scores what its trial reported
+    from kdsearch import evaluate
+
+    args, cfg = evaluate.parse_args([f"model={best_dir}", "split=validation", f"tracking.uri={uri}",
+                                     f"cache_dir={tmp_path}/eval_cache"])
+    scores, _ = evaluate.run_evaluation(args, cfg)
+    best = next(t for t in trials if t.tags["kdsearch.trial_id"] == rows[0]["trial"])
+    assert scores["student"]["eval_loss"] == pytest.approx(best.metrics["eval_loss"], abs=1e-5)
     # every epoch was checkpointed while the search ran; each trial keeps only its last one after it
     kept = {d.name.split("_")[2]: sorted(c.name for c in d.glob("checkpoint_*"))
             for d in (tmp_path / "results" / "ray" / "s1").glob("run_trial_*")}
@@ -172,14 +183,15 @@ def test_resume_finishes_an_interrupted_search_without_rerunning_finished_trials
             parent = find_search(uri=uri, experiment="kdsearch", search="s2")
             return [t for t in list_trials(uri=uri, experiment="kdsearch", search_run_id=parent.run_id)
                     if t.status == "FINISHED"]
-        except Exception:  # store or parent run not created yet
+        except ConfigError:  # store, experiment or parent run not created yet; anything else is a real error
             return []
 
     with open(tmp_path / "stderr.txt", "w") as stderr:
         driver = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr,
                                   start_new_session=True)
         try:
-            _wait_for(lambda: len(finished_trials()) >= 1, timeout=600, every=0.2)
+            _wait_for(lambda: len(finished_trials()) >= 1 or driver.poll() is not None, timeout=600, every=0.2)
+            assert driver.poll() is None, (tmp_path / "stderr.txt").read_text()[-4000:]  # ended before Ctrl-C
             os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C in the search driver's terminal
             driver.wait(timeout=120)
         finally:
@@ -234,22 +246,26 @@ def test_ray_job_submit_runs_a_smoke_search_on_a_local_head(tmp_path: Path) -> N
          f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
+    home = tmp_path / "home"
     try:
         _wait_for(lambda: subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
                                          capture_output=True).returncode == 0, timeout=120)
-        for _ in range(10):  # the dashboard answers before its job agent is up: retry until it accepts the job
+        deadline = time.monotonic() + 180  # on a loaded machine the agent takes a minute or more
+        while True:  # the dashboard answers before its job agent is up: retry until it accepts the job
+            # The mission's command as a user types it: relative store and results, which must not land in
+            # Ray's temporary copy of the working directory (deleted after the job) but under KDSEARCH_HOME.
             job = subprocess.run(
-                [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-                 sys.executable, "-m", "kdsearch.tune", "space=smoke", "name=job",
-                 f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"results_dir={tmp_path}/results",
-                 f"cache_dir={tmp_path}/cache"],
+                [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO),
+                 "--runtime-env-json", json.dumps({"env_vars": {"KDSEARCH_HOME": str(home)}}), "--",
+                 sys.executable, "-m", "kdsearch.tune", "space=smoke", "name=job"],
                 env=env, capture_output=True, text=True, timeout=600)
-            if "No available agent" not in job.stdout + job.stderr:
+            if "No available agent" not in job.stdout + job.stderr or time.monotonic() > deadline:
                 break
             time.sleep(3)
         assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
         assert "succeeded" in (job.stdout + job.stderr).lower()
-        assert f"best student saved to {tmp_path}/results/job/best_student" in job.stdout
+        assert "running as a Ray job in Ray's temporary copy" in job.stdout, job.stdout[-4000:]
+        assert f"best student saved to {home}/outputs/search/job/best_student" in job.stdout
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -260,7 +276,8 @@ def test_ray_job_submit_runs_a_smoke_search_on_a_local_head(tmp_path: Path) -> N
             os.killpg(head.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+        shutil.rmtree(temp_dir, ignore_errors=True)  # the head's sessions and logs
+    uri = f"sqlite:///{home}/mlflow.db"
     parent = find_search(uri=uri, experiment="kdsearch", search="job")
     trials = list_trials(uri=uri, experiment="kdsearch", search_run_id=parent.run_id)
     assert len(trials) == 2 and all(t.status == "FINISHED" for t in trials)
