@@ -37,6 +37,9 @@ class SearchSettings:
     """Shrink the search to a tiny model, a few steps and 2-3 trials (check a cluster or a config)."""
     resume: bool = False
     """Continue an interrupted search of the same name; finished trials are not rerun."""
+    warm_start: str | None = None
+    """An earlier search (name or parent run id, same store and experiment) whose finished trials the sampler is
+    given before the first new trial."""
     dry_run: bool = False
     """Make every check a real run makes (the tracking store is read, not written), print the resolved search,
     start nothing."""
@@ -55,7 +58,7 @@ class SearchSettings:
         return self.name or f"kdsearch-{Path(self.space).stem}{'-smoke' if self.smoke else ''}"
 
 
-_SEARCH_KEYS = {"space", "name", "smoke", "resume", "dry_run", "objectives", "seed"}
+_SEARCH_KEYS = {"space", "name", "smoke", "resume", "dry_run", "objectives", "seed", "warm_start"}
 
 
 def search_help() -> str:
@@ -65,6 +68,7 @@ def search_help() -> str:
            ("smoke=true", "the same space on a tiny model, a few steps, 2-3 trials: checks a cluster or a config"),
            ("dry_run=true", "check everything a real run checks, print the resolved search; starts nothing"),
            ("resume=true", "continue the newest (or the named) interrupted search"),
+           ("warm_start=<search>", "start the sampler from an earlier search's finished trials (same store)"),
            ("objectives=[m:max,...]", "several objectives: Optuna searches the Pareto front"),
            ("seed=0", "seed of the Optuna sampler"),
            ("tracking.uri=<uri>", f"MLflow store (default $MLFLOW_TRACKING_URI, else {DEFAULT_URI})"),
@@ -119,6 +123,8 @@ def _check_setting_types(given: dict[str, Any], tracking: dict[str, Any], result
             raise ConfigError(f"{key}={given[key]}: expected true or false")
     if "seed" in given and (isinstance(given["seed"], bool) or not isinstance(given["seed"], int)):
         raise ConfigError(f"seed={given['seed']}: expected an integer")
+    if "warm_start" in given and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(given["warm_start"] or "")):
+        raise ConfigError(f"warm_start={given['warm_start'] or ''}: name an earlier search (or its parent run id)")
     if "name" in given and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(given["name"] or "")):
         raise ConfigError(f"name={given['name'] or ''}: a search name is letters, digits, '_', '.' and '-', "
                           "starting with a letter or digit")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -49,6 +49,29 @@ class Param:
             return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1),
                                      log=self.log)
         return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        """What `suggest` draws from: the record of a value found elsewhere (a warm start's earlier trial)."""
+        import optuna
+
+        if self.type == "categorical":
+            return optuna.distributions.CategoricalDistribution(list(self.choices))
+        assert self.low is not None and self.high is not None
+        if self.type == "int":
+            return optuna.distributions.IntDistribution(int(self.low), int(self.high), step=int(self.step or 1),
+                                                        log=self.log)
+        return optuna.distributions.FloatDistribution(self.low, self.high, step=self.step, log=self.log)
+
+    def parse(self, text: str) -> Any:
+        """A value as MLflow logged it (a string) in this param's type; None when it is not one of its values."""
+        if self.type == "categorical":
+            return next((c for c in self.choices if str(c) == text or str(c).lower() == text.lower()), None)
+        try:
+            number = float(text)
+        except ValueError:
+            return None
+        value = int(number) if self.type == "int" and number.is_integer() else number
+        return value if self.contains(value) else None
 
     def contains(self, value: Any) -> bool:
         if self.type == "categorical":
@@ -189,6 +212,35 @@ def complete_point(space: Space, point: Mapping[str, Any]) -> dict[str, Any]:
         elif param.contains(default := base_value(space, name, out)):
             out[name] = default
     return out
+
+
+def known_point(space: Space, logged: Mapping[str, str]) -> dict[str, Any] | None:
+    """The space's active params as an earlier trial logged its whole config (MLflow's strings); None when one of
+    them is missing there or lies outside this space (another range, a choice it lacks)."""
+    values: dict[str, Any] = {}
+    for name, param in space.params.items():
+        if not is_active(space, param, values):
+            continue
+        value = param.parse(logged[name]) if name in logged else None
+        if value is None:
+            return None
+        values[name] = value
+    return values
+
+
+def warm_storage(space: Space, known: Sequence[tuple[dict[str, Any], list[float]]], modes: Sequence[str],
+                 study_name: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage holding one study of completed trials (params, objective values): OptunaSearch loads it
+    by name, so its sampler starts from what an earlier search learnt instead of from nothing."""
+    import optuna
+
+    storage = optuna.storages.InMemoryStorage()
+    directions = ["maximize" if m == "max" else "minimize" for m in modes]
+    study = optuna.create_study(storage=storage, study_name=study_name, directions=directions)
+    for params, values in known:
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions={n: space.params[n].distribution() for n in params}, values=values))
+    return storage
 
 
 def initial_points(space: Space) -> list[dict[str, Any]]:

@@ -49,6 +49,7 @@ from .train import DIVERGED, diverged, init_ray, make_trainer
 from .tune_callbacks import MlflowTrials, ProgressTable
 from .usage import wants_help
 from .validate import validate
+from .warm_start import WarmStart, read_warm_start
 
 
 def _tune_report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
@@ -125,7 +126,8 @@ def _storage(settings: SearchSettings, space: space_model.Space) -> str:
     return configured or str(Path(settings.results_dir, "ray").resolve())
 
 
-def _search_alg(settings: SearchSettings, space: space_model.Space, objectives: list[tuple[str, str]]) -> OptunaSearch:
+def _search_alg(settings: SearchSettings, space: space_model.Space, objectives: list[tuple[str, str]],
+                warm: WarmStart | None = None) -> OptunaSearch:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" each search
     with warnings.catch_warnings():  # group=True is chosen on purpose (conditional params): no warning each run
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -134,8 +136,11 @@ def _search_alg(settings: SearchSettings, space: space_model.Space, objectives: 
                                              n_startup_trials=min(8, max(2, space.budget.num_samples // 3)))
     metric: Any = [m for m, _ in objectives] if len(objectives) > 1 else objectives[0][0]
     mode: Any = [d for _, d in objectives] if len(objectives) > 1 else objectives[0][1]
+    storage = space_model.warm_storage(space, warm.known, [d for _, d in objectives], settings.search_name) \
+        if warm and warm.known else None
     return OptunaSearch(space=space_model.define_by_run(space), metric=metric, mode=mode, sampler=sampler,
-                        points_to_evaluate=space_model.initial_points(space) or None)
+                        points_to_evaluate=space_model.initial_points(space) or None, storage=storage,
+                        study_name=settings.search_name)
 
 
 def _concurrency(space: space_model.Space) -> int:
@@ -158,7 +163,8 @@ def _reuse_actors(space: space_model.Space) -> bool:
             and "resources.num_workers" not in space.params)
 
 
-def make_tuner(settings: SearchSettings, space: space_model.Space, tracker_args: dict[str, Any]) -> tune.Tuner:
+def make_tuner(settings: SearchSettings, space: space_model.Space, tracker_args: dict[str, Any],
+               warm: WarmStart | None = None) -> tune.Tuner:
     objectives = objectives_of(settings, space)
     storage = _storage(settings, space)
     trainable = tune.with_resources(
@@ -176,7 +182,7 @@ def make_tuner(settings: SearchSettings, space: space_model.Space, tracker_args:
     scheduler = ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=space_model.max_epochs(space),
                               grace_period=space.budget.grace_period,
                               reduction_factor=space.budget.reduction_factor)
-    tune_config = tune.TuneConfig(search_alg=_search_alg(settings, space, objectives), scheduler=scheduler,
+    tune_config = tune.TuneConfig(search_alg=_search_alg(settings, space, objectives, warm), scheduler=scheduler,
                                   num_samples=space.budget.num_samples, reuse_actors=_reuse_actors(space),
                                   max_concurrent_trials=_concurrency(space),
                                   time_budget_s=space.budget.time_budget_s)
@@ -246,7 +252,7 @@ class SearchRun(NamedTuple):
     seconds: float  # the trials' part (Tuner.fit): what time_budget_s counts
 
 
-def run_search(settings: SearchSettings, space: space_model.Space) -> SearchRun:
+def run_search(settings: SearchSettings, space: space_model.Space, warm: WarmStart | None = None) -> SearchRun:
     """Prepare the shared artifacts, start Ray, run every trial, stop Ray; Tune's ResultGrid and how long it took.
 
     Every trial lands in MLflow under one parent run (named settings.search_name), left open for the caller
@@ -259,7 +265,7 @@ def run_search(settings: SearchSettings, space: space_model.Space) -> SearchRun:
     tracker_args = {"uri": settings.tracking_uri, "experiment": settings.experiment,
                     "search": settings.search_name, "space_name": space.name, "code_version": code_version(),
                     "objectives": objectives_of(settings, space)}
-    tuner = make_tuner(settings, space, tracker_args)
+    tuner = make_tuner(settings, space, tracker_args, warm)
     began = time.monotonic()
     try:
         results = tuner.fit()
@@ -315,11 +321,16 @@ def main(argv: list[str] | None = None) -> int:
         asked, settings = settings, resolve_name(settings, space)
         check_resumable(settings, space)
         warning = probe_space(space)
+        warm = None if settings.resume or not settings.warm_start else read_warm_start(
+            settings.warm_start, uri=settings.tracking_uri, experiment=settings.experiment, space=space,
+            objectives=objectives_of(settings, space))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if warning:
         print(warning, file=sys.stderr, flush=True)
+    if warm is not None:
+        print(warm.summary(), flush=True)
     if settings.resume and unfinished_trials(settings) == 0:
         print(f"[kdsearch.tune] {settings.search_name} ran to its end: nothing to resume (`python -m "
               f"kdsearch.leaderboard search={settings.search_name}` shows its trials)")
@@ -331,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         print(note, flush=True)
     try:
         settings = claim_name(asked, space)  # the name resolved above, unless a search started since took it
-        results, seconds = run_search(settings, space)
+        results, seconds = run_search(settings, space, warm)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
