@@ -151,6 +151,9 @@ def with_task_head(config: PretrainedConfig, spec: TaskSpec) -> PretrainedConfig
     if family_of(config) == "encoder":
         config.num_labels = spec.num_labels
         config.problem_type = "regression" if spec.kind == "regression" else "single_label_classification"
+        if spec.label_names:
+            config.id2label = dict(enumerate(spec.label_names))
+            config.label2id = {name: i for i, name in config.id2label.items()}
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = 0
     return config

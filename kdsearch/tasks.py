@@ -27,25 +27,33 @@ class TaskSpec:
     """The key of `compute_metrics` that `score` repeats (what the search optimises)."""
     label_words: tuple[str, ...] = ()
     """Word for class i when a causal model reads the task as `<text> =>` + ` <word>`."""
+    label_names: tuple[str, ...] = ()
+    """Name of class i (the hub's ClassLabel names): every saved model's id2label, so a pipeline prints them."""
 
 
 _YES_NO = ("no", "yes")
 _NLI = ("yes", "no")  # GLUE: 0 = entailment, 1 = not_entailment (qnli, rte)
+_ENTAILMENT = ("entailment", "not_entailment")
 
 # Label ids, columns and metrics follow the hub's `glue` configs, so that local TSVs and the hub agree.
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
-        TaskSpec("default", "classification", 2, ("sentence",), "accuracy", ("negative", "positive")),
-        TaskSpec("cola", "classification", 2, ("sentence",), "matthews", _YES_NO),
-        TaskSpec("sst2", "classification", 2, ("sentence",), "accuracy", ("negative", "positive")),
-        TaskSpec("mrpc", "classification", 2, ("sentence1", "sentence2"), "f1", _YES_NO),
-        TaskSpec("qqp", "classification", 2, ("question1", "question2"), "f1", _YES_NO),
+        TaskSpec("default", "classification", 2, ("sentence",), "accuracy", ("negative", "positive"),
+                 ("negative", "positive")),
+        TaskSpec("cola", "classification", 2, ("sentence",), "matthews", _YES_NO, ("unacceptable", "acceptable")),
+        TaskSpec("sst2", "classification", 2, ("sentence",), "accuracy", ("negative", "positive"),
+                 ("negative", "positive")),
+        TaskSpec("mrpc", "classification", 2, ("sentence1", "sentence2"), "f1", _YES_NO,
+                 ("not_equivalent", "equivalent")),
+        TaskSpec("qqp", "classification", 2, ("question1", "question2"), "f1", _YES_NO, ("not_duplicate", "duplicate")),
         TaskSpec("stsb", "regression", 1, ("sentence1", "sentence2"), "spearman"),
-        TaskSpec("mnli", "classification", 3, ("premise", "hypothesis"), "accuracy", ("yes", "maybe", "no")),
-        TaskSpec("qnli", "classification", 2, ("question", "sentence"), "accuracy", _NLI),
-        TaskSpec("rte", "classification", 2, ("sentence1", "sentence2"), "accuracy", _NLI),
-        TaskSpec("wnli", "classification", 2, ("sentence1", "sentence2"), "accuracy", _YES_NO),
+        TaskSpec("mnli", "classification", 3, ("premise", "hypothesis"), "accuracy", ("yes", "maybe", "no"),
+                 ("entailment", "neutral", "contradiction")),
+        TaskSpec("qnli", "classification", 2, ("question", "sentence"), "accuracy", _NLI, _ENTAILMENT),
+        TaskSpec("rte", "classification", 2, ("sentence1", "sentence2"), "accuracy", _NLI, _ENTAILMENT),
+        TaskSpec("wnli", "classification", 2, ("sentence1", "sentence2"), "accuracy", _YES_NO,
+                 ("not_entailment", "entailment")),
         TaskSpec("text", "causal_lm", 0, ("prompt", "response"), "token_accuracy"),
     )
 }
@@ -64,7 +72,6 @@ class ReleaseLayout:
     """Column names of release files that have no header row."""
 
 
-_ENTAILMENT = ("entailment", "not_entailment")
 RELEASE_LAYOUTS: dict[str, ReleaseLayout] = {
     "cola": ReleaseLayout(headerless=("source", "label", "original_label", "sentence")),
     "mrpc": ReleaseLayout(columns=(("Quality", "label"), ("#1 String", "sentence1"), ("#2 String", "sentence2"))),

@@ -168,3 +168,18 @@ def test_the_built_in_tokenizer_is_the_same_every_time_it_is_trained() -> None:
     pieces = first.convert_ids_to_tokens(first("endings goodbad")["input_ids"])
     assert pieces[0] == "[CLS]" and pieces[-1] == "[SEP]" and "[UNK]" not in pieces  # rarer words spelled out
     assert len(pieces) > 4  # ... in characters
+
+
+@pytest.mark.parametrize(("task", "names"), [("mnli", ["entailment", "neutral", "contradiction"]),
+                                             ("rte", ["entailment", "not_entailment"]), ("stsb", None)])
+def test_a_task_head_carries_the_tasks_class_names(task: str, names: list[str] | None) -> None:
+    from transformers import BertConfig
+
+    from kdsearch.models import with_task_head
+    from kdsearch.tasks import task_spec
+
+    config = with_task_head(BertConfig(), task_spec(task))
+    if names is None:  # regression: one output, no class names
+        assert config.num_labels == 1 and config.problem_type == "regression"
+    else:
+        assert list(config.id2label.values()) == names and config.label2id[names[-1]] == len(names) - 1

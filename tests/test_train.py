@@ -396,6 +396,12 @@ def test_train_command_writes_a_student_that_from_pretrained_loads(cache: Path, 
     assert rerun.train.batch_size == 16 and rerun.task.train_size == 256
     model = AutoModelForSequenceClassification.from_pretrained(out / "student").eval()
     assert model.config.num_hidden_layers == 2
+    # the task's class names travel with it: a pipeline answers in them, not LABEL_0 / LABEL_1
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    from transformers import pipeline
+
+    assert pipeline("text-classification", model=str(out / "student"))("a fine film")[0]["label"] in (
+        "negative", "positive")
     # its own tokenizer beside it; the backbone alone loads to the same states
     encoded = AutoTokenizer.from_pretrained(out / "student")(["a fine film", "dull"], padding=True,
                                                                return_tensors="pt")
