@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import models, space_model
+from .confidence import t_interval, within_noise
 from .config import Config, ConfigError, build_config, did_you_mean
 from .console import quiet_libraries, run_command
 from .overrides import parse_overrides
@@ -54,9 +55,21 @@ def aggregate(study: Study, trials: Sequence[Any]) -> list[dict[str, Any]]:
         scores = [s for _, s in done]
         out.append({"label": row.label, "name": row.name, "group": row.group, "seeds": [s for s, _ in done],
                     "scores": scores, "mean": statistics.fmean(scores) if scores else None,
-                    "std": statistics.stdev(scores) if len(scores) > 1 else None,
+                    "std": statistics.stdev(scores) if len(scores) > 1 else None, "ci95": t_interval(scores),
                     "failed": len(mine) - len(done), "paper": row.paper, "overrides": row.overrides})
-    return out
+    return _mark_noise(out)
+
+
+def _mark_noise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`vs_best` per row: "best" for the group's best mean, "within noise" where Welch's test cannot tell a row
+    from it at 5%, "below" where it can: a study's order is only as real as these marks."""
+    for group in unique(r["group"] for r in rows):
+        mine = [r for r in rows if r["group"] == group and r["mean"] is not None]
+        best = max(mine, key=lambda r: r["mean"], default=None)
+        for r in mine:
+            same = None if r is best else within_noise(best["scores"], r["scores"])  # type: ignore[index]
+            r["vs_best"] = "best" if r is best else "-" if same is None else "within noise" if same else "below"
+    return rows
 
 
 def _pm(mean: float | None, std: float | None) -> str:
@@ -99,15 +112,16 @@ def summary_lines(study: Study, rows: list[dict[str, Any]]) -> list[str]:
 def render(study: Study, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     grouped = any(r["group"] for r in rows)
     paper = any(r["paper"] is not None for r in rows)
-    head = ["strategy", *(["group"] if grouped else []), "eval_score x 100 (mean ± std)", "seeds", "per seed",
-            *(["paper"] if paper else [])]
+    head = ["strategy", *(["group"] if grouped else []), "eval_score x 100 (mean ± std)", "95% CI of the mean",
+            "vs best (Welch, 5%)", "seeds", "per seed", *(["paper"] if paper else [])]
     lines = [f"# {study.name}: {study.description}", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()]
     lines += [f"- note: {n}" for n in study.notes]
     lines += ["", f"![{study.name}]({study.name}.png)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["name"], *([r["group"]] if grouped else []), _pm(r["mean"], r["std"]),
-                 f"{len(r['scores'])}" + (f" ({r['failed']} failed)" if r["failed"] else ""),
+        interval = "-" if r.get("ci95") is None else f"{r['mean'] - r['ci95']:.1f}-{r['mean'] + r['ci95']:.1f}"
+        cells = [r["name"], *([r["group"]] if grouped else []), _pm(r["mean"], r["std"]), interval,
+                 r.get("vs_best", "-"), f"{len(r['scores'])}" + (f" ({r['failed']} failed)" if r["failed"] else ""),
                  ", ".join(f"{s:.1f}" for s in r["scores"]),
                  *([f"{r['paper']:.1f}" if r["paper"] is not None else "-"] if paper else [])]
         lines.append("| " + " | ".join(cells) + " |")

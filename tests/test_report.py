@@ -39,8 +39,28 @@ def test_aggregate_gives_mean_and_sample_std_over_seeds_and_counts_failures() ->
     assert rows[0]["mean"] == pytest.approx(82.0) and rows[0]["std"] == pytest.approx(2.0)
     assert rows[1]["failed"] == 1 and rows[1]["std"] is None
     text = render(study, rows, {"commit": "abc"})
-    assert "| forward | teacher | 82.0 ± 2.0 | 3 | 80.0, 82.0, 84.0 |" in text
+    # t(0.975, 2) = 4.303: 82.0 ± 4.303 x 2.0 / sqrt(3) = 82.0 ± 4.97
+    assert "| forward | teacher | 82.0 ± 2.0 | 77.0-87.0 | best | 3 | 80.0, 82.0, 84.0 |" in text
+    assert "| none | teacher | 70.0 | - | - | 1 (1 failed) | 70.0 |" in text  # one seed: no interval, no test
     assert "forward +12.0" in text
+
+
+@pytest.mark.parametrize(("other", "verdict"), [
+    ([79.0, 81.0, 80.0], "within noise"),  # 2 points below, seeds spread 1: Welch's p = 0.11
+    ([70.0, 70.5, 69.5], "below"),         # 12 below: p < 0.001
+    ([82.0, 82.0, 82.0], "within noise"),  # the same mean
+])
+def test_rows_the_best_does_not_beat_at_5_percent_are_marked_within_noise(other: list[float], verdict: str) -> None:
+    from scipy import stats
+
+    from kdsearch.confidence import t_interval, within_noise
+
+    best = [80.0, 82.0, 84.0]
+    assert within_noise(best, other) is (verdict == "within noise")
+    assert within_noise(best, [80.0]) is None
+    # the interval is Student's, independently: mean ± t(0.975, n-1) s / sqrt(n)
+    low, high = stats.t.interval(0.95, 2, loc=82.0, scale=stats.sem(best))
+    assert t_interval(best) == pytest.approx((high - low) / 2)
 
 
 def test_summary_compares_each_distance_group_with_the_shared_ungrouped_baseline() -> None:
@@ -97,7 +117,7 @@ def test_a_tiny_study_runs_through_tune_and_writes_mean_and_std_to_docs_and_one_
         assert row["scores"] == pytest.approx([s for _, s in mine])
         mean = sum(row["scores"]) / 2
         std = abs(row["scores"][0] - row["scores"][1]) / 2 ** 0.5
-        assert f"| {row['name']} | teacher | {mean:.1f} ± {std:.1f} | 2 |" in table
+        assert f"| {row['name']} | teacher | {mean:.1f} ± {std:.1f} | " in table
         assert parent.metrics[f"mean.{row['name']}_teacher"] == pytest.approx(mean)
     assert "train 256 rows" in table and "commit:" in table and "CPU cores" in table
     assert "score = final-epoch eval accuracy" in table  # the task's primary metric, named
