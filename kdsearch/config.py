@@ -17,6 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
+TABLE_METRICS: dict[str, tuple[str, ...]] = {"classification": ("accuracy", "macro_f1", "mcc"),
+                                             "regression": ("pearson", "spearman")}
+"""task.name=table's metrics by kind; the first is the default."""
 MAX_EPOCHS = 1000
 """The most epochs any stage takes: more is a typo (1e9), which would otherwise run until killed."""
 
@@ -109,12 +112,34 @@ class TaskConfig:
     """Subsample the training split to this many rows (seeded); None keeps all."""
     eval_size: int | None = None
     """Subsample the validation split to this many rows (seeded); None keeps all."""
+    text_columns: tuple[str, ...] | None = None
+    """task.name=table: the one or two text columns a model reads, in order; null = [text]."""
+    label_column: str = "label"
+    """task.name=table: the column holding each row's label."""
+    kind: Literal["classification", "regression"] = "classification"
+    """task.name=table: classes read from the training split's labels (strings or integers, in sorted order),
+    or one number per row."""
+    metric: str | None = None
+    """task.name=table: what eval_score is: accuracy, macro_f1 or mcc (classification; null = accuracy),
+    pearson or spearman (regression; null = pearson). GLUE names use their official metric."""
 
     def __post_init__(self) -> None:
         require(self.max_length >= 4, f"task.max_length={self.max_length}: must be >= 4")
         for key in ("train_size", "eval_size"):
             value = getattr(self, key)
             require(value is None or value > 0, f"task.{key}={value}: must be > 0")
+        if self.name != "table":
+            given = [k for k, v in (("text_columns", self.text_columns), ("metric", self.metric),
+                                    ("label_column", self.label_column != "label" or None),
+                                    ("kind", self.kind != "classification" or None)) if v is not None]
+            require(not given, f"task.{given[0] if given else ''}: read only by task.name=table (here "
+                               f"{self.name}, whose columns, labels and metric are fixed)")
+            return
+        require(self.text_columns is None or 1 <= len(self.text_columns) <= 2,
+                f"task.text_columns={list(self.text_columns or ())}: one or two text columns")
+        allowed = TABLE_METRICS[self.kind]
+        require(self.metric is None or self.metric in allowed,
+                f"task.metric={self.metric}: for task.kind={self.kind} choose one of {', '.join(allowed)}")
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +23,7 @@ import pyarrow.parquet as pq
 from datasets import Dataset, DatasetDict, Features, Value, load_dataset
 
 from kdsearch.config import ConfigError, TaskConfig
-from kdsearch.tasks import RELEASE_LAYOUTS, TASKS, ReleaseLayout, TaskSpec, default_rows, task_spec
+from kdsearch.tasks import RELEASE_LAYOUTS, TASKS, ReleaseLayout, TaskSpec, default_rows, table_spec, task_spec
 
 __all__ = ["TASKS", "TaskSpec", "task_spec", "check_task", "load_raw_task", "content_hash", "Split"]
 
@@ -106,15 +108,15 @@ def _hub_columns(columns: list[str], spec: TaskSpec) -> list[str]:
     return [rename.get(c, c) for c in columns]
 
 
-def _check_columns(columns: list[str], spec: TaskSpec, where: str) -> None:
+def _check_columns(columns: list[str], spec: TaskSpec, where: str, label: str = "label") -> None:
     found = f"found columns: {', '.join(columns)}"
     if spec.kind == "causal_lm":
         if not any(set(group) <= set(columns) for group in _CAUSAL_COLUMNS):
             raise ConfigError(f"{where}: needs a 'text' (or GLUE 'sentence') column, or 'prompt'+'response', or "
                               f"'instruction'+'output'; {found}")
         return
-    if "label" not in columns:
-        raise ConfigError(f"{where}: no 'label' column; {found}")
+    if label not in columns:
+        raise ConfigError(f"{where}: no '{label}' column; {found}")
     for name in spec.text_fields:
         if name not in columns:
             raise ConfigError(f"{where}: no '{name}' column (task {spec.name} reads "
@@ -133,18 +135,27 @@ def _lines(path: Path, where: str) -> Iterator[str]:
                     from None
 
 
-def _check_rows(path: Path, where: str, columns: list[str], spec: TaskSpec) -> None:
-    """Every row of a text file decodes and is whole: as many cells as the header (CSV/TSV), a JSON object
-    (JSONL), and a label in each labelled row. One streaming pass; the loaders would otherwise fill gaps with
-    nulls and fail later with a message that names neither the row nor the problem."""
+def _check_rows(path: Path, where: str, columns: list[str], spec: TaskSpec,
+                label: str = "label") -> list[tuple[int, str]]:
+    """Every row of a file decodes and is whole: as many cells as the header (CSV/TSV), a JSON object (JSONL),
+    and a label in each labelled row. One streaming pass; the loaders would otherwise fill gaps with nulls and
+    fail later with a message that names neither the row nor the problem. Returns (line, label text) per row
+    (parquet: row number), what task.name=table reads its classes from."""
+    at = columns.index(label) if spec.kind != "causal_lm" and label in columns else None
     if path.suffix == ".parquet":
-        return
-    label = columns.index("label") if spec.kind != "causal_lm" and "label" in columns else None
+        values = pq.read_table(path, columns=[label]).column(0).to_pylist() if at is not None else []
+        return [(i, "" if v is None else str(v)) for i, v in enumerate(values, 1)]
+    labels: list[tuple[int, str]] = []
     if path.suffix == ".jsonl":
         for number, line in enumerate(_lines(path, where), 1):
-            if line.strip() and not isinstance(_json_object(line), dict):
+            if not line.strip():
+                continue
+            row = _json_object(line)
+            if not isinstance(row, dict):
                 raise ConfigError(f"{where}: line {number} of {path.name} is not a JSON object")
-        return
+            if at is not None:
+                labels.append((number, "" if row.get(label) is None else str(row[label])))
+        return labels
     tsv = path.suffix == ".tsv"
     reader = csv.reader(_lines(path, where), delimiter="\t" if tsv else ",",
                         quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
@@ -156,8 +167,59 @@ def _check_rows(path: Path, where: str, columns: list[str], spec: TaskSpec) -> N
             cells = f"{len(row)} cell" + ("" if len(row) == 1 else "s")
             raise ConfigError(f"{where}: line {reader.line_num} of {path.name} has {cells} where the header has "
                               f"{len(columns)} ({', '.join(columns)})")
-        if label is not None and not row[label].strip():
-            raise ConfigError(f"{where}: line {reader.line_num} of {path.name} has an empty 'label' cell")
+        if at is not None:
+            if not row[at].strip():
+                raise ConfigError(f"{where}: line {reader.line_num} of {path.name} has an empty '{label}' cell")
+            labels.append((reader.line_num, row[at]))
+    return labels
+
+
+def label_key(value: Any) -> str:
+    """A label as one string however a loader typed it: 3, 3.0 and " 3" are "3"; text stays text."""
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number.is_integer() else text
+
+
+def _classes(keys: set[str]) -> tuple[str, ...]:
+    """Class names in a stable order: numerically when every label is an integer, else alphabetically."""
+    if all(re.fullmatch(r"-?\d+", k) for k in keys):
+        return tuple(sorted(keys, key=int))
+    return tuple(sorted(keys))
+
+
+def _table_labels(cfg: TaskConfig, files: dict[str, Path], where: str) -> tuple[str, ...]:
+    """task.name=table's classes (classification), read from the training split; checks every split's labels
+    against them (or, for regression, that each label is a number). One ConfigError line per problem."""
+    template = replace(task_spec("table"), text_fields=cfg.text_columns or ("text",))
+    per_split: dict[str, list[tuple[int, str]]] = {}
+    for split, path in files.items():
+        columns = _header(path, where)
+        _check_columns(columns, template, f"{where}: {path.name}", label=cfg.label_column)
+        per_split[split] = _check_rows(path, where, columns, template, label=cfg.label_column)
+    if cfg.kind == "regression":
+        for split, labels in per_split.items():
+            for line, text in labels:
+                try:
+                    float(text)
+                except ValueError:
+                    raise ConfigError(f"{where}: line {line} of {files[split].name}: '{cfg.label_column}' is "
+                                      f"{text!r}, not a number (task.kind=regression)") from None
+        return ()
+    classes = _classes({label_key(t) for _, t in per_split["train"]})
+    if len(classes) < 2:
+        raise ConfigError(f"{where}: {files['train'].name} holds one class ({', '.join(classes)}) in "
+                          f"'{cfg.label_column}': nothing to learn; task.kind=regression if it is a score")
+    for split, labels in per_split.items():
+        unseen = sorted({label_key(t) for _, t in labels} - set(classes))
+        if unseen:
+            raise ConfigError(f"{where}: {files[split].name} has labels the training split lacks "
+                              f"({', '.join(unseen[:5])}{', ...' if len(unseen) > 5 else ''}); a model cannot "
+                              f"predict a class it never saw")
+    return classes
 
 
 def _json_object(line: str) -> Any:
@@ -176,6 +238,12 @@ def check_task(cfg: TaskConfig, splits: tuple[Split, ...] = TRAINING_SPLITS) -> 
             raise ConfigError(f"task.data_dir={cfg.data_dir}, task.hub={cfg.hub}: task.name=default is "
                               "generated in code; unset both, or name the task that the files hold")
         return spec
+    if spec.name == "table":
+        if cfg.data_dir is None:
+            raise ConfigError("task.data_dir: task.name=table reads a folder with train and dev files (tsv, csv, "
+                              "jsonl, parquet); set task.data_dir=<folder>")
+        files = _split_files(cfg, spec, tuple(dict.fromkeys(("train", *splits))))  # classes: from train
+        return table_spec(cfg, _table_labels(cfg, files, f"task.data_dir={cfg.data_dir}"))
     if cfg.data_dir is not None:
         for path in _split_files(cfg, spec, splits).values():
             where = f"task.data_dir={cfg.data_dir}: {path.name}"
@@ -269,6 +337,19 @@ def _normalise(ds: Dataset, spec: TaskSpec, where: str) -> Dataset:
     return ds
 
 
+def _table_layout(ds: Dataset, cfg: TaskConfig, spec: TaskSpec) -> Dataset:
+    """task.name=table's rows as every task's: the label column named `label`, holding class ids (in the
+    order of spec.label_names) or floats; the text columns as given."""
+    if cfg.label_column != "label":
+        ds = ds.remove_columns([c for c in ds.column_names if c == "label"]).rename_column(cfg.label_column, "label")
+    if spec.kind == "regression":
+        return ds.map(lambda b: {"label": [float(v) for v in b["label"]]}, batched=True,
+                      features=Features({**ds.features, "label": Value("float32")}))
+    ids = {name: i for i, name in enumerate(spec.label_names)}
+    return ds.map(lambda b: {"label": [ids[label_key(v)] for v in b["label"]]}, batched=True,
+                  features=Features({**ds.features, "label": Value("int64")}))
+
+
 def _to_prompt_response(ds: Dataset) -> Dataset:
     columns = next(group for group in _CAUSAL_COLUMNS if set(group) <= set(ds.column_names))
 
@@ -320,6 +401,8 @@ def load_raw_task(cfg: TaskConfig, *, cache_dir: str | Path | None = None,
     out = DatasetDict()
     for split in splits:
         ds, size = read[split], sizes[split]
+        if spec.name == "table":
+            ds = _table_layout(ds, cfg, spec)
         ds = _normalise(ds, spec, f"{where}: {split}") if len(ds) else ds
         if len(ds) == 0:
             raise ConfigError(f"{where}: the {split} split has no rows")

@@ -1,61 +1,54 @@
-"""Evaluation metrics per task kind, in plain numpy (no scipy or sklearn needed at run time).
+"""Evaluation metrics per task kind, computed by scikit-learn and scipy.
 
 `score` always repeats the task's primary metric: it is the one number a search optimises and MLflow plots.
-Imports numpy and kdsearch.tasks only.
+A degenerate side (a constant prediction, a constant label) scores 0 rather than nan, so an untrained student
+ranks last instead of breaking the search. Imports numpy, scikit-learn, scipy and kdsearch.tasks only.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats
+from sklearn import metrics as sk
 
 from kdsearch.kinds import IGNORE_INDEX
 from kdsearch.tasks import TaskSpec
 
 
 def accuracy(pred: np.ndarray, true: np.ndarray) -> float:
-    return float(np.mean(pred == true)) if true.size else 0.0
+    return float(sk.accuracy_score(true, pred)) if true.size else 0.0
 
 
 def f1_binary(pred: np.ndarray, true: np.ndarray) -> float:
     """F1 of the positive class (label 1), as GLUE reports for MRPC and QQP; 0 when nothing is positive."""
-    tp = np.sum((pred == 1) & (true == 1))
-    denom = 2 * tp + np.sum((pred == 1) & (true != 1)) + np.sum((pred != 1) & (true == 1))
-    return float(2 * tp / denom) if denom else 0.0
+    return float(sk.f1_score(true, pred, pos_label=1, average="binary", zero_division=0.0)) if true.size else 0.0
+
+
+def macro_f1(pred: np.ndarray, true: np.ndarray) -> float:
+    """The unweighted mean of every class's F1 (classes seen in labels or predictions): small classes count."""
+    return float(sk.f1_score(true, pred, average="macro", zero_division=0.0)) if true.size else 0.0
 
 
 def matthews(pred: np.ndarray, true: np.ndarray) -> float:
-    """Matthews correlation (Gorodkin's multi-class form; equals the binary formula for 2 classes).
+    """Matthews correlation (the multi-class form for more than 2 classes); 0 when either side is constant."""
+    return float(sk.matthews_corrcoef(true, pred)) if true.size else 0.0
 
-    0 when either side is constant, as sklearn does: a degenerate classifier carries no correlation.
-    """
-    classes, idx = np.unique(np.concatenate([true, pred]), return_inverse=True)
-    t, p = idx[: true.size], idx[true.size:]
-    conf = np.zeros((classes.size, classes.size), dtype=np.float64)
-    np.add.at(conf, (t, p), 1)
-    s, c = conf.sum(), np.trace(conf)
-    t_k, p_k = conf.sum(axis=1), conf.sum(axis=0)
-    denom = np.sqrt((s * s - p_k @ p_k) * (s * s - t_k @ t_k))
-    return float((c * s - t_k @ p_k) / denom) if denom else 0.0
+
+def _correlation(kind: str, x: np.ndarray, y: np.ndarray) -> float:
+    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:  # rounding leaves a constant side tiny residuals
+        return 0.0
+    test = stats.pearsonr if kind == "pearson" else stats.spearmanr
+    value = float(test(x.astype(np.float64), y.astype(np.float64)).statistic)
+    return value if np.isfinite(value) else 0.0
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson r; 0 (not nan) for a constant input, so an untrained regressor does not break the search."""
-    if x.size == 0 or np.ptp(x) == 0 or np.ptp(y) == 0:  # rounding leaves a constant side tiny residuals
-        return 0.0
-    x, y = x.astype(np.float64) - x.mean(), y.astype(np.float64) - y.mean()
-    denom = np.sqrt((x @ x) * (y @ y))
-    return float(x @ y / denom) if denom else 0.0
-
-
-def rank_average(x: np.ndarray) -> np.ndarray:
-    """1-based ranks; tied values share the mean of their ranks (scipy.stats.rankdata's `average`)."""
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    last = np.cumsum(counts)
-    return (last - (counts - 1) / 2.0)[inverse.reshape(-1)]
+    return _correlation("pearson", x, y)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    return pearson(rank_average(x), rank_average(y))
+    """Pearson r of the ranks, ties sharing their mean rank."""
+    return _correlation("spearman", x, y)
 
 
 def metric_names(spec: TaskSpec) -> tuple[str, ...]:
@@ -66,8 +59,13 @@ def metric_names(spec: TaskSpec) -> tuple[str, ...]:
     elif spec.kind == "causal_lm":
         names = ("token_accuracy",)
     else:
-        names = ("accuracy", *(m for m in ("f1", "matthews") if spec.primary_metric == m))
+        names = ("accuracy", *(m for m in _CLASSIFICATION if m == spec.primary_metric and m != "accuracy"))
     return (*names, "score")
+
+
+_CLASSIFICATION = {"accuracy": accuracy, "f1": f1_binary, "macro_f1": macro_f1, "matthews": matthews,
+                   "mcc": matthews}
+"""Classification metrics by the name a task gives its primary one (GLUE's f1/matthews, a table's mcc)."""
 
 
 def compute_metrics(spec: TaskSpec, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -92,11 +90,7 @@ def compute_metrics(spec: TaskSpec, predictions: np.ndarray, labels: np.ndarray)
         if spec.kind == "causal_lm":
             out = {"token_accuracy": accuracy(pred, true)}
         else:
-            out = {"accuracy": accuracy(pred, true)}
-            if spec.primary_metric == "f1":
-                out["f1"] = f1_binary(pred, true)
-            if spec.primary_metric == "matthews":
-                out["matthews"] = matthews(pred, true)
+            out = {name: _CLASSIFICATION[name](pred, true) for name in metric_names(spec)[:-1]}
     out["score"] = out[spec.primary_metric]
     return out
 

@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from kdsearch.config import ConfigError, did_you_mean
+from kdsearch.config import TABLE_METRICS, ConfigError, TaskConfig, did_you_mean
 from kdsearch.kinds import TaskKind
 
 
@@ -55,8 +55,18 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("wnli", "classification", 2, ("sentence1", "sentence2"), "accuracy", _YES_NO,
                  ("not_entailment", "entailment")),
         TaskSpec("text", "causal_lm", 0, ("prompt", "response"), "token_accuracy"),
+        TaskSpec("table", "classification", 0, ("text",), "accuracy"),  # completed from the files: table_spec
     )
 }
+
+
+def table_spec(cfg: TaskConfig, label_names: tuple[str, ...]) -> TaskSpec:
+    """task.name=table: the user's columns, kind and metric, and the classes its training split holds."""
+    columns = cfg.text_columns or ("text",)
+    metric = cfg.metric or TABLE_METRICS[cfg.kind][0]
+    if cfg.kind == "regression":
+        return TaskSpec("table", "regression", 1, columns, metric)
+    return TaskSpec("table", "classification", len(label_names), columns, metric, label_names, label_names)
 
 
 @dataclass(frozen=True)

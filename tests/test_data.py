@@ -14,7 +14,7 @@ from data_utils import ROWS, load, sst2_dir, write
 
 from kdsearch.config import ConfigError, TaskConfig
 from kdsearch.data import check_task, load_raw_task
-from kdsearch.metrics import compute_metrics, metric_names, rank_average
+from kdsearch.metrics import compute_metrics, metric_names
 from kdsearch.tasks import DEFAULT_TASK_VOCAB, TASKS, default_label, default_rows, read_by, task_spec
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"  # ../shared beside the checkout
@@ -233,7 +233,7 @@ def test_unknown_task_name_lists_every_choice() -> None:
     with pytest.raises(ConfigError, match=r"task.name=sst: unknown task; did you mean sst2\?; choose one of: "):
         task_spec("sst")
     glue = {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"}
-    assert set(TASKS) == glue | {"default", "text"}
+    assert set(TASKS) == glue | {"default", "text", "table"}
 
 
 # --- the embedded default task ------------------------------------------------------------------------
@@ -293,6 +293,12 @@ def test_classification_metrics_match_hand_computed_values() -> None:
     logits = np.eye(3)[[0, 2, 1, 1]] + 0.1  # argmax -> 0, 2, 1, 1
     assert compute_metrics(task_spec("mnli"), logits, np.array([0, 2, 2, 1]))["score"] == 0.75
     assert compute_metrics(task_spec("cola"), np.ones(4, int), np.array([0, 1, 0, 1]))["matthews"] == 0.0
+    # a table's macro F1: per class (0: 1, 1: P=R=1/2, 2: P=R=1/2), unweighted mean 2/3
+    from dataclasses import replace
+
+    table = replace(task_spec("table"), num_labels=3, primary_metric="macro_f1")
+    out = compute_metrics(table, np.array([0, 1, 2, 2, 1]), np.array([0, 1, 1, 2, 2]))
+    assert out == pytest.approx({"accuracy": 0.6, "macro_f1": 2 / 3, "score": 2 / 3})
 
 
 @pytest.mark.parametrize("family", ["encoder", "causal"])
@@ -316,8 +322,7 @@ def test_non_finite_predictions_score_nan_and_constant_sides_correlate_zero() ->
 
 def test_regression_metrics_with_ties_match_hand_computed_values() -> None:
     x, y = np.array([1.0, 2.0, 2.0, 4.0]), np.array([1.0, 3.0, 2.0, 2.0])
-    assert rank_average(x).tolist() == [1.0, 2.5, 2.5, 4.0]
-    assert rank_average(y).tolist() == [1.0, 4.0, 2.5, 2.5]
+    # ties share their mean rank: x ranks (1, 2.5, 2.5, 4), y ranks (1, 4, 2.5, 2.5)
     out = compute_metrics(task_spec("stsb"), x.reshape(-1, 1), y)
     # pearson: dx=(-1.25,-.25,-.25,1.75), dy=(-1,1,0,0): cov=1.0, |dx|^2=4.75, |dy|^2=2
     assert out["pearson"] == pytest.approx(1.0 / np.sqrt(4.75 * 2))

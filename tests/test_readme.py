@@ -49,6 +49,16 @@ def _documented() -> list[tuple[str, str, str]]:
     return found
 
 
+def _table(directory: Path) -> Path:
+    """Support tickets as README's own-table example reads them: subject, body, a string topic."""
+    directory.mkdir()
+    for split in ("train", "dev"):
+        rows = "".join(f"ticket {i},my {word} broke,{topic}\n" for i, (word, topic) in
+                       enumerate([("invoice", "billing"), ("app", "bug"), ("login", "account")] * 3))
+        (directory / f"{split}.csv").write_text("subject,body,topic\n" + rows)
+    return directory
+
+
 def _corpus(directory: Path) -> Path:
     for split in ("train", "validation"):
         rows = [{"text": f"line {i} of a small corpus for continual pre-training"} for i in range(8)]
@@ -59,6 +69,7 @@ def _corpus(directory: Path) -> Path:
 def _argv(arguments: str, tmp_path: Path) -> list[str]:
     """The documented arguments, with a local store for the servers the docs name (a dry run reads its store)."""
     arguments = arguments.replace("<corpus dir>", str(_corpus(tmp_path)))
+    arguments = arguments.replace("<table dir>", str(_table(tmp_path / "table")))
     local = f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"
     return [local if a.startswith("tracking.uri=") else a for a in shlex.split(arguments, comments=True)]
 
