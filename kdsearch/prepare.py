@@ -177,9 +177,11 @@ def _labels(split: Any) -> np.ndarray:
         column[0], list) else np.asarray(column)
 
 
-def _check_teacher_learnt(cfg: Config, spec: TaskSpec, data: Any, score: float) -> None:
+def check_teacher(cfg: Config, prepared: Prepared) -> None:
     """Warn (finetune.require_better: refuse) when the teacher does not clear the constant-answer baseline: every
-    trial would then distil a teacher that knows nothing of the task."""
+    trial would then distil a teacher that knows nothing of the task. Called once, by the command, before any
+    trial or Train worker starts."""
+    spec, data, score = prepared.spec, prepared.data, prepared.teacher_metrics["eval_score"]
     baseline = baseline_score(spec, _labels(data["train"]), _labels(data["validation"]))
     if score >= baseline + cfg.finetune.margin:
         return
@@ -331,7 +333,6 @@ def prepare_teacher(cfg: Config, *, device: torch.device | None = None, cached_o
     n_t, d_t = models.depth_width(AutoConfig.from_pretrained(teacher_dir))
     metrics = _teacher_metrics(teacher_dir, data["validation"], spec=spec, family=family, pad_id=tok.pad_token_id,
                                device=device)
-    _check_teacher_learnt(cfg, spec, data, metrics["eval_score"])
     return Prepared(spec=spec, family=family, teacher_dir=str(teacher_dir), data=data,
                     pad_id=tok.pad_token_id, n_teacher=n_t, d_teacher=d_t, teacher_metrics=metrics)
 

@@ -29,7 +29,7 @@ from .overrides import parse_overrides
 from .paths import output_path, output_uri
 from .provenance import code_version, commit, hardware
 from .search import SearchSettings, check_search
-from .studies import STUDIES, Study, grid_space, make_study, row_of, seeded_rows, unique
+from .studies import STUDIES, Study, confirm_rows, grid_space, make_study, row_of, seeded_rows, unique
 from .tracking import (
     DEFAULT_EXPERIMENT,
     DEFAULT_URI,
@@ -42,7 +42,7 @@ from .tracking import (
 from .usage import command_help, wants_help
 from .validate import validate
 
-_OWN = ("study", "seeds", "out", "name", "concurrency", "search", "only", "results_dir", "tracking")
+_OWN = ("study", "seeds", "out", "name", "concurrency", "search", "only", "results_dir", "tracking", "top")
 
 
 def aggregate(study: Study, trials: Sequence[Any]) -> list[dict[str, Any]]:
@@ -178,10 +178,15 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
         given = "study: missing" if study is None else f"study={study}: unknown"
         hint = did_you_mean(str(study), STUDIES) if study is not None else ""
         raise ConfigError(f"{given}{hint}; choose one of {', '.join(STUDIES)}")
-    if study == "seeded" and not own.get("search"):
-        raise ConfigError("study=seeded needs search=<name of a finished search> (see python -m kdsearch.leaderboard)")
+    if study in ("seeded", "confirm") and not own.get("search"):
+        raise ConfigError(f"study={study} needs search=<name of a finished search> (see python -m "
+                          "kdsearch.leaderboard)")
+    top = own.get("top", 3)
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1 or ("top" in own and study != "confirm"):
+        raise ConfigError(f"top={top}: a count >= 1 of configurations, for study=confirm only")
     seeds = own.get("seeds", 3)
-    seeds = list(range(seeds)) if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
+    first = 1 if study == "confirm" else 0  # confirm: fresh seeds, not the search's own train.seed (0)
+    seeds = list(range(first, first + seeds)) if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"seeds={own.get('seeds')}: a count (seeds=3 -> 0,1,2) or a list such as [0,1,2]")
     tracking = own.get("tracking") or {}
@@ -189,7 +194,7 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
         raise ConfigError(f"tracking: known keys are tracking.uri and tracking.experiment (got {tracking})")
     build_config(raw)  # unknown keys: the did-you-mean error, before anything runs
     only = own.get("only")
-    return {"study": study, "seeds": seeds, "cli": raw, "search": own.get("search"),
+    return {"study": study, "seeds": seeds, "cli": raw, "search": own.get("search"), "top": top,
             "only": [only] if isinstance(only, str) else only,
             "uri": output_uri(str(tracking.get("uri", default_uri()))),
             "experiment": str(tracking.get("experiment", DEFAULT_EXPERIMENT)),
@@ -205,6 +210,9 @@ def build_study(args: dict[str, Any]) -> Study:
     base, rows = None, None
     if args["study"] == "seeded":
         base, rows = seeded_rows(uri=args["uri"], experiment=args["experiment"], search=args["search"])
+    if args["study"] == "confirm":
+        base, rows = confirm_rows(uri=args["uri"], experiment=args["experiment"], search=args["search"],
+                                  top=args["top"])
     study = make_study(args["study"], d_teacher=d_t, search_rows=rows, search_base=base)
     if args["only"]:
         keep = [r for r in study.rows if {r.label, r.name, r.group} & set(args["only"])]
@@ -269,11 +277,23 @@ def run_report(args: dict[str, Any], argv: Sequence[str]) -> tuple[Path, str]:
     return out, parent.run_id
 
 
+def confirm_search(*, search: str, top: int, seeds: int, uri: str, experiment: str, results_dir: str) -> Path:
+    """`kdsearch.tune confirm=<top> confirm_seeds=<seeds>`: the finished search's top configurations rerun over
+    fresh seeds as study=confirm, its table beside the search's leaderboard; returns the table."""
+    argv = ["study=confirm", f"search={search}", f"top={top}", f"seeds={seeds}", f"tracking.uri={uri}",
+            f"tracking.experiment={experiment}", f"results_dir={results_dir}", f"name={search}-confirm",
+            f"out={Path(results_dir, search, 'confirm')}"]
+    out, _ = run_report(parse_args(argv), argv)
+    return out / "confirm.md"
+
+
 def _help() -> str:
     own = [("study=<name>", f"one of {', '.join(STUDIES)}"),
            ("seeds=3", "a count (0, 1, 2) or a list such as [0,1,2]"),
            ("only=[row,...]", "run only these rows (a row's label, name or group)"),
-           ("search=<name>", "study=seeded: the finished search whose best trial is rerun beside its paper points"),
+           ("search=<name>", "study=seeded: the finished search whose best trial is rerun beside its paper points; "
+                             "study=confirm: whose top configurations are rerun"),
+           ("top=3", "study=confirm: how many of the search's best distinct configurations (seeds: fresh, 1..n)"),
            ("out=docs/results/<study>", "where the Markdown table, JSON and plot go"),
            ("name=<name>", "the MLflow parent run (default report-<study>-<time>)"),
            ("concurrency=<n>", "trials at a time (default: what the cluster's resources allow)"),

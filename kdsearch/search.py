@@ -37,6 +37,11 @@ class SearchSettings:
     """Shrink the search to a tiny model, a few steps and 2-3 trials (check a cluster or a config)."""
     resume: bool = False
     """Continue an interrupted search of the same name; finished trials are not rerun."""
+    confirm: int = 0
+    """After the search: rerun its best `confirm` distinct configurations over `confirm_seeds` fresh seeds
+    (study=confirm: mean, 95% interval, which leads are within noise); 0 = none."""
+    confirm_seeds: int = 3
+    """Fresh seeds (1..n) per confirmed configuration."""
     warm_start: str | None = None
     """An earlier search (name or parent run id, same store and experiment) whose finished trials the sampler is
     given before the first new trial."""
@@ -58,7 +63,8 @@ class SearchSettings:
         return self.name or f"kdsearch-{Path(self.space).stem}{'-smoke' if self.smoke else ''}"
 
 
-_SEARCH_KEYS = {"space", "name", "smoke", "resume", "dry_run", "objectives", "seed", "warm_start"}
+_SEARCH_KEYS = {"space", "name", "smoke", "resume", "dry_run", "objectives", "seed", "warm_start", "confirm",
+                "confirm_seeds"}
 
 
 def search_help() -> str:
@@ -68,6 +74,9 @@ def search_help() -> str:
            ("smoke=true", "the same space on a tiny model, a few steps, 2-3 trials: checks a cluster or a config"),
            ("dry_run=true", "check everything a real run checks, print the resolved search; starts nothing"),
            ("resume=true", "continue the newest (or the named) interrupted search"),
+           ("confirm=3", "then rerun the 3 best distinct configurations over fresh seeds: mean, 95% interval, "
+                         "which leads are noise"),
+           ("confirm_seeds=3", "fresh seeds per confirmed configuration"),
            ("warm_start=<search>", "start the sampler from an earlier search's finished trials (same store)"),
            ("objectives=[m:max,...]", "several objectives: Optuna searches the Pareto front"),
            ("seed=0", "seed of the Optuna sampler"),
@@ -123,6 +132,11 @@ def _check_setting_types(given: dict[str, Any], tracking: dict[str, Any], result
             raise ConfigError(f"{key}={given[key]}: expected true or false")
     if "seed" in given and (isinstance(given["seed"], bool) or not isinstance(given["seed"], int)):
         raise ConfigError(f"seed={given['seed']}: expected an integer")
+    for key, low in (("confirm", 0), ("confirm_seeds", 2)):
+        value = given.get(key, low)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{key}={value}: expected an integer >= {low}" +
+                              (" (an interval needs two seeds)" if key == "confirm_seeds" else ""))
     if "warm_start" in given and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(given["warm_start"] or "")):
         raise ConfigError(f"warm_start={given['warm_start'] or ''}: name an earlier search (or its parent run id)")
     if "name" in given and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(given["name"] or "")):

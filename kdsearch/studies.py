@@ -134,8 +134,9 @@ def _relation(d_teacher: int) -> Study:
                         "MiniLMv2 on the last layers, TinyBERT on every forward-mapped pair"])
 
 
-STUDIES = (*GRIDS.names(), "seeded")
-"""Every study=: the fixed grids, and `seeded` (a finished search's best vs the paper points it was seeded with)."""
+STUDIES = (*GRIDS.names(), "seeded", "confirm")
+"""Every study=: the fixed grids, `seeded` (a finished search's best vs the paper points it was seeded with) and
+`confirm` (a finished search's top configurations rerun over fresh seeds)."""
 
 
 def make_study(name: str, *, d_teacher: int, search_rows: list[Row] | None = None,
@@ -145,14 +146,18 @@ def make_study(name: str, *, d_teacher: int, search_rows: list[Row] | None = Non
         assert search_rows is not None and search_base is not None
         return Study(name, "a search's best strategy vs the paper settings it was seeded with", search_base,
                      search_rows, baseline=None)
+    if name == "confirm":
+        assert search_rows is not None and search_base is not None
+        return Study(name, "a search's top configurations over fresh seeds: which lead is more than noise",
+                     search_base, search_rows, baseline=None)
     if name not in GRIDS.names():
         raise ConfigError(f"study={name}: choose one of {', '.join(STUDIES)}")
     return GRIDS.get(name)(d_teacher)
 
 
-def seeded_rows(*, uri: str, experiment: str, search: str) -> tuple[dict[str, Any], list[Row]]:
-    """(the search's base config, rows): the best finished trial of `search` and the paper points it was seeded
-    with. The base is what the search ran on (teacher, task, data, budget), so `search=` alone reproduces it."""
+def _ranked(uri: str, experiment: str, search: str) -> tuple[RunRecord, space_model.Space, dict[str, Any],
+                                                               str, list[dict[str, Any]]]:
+    """(parent run, the space as searched, its base config, the first objective, finished trials best first)."""
     parent = find_search(uri=uri, experiment=experiment, search=search)
     base = _search_base(parent)
     space = _as_searched(spaces.load_space(parent.tags.get("kdsearch.space", "")), parent, base)
@@ -164,9 +169,40 @@ def seeded_rows(*, uri: str, experiment: str, search: str) -> tuple[dict[str, An
               if r.get("rank") and r.get("status") == "FINISHED"]
     if not ranked:
         raise ConfigError(f"search={search}: no finished trial with a {metric} to take the best from")
-    logged = {k: parse_value(str(ranked[0][k])) for k in space.params if k in ranked[0]}
-    typed = flatten(build_config(unflatten(logged)))  # logged strings -> the config's own types
-    best = {k: typed[k] for k in logged}
+    return parent, space, base, metric, ranked
+
+
+def _point(space: space_model.Space, row: dict[str, Any]) -> dict[str, Any]:
+    """A ranked trial's searched params, in the config's own types (MLflow logged strings)."""
+    logged = {k: parse_value(str(row[k])) for k in space.params if k in row}
+    typed = flatten(build_config(unflatten(logged)))
+    return {k: typed[k] for k in logged}
+
+
+def confirm_rows(*, uri: str, experiment: str, search: str, top: int) -> tuple[dict[str, Any], list[Row]]:
+    """(the search's base config, rows): its `top` best distinct configurations, best first. A configuration
+    several trials drew (a paper point and its twin) is one row."""
+    _, space, base, metric, ranked = _ranked(uri, experiment, search)
+    points: list[dict[str, Any]] = []
+    for row in ranked:
+        point = _point(space, row)
+        if all(space_model.trial_config(space, point) != space_model.trial_config(space, p) for p in points):
+            points.append(point)
+            row["_point"] = point
+        if len(points) == top:
+            break
+    chosen = [r for r in ranked if "_point" in r]
+    rows = [Row(f"rank {i} ({r['trial']}, {metric} {float(r[metric]):.4f}): "
+                f"{_describe(r['_point'], points) or 'the only configuration'}", "", r["_point"])
+            for i, r in enumerate(chosen, 1)]
+    return {**_flat(space.base), **base}, rows
+
+
+def seeded_rows(*, uri: str, experiment: str, search: str) -> tuple[dict[str, Any], list[Row]]:
+    """(the search's base config, rows): the best finished trial of `search` and the paper points it was seeded
+    with. The base is what the search ran on (teacher, task, data, budget), so `search=` alone reproduces it."""
+    _, space, base, metric, ranked = _ranked(uri, experiment, search)
+    best = _point(space, ranked[0])
     tag = f"search best ({ranked[0]['trial']}, {metric} {float(ranked[0][metric]):.4f})"
     points = space_model.initial_points(space)
     rows, found = [], False

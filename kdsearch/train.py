@@ -26,7 +26,7 @@ from .console import quiet_libraries, run_command
 from .loop import WorkerContext, export_student, run_distillation
 from .overrides import CONFIG_FILE, load_config, write_config_file
 from .paths import fresh_dir, job_note
-from .prepare import Prepared, prepare
+from .prepare import Prepared, check_teacher, prepare
 from .sizing import worker_bundle
 from .step import leaves_parameters_unused
 from .usage import command_help, wants_help
@@ -162,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = with_absolute_paths(load_config(overrides))
         validate(cfg)
         prepared = prepare(cfg)  # reads the data in full: label values, hub splits
+        check_teacher(cfg, prepared)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

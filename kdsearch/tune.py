@@ -33,7 +33,7 @@ from .console import INTERRUPTED, quiet_libraries, run_command
 from .export import export_best
 from .loop import WorkerContext, run_distillation
 from .paths import claim, job_note
-from .prepare import prepare
+from .prepare import check_teacher, prepare
 from .provenance import code_version
 from .search import (
     SearchSettings,
@@ -260,7 +260,8 @@ def run_search(settings: SearchSettings, space: space_model.Space, warm: WarmSta
     """
     check_resumable(settings, space)
     # Prepare the shared artifacts (teacher fine-tuning, tokenised data) once, before trials race for them.
-    prepare(space_model.trial_config(space, {}))
+    base = space_model.trial_config(space, {})
+    check_teacher(base, prepare(base))
     init_ray(resources={sizing.DRIVER_RESOURCE: sizing.HEAD_DRIVER_UNITS})
     tracker_args = {"uri": settings.tracking_uri, "experiment": settings.experiment,
                     "search": settings.search_name, "space_name": space.name, "code_version": code_version(),
@@ -342,8 +343,15 @@ def main(argv: list[str] | None = None) -> int:
         print(note, flush=True)
     try:
         settings = claim_name(asked, space)  # the name resolved above, unless a search started since took it
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
         results, seconds = run_search(settings, space, warm)
     except ConfigError as err:
+        folder = Path(settings.results_dir, settings.search_name)
+        if not settings.resume and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()  # refused before any trial: the name is free again
         print(f"error: {err}", file=sys.stderr)
         return 2
     stopped = unfinished_trials(settings) or 0
@@ -356,6 +364,15 @@ def main(argv: list[str] | None = None) -> int:
               f"kdsearch.tune {shlex.join([*again, f'name={settings.search_name}', 'resume=true'])}",
               file=sys.stderr, flush=True)
     out = export_best(results, settings=settings, space=space, objectives=objectives_of(settings, space))
+    if out is not None and settings.confirm and not stopped:
+        from .report import confirm_search  # the study machinery; Ray stopped and restarts for it
+
+        table = confirm_search(search=settings.search_name, top=settings.confirm, seeds=settings.confirm_seeds,
+                               uri=settings.tracking_uri, experiment=settings.experiment,
+                               results_dir=settings.results_dir)
+        print(table.read_text())
+        print(f"[kdsearch.tune] confirmation of the {settings.confirm} best configurations over "
+              f"{settings.confirm_seeds} fresh seeds: {table}; best student saved to {out}")
     return INTERRUPTED if stopped and not expired else 0 if out is not None else 1
 
 

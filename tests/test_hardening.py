@@ -224,7 +224,7 @@ def test_a_teacher_that_learnt_nothing_is_warned_about_or_refused(tmp_path: Path
     """Labels drawn at random: no teacher can beat the majority class, and the search should not start blind."""
     from kdsearch.config import ConfigError
     from kdsearch.overrides import load_config
-    from kdsearch.prepare import prepare_teacher
+    from kdsearch.prepare import check_teacher, prepare_teacher
 
     rng = np.random.default_rng(0)
     words = ["film", "plot", "actor", "scene", "score", "story"]
@@ -233,11 +233,13 @@ def test_a_teacher_that_learnt_nothing_is_warned_about_or_refused(tmp_path: Path
         rows = [f"{' '.join(rng.choice(words, 4))}\t{label}" for label in labels]
         (tmp_path / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
     keys = [f"task.data_dir={tmp_path}", "task.name=sst2", "finetune.epochs=1", f"cache_dir={tmp_path / 'c'}"]
-    prepare_teacher(load_config(keys), device=torch.device("cpu"))
+    cfg = load_config(keys)
+    check_teacher(cfg, prepare_teacher(cfg, device=torch.device("cpu")))
     warning = [line for line in capsys.readouterr().out.splitlines() if "warning:" in line]
     assert len(warning) == 1 and "has learnt next to nothing of sst2" in warning[0], warning
     with pytest.raises(ConfigError, match="finetune.require_better=true: teacher=tiny-bert scores"):
-        prepare_teacher(load_config([*keys, "finetune.require_better=true"]), device=torch.device("cpu"))
+        strict = load_config([*keys, "finetune.require_better=true"])
+        check_teacher(strict, prepare_teacher(strict, device=torch.device("cpu")))
     assert os.listdir(tmp_path / "c")  # the teacher stays cached: a rerun with other settings reuses it
 
 

@@ -167,3 +167,33 @@ def test_minilm_teacher_is_fine_tuned_once_on_real_sst2_and_then_read_from_the_c
                                  "finetune.lr=1e-4", "train.seed=7", f"cache_dir={tmp_path}/cache"]))
     assert "fine-tuning" not in capsys.readouterr().out  # a cache hit, also for another student seed
     assert again.teacher_dir == first.teacher_dir
+
+
+def test_confirm_takes_a_searchs_best_distinct_configurations(tmp_path: Path) -> None:
+    """study=confirm's rows: the top configurations by the search's own ranking, a configuration two trials
+    drew counted once; parse_args gives it fresh seeds (1..n), not the search's own seed 0."""
+    import dataclasses
+
+    from kdsearch.config import Config, flatten
+    from kdsearch.studies import confirm_rows
+    from kdsearch.tracking import SearchTracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = SearchTracker(uri=uri, experiment="kdsearch")
+    tracker.start_search(name="s", space="smoke", config={}, code_version="v", objectives=[("eval_score", "max")])
+    for i, (layer_map, w_hidden, score) in enumerate([("forward", 3.0, 0.81), ("forward", 3.0, 0.80),
+                                                      ("none", 3.0, 0.74), ("forward", 0.6, 0.78)]):
+        cfg = Config()
+        cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, layer_map=layer_map,
+                                                                   w_hidden=w_hidden))
+        tracker.trial_run(f"t{i}", params=flatten(cfg))
+        tracker.log_metrics(f"t{i}", {"eval_score": score}, step=1)
+        tracker.end_trial(f"t{i}", status="FINISHED")
+    tracker.end_search()
+    _, rows = confirm_rows(uri=uri, experiment="kdsearch", search="s", top=2)
+    assert [r.overrides["distill.w_hidden"] for r in rows] == [3.0, 0.6]  # the twin at 0.80 is rank 1's config
+    assert rows[0].label.startswith("rank 1 (") and "eval_score 0.8100): w_hidden=3" in rows[0].label
+    args = parse_args(["study=confirm", "search=s", "top=2", "seeds=2", f"tracking.uri={uri}"])
+    assert args["seeds"] == [1, 2] and args["top"] == 2
+    with pytest.raises(ConfigError, match="top=2: a count >= 1 of configurations, for study=confirm only"):
+        parse_args(["study=flex", "top=2"])

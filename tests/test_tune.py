@@ -309,3 +309,24 @@ def test_a_new_search_never_writes_into_an_earlier_one(tmp_path: Path, capsys: p
     from kdsearch.tune import main
     assert main(["space=smoke", f"tracking.uri={uri}", f"results_dir={tmp_path}/results", "dry_run=true"]) == 0
     assert "search_name: kdsearch-smoke-3" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_confirm_reruns_the_best_configurations_over_fresh_seeds(tmp_path: Path) -> None:
+    """`confirm=2 confirm_seeds=2`: after the search, its two best distinct configurations run again at seeds
+    1 and 2 (the search ran seed 0), under their own MLflow parent, into a table with intervals."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.run([sys.executable, "-m", "kdsearch.tune", "space=smoke", "name=c", "confirm=2",
+                           "confirm_seeds=2", f"tracking.uri={uri}", f"results_dir={tmp_path}/results",
+                           f"cache_dir={tmp_path.parent}/shared_cache"],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    table = (tmp_path / "results" / "c" / "confirm" / "confirm.md").read_text()
+    assert "| 95% CI of the mean | vs best (Welch, 5%) |" in table and "train.seed in [1, 2]" in table
+    ranks = [line for line in table.splitlines() if line.startswith("| rank ")]
+    assert [r.split(" (")[0] for r in ranks] == ["| rank 1", "| rank 2"] and "| best |" in ranks[0]
+    parent = find_search(uri=uri, experiment="kdsearch", search="c-confirm")
+    trials = list_trials(uri=uri, experiment="kdsearch", search_run_id=parent.run_id)
+    assert sorted(t.params["train.seed"] for t in trials) == ["1", "1", "2", "2"]
+    assert all(t.status == "FINISHED" for t in trials)
+    assert proc.stdout.strip().splitlines()[-1].endswith(f"best student saved to {tmp_path}/results/c/best_student")
