@@ -180,6 +180,11 @@ def student_config(teacher: PretrainedConfig, *, layers: int, hidden_size: int |
     """The teacher's config at depth n_s and width d_s; heads keep the teacher's head size where possible."""
     config = copy.deepcopy(teacher)
     config.num_hidden_layers = layers
+    if isinstance(getattr(config, "layer_types", None), list):  # Qwen2/3, Gemma: one attention kind per layer
+        # the kinds of the teacher blocks a teacher-initialised student copies (its family's table or forward)
+        n_t = teacher.num_hidden_layers
+        blocks = copied_blocks(teacher.model_type, layers, n_t) if layers <= n_t else [i % n_t for i in range(layers)]
+        config.layer_types = [teacher.layer_types[i] for i in blocks]
     if dropout is not None:
         for key in _DROPOUT_KEYS:
             if hasattr(config, key):

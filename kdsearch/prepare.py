@@ -82,11 +82,19 @@ def _tokenizer(source: models.TeacherSource, raw: Any, spec: TaskSpec, store: St
         assert source.location is not None
         tok = AutoTokenizer.from_pretrained(source.location)
     else:
-        family = models.family_of(models.teacher_config(source))
-        key = content_key(kind="words+chars", family=family, task=spec.name, data=raw["train"]._fingerprint)
-        path = _artifact(store, "tokenizer", key, lambda d: models.train_tokenizer(
-            train_texts(raw, spec), family=family).save_pretrained(d), cached_only=cached_only)
-        tok = AutoTokenizer.from_pretrained(path)
+        config = models.teacher_config(source)
+        family = models.family_of(config)
+        key = content_key(kind="words+chars", family=family, task=spec.name, data=raw["train"]._fingerprint,
+                          loads_as=config.model_type)
+
+        def build(out: Path) -> None:
+            models.train_tokenizer(train_texts(raw, spec), family=family).save_pretrained(out)
+            # Beside a config, AutoTokenizer picks the model type's tokenizer class (Qwen2's re-splits the text
+            # its own way), as it will in the teacher's folder and in every exported student's: with the config
+            # here too, training reads the text exactly as any later load of an export does.
+            config.save_pretrained(out)
+
+        tok = AutoTokenizer.from_pretrained(_artifact(store, "tokenizer", key, build, cached_only=cached_only))
     if tok.pad_token is None:  # GPT-2-like tokenizers ship without one
         tok.pad_token = tok.eos_token
     return tok

@@ -183,3 +183,20 @@ def test_a_task_head_carries_the_tasks_class_names(task: str, names: list[str] |
         assert config.num_labels == 1 and config.problem_type == "regression"
     else:
         assert list(config.id2label.values()) == names and config.label2id[names[-1]] == len(names) - 1
+
+
+def test_a_shallower_student_keeps_one_attention_kind_per_layer() -> None:
+    """Qwen-like configs list an attention kind per layer: a student's list matches its depth, taken from the
+    teacher blocks it copies, so that its saved config loads again (transformers checks the lengths)."""
+    from transformers import AutoConfig, Qwen2Config
+
+    from kdsearch.models import student_config
+
+    teacher = Qwen2Config(num_hidden_layers=4, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                          intermediate_size=64, vocab_size=100, use_sliding_window=True, max_window_layers=2)
+    assert teacher.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    student = student_config(teacher, layers=2, hidden_size=None)
+    assert student.layer_types == ["full_attention", "sliding_attention"]  # forward map: teacher blocks 1 and 3
+    assert student_config(teacher, layers=6, hidden_size=None).layer_types[4:] == ["full_attention"] * 2
+    loaded = AutoConfig.for_model(**student.to_dict())
+    assert loaded.num_hidden_layers == 2 and loaded.layer_types == student.layer_types
