@@ -11,7 +11,7 @@ import pytest
 from kdsearch import space_model, spaces
 from kdsearch.config import flatten
 from kdsearch.overrides import load_config
-from kdsearch.studies import STUDIES, grid_space, make_study, row_of, seeded_rows
+from kdsearch.studies import GRIDS, grid_space, make_study, row_of, seeded_rows
 from kdsearch.tracking import SearchTracker, flatten_params
 from kdsearch.validate import validate
 
@@ -43,7 +43,7 @@ def test_grid_space_runs_every_strategy_with_every_seed_and_rows_stay_distinguis
     assert narrow.base["student.hidden_size"] == 32
 
 
-@pytest.mark.parametrize("name", [s for s in STUDIES if s != "seeded"])
+@pytest.mark.parametrize("name", GRIDS.names())  # seeded and confirm take their rows from a search
 def test_every_studys_cells_validate_and_map_back_to_their_rows(name: str) -> None:
     """Each cell is a valid run config (kdsearch.validate), and its logged params name its row and no other."""
     study = make_study(name, d_teacher=64)
