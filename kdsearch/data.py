@@ -7,6 +7,7 @@ Local files go through the same `datasets` loaders as hub data. Imports no Ray, 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import re
@@ -137,6 +138,15 @@ def _lines(path: Path, where: str) -> Iterator[str]:
 
 def _check_rows(path: Path, where: str, columns: list[str], spec: TaskSpec,
                 label: str = "label") -> list[tuple[int, str]]:
+    """`_scan_rows`, once per file version: a search validates its base, every paper point and 32 probes, each
+    reading the same files."""
+    stat = path.stat()
+    return _scan_rows(path.resolve(), stat.st_mtime_ns, stat.st_size, where, tuple(columns), spec, label)
+
+
+@functools.lru_cache(maxsize=32)
+def _scan_rows(path: Path, _mtime_ns: int, _size: int, where: str, columns: tuple[str, ...], spec: TaskSpec,
+               label: str) -> list[tuple[int, str]]:
     """Every row of a file decodes and is whole: as many cells as the header (CSV/TSV), a JSON object (JSONL),
     and a label in each labelled row. One streaming pass; the loaders would otherwise fill gaps with nulls and
     fail later with a message that names neither the row nor the problem. Returns (line, label text) per row
