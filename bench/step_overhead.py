@@ -53,6 +53,7 @@ from kdsearch.optimiser import Optimiser  # noqa: E402
 from kdsearch.overrides import load_config
 from kdsearch.precision import autocast, loss_scaler  # noqa: E402
 from kdsearch.prepare import Prepared, make_student, prepare  # noqa: E402
+from kdsearch.relations import relation_term  # noqa: E402
 from kdsearch.teacher_cache import TeacherCache, with_rows  # noqa: E402
 from kdsearch.validate import validate  # noqa: E402
 
@@ -249,7 +250,8 @@ def breakdown(variants: Variants, batches: list[dict[str, torch.Tensor]], *, ste
             t = tick(kd_t, f"hidden term ({len(v.pairs)} pairs)", t, rec)
         if d.relation is not None:
             assert teacher.projections is not None
-            terms["relation"] = d._relation_term(projections, teacher.projections, batch["attention_mask"])
+            terms["relation"] = relation_term(d.relation, projections, teacher.projections, batch["attention_mask"],
+                                              causal=d.kind == "causal_lm")
             t = tick(kd_t, f"relation term ({'+'.join(d.relation.kinds)})", t, rec)
         loss = combine(terms, d.weights if use_hidden else {**d.weights, "hidden": 0.0})
         loss.item()

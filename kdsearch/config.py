@@ -153,7 +153,8 @@ class DistillConfig:
     """Also match the embedding outputs h_s[0] <-> h_t[0] (the layer-selection paper's BERT and seq2seq runs);
     null = true, except with bridge=ted (TED's code has no filter on the embeddings)."""
     bridge: str = "auto"
-    """Width bridge: identity, projector, ted, units; `auto` = identity if widths match, else projector."""
+    """Width bridge (kdsearch/bridges): identity, projector, orthogonal, ted, units; `auto` = identity if widths
+    match, else projector."""
     distance: str = "mse"
     """Hidden distance registry key (mse, token_mse, ln_mse, cosine, correlation, cka, pkd_cls, and the
     layer-selection code's own forms layer_select_bert, layer_select_t5, layer_select_qwen3)."""
@@ -181,7 +182,10 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         if self.embeddings is None:  # resolved here, so runs, MLflow params and exports all read true or false
-            object.__setattr__(self, "embeddings", self.bridge != "ted")
+            from .bridges import BRIDGES  # its bridge's method says (TED: no embeddings pair)
+
+            method = BRIDGES.get(self.bridge) if self.bridge in BRIDGES else None
+            object.__setattr__(self, "embeddings", method.embedding_pair if method else True)
         for key in ("w_task", "w_logit", "w_hidden", "w_relation"):
             value = getattr(self, key)
             require(value >= 0, f"distill.{key}={value}: loss weights must be >= 0")
@@ -309,10 +313,11 @@ class TrainConfig:
     teacher_cache: bool | None = None
     """Run the frozen teacher once over the training split and read its outputs back by row (cached by content,
     shared by every trial on the same teacher, data and precision) instead of a teacher forward every step; equal
-    to the live pass. Encoder tasks whose hidden term masks padding (distill.mask_padding=true, not the T5/Qwen3
-    forms). null: on where it applies and the run reads at least as many rows as the cache holds (epochs x steps
-    x batch_size >= training rows). Disk: tokens x (layers + 1) x d, plus tokens x 3 x d per relation layer with
-    distill.w_relation > 0 (query, key, value: any relation.kinds)."""
+    to the live pass. Encoder tasks only. null: on where it applies and the run reads at least as many rows as
+    the cache holds (epochs x steps x batch_size >= training rows). Disk: tokens x (layers + 1) x d, plus tokens
+    x 3 x d per relation layer with distill.w_relation > 0 (query, key, value: any relation.kinds). A hidden term
+    that reads padding (distill.mask_padding=false, the T5/Qwen3 forms) gets the states at every position: rows
+    x the longest row's tokens (under null: only up to 4 GB)."""
 
     def __post_init__(self) -> None:
         require(1 <= self.epochs <= MAX_EPOCHS, f"train.epochs={self.epochs}: must be in 1..{MAX_EPOCHS}")

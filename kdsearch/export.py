@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import space_model
+from .bridges import BRIDGES, bridge_sections
 from .config import flatten, rate_defaults
 from .leaderboard import build_leaderboard, search_ranking
 from .loop import export_student
@@ -56,11 +57,11 @@ def strategy_settings(cfg: Any) -> dict[str, Any]:
     d = cfg.distill
     hidden = d.w_hidden > 0 and d.layer_map != "none"
     mapped = hidden or (d.w_relation > 0 and cfg.relation.layers == "map")  # TinyBERT's relations follow the map
-    off = {"ted.": not (hidden and d.bridge == "ted"), "units.": not (hidden and d.bridge == "units"),
-           "relation.": d.w_relation == 0}
+    running = BRIDGES.get(d.bridge).section if hidden and d.bridge in BRIDGES else None
+    off = {f"{section}.": section != running for section in bridge_sections()} | {"relation.": d.w_relation == 0}
     out = {}
     for key, value in flatten(cfg).items():
-        if not key.startswith(("distill.", "ted.", "units.", "relation.", "student.")):
+        if not key.startswith(("distill.", "relation.", "student.", *off)):
             continue
         if any(key.startswith(prefix) and skip for prefix, skip in off.items()):
             continue

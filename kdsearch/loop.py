@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from . import models
-from .bridges import BRIDGES, BridgeInputs, resolve_bridge
+from .bridges import BridgeInputs, bridge_method
 from .config import Config, Precision
 from .evaluation import EVAL_BATCH_SIZE, evaluate, forward_latency_ms, make_loader
 from .layer_maps import run_pairs
@@ -73,12 +73,10 @@ def build_distiller(cfg: Config, prepared: Prepared, device: torch.device) -> tu
     teacher = load_teacher(prepared, device)
     student = make_student(cfg, teacher, prepared.student_dir)
     d_s = models.student_width(teacher.config, cfg.student)
-    inputs = BridgeInputs(cfg=cfg, pairs=layer_pairs(cfg, prepared, epoch=0), d_student=d_s,
-                          d_teacher=prepared.d_teacher,
-                          teacher_filters=prepared.load_tensors(prepared.teacher_filters),
-                          student_filters=prepared.load_tensors(prepared.student_filters),
-                          unit_scores=prepared.load_tensors(prepared.unit_scores).get("scores"))
-    bridge = BRIDGES.get(resolve_bridge(cfg.distill.bridge, d_s, prepared.d_teacher))(inputs)
+    method = bridge_method(cfg, d_s, prepared.d_teacher)
+    bridge = method.build(BridgeInputs(pairs=layer_pairs(cfg, prepared, epoch=0), d_student=d_s,
+                                       d_teacher=prepared.d_teacher, settings=method.settings(cfg),
+                                       artifacts=prepared.load_artifacts()))
     distiller = Distiller(student, bridge, kind=prepared.spec.kind, cfg=cfg.distill,
                           relation=resolve_relation(cfg, teacher.config))
     return teacher, distiller.to(device)

@@ -1,8 +1,9 @@
 """Shared preparation before distillation, every artifact content-addressed in the cache so later runs reuse it.
 
-Order: task data -> tokenizer -> tokenised data (Arrow) -> fine-tuned teacher -> TED stage-1 filters (teacher
-and student) or Flex-KD unit scores. Runs once per run/trial in the driver process, before any Train worker
-starts; workers only load the finished artifacts. Plain PyTorch + transformers; no Ray, Optuna or MLflow.
+Order: task data -> tokenizer -> tokenised data (Arrow) -> fine-tuned teacher -> what the run's bridge prepares
+(TED stage-1 filters, Flex-KD unit scores) -> cached teacher outputs. Runs once per run/trial in the driver
+process, before any Train worker starts; workers only load the finished artifacts. Plain PyTorch +
+transformers; no Ray, Optuna or MLflow.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
 from . import models, teacher_cache
-from .bridges import resolve_bridge
+from .bridges import bridge_method
 from .cache import Store, content_key, file_digest
 from .config import Config, ConfigError, flatten
 from .data import load_raw_task
@@ -33,8 +34,6 @@ from .losses import task_loss
 from .metrics import baseline_score
 from .relations import Tap, resolve_relation
 from .tasks import TaskSpec, read_by
-from .ted import build_filters, filter_width, train_stage1
-from .units import score_units
 
 
 @dataclass(frozen=True)
@@ -49,15 +48,14 @@ class Prepared:
     n_teacher: int
     d_teacher: int
     teacher_metrics: dict[str, float]
-    teacher_filters: str | None = None  # safetensors of the frozen stage-1 teacher filters
-    student_filters: str | None = None  # safetensors of the stage-1 student filters
-    unit_scores: str | None = None  # safetensors {"scores": (n_t + 1, d_t)}
+    bridge_artifacts: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> safetensors the
+    # run's bridge prepared (TED: teacher_filters, student_filters; Flex-KD: unit_scores)
     teacher_outputs: str | None = None  # directory of the cached teacher outputs (kdsearch.teacher_cache)
     teacher_projections: str | None = None  # directory of the cached projections the relation term reads
     student_dir: str | None = None  # the fine-tuned initial student (student.finetune), save_pretrained
 
-    def load_tensors(self, path: str | None) -> dict[str, torch.Tensor]:
-        return load_file(path) if path else {}
+    def load_artifacts(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {name: load_file(path) for name, path in self.bridge_artifacts.items()}
 
 
 def _log(message: str) -> None:
@@ -237,69 +235,40 @@ def _fine_tuned_student(cfg: Config, prepared: Prepared, store: Store, device: t
     return str(path)
 
 
-STAGE1_VERSION = 2
-"""Bump when stage 1's training changes, so that filters cached by an earlier rule are not reused (2: TED's
-pooler activation, head dropout, schedule and weight decay)."""
+@dataclass
+class _BridgeContext:
+    """bridges.PrepareContext for one run: the teacher, the student and the batches made on first use."""
 
+    cfg: Config
+    prepared: Prepared
+    pairs: list[tuple[int, int]]
+    store: Store
+    device: torch.device
 
-def _ted_filters(cfg: Config, prepared: Prepared, pairs: list[tuple[int, int]], store: Store,
-                 device: torch.device) -> tuple[str, str | None]:
-    """Stage 1 on the frozen teacher (teacher filters) and on the student distillation starts from (student
-    filters)."""
-    teacher = load_teacher(prepared, device)
-    ted = cfg.ted
-    # Stage-1 heads predict the task: classes, a score, or (causal LMs) the next token over the vocabulary.
-    n_out = teacher.config.vocab_size if prepared.spec.kind == "causal_lm" else max(prepared.spec.num_labels, 1)
-    d_f = filter_width(ted, prepared.d_teacher)
-    loader = make_loader(prepared.data["train"], batch_size=cfg.train.batch_size, shuffle=True,
-                         seed=cfg.train.seed, pad_id=prepared.pad_id)
-    kind = prepared.spec.kind
-    # What stage 1 reads: the filter settings (not how stage 2 initialises its student filters), the batches.
-    architecture = {k: v for k, v in flatten(ted).items() if k != "student_filters"}
-    stage1_lr = ted.stage1_lr or cfg.finetune.lr  # TED's scripts reuse each model's fine-tuning rate
-    assert stage1_lr is not None
-    common = dict(filter=architecture, d_f=d_f, teacher=prepared.teacher_dir, seed=cfg.train.seed,
-                  batch_size=cfg.train.batch_size, lr=stage1_lr, version=STAGE1_VERSION)
+    def __post_init__(self) -> None:
+        spec, teacher = self.prepared.spec, AutoConfig.from_pretrained(self.prepared.teacher_dir)
+        self.kind, self.num_labels = spec.kind, spec.num_labels
+        self.d_teacher, self.d_student = self.prepared.d_teacher, models.student_width(teacher, self.cfg.student)
+        self.teacher_dir, self.student_dir = self.prepared.teacher_dir, self.prepared.student_dir
+        self._teacher: Any = None
 
-    def stage1(model: torch.nn.Module, indices: list[int], d_in: int, label: str):
-        def build(out: Path) -> None:
-            torch.manual_seed(cfg.train.seed)
-            filters = build_filters(indices, d_in, d_f, ted)
-            acc = train_stage1(model, filters, d_f=d_f, loader=loader, kind=kind, n_out=n_out,
-                               epochs=ted.stage1_epochs, lr=stage1_lr, device=device)
-            per_layer = ", ".join(f"h[{k}] {a:.3f}" for k, a in acc.items())
-            _log(f"TED stage 1 ({label}): head accuracy per filtered layer: {per_layer}")
-            save_file({k: v.contiguous() for k, v in filters.cpu().state_dict().items()}, out / "filters.safetensors")
-            (out / "head_accuracy.json").write_text(json.dumps(acc))
-        return build
+    def teacher(self) -> Any:
+        if self._teacher is None:
+            self._teacher = load_teacher(self.prepared, self.device)
+        return self._teacher
 
-    t_idx = sorted({t for _, t in pairs})
-    t_path = store.get_or_build("ted_teacher", content_key(indices=t_idx, **common),
-                                stage1(teacher, t_idx, prepared.d_teacher, "teacher"))
-    s_path = None
-    if ted.student_filters == "stage1":
-        student = models.freeze(make_student(cfg, teacher, prepared.student_dir).to(device))
-        s_idx = sorted({s for s, _ in pairs})
-        d_s = models.student_width(teacher.config, cfg.student)
-        s_key = content_key(indices=s_idx, student=flatten(cfg.student), start=prepared.student_dir, **common)
-        s_path = str(store.get_or_build("ted_student", s_key, stage1(student, s_idx, d_s, "student"))
-                     / "filters.safetensors")
-    return str(t_path / "filters.safetensors"), s_path
+    def student(self) -> Any:
+        return models.freeze(make_student(self.cfg, self.teacher(), self.student_dir).to(self.device))
 
+    def batches(self) -> Any:
+        return make_loader(self.prepared.data["train"], batch_size=self.cfg.train.batch_size, shuffle=True,
+                           seed=self.cfg.train.seed, pad_id=self.prepared.pad_id)
 
-def _unit_scores(cfg: Config, prepared: Prepared, store: Store, device: torch.device) -> str:
-    units = cfg.units
-    key = content_key(teacher=prepared.teacher_dir, score=units.score, aggregate=units.aggregate,
-                      batches=units.score_batches, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+    def cached(self, kind: str, key: str, build: Callable[[Path], None]) -> Path:
+        return self.store.get_or_build(kind, key, build)
 
-    def build(out: Path) -> None:
-        loader = make_loader(prepared.data["train"], batch_size=cfg.train.batch_size, shuffle=True,
-                             seed=cfg.train.seed, pad_id=prepared.pad_id)
-        scores = score_units(load_teacher(prepared, device), loader, kind=prepared.spec.kind, method=units.score,
-                             batches=units.score_batches, device=device, aggregate=units.aggregate)
-        save_file({"scores": scores}, out / "scores.safetensors")
-
-    return str(store.get_or_build("unit_scores", key, build) / "scores.safetensors")
+    def log(self, message: str) -> None:
+        _log(message)
 
 
 def _teacher_outputs(cfg: Config, prepared: Prepared, store: Store, device: torch.device,
@@ -307,15 +276,16 @@ def _teacher_outputs(cfg: Config, prepared: Prepared, store: Store, device: torc
     """The cached logits and hidden states, or with `tap` the cached projections of its layers (kept apart, so
     every relation setting shares the one copy of the hidden states)."""
     train = prepared.data["train"]
+    padded = tap is None and teacher_cache.reads_padding(cfg)
     key = content_key(teacher=prepared.teacher_dir, precision=cfg.train.precision, device=device.type,
                       data=[file_digest(f["filename"]) for f in train.cache_files],
-                      **({"tap_layers": list(tap.layers)} if tap else {}))
+                      **({"tap_layers": list(tap.layers)} if tap else {}), **({"padded": True} if padded else {}))
 
     def build(out: Path) -> None:
         what = f"attention projections of layers {list(tap.layers)}" if tap else "outputs"
-        _log(f"caching the teacher's {what} over {len(train)} training rows")
+        _log(f"caching the teacher's {what}{' at every position' if padded else ''} over {len(train)} training rows")
         teacher_cache.build(load_teacher(prepared, device), train, out, pad_id=prepared.pad_id,
-                            precision=cfg.train.precision, device=device, tap=tap)
+                            precision=cfg.train.precision, device=device, tap=tap, padded=padded)
 
     return str(store.get_or_build("teacher_projections" if tap else "teacher_outputs", key, build))
 
@@ -346,24 +316,24 @@ def prepare_teacher(cfg: Config, *, device: torch.device | None = None, cached_o
 
 
 def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:
-    """`prepare_teacher` plus the run's strategy artifacts: TED stage-1 filters, Flex-KD unit scores, the
-    cached teacher outputs."""
+    """`prepare_teacher` plus the run's strategy artifacts: what its bridge prepares (TED stage-1 filters,
+    Flex-KD unit scores), the cached teacher outputs."""
     device = device or _default_device()
     store = Store(cfg.cache_dir)
     prepared = prepare_teacher(cfg, device=device)
     if cfg.student.finetune:  # before stage 1, which reads the student it starts from
         prepared = dataclasses.replace(prepared, student_dir=_fine_tuned_student(cfg, prepared, store, device))
     teacher = AutoConfig.from_pretrained(prepared.teacher_dir)
-    n_t, d_t = prepared.n_teacher, prepared.d_teacher
-    bridge = resolve_bridge(cfg.distill.bridge, models.student_width(teacher, cfg.student), d_t)
-    # No hidden pairs (w_hidden = 0, layer_map=none): no filters or scores to prepare.
-    pairs = run_pairs(cfg, n_t)
+    method = bridge_method(cfg, models.student_width(teacher, cfg.student), prepared.d_teacher)
+    # No hidden pairs (w_hidden = 0, layer_map=none): nothing for the bridge to prepare.
+    pairs = run_pairs(cfg, prepared.n_teacher)
     extra: dict[str, Any] = {}
-    if bridge == "ted" and pairs:
-        extra["teacher_filters"], extra["student_filters"] = _ted_filters(cfg, prepared, pairs, store, device)
-    if bridge == "units" and pairs:
-        extra["unit_scores"] = _unit_scores(cfg, prepared, store, device)
-    if teacher_cache.enabled(cfg, prepared.spec.kind, len(prepared.data["train"])):
+    if method.prepare is not None and pairs:
+        extra["bridge_artifacts"] = method.prepare(_BridgeContext(cfg, prepared, pairs, store, device))
+    train = prepared.data["train"]
+    size = teacher_cache.padded_bytes(train, prepared.n_teacher, prepared.d_teacher, cfg.train.precision) if (
+        teacher_cache.reads_padding(cfg)) else 0
+    if teacher_cache.enabled(cfg, prepared.spec.kind, len(train), size):
         extra["teacher_outputs"] = _teacher_outputs(cfg, prepared, store, device)
         relation = resolve_relation(cfg, teacher)
         if relation:  # every projection of the relation's teacher layers: one cache for any relation.kinds

@@ -18,8 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from transformers import AutoModel
 
-from .layer_maps import map_layers
+from .config import ConfigError
+from .layer_maps import check_map_args, map_layers
+from .losses import RELATION_LOSSES
 from .registry import Registry
 
 if TYPE_CHECKING:
@@ -152,3 +155,60 @@ def projection_widths(config: Any) -> dict[Projection, int]:
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     return {"query": heads * head_dim, "key": kv_heads * head_dim, "value": kv_heads * head_dim}
+
+
+def relation_term(spec: RelationSpec, student: Captured, teacher: Captured, mask: torch.Tensor, *,
+                  causal: bool) -> torch.Tensor:
+    """Sum over layer pairs and relations (MiniLMv2: L_qq + L_kk + L_vv) of the teacher-student relation loss.
+
+    Relations whose projections share one shape on each side run as one batch of K x B rows: each relation's
+    mean runs over the same real entries, so K times the joint mean is their sum, in a third of the ops.
+    """
+    loss = RELATION_LOSSES.get(spec.loss)
+    relations = [RELATIONS.get(name) for name in spec.kinds]
+    total = torch.zeros((), device=mask.device)
+    for s, t in spec.pairs:
+        sides = [[side[(layer, p)] for pair in relations for p in pair]
+                 for side, layer in ((student, s), (teacher, t))]
+        if all(len({tuple(x.shape) for x in side}) == 1 for side in sides):
+            (sx, sy), (tx, ty) = [(torch.cat(side[0::2]), torch.cat(side[1::2])) for side in sides]
+            total = total + len(relations) * loss((sx, sy), (tx, ty), heads=spec.heads,
+                                                  mask=mask.repeat(len(relations), 1), causal=causal)
+            continue
+        for x, y in relations:  # widths differ (grouped-query attention): one relation at a time
+            total = total + loss((student[(s, x)], student[(s, y)]), (teacher[(t, x)], teacher[(t, y)]),
+                                 heads=spec.heads, mask=mask, causal=causal)
+    return total
+
+
+def check_relation(cfg: Config, teacher: Any, student: Any) -> None:
+    """ConfigError (one line) unless the relation term can run: layers in range, R dividing every compared
+    projection width of the `teacher` and `student` (transformers configs), projections the term can find."""
+    rel, n_t = cfg.relation, teacher.num_hidden_layers
+    if rel.layers == "map":
+        if cfg.distill.layer_map in ("none", "inorder_random"):
+            raise ConfigError(f"relation.layers=map takes its layer pairs from distill.layer_map, which is "
+                              f"{cfg.distill.layer_map}; choose a fixed map (TinyBERT: forward) or relation.layers=one")
+        check_map_args(cfg.distill.layer_map, cfg.student.layers, n_t, cfg.distill.layers)
+    for key, layer, depth, who in (("student_layer", rel.student_layer, cfg.student.layers, "student"),
+                                   ("teacher_layer", rel.teacher_layer, n_t, "teacher")):
+        if layer is not None and layer > depth:
+            raise ConfigError(f"relation.{key}={layer} is beyond the {who}'s {depth} layers (1..{depth})")
+    heads = rel.heads or teacher.num_attention_heads
+    projections = {p for kind in rel.names for p in RELATIONS.get(kind)}
+    for who, config in (("teacher", teacher), ("student", student)):
+        widths = projection_widths(config)
+        if "qk" in rel.names and widths["query"] != widths["key"]:
+            raise ConfigError(f"relation.kinds={rel.kinds} has qk, which needs equal query and key widths; the "
+                              f"{who}'s are {widths['query']} and {widths['key']} (grouped-query attention): "
+                              "use qq, kk, vv")
+        bad = sorted(f"{p} {widths[p]}" for p in projections if widths[p] % heads)
+        if bad:
+            raise ConfigError(f"relation.heads={heads} does not divide the {who}'s projection widths "
+                              f"({', '.join(bad)}); choose relation.heads dividing them")
+    with torch.device("meta"):  # the architecture without weights: are its projections where we look?
+        model = AutoModel.from_config(teacher)
+    try:
+        projection_modules(model, rel.teacher_layer or n_t)
+    except ValueError as err:
+        raise ConfigError(f"distill.w_relation > 0: {err}") from None

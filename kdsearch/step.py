@@ -18,8 +18,8 @@ from torch import nn
 
 from .encoding import model_inputs
 from .kinds import IGNORE_INDEX
-from .losses import DISTANCES, LOGIT_LOSSES, RELATION_LOSSES, combine, task_loss
-from .relations import RELATIONS, Captured, RelationSpec, Tap, capture
+from .losses import DISTANCES, LOGIT_LOSSES, combine, task_loss
+from .relations import Captured, RelationSpec, Tap, capture, relation_term
 
 if TYPE_CHECKING:
     from .bridges import Bridge
@@ -95,7 +95,8 @@ class Distiller(nn.Module):
         if self.relation is not None:
             if teacher.projections is None:
                 raise ValueError("distill.w_relation > 0 needs the teacher's projections: teacher_forward(tap=...)")
-            terms["relation"] = self._relation_term(projections, teacher.projections, batch["attention_mask"])
+            terms["relation"] = relation_term(self.relation, projections, teacher.projections,
+                                              batch["attention_mask"], causal=self.kind == "causal_lm")
         terms["loss"] = combine(terms, self.weights if use_hidden else {**self.weights, "hidden": 0.0})
         terms["logits"] = out.logits.detach()
         return terms
@@ -107,30 +108,6 @@ class Distiller(nn.Module):
             mask = labels[:, 1:] != IGNORE_INDEX
             return self.logit_loss(student[:, :-1], teacher[:, :-1], temperature=self.cfg.temperature, mask=mask)
         return self.logit_loss(student, teacher, temperature=self.cfg.temperature)
-
-    def _relation_term(self, student: Captured, teacher: Captured, mask: torch.Tensor) -> torch.Tensor:
-        """Sum over layer pairs and relations (MiniLMv2: L_qq + L_kk + L_vv) of the teacher-student relation loss.
-
-        Relations whose projections share one shape on each side run as one batch of K x B rows: each relation's
-        mean runs over the same real entries, so K times the joint mean is their sum, in a third of the ops.
-        """
-        assert self.relation is not None
-        spec, causal = self.relation, self.kind == "causal_lm"
-        loss = RELATION_LOSSES.get(spec.loss)
-        relations = [RELATIONS.get(name) for name in spec.kinds]
-        total = torch.zeros((), device=mask.device)
-        for s, t in spec.pairs:
-            sides = [[side[(layer, p)] for pair in relations for p in pair]
-                     for side, layer in ((student, s), (teacher, t))]
-            if all(len({tuple(x.shape) for x in side}) == 1 for side in sides):
-                (sx, sy), (tx, ty) = [(torch.cat(side[0::2]), torch.cat(side[1::2])) for side in sides]
-                total = total + len(relations) * loss((sx, sy), (tx, ty), heads=spec.heads,
-                                                      mask=mask.repeat(len(relations), 1), causal=causal)
-                continue
-            for x, y in relations:  # widths differ (grouped-query attention): one relation at a time
-                total = total + loss((student[(s, x)], student[(s, y)]), (teacher[(t, x)], teacher[(t, y)]),
-                                     heads=spec.heads, mask=mask, causal=causal)
-        return total
 
     def _hidden_term(self, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
                      mask: torch.Tensor | None, pairs: Pairs) -> torch.Tensor:

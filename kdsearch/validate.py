@@ -7,15 +7,14 @@ and the task files' headers. No Ray, Optuna or MLflow.
 
 from __future__ import annotations
 
-import torch
-from transformers import AutoModel, PretrainedConfig
+from transformers import PretrainedConfig
 
 from . import hub, teacher_cache
-from .bridges import BRIDGES, resolve_bridge
+from .bridges import BRIDGES, bridge_method
 from .config import Config, ConfigError
 from .data import check_task
 from .layer_maps import LAYER_MAPS, check_map_args
-from .losses import DISTANCES, LOGIT_LOSSES, RELATION_LOSSES, WIDTH_FREE
+from .losses import DISTANCES, LOGIT_LOSSES, RELATION_LOSSES
 from .models import (
     depth_width,
     family_of,
@@ -26,10 +25,8 @@ from .models import (
     teacher_config,
 )
 from .paths import check_local_dirs
-from .relations import RELATIONS, projection_modules, projection_widths
+from .relations import RELATIONS, check_relation
 from .tasks import TaskSpec, read_by
-from .ted import ACTIVATIONS, FILTERS
-from .units import units_to_keep
 
 
 def check_names(cfg: Config) -> None:
@@ -39,8 +36,8 @@ def check_names(cfg: Config) -> None:
     LOGIT_LOSSES.check(cfg.distill.logit_loss, key="distill.logit_loss")
     if cfg.distill.bridge != "auto":
         BRIDGES.check(cfg.distill.bridge, key="distill.bridge")
-    FILTERS.check(cfg.ted.filter, key="ted.filter")
-    ACTIVATIONS.check(cfg.ted.activation, key="ted.activation")
+    for name in BRIDGES:  # every config carries every bridge's section, and a space may search it
+        BRIDGES.get(name).check_names(cfg)
     for kind in cfg.relation.names:
         RELATIONS.check(kind, key="relation.kinds")
     RELATION_LOSSES.check(cfg.relation.loss, key="relation.loss")
@@ -65,59 +62,11 @@ def _check_shapes(cfg: Config, teacher: PretrainedConfig) -> None:
                           f"({_student_width_key(cfg, d_s)}); use student.init=random")
     if cfg.distill.w_hidden > 0:
         check_map_args(cfg.distill.layer_map, cfg.student.layers, n_t, cfg.distill.layers)
-    bridge = resolve_bridge(cfg.distill.bridge, d_s, d_t)
-    if bridge == "identity" and d_s != d_t and cfg.distill.distance not in WIDTH_FREE:
-        raise ConfigError(f"distill.bridge=identity needs equal widths (student {d_s}, teacher {d_t}) or a "
-                          f"width-free distance ({', '.join(sorted(WIDTH_FREE))}); use projector, ted or units")
-    if bridge == "units":
-        k = units_to_keep(cfg.units.ratio, d_s, d_t)
-        if k > d_s:
-            raise ConfigError(f"units.ratio={cfg.units.ratio} keeps {k} teacher units but the student has only "
-                              f"{d_s}: use units.ratio <= {d_s / d_t:.4g}")
-    if bridge == "ted":
-        if cfg.distill.layer_map == "inorder_random":
-            raise ConfigError("distill.bridge=ted needs a fixed layer map (its filters are trained per teacher "
-                              "layer in stage 1); distill.layer_map=inorder_random re-draws layers every epoch")
-        if cfg.ted.student_filters == "teacher" and d_s != d_t:
-            raise ConfigError(f"ted.student_filters=teacher copies teacher filters, which needs equal widths "
-                              f"(student {d_s}, teacher {d_t}); use stage1 or random")
+    bridge_method(cfg, d_s, d_t).check(cfg, d_s, d_t)
     if cfg.distill.w_task == 0 and cfg.distill.w_logit == 0 and cfg.distill.w_relation == 0 and (
             cfg.distill.w_hidden == 0 or cfg.distill.layer_map == "none"):
         raise ConfigError("every loss weight is 0 (distill.w_task, distill.w_logit, distill.w_hidden, "
                           "distill.w_relation): nothing would be trained")
-
-
-def _check_relation(cfg: Config, teacher: PretrainedConfig) -> None:
-    """Layers in range, R dividing every compared projection width, and projections the term can find."""
-    rel, (n_t, _) = cfg.relation, depth_width(teacher)
-    if rel.layers == "map":
-        if cfg.distill.layer_map in ("none", "inorder_random"):
-            raise ConfigError(f"relation.layers=map takes its layer pairs from distill.layer_map, which is "
-                              f"{cfg.distill.layer_map}; choose a fixed map (TinyBERT: forward) or relation.layers=one")
-        check_map_args(cfg.distill.layer_map, cfg.student.layers, n_t, cfg.distill.layers)
-    for key, layer, depth, who in (("student_layer", rel.student_layer, cfg.student.layers, "student"),
-                                   ("teacher_layer", rel.teacher_layer, n_t, "teacher")):
-        if layer is not None and layer > depth:
-            raise ConfigError(f"relation.{key}={layer} is beyond the {who}'s {depth} layers (1..{depth})")
-    heads = rel.heads or teacher.num_attention_heads
-    student = student_config(teacher, layers=cfg.student.layers, hidden_size=student_width(teacher, cfg.student))
-    projections = {p for kind in rel.names for p in RELATIONS.get(kind)}
-    for who, config in (("teacher", teacher), ("student", student)):
-        widths = projection_widths(config)
-        if "qk" in rel.names and widths["query"] != widths["key"]:
-            raise ConfigError(f"relation.kinds={rel.kinds} has qk, which needs equal query and key widths; the "
-                              f"{who}'s are {widths['query']} and {widths['key']} (grouped-query attention): "
-                              "use qq, kk, vv")
-        bad = sorted(f"{p} {widths[p]}" for p in projections if widths[p] % heads)
-        if bad:
-            raise ConfigError(f"relation.heads={heads} does not divide the {who}'s projection widths "
-                              f"({', '.join(bad)}); choose relation.heads dividing them")
-    with torch.device("meta"):  # the architecture without weights: are its projections where we look?
-        model = AutoModel.from_config(teacher)
-    try:
-        projection_modules(model, rel.teacher_layer or n_t)
-    except ValueError as err:
-        raise ConfigError(f"distill.w_relation > 0: {err}") from None
 
 
 def validate(cfg: Config) -> TaskSpec:
@@ -152,7 +101,8 @@ def validate(cfg: Config) -> TaskSpec:
         raise ConfigError(f"train.teacher_cache=true: {why}; set train.teacher_cache=false (or null: on where it "
                           "applies)")
     if cfg.distill.w_relation > 0:
-        _check_relation(cfg, teacher)
+        check_relation(cfg, teacher, student_config(teacher, layers=cfg.student.layers,
+                                                    hidden_size=student_width(teacher, cfg.student)))
     if cfg.train.precision == "fp16" and not cfg.resources.use_gpu:
         raise ConfigError("train.precision=fp16 needs a GPU (resources.gpus_per_trial > 0); on CPU use bf16 or fp32")
     return read_by(spec, family_of(teacher))

@@ -2,35 +2,46 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from kdsearch import models
 from kdsearch.bridges import BRIDGES, BridgeInputs
+from kdsearch.bridges.ted import FILTERS, build_filters, filter_width
+from kdsearch.bridges.units import score_units, select_units
+from kdsearch.config import Config
+from kdsearch.evaluation import make_loader
 from kdsearch.losses import LOGIT_LOSSES
 from kdsearch.overrides import load_config
 from kdsearch.step import Distiller, TeacherOutputs, leaves_parameters_unused, teacher_forward
 from kdsearch.tasks import task_spec
-from kdsearch.ted import FILTERS, build_filters, filter_width
-from kdsearch.units import score_units, select_units
 
 PAIRS = [(0, 0), (1, 2), (2, 4)]
 
 
-def inputs(bridge: str, d_s: int, d_t: int = 64, **overrides: str) -> BridgeInputs:
+@dataclass
+class Given(BridgeInputs):
+    cfg: Config | None = None  # the config the inputs came from
+
+
+def inputs(bridge: str, d_s: int, d_t: int = 64, **overrides: str) -> Given:
     cfg = load_config([f"distill.bridge={bridge}", *(f"{k}={v}" for k, v in overrides.items())])
     d_f = filter_width(cfg.ted, d_t)
     teacher_f = build_filters([0, 2, 4], d_t, d_f, cfg.ted).state_dict()
     student_f = build_filters([0, 1, 2], d_s, d_f, cfg.ted).state_dict()
-    return BridgeInputs(cfg=cfg, pairs=PAIRS, d_student=d_s, d_teacher=d_t, teacher_filters=teacher_f,
-                        student_filters=student_f, unit_scores=torch.rand(5, d_t))
+    return Given(pairs=PAIRS, d_student=d_s, d_teacher=d_t, settings=BRIDGES.get(bridge).settings(cfg),
+                 artifacts={"teacher_filters": teacher_f, "student_filters": student_f,
+                            "unit_scores": {"scores": torch.rand(5, d_t)}}, cfg=cfg)
 
 
 @pytest.mark.parametrize("name", BRIDGES.names())
 def test_every_bridge_maps_both_sides_to_one_space_and_trains_only_the_student_side(name: str) -> None:
     d_s = 64 if name == "identity" else 32
-    bridge = BRIDGES.get(name)(inputs(name, d_s))
+    bridge = BRIDGES.get(name).build(inputs(name, d_s))
     hs, ht = torch.randn(2, 5, d_s, requires_grad=True), torch.randn(2, 5, 64)
     for s, t in PAIRS:
         sv, tv = bridge.student_view(s, hs), bridge.teacher_view(t, ht)
@@ -55,47 +66,47 @@ def test_filters_backpropagate(name: str) -> None:
 
 def test_ted_student_filters_load_stage1_weights() -> None:
     given = inputs("ted", 32)
-    bridge = BRIDGES.get("ted")(given)
-    torch.testing.assert_close(bridge.student_filters["1"].weight, given.student_filters["1.weight"])
-    torch.testing.assert_close(bridge.teacher_filters["2"].weight, given.teacher_filters["2.weight"])
+    bridge = BRIDGES.get("ted").build(given)
+    torch.testing.assert_close(bridge.student_filters["1"].weight, given.artifacts["student_filters"]["1.weight"])
+    torch.testing.assert_close(bridge.teacher_filters["2"].weight, given.artifacts["teacher_filters"]["2.weight"])
 
 
 @pytest.mark.parametrize(("overrides", "d_f"), [({}, 64), ({"ted.width": 48}, 48), ({"ted.width_ratio": 2.0}, 128),
                                                  ({"ted.width_ratio": 0.25}, 16)])
 def test_ted_filters_output_the_configured_width(overrides: dict, d_f: int) -> None:
-    bridge = BRIDGES.get("ted")(inputs("ted", 32, **overrides))  # teacher width 64
+    bridge = BRIDGES.get("ted").build(inputs("ted", 32, **overrides))  # teacher width 64
     assert bridge.student_view(1, torch.randn(2, 5, 32)).shape[-1] == d_f
     assert bridge.teacher_view(2, torch.randn(2, 5, 64)).shape[-1] == d_f
 
 
 def test_units_bridge_picks_the_top_scored_teacher_units() -> None:
     given = inputs("units", 32, **{"units.ratio": 0.25})
-    bridge = BRIDGES.get("units")(given)
+    bridge = BRIDGES.get("units").build(given)
     ht = torch.arange(64.0).expand(1, 1, 64)
     picked = bridge.teacher_view(2, ht).flatten().long()
-    assert picked.tolist() == sorted(torch.topk(given.unit_scores[2], 16).indices.tolist())
+    assert picked.tolist() == sorted(torch.topk(given.artifacts["unit_scores"]["scores"][2], 16).indices.tolist())
     assert bridge.student_view(1, torch.randn(1, 1, 32)).shape[-1] == 16
 
 
 def test_units_bridge_serves_teacher_layers_a_map_draws_in_later_epochs() -> None:
     # inorder_random re-draws the teacher layers every epoch; the bridge is built from epoch 0's pairs.
     given = inputs("units", 32, **{"units.ratio": 0.25})
-    bridge = BRIDGES.get("units")(given)
+    bridge = BRIDGES.get("units").build(given)
     ht = torch.arange(64.0).expand(1, 1, 64)
     for t in range(5):
         picked = bridge.teacher_view(t, ht).flatten().long()
-        assert picked.tolist() == sorted(torch.topk(given.unit_scores[t], 16).indices.tolist())
-    last = BRIDGES.get("units")(inputs("units", 32, **{"units.ratio": 0.25, "units.scope": "last"}))
+        assert picked.tolist() == sorted(torch.topk(given.artifacts["unit_scores"]["scores"][t], 16).indices.tolist())
+    last = BRIDGES.get("units").build(inputs("units", 32, **{"units.ratio": 0.25, "units.scope": "last"}))
     assert all(torch.equal(last.teacher_view(t, ht), last.teacher_view(4, ht)) for t in range(5))
 
 
 def test_a_student_as_wide_as_its_teacher_matches_the_units_the_teacher_selection_names() -> None:
     # a teacher-initialised student's unit i is the teacher's unit i: identical states are at distance 0
-    bridge = BRIDGES.get("units")(inputs("units", 64, **{"units.ratio": 0.5}))
+    bridge = BRIDGES.get("units").build(inputs("units", 64, **{"units.ratio": 0.5}))
     h = torch.randn(2, 5, 64)
     for s, t in PAIRS:
         assert torch.equal(bridge.student_view(s, h, paired_with=t), bridge.teacher_view(t, h))
-    narrow = BRIDGES.get("units")(inputs("units", 32, **{"units.ratio": 0.25}))
+    narrow = BRIDGES.get("units").build(inputs("units", 32, **{"units.ratio": 0.25}))
     assert torch.equal(narrow.student_view(1, h[..., :32], paired_with=2), h[..., :16])  # another width: first k
 
 
@@ -172,7 +183,8 @@ def _tiny_pair(hidden: int | None = None) -> tuple[nn.Module, nn.Module]:
 def test_step_terms_and_their_weighted_sum() -> None:
     teacher, student = _tiny_pair()
     cfg = load_config(["distill.w_task=1", "distill.w_logit=2", "distill.w_hidden=3"]).distill
-    distiller = Distiller(student, BRIDGES.get("identity")(inputs("identity", 64)), kind="classification", cfg=cfg)
+    distiller = Distiller(student, BRIDGES.get("identity").build(inputs("identity", 64)), kind="classification",
+                          cfg=cfg)
     batch = {"input_ids": torch.randint(1, 30, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long),
              "labels": torch.randint(0, 2, (4,))}
     terms = distiller(batch, teacher_forward(teacher, batch, hidden=True), [(1, 2), (2, 4)])
@@ -188,7 +200,8 @@ def test_the_step_takes_its_logit_term_from_the_configured_divergence(name: str)
     teacher, student = _tiny_pair()
     student.eval()
     cfg = load_config([f"distill.logit_loss={name}", "distill.temperature=2"]).distill
-    distiller = Distiller(student, BRIDGES.get("identity")(inputs("identity", 64)), kind="classification", cfg=cfg)
+    distiller = Distiller(student, BRIDGES.get("identity").build(inputs("identity", 64)), kind="classification",
+                          cfg=cfg)
     batch = {"input_ids": torch.randint(1, 30, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long),
              "labels": torch.randint(0, 2, (4,))}
     with torch.no_grad():
@@ -211,7 +224,7 @@ def test_hidden_distances_skip_padding_unless_told_to_match_every_position() -> 
         hidden = {}
         for masked in (True, False):
             cfg = load_config(["distill.w_logit=0", f"distill.mask_padding={str(masked).lower()}"]).distill
-            distiller = Distiller(student, BRIDGES.get("identity")(inputs("identity", 64)), kind="classification",
+            distiller = Distiller(student, BRIDGES.get("identity").build(inputs("identity", 64)), kind="classification",
                                   cfg=cfg)
             hidden[masked] = distiller(batch, outputs, [(2, 4)])["hidden"]
     assert outputs.hidden is not None
@@ -225,7 +238,7 @@ def test_step_with_the_teacher_as_student_has_zero_distillation_terms() -> None:
     teacher, _ = _tiny_pair()
     cfg = load_config(["distill.w_task=0"]).distill
     twin = models.build_student(teacher, layers=4, hidden_size=None, init="teacher", seed=0)
-    distiller = Distiller(twin.eval(), BRIDGES.get("identity")(inputs("identity", 64)), kind="classification",
+    distiller = Distiller(twin.eval(), BRIDGES.get("identity").build(inputs("identity", 64)), kind="classification",
                           cfg=cfg)
     batch = {"input_ids": torch.randint(1, 30, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long),
              "labels": torch.randint(0, 2, (4,))}
@@ -252,7 +265,7 @@ def test_a_step_leaves_parameters_unused_only_when_declared(family: str, bridge:
     w_task, w_logit, w_hidden = weights
     given = inputs(bridge, d_s, **{"distill.w_task": w_task, "distill.w_logit": w_logit,
                                    "distill.w_hidden": w_hidden, "units.ratio": 0.25})
-    distiller = Distiller(student, BRIDGES.get(bridge)(given), kind=kind, cfg=given.cfg.distill)
+    distiller = Distiller(student, BRIDGES.get(bridge).build(given), kind=kind, cfg=given.cfg.distill)  # type: ignore[union-attr]
     ids = torch.randint(1, 30, (4, 6))
     batch = {"input_ids": ids, "attention_mask": torch.ones(4, 6, dtype=torch.long),
              "labels": torch.randint(0, 2, (4,)) if kind == "classification" else ids}
@@ -273,7 +286,7 @@ def test_causal_logit_term_matches_next_token_predictions_on_response_tokens_onl
     teacher = models.freeze(models.task_model_class("causal").from_config(config))
     student = models.build_student(teacher, layers=2, hidden_size=None, init="random", seed=0).eval()  # no dropout
     cfg = load_config(["distill.w_task=0", "distill.w_hidden=0", "distill.temperature=2"]).distill
-    distiller = Distiller(student, BRIDGES.get("identity")(inputs("identity", 64)), kind="causal_lm", cfg=cfg)
+    distiller = Distiller(student, BRIDGES.get("identity").build(inputs("identity", 64)), kind="causal_lm", cfg=cfg)
     ids = torch.randint(1, 30, (2, 6), generator=torch.Generator().manual_seed(3))
     labels = ids.clone()
     labels[:, :3] = -100  # a 3-token prompt: the first target is token 3, predicted at position 2
@@ -312,7 +325,7 @@ class _LabelAtLayer(nn.Module):
 
 
 def test_ted_stage1_trains_each_filter_on_its_own_hidden_state_and_leaves_the_model_alone() -> None:
-    from kdsearch.ted import train_stage1
+    from kdsearch.bridges.ted import train_stage1
 
     model = _LabelAtLayer(informative=2)
     before = model.scale.detach().clone()
@@ -334,7 +347,7 @@ def test_ted_stage1_trains_each_filter_on_its_own_hidden_state_and_leaves_the_mo
 def test_ted_stage1_optimiser_and_heads_are_teds() -> None:
     """TED's learn_filters script: AdamW without weight decay, linear decay to 0 with no warmup; each filter's
     head pools the first token through dense + GELU (DeBERTa's pooler act), dropout 0.1, then a linear head."""
-    from kdsearch.ted import FilterHead, stage1_optimiser
+    from kdsearch.bridges.ted import FilterHead, stage1_optimiser
 
     param = nn.Parameter(torch.zeros(3))
     opt, sched = stage1_optimiser([param], lr=4e-5, total_steps=4)
@@ -350,3 +363,76 @@ def test_ted_stage1_optimiser_and_heads_are_teds() -> None:
     head.eval()
     x = torch.randn(2, 5, 8)
     torch.testing.assert_close(head(x), head.head(torch.nn.functional.gelu(head.pooler[0](x[:, 0]))))
+
+
+@pytest.fixture(scope="module")
+def contract_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("contract")
+
+
+@pytest.mark.parametrize("name", BRIDGES.names())
+def test_every_bridge_method_checks_prepares_and_builds_through_its_entry(name: str, contract_cache: Path) -> None:
+    """The contract prepare, validate, the loop and the model card rely on, on a tiny in-code teacher: its checks
+    pass a run it can serve, its preparation gives exactly the artifacts its build reads, the built bridge trains
+    in a real step, and its config section is on a card only when it runs."""
+    from kdsearch.export import strategy_settings
+    from kdsearch.loop import build_distiller, layer_pairs
+    from kdsearch.prepare import prepare
+    from kdsearch.validate import validate
+
+    width = "1.0" if name == "identity" else "0.5"
+    cfg = load_config(["task.train_size=128", "task.eval_size=64", "finetune.epochs=1", "ted.stage1_epochs=1",
+                       "train.batch_size=16", "units.score_batches=2", f"cache_dir={contract_cache}",
+                       f"distill.bridge={name}", f"student.width_ratio={width}", "student.init=random"])
+    method = BRIDGES.get(name)
+    validate(cfg)  # calls method.check_names and method.check
+    prepared = prepare(cfg, device=torch.device("cpu"))
+    assert (method.prepare is None) == (not prepared.bridge_artifacts)
+    _, distiller = build_distiller(cfg, prepared, torch.device("cpu"))
+    pairs = layer_pairs(cfg, prepared, epoch=0)
+    assert pairs and pairs[0][0] == (0 if method.embedding_pair else 1)  # the embeddings pair as the method says
+    batch = next(iter(make_loader(prepared.data["train"], batch_size=8, shuffle=False, seed=0,
+                                  pad_id=prepared.pad_id)))
+    teacher = models.load_task_model(prepared.teacher_dir, prepared.family).eval()
+    terms = distiller(batch, teacher_forward(teacher, batch, hidden=True), pairs)
+    assert torch.isfinite(terms["hidden"]) and terms["hidden"] > 0
+    terms["loss"].backward()
+    trained = [p for n, p in distiller.named_parameters() if n.startswith("bridge.") and p.requires_grad]
+    assert all(p.grad is not None for p in trained)
+    card = strategy_settings(cfg)
+    for section in {m.section for m in map(BRIDGES.get, BRIDGES) if m.section}:
+        assert any(k.startswith(f"{section}.") for k in card) == (section == method.section)
+
+
+def test_a_bridge_method_refuses_what_it_cannot_run_in_one_line() -> None:
+    from kdsearch.config import ConfigError
+
+    cases = {"identity": (["distill.bridge=identity"], 32, 64, "needs equal widths"),
+             "ted": (["distill.bridge=ted", "ted.student_filters=teacher"], 32, 64, "copies teacher filters"),
+             "units": (["distill.bridge=units", "units.ratio=1.0"], 32, 64, "keeps 64 teacher units")}
+    any_width = {"projector", "orthogonal"}
+    assert set(cases) | any_width == set(BRIDGES.names())  # a new method brings its own case
+    for name, (overrides, d_s, d_t, message) in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            BRIDGES.get(name).check(load_config(overrides), d_s, d_t)
+    for name in any_width:
+        BRIDGES.get(name).check(load_config([f"distill.bridge={name}"]), 32, 64)
+
+
+def test_the_orthogonal_bridge_stays_an_isometry_while_it_trains() -> None:
+    bridge = BRIDGES.get("orthogonal").build(BridgeInputs(pairs=[(1, 2)], d_student=16, d_teacher=48))
+    opt = torch.optim.AdamW(bridge.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(4, 5, 48, generator=g) * 3  # a scale no isometry reaches: the map must not stretch
+    for _ in range(20):
+        hidden = torch.randn(4, 5, 16, generator=g)
+        loss = (bridge.student_view(1, hidden) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    weight = bridge.proj["1"].weight  # (48, 16)
+    torch.testing.assert_close(weight.T @ weight, torch.eye(16), atol=1e-5, rtol=0)
+    hidden = torch.randn(3, 16, generator=g)
+    torch.testing.assert_close(bridge.student_view(1, hidden).norm(dim=-1), hidden.norm(dim=-1))
+    plain = BRIDGES.get("projector").build(BridgeInputs(pairs=[(1, 2)], d_student=16, d_teacher=48))
+    assert not torch.allclose(plain.proj["1"].weight.T @ plain.proj["1"].weight, torch.eye(16), atol=1e-2)

@@ -19,9 +19,9 @@ OWNERS = {
     "optuna": {"tune", "space_model", "importance"},  # the sampler; define-by-run types; param importance
     "mlflow": {"tracking"},
 }
-CORE = ["config", "registry", "losses", "layer_maps", "ted", "units", "bridges", "step", "loop", "models", "tasks",
-        "data", "encoding", "metrics", "evaluation", "cache", "prepare", "validate", "sizing", "spaces",
-        "space_model", "search", "ranking", "optimiser", "precision", "teacher_cache", "relations"]
+CORE = ["config", "registry", "losses", "layer_maps", "bridges", "bridges.ted", "bridges.units", "step", "loop",
+        "models", "tasks", "data", "encoding", "metrics", "evaluation", "cache", "prepare", "validate", "sizing",
+        "spaces", "space_model", "search", "ranking", "optimiser", "precision", "teacher_cache", "relations"]
 
 
 def _imported_frameworks(path: Path) -> set[str]:
@@ -84,3 +84,19 @@ def test_the_loss_math_imports_only_what_lies_below_it(module: str) -> None:
 @pytest.mark.parametrize("module", sorted(NOT_IMPORTED))
 def test_modules_do_not_reach_across_layers_for_a_helper(module: str) -> None:
     assert not _package_imports(PACKAGE / f"{module}.py") & NOT_IMPORTED[module]
+
+
+# A bridge method is pure method code: the loss math, the config schema, the cache's keys and the model inputs
+# below it; never the run layer (models, prepare, loop), a command, or a framework.
+BRIDGE_MAY_IMPORT = {"config", "registry", "kinds", "losses", "encoding", "cache", "bridges"}
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "bridges").glob("*.py")), ids=lambda p: p.name)
+def test_bridge_methods_import_only_what_lies_below_them(path: Path) -> None:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("kdsearch")):
+            module = node.module or ""
+            top = "bridges" if node.level == 1 else (module.removeprefix("kdsearch.").split(".")[0] or "kdsearch")
+            found.add(top)
+    assert found <= BRIDGE_MAY_IMPORT, f"{path.name} imports {sorted(found - BRIDGE_MAY_IMPORT)}"

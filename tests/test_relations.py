@@ -10,7 +10,15 @@ from kdsearch import models
 from kdsearch.bridges import BRIDGES, BridgeInputs
 from kdsearch.losses import RELATION_LOSSES, relation_kl, relation_log_probs, relation_mse, relation_scores
 from kdsearch.overrides import load_config
-from kdsearch.relations import RELATIONS, RelationSpec, Tap, capture, projection_modules, projection_widths
+from kdsearch.relations import (
+    RELATIONS,
+    RelationSpec,
+    Tap,
+    capture,
+    projection_modules,
+    projection_widths,
+    relation_term,
+)
 from kdsearch.step import Distiller, teacher_forward
 from kdsearch.tasks import task_spec
 
@@ -153,7 +161,7 @@ def test_the_step_adds_the_relation_term_and_trains_the_tapped_layer_only_throug
     teacher = models.freeze(models.task_model_class("encoder").from_config(config))
     student = models.build_student(teacher, layers=2, hidden_size=32, init="random", seed=0).eval()  # no dropout
     cfg = load_config(["distill.w_task=0", "distill.w_logit=0", "distill.w_hidden=0", "distill.w_relation=2"])
-    bridge = BRIDGES.get("identity")(BridgeInputs(cfg=cfg, pairs=[], d_student=32, d_teacher=64))
+    bridge = BRIDGES.get("identity").build(BridgeInputs(pairs=[], d_student=32, d_teacher=64))
     spec = RelationSpec(("qk", "vv"), heads=2, pairs=((1, 4),))
     distiller = Distiller(student, bridge, kind="classification", cfg=cfg.distill, relation=spec)
     batch = _batch()
@@ -206,11 +214,7 @@ def test_a_run_with_the_relation_term_trains_and_reports_it(tmp_path, recipe: li
 @pytest.mark.parametrize("widths", [{"query": 16, "key": 16, "value": 16}, {"query": 16, "key": 8, "value": 8}])
 def test_the_relation_term_sums_its_pairs_and_relations_batched_or_not(widths: dict[str, int], loss: str) -> None:
     """Equal widths run the relations as one batch, grouped-query widths one by one: the same sum either way."""
-    cfg = load_config(["distill.w_relation=1"])
     spec = RelationSpec(("qq", "kk", "vv"), heads=2, pairs=((1, 2), (2, 4)), loss=loss)
-    distiller = Distiller(nn.Linear(1, 1), BRIDGES.get("identity")(BridgeInputs(cfg=cfg, pairs=[], d_student=1,
-                                                                                 d_teacher=1)),
-                          kind="causal_lm", cfg=cfg.distill, relation=spec)
     g = torch.Generator().manual_seed(0)
     student = {(n, p): torch.randn(3, 6, w, generator=g) for n in (1, 2) for p, w in widths.items()}
     teacher = {(n, p): torch.randn(3, 6, 2 * w, generator=g) for n in (2, 4) for p, w in widths.items()}
@@ -218,7 +222,7 @@ def test_the_relation_term_sums_its_pairs_and_relations_batched_or_not(widths: d
     fn = RELATION_LOSSES.get(loss)
     expected = sum(fn((student[(s, p)], student[(s, p)]), (teacher[(t, p)], teacher[(t, p)]), heads=2, mask=mask,
                       causal=True) for s, t in spec.pairs for p in ("query", "key", "value"))
-    torch.testing.assert_close(distiller._relation_term(student, teacher, mask), expected)
+    torch.testing.assert_close(relation_term(spec, student, teacher, mask, causal=True), expected)
     assert spec.student.layers == (1, 2) and spec.teacher.layers == (2, 4)
 
 

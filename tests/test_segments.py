@@ -13,14 +13,14 @@ import torch
 from kdsearch import models, teacher_cache
 from kdsearch.analyze import collect
 from kdsearch.bridges import BRIDGES, BridgeInputs
+from kdsearch.bridges.ted import build_filters, train_stage1
+from kdsearch.bridges.units import score_units
 from kdsearch.encoding import collate
 from kdsearch.evaluation import evaluate, forward_latency_ms, make_loader
 from kdsearch.overrides import load_config
 from kdsearch.prepare import Prepared, fit_task
 from kdsearch.step import Distiller, teacher_forward
 from kdsearch.tasks import task_spec
-from kdsearch.ted import build_filters, train_stage1
-from kdsearch.units import score_units
 
 SPEC = task_spec("default")
 CPU = torch.device("cpu")
@@ -83,7 +83,7 @@ def test_the_teacher_forward_and_the_step_pass_segment_ids(teacher: torch.nn.Mod
     torch.testing.assert_close(outputs.logits, _direct(teacher, batch, segments=True))
     student = models.build_student(teacher, layers=2, hidden_size=None, init="teacher", seed=0).eval()
     cfg = load_config(["distill.bridge=identity"])
-    bridge = BRIDGES.get("identity")(BridgeInputs(cfg=cfg, pairs=[(1, 2), (2, 4)], d_student=64, d_teacher=64))
+    bridge = BRIDGES.get("identity").build(BridgeInputs(pairs=[(1, 2), (2, 4)], d_student=64, d_teacher=64))
     terms = Distiller(student, bridge, kind="classification", cfg=cfg.distill)(batch, outputs, [(1, 2), (2, 4)])
     torch.testing.assert_close(terms["logits"], _direct(student, batch, segments=True))
     assert not torch.allclose(terms["logits"], _direct(student, batch, segments=False))

@@ -49,6 +49,48 @@ def test_cached_outputs_equal_the_live_teacher_at_every_real_token(cache: Path) 
         assert stored.outputs(batch, hidden=False).hidden is None
 
 
+def test_a_padded_cache_equals_the_live_teacher_at_every_position_padding_included(cache: Path) -> None:
+    cfg = small(cache, "train.teacher_cache=true", "distill.mask_padding=false")
+    prepared = prepare(cfg, device=torch.device("cpu"))
+    assert prepared.teacher_outputs is not None
+    assert prepared.teacher_outputs != prepare(small(cache, "train.teacher_cache=true")).teacher_outputs
+    stored = TeacherCache.open(prepared.teacher_outputs)
+    assert stored.padded_length == max(map(len, prepared.data["train"]["input_ids"]))
+    teacher = load_teacher(prepared, torch.device("cpu"))
+    padded_somewhere = False
+    # other batch sizes and orders than the cache was built with: every row padded to other lengths
+    for size, seed in ((5, 1), (16, 2)):
+        for batch in make_loader(with_rows(prepared.data["train"]), batch_size=size, shuffle=True, seed=seed,
+                                 pad_id=prepared.pad_id):
+            live, cached = teacher_forward(teacher, batch, hidden=True), stored.outputs(batch, hidden=True)
+            assert cached.hidden is not None and live.hidden is not None
+            for c, v in zip(cached.hidden, live.hidden, strict=True):
+                torch.testing.assert_close(c, v, rtol=1e-5, atol=1e-5)  # all positions, padding included
+            padded_somewhere |= bool((batch["attention_mask"] == 0).any())
+    assert padded_somewhere
+
+
+def test_an_unmasked_cached_run_trains_like_a_live_one(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def run(cfg: Config) -> list[dict]:
+        reports: list[dict] = []
+        run_distillation(cfg, prepare(cfg), WorkerContext(report=lambda m, _: reports.append(m), log=lambda _: None))
+        return reports
+
+    unmasked = ["distill.mask_padding=false", "distill.distance=mse"]  # TED's MSE over every position
+    live = run(small(cache, "train.teacher_cache=false", *unmasked))
+    prepare(small(cache, "train.teacher_cache=true", *unmasked))
+
+    def no_teacher(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cached run ran the teacher")
+
+    monkeypatch.setattr("kdsearch.loop.teacher_forward", no_teacher)
+    cached = run(small(cache, "train.teacher_cache=true", *unmasked))
+    for a, b in zip(live, cached, strict=True):
+        for key in ("train_hidden", "train_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+        assert b["eval_score"] == pytest.approx(a["eval_score"], abs=1e-6)
+
+
 def test_a_cached_run_trains_like_a_live_one_and_builds_the_cache_once(cache: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     def run(cfg: Config) -> list[dict]:
@@ -141,7 +183,6 @@ def test_a_batch_from_other_data_is_refused(cache: Path) -> None:
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["distill.mask_padding=false"], "needs distill.mask_padding=true"),
     (["teacher=tiny-gpt2"], "encoder tasks only"),  # a causal teacher reads the task as language modelling
 ])
 def test_settings_the_cache_cannot_serve_fail_early(cache: Path, overrides: list[str], message: str) -> None:
@@ -155,8 +196,8 @@ def test_logit_only_runs_need_no_padding_mask(cache: Path) -> None:
 
 @pytest.mark.parametrize(("overrides", "on"), [
     ([], True),  # 2 epochs x 6 steps x 16 rows read 192 >= 96 cached rows
-    (["distill.mask_padding=false"], False),  # the cache cannot serve it
-    (["distill.distance=layer_select_t5"], False),  # reads the states at padding
+    (["distill.mask_padding=false"], True),  # served by the cache that keeps padding (TED's MSE)
+    (["distill.distance=layer_select_t5"], True),  # reads the states at padding: likewise
     (["train.epochs=1", "train.max_steps_per_epoch=3"], False),  # 48 rows read: the cache pass costs more
     (["distill.mask_padding=false", "distill.layer_map=none"], True),  # logits only: padding never read
     (["train.teacher_cache=false"], False),

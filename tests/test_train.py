@@ -222,17 +222,18 @@ def test_ted_stage1_filters_sit_on_the_mapped_layers_and_are_cached_by_what_they
     # checks where the real preparation puts filters and what their cache key holds (the module's small teacher).
     cfg = small(cache, "distill.bridge=ted")
     prepared = prepare(cfg)
-    accuracy = json.loads((Path(prepared.teacher_filters).parent / "head_accuracy.json").read_text())
+    filters = prepared.bridge_artifacts["teacher_filters"]
+    accuracy = json.loads((Path(filters).parent / "head_accuracy.json").read_text())
     assert set(accuracy) == {"2", "4"}  # filters on the forward-mapped teacher layers; TED has none on h[0]
     assert all(0 <= a <= 1 for a in accuracy.values())
-    assert Path(prepared.student_filters).exists()
+    assert Path(prepared.bridge_artifacts["student_filters"]).exists()
     again = prepare(cfg)  # content-addressed: the second preparation reuses every artifact
-    assert again.teacher_filters == prepared.teacher_filters and again.teacher_dir == prepared.teacher_dir
+    assert again.bridge_artifacts == prepared.bridge_artifacts and again.teacher_dir == prepared.teacher_dir
     # keyed on what stage 1 reads: not on how stage 2 initialises its student filters, but on the batches
     assert prepare(dataclasses.replace(cfg, ted=dataclasses.replace(cfg.ted, student_filters="random"))
-                   ).teacher_filters == prepared.teacher_filters
+                   ).bridge_artifacts["teacher_filters"] == prepared.bridge_artifacts["teacher_filters"]
     smaller = prepare(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=64)))
-    assert smaller.teacher_filters != prepared.teacher_filters
+    assert smaller.bridge_artifacts["teacher_filters"] != prepared.bridge_artifacts["teacher_filters"]
 
 
 @pytest.mark.slow
@@ -257,8 +258,10 @@ def test_a_fine_tuned_student_is_where_stage1_and_distillation_start(cache: Path
 
     assert loss(distiller.student) < loss(initial) - 0.01  # it did learn the task before distillation starts
     plain = prepare(dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, finetune=False)))
-    assert plain.student_dir is None and plain.teacher_filters == prepared.teacher_filters
-    assert plain.student_filters != prepared.student_filters  # stage 1 on the student it starts from
+    assert plain.student_dir is None
+    assert plain.bridge_artifacts["teacher_filters"] == prepared.bridge_artifacts["teacher_filters"]
+    # stage 1 on the student it starts from
+    assert plain.bridge_artifacts["student_filters"] != prepared.bridge_artifacts["student_filters"]
 
 
 @pytest.mark.slow
@@ -278,7 +281,8 @@ def test_ted_continual_pretraining_trains_filters_with_the_language_modelling_ob
                 "finetune.epochs=4", "finetune.lr=3e-3", "train.epochs=1")
     prepared = prepare(cfg)
     assert prepared.spec.kind == "causal_lm" and prepared.teacher_metrics["eval_score"] > 0.5
-    accuracy = json.loads((Path(prepared.teacher_filters).parent / "head_accuracy.json").read_text())
+    filters = prepared.bridge_artifacts["teacher_filters"]
+    accuracy = json.loads((Path(filters).parent / "head_accuracy.json").read_text())
     assert set(accuracy) == {"2", "4"} and accuracy["4"] > 0.5  # next-token accuracy of the LM head (no h[0]: TED)
     reports = _run(cfg)
     assert reports[-1]["train_hidden"] > 0 and 0 < reports[-1]["eval_token_accuracy"] <= 1

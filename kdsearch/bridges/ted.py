@@ -1,26 +1,34 @@
-"""TED task-aware filters (Liang et al., ICML 2023): filter architectures, stage-1 heads and stage-1 training.
+"""TED, task-aware layer-wise distillation (Liang et al., ICML 2023; papers.md section 1), as one bridge.
 
 Stage 1 trains one filter + pooler + task head per matched layer on a frozen model with the task loss (mean
 over filters), so each filter keeps what the task needs. It runs on the fine-tuned teacher (its filters are
 frozen in stage 2) and on the student distillation starts from, fine-tuned first or not (to initialise the
-student filters). Plain PyTorch only.
+student filters). Stage 2 (the bridge) trains the student filters g_s^k to match the frozen teacher filters
+g_t^m(k). This module holds the whole method: filter architectures, stage 1, its cached preparation, the checks
+and the build. Plain PyTorch only.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from .encoding import model_inputs
-from .kinds import IGNORE_INDEX, TaskKind
-from .losses import task_loss
-from .registry import Registry
+from ..cache import content_key
+from ..config import ConfigError, flatten
+from ..encoding import model_inputs
+from ..kinds import IGNORE_INDEX, TaskKind
+from ..losses import task_loss
+from ..registry import Registry
+from .base import BRIDGES, Bridge, BridgeInputs, BridgeMethod, PrepareContext
 
 if TYPE_CHECKING:
-    from .config import TedConfig
+    from ..config import Config, TedConfig
 
 ACTIVATIONS: Registry[Callable[[], nn.Module]] = Registry("activation")
 ACTIVATIONS.register("gelu")(nn.GELU)
@@ -143,3 +151,100 @@ def train_stage1(model: nn.Module, filters: nn.ModuleDict, *, d_f: int, loader: 
     model.train(was_training)
     return {k: correct[k] / max(seen[k], 1) for k in filters}
 
+
+
+STAGE1_VERSION = 2
+"""Bump when stage 1's training changes, so that filters cached by an earlier rule are not reused (2: TED's
+pooler activation, head dropout, schedule and weight decay)."""
+
+
+def _stage1_filters(ctx: PrepareContext, model: nn.Module, indices: list[int], d_in: int, *, label: str,
+                    kind: str, key: str) -> str:
+    """Stage 1 on the frozen `model` at hidden states `indices`, cached as `kind`/`key`: the filters' file."""
+    cfg, ted = ctx.cfg, ctx.cfg.ted
+    d_f = filter_width(ted, ctx.d_teacher)
+    # Stage-1 heads predict the task: classes, a score, or (causal LMs) the next token over the vocabulary.
+    n_out = ctx.teacher().config.vocab_size if ctx.kind == "causal_lm" else max(ctx.num_labels, 1)
+
+    def build(out: Path) -> None:
+        torch.manual_seed(cfg.train.seed)
+        filters = build_filters(indices, d_in, d_f, ted)
+        acc = train_stage1(model, filters, d_f=d_f, loader=ctx.batches(), kind=ctx.kind, n_out=n_out,
+                           epochs=ted.stage1_epochs, lr=_stage1_lr(cfg), device=ctx.device)
+        per_layer = ", ".join(f"h[{k}] {a:.3f}" for k, a in acc.items())
+        ctx.log(f"TED stage 1 ({label}): head accuracy per filtered layer: {per_layer}")
+        save_file({k: v.contiguous() for k, v in filters.cpu().state_dict().items()}, out / "filters.safetensors")
+        (out / "head_accuracy.json").write_text(json.dumps(acc))
+
+    return str(ctx.cached(kind, key, build) / "filters.safetensors")
+
+
+def _stage1_lr(cfg: Config) -> float:
+    lr = cfg.ted.stage1_lr or cfg.finetune.lr  # TED's scripts reuse each model's fine-tuning rate
+    assert lr is not None  # Config resolves finetune.lr for its teacher
+    return lr
+
+
+def prepare_ted(ctx: PrepareContext) -> dict[str, str]:
+    """Stage 1 on the frozen teacher (teacher filters) and, with ted.student_filters=stage1, on the student
+    distillation starts from (student filters)."""
+    cfg = ctx.cfg
+    # What stage 1 reads: the filter settings (not how stage 2 initialises its student filters), the batches.
+    architecture = {k: v for k, v in flatten(cfg.ted).items() if k != "student_filters"}
+    common = dict(filter=architecture, d_f=filter_width(cfg.ted, ctx.d_teacher), teacher=ctx.teacher_dir,
+                  seed=cfg.train.seed, batch_size=cfg.train.batch_size, lr=_stage1_lr(cfg), version=STAGE1_VERSION)
+    t_idx = sorted({t for _, t in ctx.pairs})
+    out = {"teacher_filters": _stage1_filters(ctx, ctx.teacher(), t_idx, ctx.d_teacher, label="teacher",
+                                              kind="ted_teacher", key=content_key(indices=t_idx, **common))}
+    if cfg.ted.student_filters == "stage1":
+        s_idx = sorted({s for s, _ in ctx.pairs})
+        key = content_key(indices=s_idx, student=flatten(cfg.student), start=ctx.student_dir, **common)
+        out["student_filters"] = _stage1_filters(ctx, ctx.student(), s_idx, ctx.d_student, label="student",
+                                                 kind="ted_student", key=key)
+    return out
+
+
+def check_ted_names(cfg: Config) -> None:
+    FILTERS.check(cfg.ted.filter, key="ted.filter")
+    ACTIVATIONS.check(cfg.ted.activation, key="ted.activation")
+
+
+def check_ted(cfg: Config, d_student: int, d_teacher: int) -> None:
+    if cfg.distill.layer_map == "inorder_random":
+        raise ConfigError("distill.bridge=ted needs a fixed layer map (its filters are trained per teacher "
+                          "layer in stage 1); distill.layer_map=inorder_random re-draws layers every epoch")
+    if cfg.ted.student_filters == "teacher" and d_student != d_teacher:
+        raise ConfigError(f"ted.student_filters=teacher copies teacher filters, which needs equal widths "
+                          f"(student {d_student}, teacher {d_teacher}); use stage1 or random")
+
+
+class FilterBridge(Bridge):
+    def __init__(self, student: nn.ModuleDict, teacher: nn.ModuleDict) -> None:
+        super().__init__()
+        self.student_filters = student
+        self.teacher_filters = teacher.requires_grad_(False)
+
+    def student_view(self, index: int, hidden: torch.Tensor, *, paired_with: int | None = None) -> torch.Tensor:
+        return self.student_filters[str(index)](hidden)
+
+    def teacher_view(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self.teacher_filters[str(index)](hidden)
+
+
+def ted_bridge(inputs: BridgeInputs) -> Bridge:
+    """TED stage 2: student filters g_s^k trained to match frozen stage-1 teacher filters g_t^m(k)."""
+    ted: TedConfig = inputs.settings
+    d_f = filter_width(ted, inputs.d_teacher)
+    teacher = build_filters(sorted({t for _, t in inputs.pairs}), inputs.d_teacher, d_f, ted)
+    teacher.load_state_dict(inputs.artifacts["teacher_filters"])
+    student = build_filters(sorted({s for s, _ in inputs.pairs}), inputs.d_student, d_f, ted)
+    if ted.student_filters == "stage1":
+        student.load_state_dict(inputs.artifacts["student_filters"])
+    elif ted.student_filters == "teacher":  # same widths (checked): copy the matched teacher filter
+        for s, t in inputs.pairs:
+            student[str(s)].load_state_dict(teacher[str(t)].state_dict())
+    return FilterBridge(student, teacher)
+
+
+BRIDGES.register("ted")(BridgeMethod(build=ted_bridge, section="ted", check_names=check_ted_names,
+                                     check=check_ted, prepare=prepare_ted, embedding_pair=False))

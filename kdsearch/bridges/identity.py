@@ -1,0 +1,26 @@
+"""The identity bridge: raw hidden states compared as they are (the layer-selection paper's setting)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..config import ConfigError
+from ..losses import WIDTH_FREE
+from .base import BRIDGES, Bridge, BridgeInputs, BridgeMethod
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+
+def check_identity(cfg: Config, d_student: int, d_teacher: int) -> None:
+    if d_student != d_teacher and cfg.distill.distance not in WIDTH_FREE:
+        raise ConfigError(f"distill.bridge=identity needs equal widths (student {d_student}, teacher {d_teacher}) "
+                          f"or a width-free distance ({', '.join(sorted(WIDTH_FREE))}); use projector, ted or units")
+
+
+def identity_bridge(inputs: BridgeInputs) -> Bridge:
+    """Compare raw states; needs d_s = d_t, unless the distance compares across widths (cka)."""
+    return Bridge()
+
+
+BRIDGES.register("identity")(BridgeMethod(build=identity_bridge, check=check_identity))
