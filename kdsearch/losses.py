@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -26,7 +27,33 @@ def _full_precision(t: Tensor) -> torch.autocast:
 HiddenDistance = Callable[..., Tensor]
 """`(student (B,T,D), teacher (B,T,D), *, mask (B,T) | None) -> scalar`."""
 
-DISTANCES: Registry[HiddenDistance] = Registry("hidden distance")
+
+@dataclass(frozen=True)
+class Distance:
+    """A registered hidden distance and what the rest of kdsearch must know of it."""
+
+    fn: HiddenDistance
+    reads_padding: bool = False
+    """Reads the states at padded positions even with a mask, as its reference code does (so a cached teacher
+    must keep them)."""
+    width_free: bool = False
+    """Compares states of different widths directly (no bridge needed when d_s != d_t)."""
+
+    def __call__(self, student: Tensor, teacher: Tensor, *, mask: Tensor | None = None) -> Tensor:
+        return self.fn(student, teacher, mask=mask)
+
+
+DISTANCES: Registry[Distance] = Registry("hidden distance")
+
+
+def distance(name: str, *, reads_padding: bool = False,
+             width_free: bool = False) -> Callable[[HiddenDistance], HiddenDistance]:
+    """Register a hidden distance under `name` with its properties; the function itself stays plain."""
+    def add(fn: HiddenDistance) -> HiddenDistance:
+        DISTANCES.register(name)(Distance(fn, reads_padding=reads_padding, width_free=width_free))
+        return fn
+
+    return add
 
 LogitLoss = Callable[..., Tensor]
 """`(student logits (..., C), teacher logits (..., C), *, temperature, mask (...) | None) -> scalar`."""
@@ -53,7 +80,7 @@ def _check_pair(student: Tensor, teacher: Tensor) -> None:
                          "project the student to the teacher's width first")
 
 
-@DISTANCES.register("mse")
+@distance("mse")
 def mse(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None) -> Tensor:
     """Element-mean squared error over the real tokens' elements.
 
@@ -67,7 +94,7 @@ def mse(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None) -> Tens
     return _token_mean(per_token, mask)
 
 
-@DISTANCES.register("token_mse")
+@distance("token_mse")
 def token_mse(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None) -> Tensor:
     """Squared L2 distance per token (sum over D), averaged over real tokens.
 
@@ -79,7 +106,7 @@ def token_mse(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None) -
     return _token_mean(per_token, mask)
 
 
-@DISTANCES.register("ln_mse")
+@distance("ln_mse")
 def ln_mse(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None) -> Tensor:
     """Element-mean MSE after standardising each token vector over D (layer norm without affine params).
 
@@ -93,7 +120,7 @@ def ln_mse(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None) -> T
     return _token_mean((s - t).pow(2).mean(dim=-1), mask)
 
 
-@DISTANCES.register("layer_select_bert")
+@distance("layer_select_bert")
 def layer_select_bert(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None) -> Tensor:
     """sum_{b, t} mask ||s - t||^2 / (B * N_valid): the BERT runs of Yu et al. 2025 (arXiv 2502.04499).
 
@@ -106,7 +133,7 @@ def layer_select_bert(student: Tensor, teacher: Tensor, *, mask: Tensor | None =
     return token_mse(student, teacher, mask=mask) / student.shape[0]
 
 
-@DISTANCES.register("layer_select_t5")
+@distance("layer_select_t5", reads_padding=True)
 def layer_select_t5(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     """Element-mean MSE over real tokens after standardising each side's whole (B, T, D) tensor.
 
@@ -121,7 +148,7 @@ def layer_select_t5(student: Tensor, teacher: Tensor, *, mask: Tensor | None = N
     return _token_mean((s - t).pow(2).mean(dim=-1), mask)
 
 
-@DISTANCES.register("layer_select_qwen3")
+@distance("layer_select_qwen3", reads_padding=True)
 def layer_select_qwen3(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None,
                        eps: float = 1e-12) -> Tensor:
     """Squared L2 of unit-normalised token vectors, mean over every position, times N_valid / (B T).
@@ -138,7 +165,7 @@ def layer_select_qwen3(student: Tensor, teacher: Tensor, *, mask: Tensor | None 
     return per_token.mean() * share
 
 
-@DISTANCES.register("cosine")
+@distance("cosine")
 def cosine(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None) -> Tensor:
     """Mean over real tokens of 1 - cos(s, t); scale-invariant.
 
@@ -150,7 +177,7 @@ def cosine(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None) -> T
     return _token_mean(1.0 - cos, mask)
 
 
-@DISTANCES.register("correlation")
+@distance("correlation")
 def correlation(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None, eps: float = 1e-8) -> Tensor:
     """Mean over real tokens of 1 - Pearson correlation across D; invariant to per-token affine maps.
 
@@ -168,7 +195,7 @@ def correlation(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None,
     return _token_mean(1.0 - r, mask)
 
 
-@DISTANCES.register("pkd_cls")
+@distance("pkd_cls")
 def pkd_cls(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None, eps: float = 1e-8) -> Tensor:
     """Squared L2 between the unit-normalised first-token ([CLS]) states, mean over the batch.
 
@@ -182,14 +209,7 @@ def pkd_cls(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None, eps
     return (s - t).pow(2).sum(dim=-1).mean()
 
 
-READS_PADDING = frozenset({"layer_select_t5", "layer_select_qwen3"})
-"""Distances that read the states at padded positions even with a mask (as their reference code does)."""
-
-WIDTH_FREE = frozenset({"cka"})
-"""Distances that compare states of different widths directly (no bridge needed when d_s != d_t)."""
-
-
-@DISTANCES.register("cka")
+@distance("cka", width_free=True)
 def cka(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None, eps: float = 1e-8) -> Tensor:
     """1 - linear CKA between the real tokens' student and teacher states; the widths may differ.
 
@@ -416,3 +436,9 @@ def describe(weights: dict[str, float]) -> str:
     significant digits, as a sampled 0.16131289742292726 is not read to the last one)."""
     parts = [f"{float(w):.4g}*{name}" for name, w in weights.items() if w != 0]
     return "loss = " + (" + ".join(parts) if parts else "0")
+
+
+READS_PADDING = frozenset(n for n in DISTANCES if DISTANCES.get(n).reads_padding)
+"""The registered distances that read padded positions (their entries say so)."""
+WIDTH_FREE = frozenset(n for n in DISTANCES if DISTANCES.get(n).width_free)
+"""The registered distances that compare across widths (their entries say so)."""

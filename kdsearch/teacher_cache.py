@@ -27,7 +27,7 @@ from .config import Config, Precision
 from .encoding import MODEL_INPUTS
 from .evaluation import make_loader
 from .kinds import TaskKind
-from .losses import READS_PADDING
+from .losses import DISTANCES
 from .precision import autocast
 from .relations import Projection, Tap
 from .safe_io import load_tensors
@@ -47,7 +47,7 @@ def blocker(cfg: Config, kind: TaskKind) -> str | None:
 def reads_padding(cfg: Config) -> bool:
     """Whether the run's hidden term reads the teacher's states at padded positions (so the cache stores them)."""
     d = cfg.distill
-    return d.w_hidden > 0 and d.layer_map != "none" and (not d.mask_padding or d.distance in READS_PADDING)
+    return d.w_hidden > 0 and d.layer_map != "none" and (not d.mask_padding or DISTANCES.get(d.distance).reads_padding)
 
 
 PADDED_AUTO_BYTES = 4 * 2**30

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..config import ConfigError
-from ..losses import WIDTH_FREE
+from ..losses import DISTANCES, WIDTH_FREE
 from .base import BRIDGES, Bridge, BridgeInputs, BridgeMethod
 
 if TYPE_CHECKING:
@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 def check_identity(cfg: Config, d_student: int, d_teacher: int) -> None:
-    if d_student != d_teacher and cfg.distill.distance not in WIDTH_FREE:
+    if d_student != d_teacher and not DISTANCES.get(cfg.distill.distance).width_free:
         raise ConfigError(f"distill.bridge=identity needs equal widths (student {d_student}, teacher {d_teacher}) "
                           f"or a width-free distance ({', '.join(sorted(WIDTH_FREE))}); use projector, ted or units")
 
