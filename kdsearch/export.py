@@ -73,6 +73,56 @@ def strategy_settings(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def _write_student(result: Any, cfg: Any, out: Path, card: str, *, replacing: str) -> None:
+    """Export `result`'s student with its card and config into `out`, staged whole before it takes out's place;
+    an earlier `out` (`replacing` says whose) is replaced with one line saying so."""
+    staged = out.with_name(f".{out.name}.new-{os.getpid()}")
+    with _checkpoint_dir(result).as_directory() as directory:
+        export_student(cfg, prepare(cfg), Path(directory), staged)
+    (staged / "README.md").write_text(card)
+    write_config_file(cfg, staged / CONFIG_FILE)
+    if out.exists():
+        print(f"[kdsearch.tune] replacing {replacing}, in {out}", flush=True)
+        shutil.rmtree(out)
+    staged.rename(out)
+
+
+def export_confirmed(results: Any, *, rows: list[dict[str, Any]], space: space_model.Space, search: str,
+                     out: Path) -> Path | None:
+    """After study=confirm: the configuration with the best mean over the fresh seeds is exported to `out`, as
+    its best seed's run, its card giving the mean and the 95% interval. None when no row finished."""
+    finished = [r for r in rows if r["mean"] is not None]
+    if not finished:
+        return None
+    best = max(finished, key=lambda r: r["mean"])
+    mine = [r for r in results if r.error is None and _checkpoint_dir(r) is not None
+            and "eval_score" in (r.metrics or {})
+            and all(r.config.get(k) == v for k, v in best["overrides"].items())]
+    if not mine:
+        return None
+    top = max(mine, key=lambda r: r.metrics["eval_score"])
+    cfg = space_model.trial_config(space, top.config)
+    out = out.resolve()
+    card = model_card(cfg, top.metrics, search=f"{search}-confirm", trial_id=str(top.metrics["trial_id"]),
+                      metric="eval_score") + _confirmed_section(best, finished, seed=cfg.train.seed)
+    _write_student(top, cfg, out, card, replacing="the search's single-seed best with the best by mean")
+    return out
+
+
+def _confirmed_section(best: dict[str, Any], rows: list[dict[str, Any]], *, seed: int) -> str:
+    ci = best["ci95"]
+    interval = f"; 95% t interval of the mean {best['mean'] - ci:.2f}-{best['mean'] + ci:.2f}" if ci else ""
+    tied = [r["label"] for r in rows if r.get("vs_best") == "within noise"]
+    scores = ", ".join(f"{s:.2f}" for s in best["scores"])
+    return f"""
+## Confirmed over fresh seeds
+This configuration ranked first by its mean eval_score over {len(best['scores'])} fresh seeds
+({', '.join(map(str, best['seeds']))}): {best['mean']:.2f} % ({scores}{interval}).
+It is the best by mean, not the luckiest single run; this student is its seed {seed} run. Configurations
+Welch's test cannot tell from it at 5%: {'; '.join(tied) if tied else 'none'}.
+"""
+
+
 def _scores(metrics: dict[str, Any], metric: str) -> str:
     """The ranked metric, and the task score beside the teacher's (`teacher_score` is the teacher's eval_score,
     not its value of whatever metric the search ranked by)."""
@@ -132,16 +182,9 @@ def export_best(results: Any, *, settings: SearchSettings, space: space_model.Sp
     cfg = space_model.trial_config(space, best.config)
     trial_id = str(best.metrics["trial_id"])
     out = Path(settings.results_dir, settings.search_name, "best_student").resolve()
-    staged = out.with_name(f".{out.name}.new-{os.getpid()}")  # whole before it takes out's place
-    with _checkpoint_dir(best).as_directory() as directory:
-        export_student(cfg, prepare(cfg), Path(directory), staged)
-    (staged / "README.md").write_text(model_card(cfg, best.metrics, search=settings.search_name,
-                                                 trial_id=trial_id, metric=metric))
-    write_config_file(cfg, staged / CONFIG_FILE)
-    if out.exists():  # a resumed search: the best of its earlier part, replaced whole (no stale files)
-        print(f"[kdsearch.tune] replacing the best student this search exported before, in {out}", flush=True)
-        shutil.rmtree(out)
-    staged.rename(out)
+    # a resumed search: the best of its earlier part, replaced whole (no stale files)
+    _write_student(best, cfg, out, model_card(cfg, best.metrics, search=settings.search_name, trial_id=trial_id,
+                                              metric=metric), replacing="the best student this search exported before")
     tracker.log_search_artifacts(dirs={"best_student": out})
     text, board = build_leaderboard(uri=settings.tracking_uri, experiment=settings.experiment,
                                     search=settings.search_name,

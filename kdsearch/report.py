@@ -222,8 +222,19 @@ def build_study(args: dict[str, Any]) -> Study:
     return study
 
 
-def run_report(args: dict[str, Any], argv: Sequence[str]) -> tuple[Path, str]:
-    """Run the grid through the search driver, then write and log the table. Returns (out dir, parent run id)."""
+@dataclasses.dataclass(frozen=True)
+class ReportRun:
+    """A finished study: where its table is, its MLflow parent run, the trials' results, its grid, its rows."""
+
+    out: Path
+    run_id: str
+    results: Any
+    space: space_model.Space
+    rows: list[dict[str, Any]]
+
+
+def run_report(args: dict[str, Any], argv: Sequence[str]) -> ReportRun:
+    """Run the grid through the search driver, then write and log the table."""
     from .tune import run_search, unfinished_trials  # Ray is imported only when a study really runs
 
     study = build_study(args)
@@ -232,7 +243,7 @@ def run_report(args: dict[str, Any], argv: Sequence[str]) -> tuple[Path, str]:
                               experiment=args["experiment"], results_dir=args["results_dir"])
     check_search(settings, space)
     version, began = commit(), time.time()  # the code that runs, before anyone commits during the run
-    run_search(settings, space)
+    results, _ = run_search(settings, space)
     stopped = unfinished_trials(settings) or 0
     if stopped:  # a table of some seeds would read as the study's result (and replace the last whole one)
         raise KeyboardInterrupt(f"{stopped} trial(s) unfinished: no table written")
@@ -274,7 +285,16 @@ def run_report(args: dict[str, Any], argv: Sequence[str]) -> tuple[Path, str]:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", r["label"])
         summary |= {f"mean.{slug}": r["mean"], f"std.{slug}": r["std"]}
     tracker.end_search(summary={k: v for k, v in summary.items() if v is not None})
-    return out, parent.run_id
+    return ReportRun(out, parent.run_id, results, space, rows)
+
+
+def _export_confirmed(run: ReportRun, *, search: str, out: Path, uri: str, experiment: str) -> Path | None:
+    from .export import export_confirmed  # Ray's checkpoints: only once a study ran
+
+    path = export_confirmed(run.results, rows=run.rows, space=run.space, search=search, out=out)
+    if path is not None:
+        log_run_artifacts(uri=uri, experiment=experiment, run_id=run.run_id, dirs={"best_student": path})
+    return path
 
 
 def confirm_search(*, search: str, top: int, seeds: int, uri: str, experiment: str, results_dir: str) -> Path:
@@ -283,8 +303,10 @@ def confirm_search(*, search: str, top: int, seeds: int, uri: str, experiment: s
     argv = ["study=confirm", f"search={search}", f"top={top}", f"seeds={seeds}", f"tracking.uri={uri}",
             f"tracking.experiment={experiment}", f"results_dir={results_dir}", f"name={search}-confirm",
             f"out={Path(results_dir, search, 'confirm')}"]
-    out, _ = run_report(parse_args(argv), argv)
-    return out / "confirm.md"
+    run = run_report(parse_args(argv), argv)
+    _export_confirmed(run, search=search, out=Path(results_dir, search, "best_student"), uri=uri,
+                      experiment=experiment)
+    return run.out / "confirm.md"
 
 
 def _help() -> str:
@@ -313,12 +335,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_libraries()
     try:
         args = parse_args(argv)
-        out, run_id = run_report(args, argv)
+        run = run_report(args, argv)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print((out / f"{args['study']}.md").read_text())
-    print(f"report written to {out.resolve()} and MLflow parent run {run_id}")
+    print((run.out / f"{args['study']}.md").read_text())
+    if args["study"] == "confirm" and (student := _export_confirmed(
+            run, search=args["search"], out=run.out / "best_student", uri=args["uri"],
+            experiment=args["experiment"])):
+        print(f"the best configuration by mean: its student saved to {student}")
+    print(f"report written to {run.out.resolve()} and MLflow parent run {run.run_id}")
     return 0
 
 

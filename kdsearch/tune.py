@@ -372,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                                results_dir=settings.results_dir)
         print(table.read_text())
         print(f"[kdsearch.tune] confirmation of the {settings.confirm} best configurations over "
-              f"{settings.confirm_seeds} fresh seeds: {table}; best student saved to {out}")
+              f"{settings.confirm_seeds} fresh seeds: {table}; the best configuration by mean is now the "
+              f"best student saved to {out}")
     return INTERRUPTED if stopped and not expired else 0 if out is not None else 1
 
 

@@ -436,3 +436,11 @@ def test_the_orthogonal_bridge_stays_an_isometry_while_it_trains() -> None:
     torch.testing.assert_close(bridge.student_view(1, hidden).norm(dim=-1), hidden.norm(dim=-1))
     plain = BRIDGES.get("projector").build(BridgeInputs(pairs=[(1, 2)], d_student=16, d_teacher=48))
     assert not torch.allclose(plain.proj["1"].weight.T @ plain.proj["1"].weight, torch.eye(16), atol=1e-2)
+
+
+@pytest.mark.parametrize("name", BRIDGES.names())
+def test_every_bridge_builds_for_a_run_with_no_pairs_and_nothing_prepared(name: str) -> None:
+    # layer_map=none or w_hidden=0: preparation is skipped, so the build gets no artifacts
+    method = BRIDGES.get(name)
+    bridge = method.build(BridgeInputs(pairs=[], d_student=32, d_teacher=64, settings=method.settings(load_config([]))))
+    assert not any(p.requires_grad for p in bridge.parameters())

@@ -24,8 +24,8 @@ from typing import NamedTuple
 import pytest
 from ray import tune
 
-from kdsearch.config import ConfigError
-from kdsearch.overrides import load_config
+from kdsearch.config import ConfigError, flatten
+from kdsearch.overrides import CONFIG_FILE, load_config
 from kdsearch.tracking import SAMPLED_TAG, find_search, list_trials
 
 REPO = Path(__file__).resolve().parents[1]
@@ -330,3 +330,13 @@ def test_confirm_reruns_the_best_configurations_over_fresh_seeds(tmp_path: Path)
     assert sorted(t.params["train.seed"] for t in trials) == ["1", "1", "2", "2"]
     assert all(t.status == "FINISHED" for t in trials)
     assert proc.stdout.strip().splitlines()[-1].endswith(f"best student saved to {tmp_path}/results/c/best_student")
+    # the exported student is now the best configuration by mean over the fresh seeds, and its card says so
+    rows = json.loads((tmp_path / "results" / "c" / "confirm" / "confirm.json").read_text())["rows"]
+    best = max((r for r in rows if r["mean"] is not None), key=lambda r: r["mean"])
+    student = tmp_path / "results" / "c" / "best_student"
+    card = (student / "README.md").read_text()
+    assert "## Confirmed over fresh seeds" in card and f"{best['mean']:.2f} %" in card
+    exported = flatten(load_config([f"config={student / CONFIG_FILE}"]))
+    assert exported["train.seed"] in (1, 2)
+    assert all(exported[k] == (tuple(v) if isinstance(v, list) else v) for k, v in best["overrides"].items())
+    assert "replacing the search's single-seed best with the best by mean" in proc.stdout

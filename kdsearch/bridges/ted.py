@@ -233,6 +233,8 @@ class FilterBridge(Bridge):
 
 def ted_bridge(inputs: BridgeInputs) -> Bridge:
     """TED stage 2: student filters g_s^k trained to match frozen stage-1 teacher filters g_t^m(k)."""
+    if not inputs.pairs:  # nothing to compare, and no stage 1 ran
+        return Bridge()
     ted: TedConfig = inputs.settings
     d_f = filter_width(ted, inputs.d_teacher)
     teacher = build_filters(sorted({t for _, t in inputs.pairs}), inputs.d_teacher, d_f, ted)
