@@ -7,6 +7,8 @@ of (student_index, teacher_index) pairs. Pure Python: imports no framework.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from kdsearch.config import ConfigError
@@ -26,10 +28,31 @@ class LayerMapFn(Protocol):
                  layers: tuple[int, ...] | None) -> LayerMap: ...
 
 
-LAYER_MAPS: Registry[LayerMapFn] = Registry("layer map")
+@dataclass(frozen=True)
+class MapEntry:
+    """A registered layer map and what the rest of kdsearch must know of it."""
 
-ONE_TO_ONE = frozenset({"forward", "reverse", "last", "random", "random_strict", "inorder_random"})
-"""Maps that give each student layer its own teacher layer, so they need n_student <= n_teacher."""
+    fn: LayerMapFn
+    one_to_one: bool = False
+    """Gives each student layer its own teacher layer, so it needs n_student <= n_teacher."""
+    redrawn: bool = False
+    """Draws its pairs anew every epoch, so nothing prepared per teacher layer (TED's filters) can follow it."""
+
+    def __call__(self, n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
+                 layers: tuple[int, ...] | None) -> LayerMap:
+        return self.fn(n_student, n_teacher, embeddings=embeddings, seed=seed, epoch=epoch, layers=layers)
+
+
+LAYER_MAPS: Registry[MapEntry] = Registry("layer map")
+
+
+def layer_map(name: str, *, one_to_one: bool = False, redrawn: bool = False) -> Callable[[LayerMapFn], LayerMapFn]:
+    """Register a layer map under `name` with its properties; the function itself stays plain."""
+    def add(fn: LayerMapFn) -> LayerMapFn:
+        LAYER_MAPS.register(name)(MapEntry(fn, one_to_one=one_to_one, redrawn=redrawn))
+        return fn
+
+    return add
 
 
 def forward_targets(n_student: int, n_teacher: int) -> list[int]:
@@ -43,21 +66,21 @@ def _with_embeddings(targets: list[int], embeddings: bool) -> LayerMap:
     return [(0, 0), *pairs] if embeddings else pairs
 
 
-@LAYER_MAPS.register("forward")
+@layer_map("forward", one_to_one=True)
 def forward(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
             layers: tuple[int, ...] | None) -> LayerMap:
     """Student layer i <-> teacher layer ceil(i n_t / n_s) (Yu et al. 2025, arXiv 2502.04499, "forward")."""
     return _with_embeddings(forward_targets(n_student, n_teacher), embeddings)
 
 
-@LAYER_MAPS.register("reverse")
+@layer_map("reverse", one_to_one=True)
 def reverse(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
             layers: tuple[int, ...] | None) -> LayerMap:
     """The forward targets in reverse order; embeddings stay 0 <-> 0 (Yu et al. 2025, "reverse")."""
     return _with_embeddings(forward_targets(n_student, n_teacher)[::-1], embeddings)
 
 
-@LAYER_MAPS.register("last")
+@layer_map("last", one_to_one=True)
 def last(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
          layers: tuple[int, ...] | None) -> LayerMap:
     """Student layer i <-> teacher layer n_t - n_s + i: the teacher's top layers (PKD-Last, Sun et al. 2019,
@@ -65,7 +88,7 @@ def last(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: 
     return _with_embeddings(list(range(n_teacher - n_student + 1, n_teacher + 1)), embeddings)
 
 
-@LAYER_MAPS.register("all_to_one")
+@layer_map("all_to_one")
 def all_to_one(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
                layers: tuple[int, ...] | None) -> LayerMap:
     """Every student state (embeddings too) <-> teacher layer n_t / 2 (Yu et al. 2025, "all-to-one")."""
@@ -74,7 +97,7 @@ def all_to_one(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, e
     return [(i, target) for i in range(first, n_student + 1)]
 
 
-@LAYER_MAPS.register("random")
+@layer_map("random", one_to_one=True)
 def random_order(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
                  layers: tuple[int, ...] | None) -> LayerMap:
     """One seeded permutation of the forward targets, the same every epoch (Yu et al. 2025, "random").
@@ -87,7 +110,7 @@ def random_order(n_student: int, n_teacher: int, *, embeddings: bool, seed: int,
     return _with_embeddings(targets, embeddings)
 
 
-@LAYER_MAPS.register("random_strict")
+@layer_map("random_strict", one_to_one=True)
 def random_strict(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
                   layers: tuple[int, ...] | None) -> LayerMap:
     """`random`, but never the forward order: a draw in forward order is drawn again (with two student layers
@@ -100,7 +123,7 @@ def random_strict(n_student: int, n_teacher: int, *, embeddings: bool, seed: int
     return _with_embeddings(targets, embeddings)
 
 
-@LAYER_MAPS.register("inorder_random")
+@layer_map("inorder_random", one_to_one=True, redrawn=True)
 def inorder_random(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
                    layers: tuple[int, ...] | None) -> LayerMap:
     """A sorted random subset of n_s teacher layers, re-drawn each epoch (RAIL-KD, Haidar et al. 2022)."""
@@ -112,7 +135,7 @@ def inorder_random(n_student: int, n_teacher: int, *, embeddings: bool, seed: in
     return _with_embeddings(targets, embeddings)
 
 
-@LAYER_MAPS.register("explicit")
+@layer_map("explicit")
 def explicit(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
              layers: tuple[int, ...] | None) -> LayerMap:
     """Teacher indices given by the user, one per student layer (`distill.layers`, e.g. PKD's skip-k)."""
@@ -123,7 +146,7 @@ def explicit(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epo
     return _with_embeddings(list(layers), embeddings)
 
 
-@LAYER_MAPS.register("none")
+@layer_map("none")
 def no_matching(n_student: int, n_teacher: int, *, embeddings: bool, seed: int, epoch: int,
                 layers: tuple[int, ...] | None) -> LayerMap:
     """No hidden matching: task loss + logit KL only (Yu et al. 2025, "none" baseline)."""
@@ -152,7 +175,7 @@ def check_map_args(name: str, n_student: int, n_teacher: int, layers: tuple[int,
             if not 1 <= index <= n_teacher:
                 raise ConfigError(f"distill.layers={_show(layers)}: teacher index {index} out of range "
                                   f"1..{n_teacher}")
-    if name in ONE_TO_ONE and n_student > n_teacher:
+    if LAYER_MAPS.get(name).one_to_one and n_student > n_teacher:
         raise ConfigError(f"student.layers={n_student} > teacher depth {n_teacher}: distill.layer_map={name} "
                           "cannot map a student deeper than its teacher one-to-one; use fewer student layers "
                           "or distill.layer_map=explicit, all_to_one or none")
@@ -173,3 +196,7 @@ def run_pairs(cfg: Config, n_teacher: int, *, epoch: int = 0) -> LayerMap:
         return []
     return map_layers(d.layer_map, cfg.student.layers, n_teacher, embeddings=bool(d.embeddings), seed=cfg.train.seed,
                       epoch=epoch, layers=d.layers)
+
+
+ONE_TO_ONE = frozenset(n for n in LAYER_MAPS if LAYER_MAPS.get(n).one_to_one)
+"""The registered maps that pair each student layer with its own teacher layer (their entries say so)."""

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoModel
 
 from .config import ConfigError
-from .layer_maps import check_map_args, map_layers
+from .layer_maps import LAYER_MAPS, check_map_args, map_layers
 from .losses import RELATION_LOSSES
 from .registry import Registry
 
@@ -186,7 +186,7 @@ def check_relation(cfg: Config, teacher: Any, student: Any) -> None:
     projection width of the `teacher` and `student` (transformers configs), projections the term can find."""
     rel, n_t = cfg.relation, teacher.num_hidden_layers
     if rel.layers == "map":
-        if cfg.distill.layer_map in ("none", "inorder_random"):
+        if cfg.distill.layer_map == "none" or LAYER_MAPS.get(cfg.distill.layer_map).redrawn:
             raise ConfigError(f"relation.layers=map takes its layer pairs from distill.layer_map, which is "
                               f"{cfg.distill.layer_map}; choose a fixed map (TinyBERT: forward) or relation.layers=one")
         check_map_args(cfg.distill.layer_map, cfg.student.layers, n_t, cfg.distill.layers)

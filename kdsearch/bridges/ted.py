@@ -23,6 +23,7 @@ from ..cache import content_key
 from ..config import ConfigError, flatten
 from ..encoding import model_inputs
 from ..kinds import IGNORE_INDEX, TaskKind
+from ..layer_maps import LAYER_MAPS
 from ..losses import task_loss
 from ..registry import Registry
 from .base import BRIDGES, Bridge, BridgeInputs, BridgeMethod, PrepareContext
@@ -210,9 +211,9 @@ def check_ted_names(cfg: Config) -> None:
 
 
 def check_ted(cfg: Config, d_student: int, d_teacher: int) -> None:
-    if cfg.distill.layer_map == "inorder_random":
+    if LAYER_MAPS.get(cfg.distill.layer_map).redrawn:
         raise ConfigError("distill.bridge=ted needs a fixed layer map (its filters are trained per teacher "
-                          "layer in stage 1); distill.layer_map=inorder_random re-draws layers every epoch")
+                          f"layer in stage 1); distill.layer_map={cfg.distill.layer_map} re-draws layers every epoch")
     if cfg.ted.student_filters == "teacher" and d_student != d_teacher:
         raise ConfigError(f"ted.student_filters=teacher copies teacher filters, which needs equal widths "
                           f"(student {d_student}, teacher {d_teacher}); use stage1 or random")
