@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,6 +283,9 @@ def _teacher_outputs(cfg: Config, prepared: Prepared, store: Store, device: torc
                       **({"tap_layers": list(tap.layers)} if tap else {}), **({"padded": True} if padded else {}))
 
     def build(out: Path) -> None:
+        if padded and cfg.train.teacher_cache:  # asked for: the null default already kept it under 4 GB
+            teacher_cache.check_room(teacher_cache.padded_bytes(train, prepared.n_teacher, prepared.d_teacher,
+                                                                cfg.train.precision), shutil.disk_usage(out).free)
         what = f"attention projections of layers {list(tap.layers)}" if tap else "outputs"
         _log(f"caching the teacher's {what}{' at every position' if padded else ''} over {len(train)} training rows")
         teacher_cache.build(load_teacher(prepared, device), train, out, pad_id=prepared.pad_id,

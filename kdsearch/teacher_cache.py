@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config, Precision
+from .config import Config, ConfigError, Precision
 from .encoding import MODEL_INPUTS
 from .evaluation import make_loader
 from .kinds import TaskKind
@@ -37,7 +37,7 @@ ROW = "row"
 """The column `with_rows` adds to the training split: each batch says which cached rows it holds."""
 
 
-def blocker(cfg: Config, kind: TaskKind) -> str | None:
+def blocker(kind: TaskKind) -> str | None:
     """Why this run cannot read its teacher from the cache, or None when it can."""
     if kind == "causal_lm":
         return "encoder tasks only (a causal LM's teacher logits span the vocabulary at every token)"
@@ -61,6 +61,15 @@ def padded_bytes(dataset: Any, layers: int, width: int, precision: Precision) ->
     return len(dataset) * longest * (layers + 1) * width * (4 if precision == "fp32" else 2)
 
 
+def check_room(size: int, free: int) -> None:
+    """Refuse an asked-for cache (train.teacher_cache=true) that the cache folder's disk cannot hold."""
+    if size > free:
+        raise ConfigError(f"train.teacher_cache=true: the teacher's states at every position need {size / 2**30:.1f} "
+                          f"GiB and the cache folder's disk has {free / 2**30:.1f} GiB free; set "
+                          "train.teacher_cache=false, or distill.mask_padding=true with a distance that skips "
+                          "padding, or give cache_dir=<a larger disk>")
+
+
 def enabled(cfg: Config, kind: TaskKind, train_rows: int, padded_size: int = 0) -> bool:
     """train.teacher_cache as set, or (null) on where it applies and the run reads at least as many rows as the
     cache pass does (the pass costs one teacher forward per row, each step then saves one per row it reads) and,
@@ -70,7 +79,7 @@ def enabled(cfg: Config, kind: TaskKind, train_rows: int, padded_size: int = 0) 
     batches = math.ceil(train_rows / cfg.train.batch_size)
     steps = batches if cfg.train.max_steps_per_epoch is None else min(batches, cfg.train.max_steps_per_epoch)
     small = not reads_padding(cfg) or padded_size <= PADDED_AUTO_BYTES
-    return blocker(cfg, kind) is None and small and cfg.train.epochs * steps * cfg.train.batch_size >= train_rows
+    return blocker(kind) is None and small and cfg.train.epochs * steps * cfg.train.batch_size >= train_rows
 
 
 def build(teacher: nn.Module, dataset: Any, out: Path, *, pad_id: int, precision: Precision,

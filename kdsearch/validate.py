@@ -97,7 +97,7 @@ def validate(cfg: Config) -> TaskSpec:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split evenly over "
                           f"resources.num_workers={cfg.resources.num_workers} x train.grad_accum="
                           f"{cfg.train.grad_accum} micro-batches: use a multiple of {shares}")
-    if cfg.train.teacher_cache and (why := teacher_cache.blocker(cfg, read_by(spec, family_of(teacher)).kind)):
+    if cfg.train.teacher_cache and (why := teacher_cache.blocker(read_by(spec, family_of(teacher)).kind)):
         raise ConfigError(f"train.teacher_cache=true: {why}; set train.teacher_cache=false (or null: on where it "
                           "applies)")
     if cfg.distill.w_relation > 0:

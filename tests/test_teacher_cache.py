@@ -207,3 +207,17 @@ def test_the_cache_is_on_by_default_where_it_applies_and_pays(cache: Path, overr
     assert cfg.train.teacher_cache is (False if "train.teacher_cache=false" in overrides else None)
     validate(cfg)
     assert (prepare(cfg, device=torch.device("cpu")).teacher_outputs is not None) is on
+
+
+def test_an_asked_for_cache_that_the_disk_cannot_hold_is_refused_with_its_size(
+        cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    full = namedtuple("usage", "total used free")(2**30, 2**30 - 4096, 4096)  # a disk with 4 KiB left
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: full)
+    with pytest.raises(ConfigError, match=r"need \d+\.\d GiB and the cache folder's disk has 0\.0 GiB free"):
+        # bf16: a cache no other test built (one already built is read, whatever the disk holds)
+        prepare(small(cache, "train.teacher_cache=true", "distill.mask_padding=false", "train.precision=bf16"),
+                device=torch.device("cpu"))
+    prepare(small(cache, "train.teacher_cache=true", "train.precision=bf16"), device=torch.device("cpu"))
