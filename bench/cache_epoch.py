@@ -26,10 +26,10 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from kdsearch.loop import WorkerContext, run_distillation  # noqa: E402
-from kdsearch.overrides import load_config  # noqa: E402
-from kdsearch.prepare import prepare  # noqa: E402
-from kdsearch.validate import validate  # noqa: E402
+from kdsearch.config.overrides import load_config  # noqa: E402
+from kdsearch.run.loop import WorkerContext, run_distillation  # noqa: E402
+from kdsearch.run.prepare import prepare  # noqa: E402
+from kdsearch.run.validate import validate  # noqa: E402
 
 TERMS = {"masked": ["distill.mask_padding=true"], "unmasked": ["distill.mask_padding=false"]}
 

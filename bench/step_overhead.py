@@ -44,18 +44,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from kdsearch import models  # noqa: E402
-from kdsearch.config import Config  # noqa: E402
-from kdsearch.evaluation import make_loader  # noqa: E402
-from kdsearch.loop import WorkerContext, _train_epoch, build_distiller, layer_pairs  # noqa: E402
-from kdsearch.losses import task_loss  # noqa: E402
-from kdsearch.optimiser import Optimiser  # noqa: E402
-from kdsearch.overrides import load_config
-from kdsearch.precision import autocast, loss_scaler  # noqa: E402
-from kdsearch.prepare import Prepared, make_student, prepare  # noqa: E402
-from kdsearch.relations import relation_term  # noqa: E402
-from kdsearch.teacher_cache import TeacherCache, with_rows  # noqa: E402
-from kdsearch.validate import validate  # noqa: E402
+from kdsearch.config.overrides import load_config
+from kdsearch.config.schema import Config  # noqa: E402
+from kdsearch.methods.losses import task_loss  # noqa: E402
+from kdsearch.methods.relations import relation_term  # noqa: E402
+from kdsearch.run import models  # noqa: E402
+from kdsearch.run.evaluation import make_loader  # noqa: E402
+from kdsearch.run.loop import WorkerContext, _train_epoch, build_distiller, layer_pairs  # noqa: E402
+from kdsearch.run.optimiser import Optimiser  # noqa: E402
+from kdsearch.run.precision import autocast, loss_scaler  # noqa: E402
+from kdsearch.run.prepare import Prepared, make_student, prepare  # noqa: E402
+from kdsearch.run.teacher_cache import TeacherCache, with_rows  # noqa: E402
+from kdsearch.run.validate import validate  # noqa: E402
 
 TARGET = 1.10
 CLOCK = time.perf_counter
@@ -212,9 +212,9 @@ def profile(variants: Variants, batches: list[dict[str, torch.Tensor]], steps: i
 
 def breakdown(variants: Variants, batches: list[dict[str, torch.Tensor]], *, steps: int, warmup: int) -> None:
     """Median time of each phase of the kd step (re-enacted phase by phase) and of the base step."""
-    from kdsearch.losses import combine
-    from kdsearch.relations import capture
-    from kdsearch.step import teacher_forward
+    from kdsearch.methods.losses import combine
+    from kdsearch.methods.relations import capture
+    from kdsearch.run.step import teacher_forward
 
     v, d = variants, variants.distiller
     params = [p for p in d.parameters() if p.requires_grad]

@@ -30,16 +30,16 @@ from typing import Any
 
 import torch
 
-from kdsearch.config import build_config, flatten, unflatten
-from kdsearch.loop import WorkerContext, run_distillation
-from kdsearch.prepare import prepare
-from kdsearch.validate import validate
+from kdsearch.config.parse import build_config, flatten, unflatten
+from kdsearch.run.loop import WorkerContext, run_distillation
+from kdsearch.run.prepare import prepare
+from kdsearch.run.validate import validate
 
 
 def plan(argv: list[str], out: Path) -> None:
-    from kdsearch import space_model
-    from kdsearch.report import build_study, parse_args
-    from kdsearch.studies import grid_space
+    from kdsearch.search import space_model
+    from kdsearch.search.reports import build_study, parse_args
+    from kdsearch.search.studies import grid_space
 
     args = parse_args(argv)
     study = build_study(args)
@@ -102,8 +102,8 @@ def run_cell(grid: dict[str, Any], index: int, results: Path) -> None:
 
 def table(grid: dict[str, Any], results: Path, out: Path, *, hardware: str, epoch: int | None,
           notes: list[str]) -> None:
-    from kdsearch.report import aggregate, plot, render
-    from kdsearch.studies import Row, Study
+    from kdsearch.search.reports import aggregate, plot, render
+    from kdsearch.search.studies import Row, Study
     from kdsearch.tracking import format_param
 
     study = Study(**grid["study"], rows=[Row(**r) for r in grid["rows"]])

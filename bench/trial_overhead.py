@@ -79,7 +79,7 @@ def emit(event: str, **fields: Any) -> None:
 
 def hook_first_step(trial: str, rank: int = 0) -> None:
     """Timestamp the first call of teacher_forward in kdsearch.loop: the start of the first training step."""
-    import kdsearch.loop as loop
+    import kdsearch.run.loop as loop
 
     original = getattr(loop, "_bench_teacher_forward", loop.teacher_forward)
     loop._bench_teacher_forward = original  # type: ignore[attr-defined]  # reused actors: wrap only once
@@ -182,10 +182,10 @@ def run_bare(space_path: Path, trials: int) -> None:
     """The same trials as the search's first points, run back to back by the plain loop."""
     import torch
 
-    from kdsearch import space_model, spaces
-    from kdsearch.loop import WorkerContext, run_distillation
-    from kdsearch.prepare import prepare
-    from kdsearch.validate import validate
+    from kdsearch.run.loop import WorkerContext, run_distillation
+    from kdsearch.run.prepare import prepare
+    from kdsearch.run.validate import validate
+    from kdsearch.search import space_model, spaces
 
     space = spaces.load_space(space_path)
     points = space_model.initial_points(space)
@@ -366,10 +366,9 @@ def main() -> int:
         "inprocess": write_space(tmp, "inprocess", args, workers=1, cpus=1, trials=args.trials),
         "train": write_space(tmp, "train", args, workers=2, cpus=2, trials=args.train_trials),
     }
-    import kdsearch.tune  # noqa: F401  (import before patching: Ray, Optuna, MLflow)
-    from kdsearch import space_model
-    from kdsearch import spaces as kspaces
-    from kdsearch.prepare import prepare
+    from kdsearch.run.prepare import prepare
+    from kdsearch.search import space_model
+    from kdsearch.search import spaces as kspaces
 
     prepare(space_model.trial_config(kspaces.load_space(spaces["bare"]), {}))  # warm the cache: no design pays it
     patch_driver()

@@ -19,18 +19,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import hub, models
-from .config import Config, ConfigError, with_absolute_paths
-from .console import quiet_libraries, run_command
-from .encoding import model_inputs
-from .evaluation import EVAL_BATCH_SIZE, make_loader
-from .overrides import load_config, split_arguments
-from .paths import output_uri
-from .prepare import Prepared, load_teacher, make_student, prepare
-from .provenance import commit, hardware
-from .tracking import DEFAULT_EXPERIMENT, default_uri, log_analysis_run
-from .usage import command_help, wants_help
-from .validate import validate
+from kdsearch.config.overrides import load_config, split_arguments
+from kdsearch.config.paths import output_uri, with_absolute_paths
+from kdsearch.config.schema import Config
+from kdsearch.config.usage import command_help, wants_help
+from kdsearch.core.console import quiet_libraries, run_command
+from kdsearch.core.errors import ConfigError
+from kdsearch.core.provenance import commit, hardware
+from kdsearch.data import hub
+from kdsearch.methods.inputs import model_inputs
+from kdsearch.run import models
+from kdsearch.run.evaluation import EVAL_BATCH_SIZE, make_loader
+from kdsearch.run.prepare import Prepared, load_teacher, make_student, prepare
+from kdsearch.run.validate import validate
+from kdsearch.tracking import DEFAULT_EXPERIMENT, default_uri, log_analysis_run
 
 EPS = 1e-6
 _OWN_KEYS = ("student", "layers", "out", "tracking.uri", "tracking.experiment", "max_batches")

@@ -18,18 +18,20 @@ from typing import Any, get_args
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from . import hub, models
-from .config import Config, ConfigError, with_absolute_paths
-from .console import quiet_libraries, render_text, run_command
-from .data import Split, load_raw_task
-from .encoding import tokenize_task
-from .evaluation import evaluate, forward_latency_ms
-from .overrides import CONFIG_FILE, load_config, read_config_file, split_arguments
-from .paths import check_local_dirs, check_writable, output_uri
-from .prepare import prepare_teacher
-from .tasks import TaskSpec, read_by
-from .tracking import DEFAULT_EXPERIMENT, check_tracking_uri, default_uri, log_analysis_run
-from .usage import command_help, wants_help
+from kdsearch.config.overrides import CONFIG_FILE, load_config, read_config_file, split_arguments
+from kdsearch.config.paths import check_local_dirs, check_writable, output_uri, with_absolute_paths
+from kdsearch.config.schema import Config
+from kdsearch.config.usage import command_help, wants_help
+from kdsearch.core.console import quiet_libraries, render_text, run_command
+from kdsearch.core.errors import ConfigError
+from kdsearch.data import hub
+from kdsearch.data.encoding import tokenize_task
+from kdsearch.data.loading import Split, load_raw_task
+from kdsearch.data.tasks import TaskSpec, read_by
+from kdsearch.run import models
+from kdsearch.run.evaluation import evaluate, forward_latency_ms
+from kdsearch.run.prepare import prepare_teacher
+from kdsearch.tracking import DEFAULT_EXPERIMENT, check_tracking_uri, default_uri, log_analysis_run
 
 USAGE = ("usage: python -m kdsearch.evaluate model=<student dir> [split=test|validation] [with_teacher=true] "
          "[out=<file.json>] [tracking.uri=...] [tracking.experiment=...] [<config key>=<value> ...]")

@@ -7,8 +7,8 @@ import os
 import datasets
 import pytest
 
-from kdsearch.config import TaskConfig
-from kdsearch.data import load_raw_task
+from kdsearch.config.schema import TaskConfig
+from kdsearch.data.loading import load_raw_task
 
 # A user's RAY_ADDRESS would send every test's ray.init to their cluster: tests start their own Ray, and those
 # that attach to one (tests/test_cluster_faults.py) pass the address to the processes they start.

@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdsearch.config import TaskConfig
-from kdsearch.data import load_raw_task
+from kdsearch.config.schema import TaskConfig
+from kdsearch.data.loading import load_raw_task
 
 ROWS = [("a fine film", 1), ("dull and slow", 0), ("it works", 1), ("not good", 0), ("great fun", 1)]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kdsearch.analyze import angle_cosines, check_shapes, main, parse_args
-from kdsearch.config import ConfigError
+from kdsearch.core.errors import ConfigError
 
 os.environ.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
 
@@ -73,7 +73,7 @@ def test_a_student_layer_beyond_the_student_is_refused() -> None:
 def test_angles_command_writes_histograms_and_an_mlflow_run(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from kdsearch.prepare import load_teacher, make_student, prepare
+    from kdsearch.run.prepare import load_teacher, make_student, prepare
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     common = ["teacher=tiny-bert", "task=default", "task.train_size=256", "task.eval_size=48", "finetune.epochs=1",

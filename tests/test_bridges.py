@@ -9,16 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from kdsearch import models
-from kdsearch.bridges import BRIDGES, BridgeInputs
-from kdsearch.bridges.ted import FILTERS, build_filters, filter_width
-from kdsearch.bridges.units import score_units, select_units
-from kdsearch.config import Config
-from kdsearch.evaluation import make_loader
-from kdsearch.losses import LOGIT_LOSSES
-from kdsearch.overrides import load_config
-from kdsearch.step import Distiller, TeacherOutputs, leaves_parameters_unused, teacher_forward
-from kdsearch.tasks import task_spec
+from kdsearch.config.overrides import load_config
+from kdsearch.config.schema import Config
+from kdsearch.data.tasks import task_spec
+from kdsearch.methods.bridges import BRIDGES, BridgeInputs
+from kdsearch.methods.bridges.ted import FILTERS, build_filters, filter_width
+from kdsearch.methods.bridges.units import score_units, select_units
+from kdsearch.methods.losses import LOGIT_LOSSES
+from kdsearch.run import models
+from kdsearch.run.evaluation import make_loader
+from kdsearch.run.step import Distiller, TeacherOutputs, leaves_parameters_unused, teacher_forward
 
 PAIRS = [(0, 0), (1, 2), (2, 4)]
 
@@ -325,7 +325,7 @@ class _LabelAtLayer(nn.Module):
 
 
 def test_ted_stage1_trains_each_filter_on_its_own_hidden_state_and_leaves_the_model_alone() -> None:
-    from kdsearch.bridges.ted import train_stage1
+    from kdsearch.methods.bridges.ted import train_stage1
 
     model = _LabelAtLayer(informative=2)
     before = model.scale.detach().clone()
@@ -347,7 +347,7 @@ def test_ted_stage1_trains_each_filter_on_its_own_hidden_state_and_leaves_the_mo
 def test_ted_stage1_optimiser_and_heads_are_teds() -> None:
     """TED's learn_filters script: AdamW without weight decay, linear decay to 0 with no warmup; each filter's
     head pools the first token through dense + GELU (DeBERTa's pooler act), dropout 0.1, then a linear head."""
-    from kdsearch.bridges.ted import FilterHead, stage1_optimiser
+    from kdsearch.methods.bridges.ted import FilterHead, stage1_optimiser
 
     param = nn.Parameter(torch.zeros(3))
     opt, sched = stage1_optimiser([param], lr=4e-5, total_steps=4)
@@ -375,10 +375,10 @@ def test_every_bridge_method_checks_prepares_and_builds_through_its_entry(name: 
     """The contract prepare, validate, the loop and the model card rely on, on a tiny in-code teacher: its checks
     pass a run it can serve, its preparation gives exactly the artifacts its build reads, the built bridge trains
     in a real step, and its config section is on a card only when it runs."""
-    from kdsearch.export import strategy_settings
-    from kdsearch.loop import build_distiller, layer_pairs
-    from kdsearch.prepare import prepare
-    from kdsearch.validate import validate
+    from kdsearch.run.loop import build_distiller, layer_pairs
+    from kdsearch.run.prepare import prepare
+    from kdsearch.run.validate import validate
+    from kdsearch.search.export import strategy_settings
 
     width = "1.0" if name == "identity" else "0.5"
     cfg = load_config(["task.train_size=128", "task.eval_size=64", "finetune.epochs=1", "ted.stage1_epochs=1",
@@ -405,7 +405,7 @@ def test_every_bridge_method_checks_prepares_and_builds_through_its_entry(name: 
 
 
 def test_a_bridge_method_refuses_what_it_cannot_run_in_one_line() -> None:
-    from kdsearch.config import ConfigError
+    from kdsearch.core.errors import ConfigError
 
     cases = {"identity": (["distill.bridge=identity"], 32, 64, "needs equal widths"),
              "ted": (["distill.bridge=ted", "ted.student_filters=teacher"], 32, 64, "copies teacher filters"),

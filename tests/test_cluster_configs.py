@@ -24,8 +24,8 @@ import jsonschema
 import pytest
 import yaml
 
-from kdsearch.config import ResourcesConfig
-from kdsearch.sizing import (
+from kdsearch.config.schema import ResourcesConfig
+from kdsearch.run.sizing import (
     DRIVER_RESOURCE,
     DRIVER_UNITS_PER_TRIAL,
     bundles_per_node,
@@ -380,7 +380,7 @@ def _tune_commands() -> dict[str, list[str]]:
 
 def test_documented_commands_parse_with_the_real_cli() -> None:
     # The real argument parser (no Ray, no tracking server): every key the docs use must exist.
-    from kdsearch.search import parse_search_args
+    from kdsearch.search.settings import parse_search_args
 
     commands = _tune_commands()
     assert "rayjob" in commands and len(commands) >= 3

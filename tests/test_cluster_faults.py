@@ -30,8 +30,8 @@ from cluster_utils import (
     wait_for,
 )
 
-from kdsearch.config import ConfigError
-from kdsearch.sizing import DRIVER_RESOURCE, max_concurrent_trials
+from kdsearch.core.errors import ConfigError
+from kdsearch.run.sizing import DRIVER_RESOURCE, max_concurrent_trials
 from kdsearch.tracking import RunRecord, find_search, list_trials, open_client
 
 pytestmark = pytest.mark.slow

@@ -12,10 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from data_utils import ROWS, load, sst2_dir, write
 
-from kdsearch.config import ConfigError, TaskConfig
-from kdsearch.data import check_task, load_raw_task
-from kdsearch.metrics import compute_metrics, metric_names
-from kdsearch.tasks import DEFAULT_TASK_VOCAB, TASKS, default_label, default_rows, read_by, task_spec
+from kdsearch.config.schema import TaskConfig
+from kdsearch.core.errors import ConfigError
+from kdsearch.data.loading import check_task, load_raw_task
+from kdsearch.data.metrics import compute_metrics, metric_names
+from kdsearch.data.tasks import DEFAULT_TASK_VOCAB, TASKS, default_label, default_rows, read_by, task_spec
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"  # ../shared beside the checkout
 pytestmark = pytest.mark.usefixtures("offline")

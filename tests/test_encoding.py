@@ -11,11 +11,13 @@ import pytest
 import torch
 from data_utils import load, make_tokenizer, write
 
-from kdsearch import models
-from kdsearch.config import ConfigError, TaskConfig
-from kdsearch.data import load_raw_task
-from kdsearch.encoding import collate, model_inputs, tokenize_task, train_texts
-from kdsearch.tasks import read_by
+from kdsearch.config.schema import TaskConfig
+from kdsearch.core.errors import ConfigError
+from kdsearch.data.encoding import collate, tokenize_task, train_texts
+from kdsearch.data.loading import load_raw_task
+from kdsearch.data.tasks import read_by
+from kdsearch.methods.inputs import model_inputs
+from kdsearch.run import models
 
 pytestmark = pytest.mark.usefixtures("offline")
 

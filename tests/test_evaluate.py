@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from kdsearch.config import ConfigError
+from kdsearch.config.overrides import CONFIG_FILE, load_config, write_config_file
+from kdsearch.core.errors import ConfigError
 from kdsearch.evaluate import main, parse_args
-from kdsearch.overrides import CONFIG_FILE, load_config, write_config_file
 
 
 @pytest.fixture
@@ -51,8 +51,8 @@ def test_a_saved_student_is_scored_on_the_test_split_beside_its_teacher(tmp_path
                                                                         capsys: pytest.CaptureFixture) -> None:
     from mlflow import MlflowClient
 
-    from kdsearch import models
-    from kdsearch.prepare import load_teacher, make_student, prepare_teacher
+    from kdsearch.run import models
+    from kdsearch.run.prepare import load_teacher, make_student, prepare_teacher
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = load_config(["teacher=tiny-bert", "task.train_size=256", "task.eval_size=48", "finetune.epochs=1",

@@ -7,9 +7,11 @@ from typing import Any
 
 import pytest
 
-from kdsearch.config import Config, ConfigError, flatten
-from kdsearch.export import best_result, model_card
-from kdsearch.overrides import CONFIG_FILE, load_config, write_config_file
+from kdsearch.config.overrides import CONFIG_FILE, load_config, write_config_file
+from kdsearch.config.parse import flatten
+from kdsearch.config.schema import Config
+from kdsearch.core.errors import ConfigError
+from kdsearch.search.export import best_result, model_card
 
 
 @dataclass

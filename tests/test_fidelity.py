@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdsearch.bridges import Bridge
-from kdsearch.overrides import load_config
-from kdsearch.step import Distiller
+from kdsearch.config.overrides import load_config
+from kdsearch.methods.bridges import Bridge
+from kdsearch.run.step import Distiller
 
 B, T, D = 4, 7, 6
 LENGTHS = [7, 5, 2, 4]  # uneven real lengths; padding on the right
@@ -112,9 +112,9 @@ def test_t5_form_standardises_the_whole_layer_not_each_token() -> None:
 
 
 def test_the_layer_select_study_and_space_use_the_bert_form() -> None:
-    from kdsearch.space_model import initial_points
-    from kdsearch.spaces import load_space
-    from kdsearch.studies import make_study
+    from kdsearch.search.space_model import initial_points
+    from kdsearch.search.spaces import load_space
+    from kdsearch.search.studies import make_study
 
     study = make_study("layer_select", d_teacher=64)
     assert (study.base["distill.distance"], study.base["distill.hidden_reduce"]) == ("layer_select_bert", "mean")

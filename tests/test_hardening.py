@@ -178,8 +178,8 @@ class _Payload:
 
 
 def test_a_tampered_checkpoint_is_refused_and_its_code_never_runs(tmp_path: Path) -> None:
-    from kdsearch.config import ConfigError
-    from kdsearch.safe_io import load_tensors
+    from kdsearch.core.errors import ConfigError
+    from kdsearch.core.safe_io import load_tensors
 
     marker = tmp_path / "code-ran"
     with (tmp_path / "optim.pt").open("wb") as f:
@@ -191,9 +191,9 @@ def test_a_tampered_checkpoint_is_refused_and_its_code_never_runs(tmp_path: Path
 
 def test_a_real_optimiser_state_loads_as_tensors(tmp_path: Path) -> None:
     """What a checkpoint holds (AdamW moments, the schedule, step counts) passes weights_only."""
-    from kdsearch.config import Config, TrainConfig
-    from kdsearch.optimiser import make_optimiser
-    from kdsearch.safe_io import load_tensors
+    from kdsearch.config.schema import Config, TrainConfig
+    from kdsearch.core.safe_io import load_tensors
+    from kdsearch.run.optimiser import make_optimiser
 
     model = torch.nn.Linear(4, 2)
     opt = make_optimiser(Config(train=TrainConfig(lr=1e-3)), model, total_steps=10, device=torch.device("cpu"))
@@ -211,8 +211,8 @@ def test_a_real_optimiser_state_loads_as_tensors(tmp_path: Path) -> None:
     ("causal_lm", [[-100, 5, 5, 7]], [[-100, 5, 7], [7, -100, 7]], 0.25),  # token 5 everywhere; -100 unscored
 ])
 def test_the_constant_answer_baseline(kind: str, train: list, labels: list, expected: float) -> None:
-    from kdsearch.metrics import baseline_score
-    from kdsearch.tasks import task_spec
+    from kdsearch.data.metrics import baseline_score
+    from kdsearch.data.tasks import task_spec
 
     spec = task_spec({"classification": "sst2", "regression": "stsb", "causal_lm": "text"}[kind])
     flat = (lambda rows: np.concatenate([np.asarray(r) for r in rows])) if kind == "causal_lm" else np.asarray
@@ -222,9 +222,9 @@ def test_the_constant_answer_baseline(kind: str, train: list, labels: list, expe
 def test_a_teacher_that_learnt_nothing_is_warned_about_or_refused(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture) -> None:
     """Labels drawn at random: no teacher can beat the majority class, and the search should not start blind."""
-    from kdsearch.config import ConfigError
-    from kdsearch.overrides import load_config
-    from kdsearch.prepare import check_teacher, prepare_teacher
+    from kdsearch.config.overrides import load_config
+    from kdsearch.core.errors import ConfigError
+    from kdsearch.run.prepare import check_teacher, prepare_teacher
 
     rng = np.random.default_rng(0)
     words = ["film", "plot", "actor", "scene", "score", "story"]
@@ -248,9 +248,9 @@ def test_two_searches_started_together_never_share_a_name(tmp_path: Path) -> Non
     from concurrent.futures import ThreadPoolExecutor
     from dataclasses import replace
 
-    from kdsearch.config import ConfigError
-    from kdsearch.search import parse_search_args
-    from kdsearch.tune import claim_name
+    from kdsearch.core.errors import ConfigError
+    from kdsearch.search.driver import claim_name
+    from kdsearch.search.settings import parse_search_args
 
     settings, space = parse_search_args(["space=smoke", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
                                          f"results_dir={tmp_path}/results"])
@@ -263,7 +263,7 @@ def test_two_searches_started_together_never_share_a_name(tmp_path: Path) -> Non
 
 
 def test_a_new_student_never_replaces_an_earlier_one(tmp_path: Path) -> None:
-    from kdsearch.paths import fresh_dir
+    from kdsearch.config.paths import fresh_dir
 
     first = fresh_dir(tmp_path / "student")
     (first / "model.safetensors").write_text("the earlier student")
@@ -274,8 +274,8 @@ def test_a_new_student_never_replaces_an_earlier_one(tmp_path: Path) -> None:
 def test_inside_a_ray_job_outputs_resolve_outside_its_temporary_copy(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Relative outputs go under KDSEARCH_HOME, relative inputs still read the job's copy (real job: test_tune)."""
-    from kdsearch.config import Config, TaskConfig, with_absolute_paths
-    from kdsearch.paths import output_uri
+    from kdsearch.config.paths import output_uri, with_absolute_paths
+    from kdsearch.config.schema import Config, TaskConfig
 
     copy = tmp_path / "working_dir_files" / "_ray_pkg_0123abcd"
     copy.mkdir(parents=True)

@@ -13,15 +13,17 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kdsearch"
 FRAMEWORKS = ("ray", "optuna", "mlflow")
-# Who may import each framework (module paths relative to kdsearch/, any depth of `tracking/`).
+# Who may import each framework (module paths relative to kdsearch/).
 OWNERS = {
-    "ray": {"train", "tune", "tune_callbacks", "export"},  # Ray Train: train; Ray Tune: the search driver
-    "optuna": {"tune", "space_model", "importance"},  # the sampler; define-by-run types; param importance
+    "ray": {"run/trainer", "search/driver", "search/callbacks", "search/export"},  # Ray Train; Ray Tune
+    "optuna": {"search/driver", "search/space_model", "search/importance"},  # sampler; define-by-run; importance
     "mlflow": {"tracking"},
 }
-CORE = ["config", "registry", "losses", "layer_maps", "bridges", "bridges.ted", "bridges.units", "step", "loop",
-        "models", "tasks", "data", "encoding", "metrics", "evaluation", "cache", "prepare", "validate", "sizing",
-        "spaces", "space_model", "search", "ranking", "optimiser", "precision", "teacher_cache", "relations"]
+# What must load without any framework: every layer below the search but Ray Train's wrapper, and the search's
+# own pure parts.
+CORE = sorted(".".join(p.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+              for folder in ("core", "methods", "config", "data", "run") for p in (PACKAGE / folder).rglob("*.py")
+              if p.name != "trainer.py") + ["search.ranking", "search.confidence"]
 
 
 def _imported_frameworks(path: Path) -> set[str]:
@@ -35,9 +37,10 @@ def _imported_frameworks(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_each_framework_is_imported_only_by_its_owners(path: Path) -> None:
-    module = path.relative_to(PACKAGE).with_suffix("").parts
+    module = path.relative_to(PACKAGE).with_suffix("").as_posix()
     for framework in _imported_frameworks(path):
-        assert module[0] in OWNERS[framework], f"kdsearch/{'/'.join(module)}.py imports {framework}"
+        assert any(module == owner or module.startswith(owner + "/") for owner in OWNERS[framework]), \
+            f"kdsearch/{module}.py imports {framework}"
 
 
 def test_the_core_loads_without_any_framework() -> None:
@@ -54,49 +57,47 @@ def test_tests_never_reach_a_users_ray_cluster() -> None:
     assert "RAY_ADDRESS" not in os.environ  # tests/conftest.py clears it
 
 
-def _package_imports(path: Path) -> set[str]:
-    """The kdsearch modules `path` imports (top level names: `tracking`, not `tracking.store`)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if not isinstance(node, ast.ImportFrom):
-            continue
-        module = node.module or ""
-        if node.level == 1 or module.startswith("kdsearch"):
-            inner = module.removeprefix("kdsearch").lstrip(".") if node.level == 0 else module
-            found |= {inner.split(".")[0]} if inner else {a.name for a in node.names}
+# The layers, lowest first: a module imports from its own layer or below. The commands are the top-level modules
+# (`python -m kdsearch.<command>`) and import no other command. Tracking is a side branch that stores runs and
+# knows nothing of the distillation. Imports under TYPE_CHECKING (annotations only) are not dependencies.
+LAYERS = ("core", "methods", "config", "data", "run", "tracking", "search", "commands")
+TRACKING_MAY_IMPORT = {"core", "config", "tracking"}
+MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
+
+
+def _layer(module: str) -> str:
+    head = module.split(".")[0]
+    return head if head in LAYERS else "commands"
+
+
+def _runtime_imports(path: Path) -> list[tuple[str, int]]:
+    """(kdsearch module, line) for each runtime import of `path`; `from kdsearch import x` gives `x`."""
+    tree = ast.parse(path.read_text())
+    annotations = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and "TYPE_CHECKING" in ast.unparse(block.test) for n in ast.walk(block)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and id(node) not in annotations:
+            assert not node.level, f"{path}:{node.lineno}: imports are absolute (kdsearch.<layer>.<module>)"
+            if node.module == "kdsearch":
+                found += [(a.name, node.lineno) for a in node.names]
+            elif (node.module or "").startswith("kdsearch."):
+                found.append((node.module.removeprefix("kdsearch."), node.lineno))
     return found
 
 
-# The loss math and layer maps know nothing of tasks, data, models or runs; what they share with the data layer
-# (the task kinds, the ignored label) lives in `kinds`, below both.
-PURE = {"kinds": set(), "registry": {"config"}, "losses": {"kinds", "registry"},
-        "layer_maps": {"config", "registry"}}
-# Commands that read a finished model or search import no other command for a helper.
-NOT_IMPORTED = {"evaluate": {"leaderboard", "report", "tune", "train"}, "analyze": {"report", "tune", "train"},
-                "models": {"prepare", "loop", "train", "tune"}, "leaderboard": {"tune", "train", "report"}}
+def test_every_folder_is_a_layer() -> None:
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders == set(LAYERS) - {"commands"}
 
 
-@pytest.mark.parametrize("module", sorted(PURE))
-def test_the_loss_math_imports_only_what_lies_below_it(module: str) -> None:
-    assert _package_imports(PACKAGE / f"{module}.py") <= PURE[module]
-
-
-@pytest.mark.parametrize("module", sorted(NOT_IMPORTED))
-def test_modules_do_not_reach_across_layers_for_a_helper(module: str) -> None:
-    assert not _package_imports(PACKAGE / f"{module}.py") & NOT_IMPORTED[module]
-
-
-# A bridge method is pure method code: the loss math, the layer maps, the config schema, the cache's keys and
-# the model inputs below it; never the run layer (models, prepare, loop), a command, or a framework.
-BRIDGE_MAY_IMPORT = {"config", "registry", "kinds", "losses", "layer_maps", "encoding", "cache", "bridges"}
-
-
-@pytest.mark.parametrize("path", sorted((PACKAGE / "bridges").glob("*.py")), ids=lambda p: p.name)
-def test_bridge_methods_import_only_what_lies_below_them(path: Path) -> None:
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("kdsearch")):
-            module = node.module or ""
-            top = "bridges" if node.level == 1 else (module.removeprefix("kdsearch.").split(".")[0] or "kdsearch")
-            found.add(top)
-    assert found <= BRIDGE_MAY_IMPORT, f"{path.name} imports {sorted(found - BRIDGE_MAY_IMPORT)}"
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_each_module_imports_only_its_own_layer_or_below(path: Path) -> None:
+    me = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+    for module, line in _runtime_imports(path):
+        where = f"kdsearch/{path.relative_to(PACKAGE)}:{line} imports kdsearch.{module}"
+        assert LAYERS.index(_layer(module)) <= LAYERS.index(_layer(me)), f"{where}, a layer above it"
+        if _layer(me) == "tracking":
+            assert _layer(module) in TRACKING_MAY_IMPORT, f"{where}: tracking knows nothing of the distillation"
+        if _layer(me) == "commands":
+            assert _layer(module) != "commands" or module.split(".")[0] == me, f"{where}, another command"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kdsearch.config import ConfigError
-from kdsearch.layer_maps import LAYER_MAPS, ONE_TO_ONE, check_map_args, map_layers
+from kdsearch.core.errors import ConfigError
+from kdsearch.methods.layer_maps import LAYER_MAPS, ONE_TO_ONE, check_map_args, map_layers
 
 DEPTHS = [(1, 12), (3, 12), (4, 6), (6, 6), (9, 36), (5, 7)]
 

@@ -13,11 +13,11 @@ from typing import Any, Literal  # noqa: E402
 
 import pytest  # noqa: E402
 
-from kdsearch.config import ConfigError  # noqa: E402
-from kdsearch.importance import param_importance, variance_importance  # noqa: E402
+from kdsearch.config.overrides import load_config
+from kdsearch.core.errors import ConfigError  # noqa: E402
 from kdsearch.leaderboard import main  # noqa: E402
-from kdsearch.overrides import load_config
-from kdsearch.ranking import Objective, pareto_front, parse_objectives, rank_rows  # noqa: E402
+from kdsearch.search.importance import param_importance, variance_importance  # noqa: E402
+from kdsearch.search.ranking import Objective, pareto_front, parse_objectives, rank_rows  # noqa: E402
 from kdsearch.tracking import SAMPLED_TAG, SEARCHED_TAG, SearchTracker, find_search  # noqa: E402
 
 EXP = "kd-board"
@@ -53,7 +53,7 @@ def test_ties_on_the_first_objective_go_to_the_better_later_ones() -> None:
 
 
 def test_a_metric_whose_last_value_was_nan_is_not_ranked_on_its_older_value() -> None:
-    from kdsearch.leaderboard import trial_rows
+    from kdsearch.search.board import trial_rows
     from kdsearch.tracking import NONFINITE_TAG, RunRecord
 
     def trial(name: str, loss: float, tags: dict[str, str]) -> RunRecord:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdsearch.losses import (
+from kdsearch.methods.losses import (
     DISTANCES,
     LOGIT_LOSSES,
     READS_PADDING,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdsearch import models
-from kdsearch.config import ConfigError
-from kdsearch.tasks import task_spec
+from kdsearch.core.errors import ConfigError
+from kdsearch.data.tasks import task_spec
+from kdsearch.run import models
 
 SPEC = task_spec("default")
 
@@ -135,7 +135,7 @@ def test_half_precision_checkpoints_load_as_fp32(tmp_path, stored) -> None:
 
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2", "tiny-qwen"])
 def test_a_width_ratio_keeps_whole_heads_of_the_teachers_head_size(name: str) -> None:
-    from kdsearch.config import StudentConfig
+    from kdsearch.config.schema import StudentConfig
 
     teacher = models.teacher_config(models.resolve_teacher(name))  # width 64, 4 heads of 16
     assert models.student_width(teacher, StudentConfig()) == 64
@@ -175,8 +175,8 @@ def test_the_built_in_tokenizer_is_the_same_every_time_it_is_trained() -> None:
 def test_a_task_head_carries_the_tasks_class_names(task: str, names: list[str] | None) -> None:
     from transformers import BertConfig
 
-    from kdsearch.models import with_task_head
-    from kdsearch.tasks import task_spec
+    from kdsearch.data.tasks import task_spec
+    from kdsearch.run.models import with_task_head
 
     config = with_task_head(BertConfig(), task_spec(task))
     if names is None:  # regression: one output, no class names
@@ -190,7 +190,7 @@ def test_a_shallower_student_keeps_one_attention_kind_per_layer() -> None:
     teacher blocks it copies, so that its saved config loads again (transformers checks the lengths)."""
     from transformers import AutoConfig, Qwen2Config
 
-    from kdsearch.models import student_config
+    from kdsearch.run.models import student_config
 
     teacher = Qwen2Config(num_hidden_layers=4, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
                           intermediate_size=64, vocab_size=100, use_sliding_window=True, max_window_layers=2)

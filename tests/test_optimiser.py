@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from kdsearch.optimiser import make_optimiser
-from kdsearch.overrides import load_config
+from kdsearch.config.overrides import load_config
+from kdsearch.run.optimiser import make_optimiser
 
 
 def test_warmup_then_linear_decay_to_zero() -> None:

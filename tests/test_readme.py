@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 from transformers import BertConfig, BertForSequenceClassification
 
-from kdsearch import analyze, evaluate, leaderboard, report
-from kdsearch.config import with_absolute_paths
-from kdsearch.overrides import CONFIG_FILE, load_config, write_config_file
-from kdsearch.search import SearchSettings, check_search, parse_search_args
-from kdsearch.studies import grid_space
-from kdsearch.usage import wants_help
-from kdsearch.validate import validate
+from kdsearch import analyze, evaluate, leaderboard
+from kdsearch.config.overrides import CONFIG_FILE, load_config, write_config_file
+from kdsearch.config.paths import with_absolute_paths
+from kdsearch.config.usage import wants_help
+from kdsearch.run.validate import validate
+from kdsearch.search import reports
+from kdsearch.search.settings import SearchSettings, check_search, parse_search_args
+from kdsearch.search.studies import grid_space
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", REPO / "docs" / "results" / "README.md", REPO / "cluster" / "README.md"]
@@ -98,10 +99,10 @@ def test_a_documented_command_validates(where: str, module: str, arguments: str,
     elif module == "train":
         validate(with_absolute_paths(load_config(argv)))
     elif module == "report":
-        args = report.parse_args(argv)
+        args = reports.parse_args(argv)
         if args["study"] in ("seeded", "confirm"):  # their rows come from a finished search in MLflow
             return
-        space, study = grid_space(report.build_study(args), cli=args["cli"], seeds=args["seeds"],
+        space, study = grid_space(reports.build_study(args), cli=args["cli"], seeds=args["seeds"],
                                   concurrency=args["concurrency"])
         check_search(SearchSettings(space=study.name, name=args["name"], dry_run=True,
                                     tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"), space)
@@ -129,8 +130,8 @@ def _yaml_blocks(doc: Path) -> list[str]:
 def test_the_readmes_example_space_loads_validates_and_samples(tmp_path: Path) -> None:
     import optuna
 
-    from kdsearch.space_model import define_by_run, initial_points, trial_config
-    from kdsearch.spaces import load_space
+    from kdsearch.search.space_model import define_by_run, initial_points, trial_config
+    from kdsearch.search.spaces import load_space
 
     (text,) = [block for block in _yaml_blocks(REPO / "README.md") if "params:" in block]
     path = tmp_path / "mine.yaml"

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from kdsearch import models
-from kdsearch.bridges import BRIDGES, BridgeInputs
-from kdsearch.losses import RELATION_LOSSES, relation_kl, relation_log_probs, relation_mse, relation_scores
-from kdsearch.overrides import load_config
-from kdsearch.relations import (
+from kdsearch.config.overrides import load_config
+from kdsearch.data.tasks import task_spec
+from kdsearch.methods.bridges import BRIDGES, BridgeInputs
+from kdsearch.methods.losses import RELATION_LOSSES, relation_kl, relation_log_probs, relation_mse, relation_scores
+from kdsearch.methods.relations import (
     RELATIONS,
     RelationSpec,
     Tap,
@@ -19,8 +19,8 @@ from kdsearch.relations import (
     projection_widths,
     relation_term,
 )
-from kdsearch.step import Distiller, teacher_forward
-from kdsearch.tasks import task_spec
+from kdsearch.run import models
+from kdsearch.run.step import Distiller, teacher_forward
 
 ALL = frozenset({"query", "key", "value"})
 
@@ -195,9 +195,9 @@ def _student_projections(student: nn.Module, batch: dict[str, torch.Tensor], tap
 ])
 def test_a_run_with_the_relation_term_trains_and_reports_it(tmp_path, recipe: list[str]) -> None:
     """The loop taps the teacher at the resolved layers and the term falls as the student learns."""
-    from kdsearch.loop import WorkerContext, run_distillation
-    from kdsearch.prepare import prepare
-    from kdsearch.validate import validate
+    from kdsearch.run.loop import WorkerContext, run_distillation
+    from kdsearch.run.prepare import prepare
+    from kdsearch.run.validate import validate
 
     cfg = load_config(["distill.w_relation=5", "distill.w_hidden=0", "student.init=random", "task.train_size=128",
                        "task.eval_size=32", "train.epochs=2", "finetune.epochs=1", f"cache_dir={tmp_path}", *recipe])

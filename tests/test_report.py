@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from kdsearch.config import ConfigError
-from kdsearch.overrides import load_config
-from kdsearch.report import aggregate, parse_args, render, summary_lines
-from kdsearch.studies import Row, make_study
+from kdsearch.config.overrides import load_config
+from kdsearch.core.errors import ConfigError
+from kdsearch.search.reports import aggregate, parse_args, render, summary_lines
+from kdsearch.search.studies import Row, make_study
 from kdsearch.tracking import RunRecord, find_search, list_trials
 
 os.environ.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
@@ -53,7 +53,7 @@ def test_aggregate_gives_mean_and_sample_std_over_seeds_and_counts_failures() ->
 def test_rows_the_best_does_not_beat_at_5_percent_are_marked_within_noise(other: list[float], verdict: str) -> None:
     from scipy import stats
 
-    from kdsearch.confidence import t_interval, within_noise
+    from kdsearch.search.confidence import t_interval, within_noise
 
     best = [80.0, 82.0, 84.0]
     assert within_noise(best, other) is (verdict == "within noise")
@@ -146,7 +146,7 @@ def test_minilm_teacher_is_fine_tuned_once_on_real_sst2_and_then_read_from_the_c
         pytest.skip(f"no SST-2 copy at {SST2}")
     from safetensors.torch import load_file
 
-    from kdsearch.prepare import prepare
+    from kdsearch.run.prepare import prepare
 
     data = _slice(SST2, tmp_path / "sst2")
     cfg = load_config(["teacher=minilm", "task.name=sst2", f"task.data_dir={data}", "finetune.epochs=1",
@@ -174,8 +174,9 @@ def test_confirm_takes_a_searchs_best_distinct_configurations(tmp_path: Path) ->
     drew counted once; parse_args gives it fresh seeds (1..n), not the search's own seed 0."""
     import dataclasses
 
-    from kdsearch.config import Config, flatten
-    from kdsearch.studies import confirm_rows
+    from kdsearch.config.parse import flatten
+    from kdsearch.config.schema import Config
+    from kdsearch.search.studies import confirm_rows
     from kdsearch.tracking import SearchTracker
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"

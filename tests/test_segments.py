@@ -10,17 +10,17 @@ import datasets
 import pytest
 import torch
 
-from kdsearch import models, teacher_cache
 from kdsearch.analyze import collect
-from kdsearch.bridges import BRIDGES, BridgeInputs
-from kdsearch.bridges.ted import build_filters, train_stage1
-from kdsearch.bridges.units import score_units
-from kdsearch.encoding import collate
-from kdsearch.evaluation import evaluate, forward_latency_ms, make_loader
-from kdsearch.overrides import load_config
-from kdsearch.prepare import Prepared, fit_task
-from kdsearch.step import Distiller, teacher_forward
-from kdsearch.tasks import task_spec
+from kdsearch.config.overrides import load_config
+from kdsearch.data.encoding import collate
+from kdsearch.data.tasks import task_spec
+from kdsearch.methods.bridges import BRIDGES, BridgeInputs
+from kdsearch.methods.bridges.ted import build_filters, train_stage1
+from kdsearch.methods.bridges.units import score_units
+from kdsearch.run import models, teacher_cache
+from kdsearch.run.evaluation import evaluate, forward_latency_ms, make_loader
+from kdsearch.run.prepare import Prepared, fit_task
+from kdsearch.run.step import Distiller, teacher_forward
 
 SPEC = task_spec("default")
 CPU = torch.device("cpu")

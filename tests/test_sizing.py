@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kdsearch.sizing import (
+from kdsearch.run.sizing import (
     DRIVER_RESOURCE,
     LOCAL_DRIVER_CPUS,
     bundles_per_node,

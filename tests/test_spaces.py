@@ -10,9 +10,11 @@ from pathlib import Path
 import optuna
 import pytest
 
-from kdsearch.config import ConfigError, build_config
-from kdsearch.models import resolve_teacher, student_width, teacher_config
-from kdsearch.space_model import (
+from kdsearch.config.parse import build_config
+from kdsearch.core.errors import ConfigError
+from kdsearch.run.models import resolve_teacher, student_width, teacher_config
+from kdsearch.run.validate import validate
+from kdsearch.search.space_model import (
     base_value,
     define_by_run,
     initial_points,
@@ -21,8 +23,7 @@ from kdsearch.space_model import (
     trial_config,
     trial_overrides,
 )
-from kdsearch.spaces import PACKAGED_SPACES, apply_overrides, available_spaces, find_space, load_space, smoke
-from kdsearch.validate import validate
+from kdsearch.search.spaces import PACKAGED_SPACES, apply_overrides, available_spaces, find_space, load_space, smoke
 
 SHIPPED = sorted(p.stem for p in PACKAGED_SPACES.glob("*.yaml"))
 
@@ -334,7 +335,7 @@ def test_max_epochs_is_the_top_of_a_searched_epoch_range() -> None:
 @pytest.mark.parametrize("name", SHIPPED)
 def test_sampled_configs_pass_the_model_aware_checks(name: str) -> None:
     """Beyond build_config: widths, bridges and maps checked against the real tiny teacher (no weights)."""
-    validate = pytest.importorskip("kdsearch.validate").validate
+    validate = pytest.importorskip("kdsearch.run.validate").validate
     space = load_space(name)
     define = define_by_run(space)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
@@ -354,7 +355,7 @@ def test_sampled_configs_pass_the_model_aware_checks(name: str) -> None:
 def test_the_dry_run_is_yaml_that_gives_back_the_space(name: str, capsys: pytest.CaptureFixture) -> None:
     import yaml
 
-    from kdsearch.search import parse_search_args, render_dry_run
+    from kdsearch.search.settings import parse_search_args, render_dry_run
 
     settings, space = parse_search_args([f"space={name}", "dry_run=true"])
     shown = yaml.safe_load(render_dry_run(settings, space))

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from kdsearch import space_model, spaces
-from kdsearch.config import flatten
-from kdsearch.overrides import load_config
-from kdsearch.studies import GRIDS, grid_space, make_study, row_of, seeded_rows
+from kdsearch.config.overrides import load_config
+from kdsearch.config.parse import flatten
+from kdsearch.run.validate import validate
+from kdsearch.search import space_model, spaces
+from kdsearch.search.studies import GRIDS, grid_space, make_study, row_of, seeded_rows
 from kdsearch.tracking import SearchTracker, flatten_params
-from kdsearch.validate import validate
 
 os.environ.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
 

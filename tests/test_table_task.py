@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdsearch.config import ConfigError, TaskConfig
-from kdsearch.data import check_task, load_raw_task
-from kdsearch.overrides import load_config
+from kdsearch.config.overrides import load_config
+from kdsearch.config.schema import TaskConfig
+from kdsearch.core.errors import ConfigError
+from kdsearch.data.loading import check_task, load_raw_task
 
 TOPICS = {"billing": ["invoice", "charge", "refund", "payment"], "bug": ["crash", "error", "freeze", "broken"],
           "how-to": ["export", "setup", "configure", "install"], "account": ["password", "login", "close", "email"],
@@ -87,7 +88,7 @@ def test_a_table_that_cannot_train_is_one_line(tmp_path: Path, make, keys: dict,
     (["task.name=table"], "task.name=table reads a folder with train and dev files"),
 ])
 def test_table_keys_are_checked_before_anything_runs(keys: list[str], message: str) -> None:
-    from kdsearch.validate import validate
+    from kdsearch.run.validate import validate
 
     with pytest.raises(ConfigError, match=message):
         validate(load_config(keys))
@@ -111,8 +112,8 @@ def test_a_table_student_trains_exports_its_class_names_and_rescores(tmp_path: P
     from transformers import pipeline
 
     from kdsearch.evaluate import score_model
-    from kdsearch.loop import WorkerContext, export_student, run_distillation
-    from kdsearch.prepare import prepare
+    from kdsearch.run.loop import WorkerContext, export_student, run_distillation
+    from kdsearch.run.prepare import prepare
 
     data = _tickets(tmp_path / "data", n_train=120)
     cfg = load_config(["task.name=table", f"task.data_dir={data}", "task.text_columns=[subject,body]",

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from data_utils import write
 
-from kdsearch.loop import WorkerContext, run_distillation
-from kdsearch.overrides import load_config
-from kdsearch.prepare import prepare
+from kdsearch.config.overrides import load_config
+from kdsearch.run.loop import WorkerContext, run_distillation
+from kdsearch.run.prepare import prepare
 
 WORDS = "red blue green cat dog bird fast slow big small warm cold".split()
 CUE = {0: "surely", 1: "perhaps", 2: "never"}  # MNLI: the hypothesis' cue word decides entailment/neutral/contra

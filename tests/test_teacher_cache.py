@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdsearch.config import Config, ConfigError
-from kdsearch.evaluation import make_loader
-from kdsearch.loop import WorkerContext, run_distillation
-from kdsearch.overrides import load_config
-from kdsearch.prepare import load_teacher, prepare
-from kdsearch.relations import resolve_relation
-from kdsearch.step import teacher_forward
-from kdsearch.teacher_cache import ROW, TeacherCache, with_rows
-from kdsearch.validate import validate
+from kdsearch.config.overrides import load_config
+from kdsearch.config.schema import Config
+from kdsearch.core.errors import ConfigError
+from kdsearch.methods.relations import resolve_relation
+from kdsearch.run.evaluation import make_loader
+from kdsearch.run.loop import WorkerContext, run_distillation
+from kdsearch.run.prepare import load_teacher, prepare
+from kdsearch.run.step import teacher_forward
+from kdsearch.run.teacher_cache import ROW, TeacherCache, with_rows
+from kdsearch.run.validate import validate
 
 SMALL = ["task.train_size=96", "task.eval_size=64", "train.epochs=2", "finetune.epochs=1", "train.dropout=0.0",
          "train.batch_size=16", "distill.layer_map=forward", "distill.w_hidden=1.0"]
@@ -83,7 +84,7 @@ def test_an_unmasked_cached_run_trains_like_a_live_one(cache: Path, monkeypatch:
     def no_teacher(*args: object, **kwargs: object) -> None:
         raise AssertionError("a cached run ran the teacher")
 
-    monkeypatch.setattr("kdsearch.loop.teacher_forward", no_teacher)
+    monkeypatch.setattr("kdsearch.run.loop.teacher_forward", no_teacher)
     cached = run(small(cache, "train.teacher_cache=true", *unmasked))
     for a, b in zip(live, cached, strict=True):
         for key in ("train_hidden", "train_loss"):
@@ -104,7 +105,7 @@ def test_a_cached_run_trains_like_a_live_one_and_builds_the_cache_once(cache: Pa
     def no_teacher(*args: object, **kwargs: object) -> None:
         raise AssertionError("a cached run ran the teacher")
 
-    monkeypatch.setattr("kdsearch.loop.teacher_forward", no_teacher)
+    monkeypatch.setattr("kdsearch.run.loop.teacher_forward", no_teacher)
     cached = run(small(cache, "train.teacher_cache=true"))
     assert [m["epoch"] for m in cached] == [1, 2]
     for a, b in zip(live, cached, strict=True):
@@ -155,7 +156,8 @@ def test_a_cached_relation_run_trains_like_a_live_one(cache: Path, monkeypatch: 
 
     live = run(small(cache, "train.teacher_cache=false", *RELATION, "relation.kinds=qk+vv"))
     prepare(small(cache, "train.teacher_cache=true", *RELATION))
-    monkeypatch.setattr("kdsearch.loop.teacher_forward", lambda *a, **k: pytest.fail("a cached run ran the teacher"))
+    monkeypatch.setattr("kdsearch.run.loop.teacher_forward",
+                        lambda *a, **k: pytest.fail("a cached run ran the teacher"))
     cached = run(small(cache, "train.teacher_cache=true", *RELATION, "relation.kinds=qk+vv"))
     for a, b in zip(live, cached, strict=True):
         assert b["train_relation"] > 0

@@ -19,16 +19,10 @@ import sqlalchemy.exc  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
-from kdsearch.config import ConfigError, config_keys  # noqa: E402
-from kdsearch.overrides import load_config
-from kdsearch.tracking import (  # noqa: E402
-    SearchTracker,
-    check_tracking_uri,
-    find_search,
-    is_locked_error,
-    list_trials,
-    retry_locked,
-)
+from kdsearch.config.overrides import load_config
+from kdsearch.config.parse import config_keys  # noqa: E402
+from kdsearch.core.errors import ConfigError
+from kdsearch.tracking import SearchTracker, check_tracking_uri, find_search, is_locked_error, list_trials, retry_locked
 
 RACE_EXP = "race"
 

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdsearch.config import Config
-from kdsearch.evaluation import make_loader
-from kdsearch.loop import (
+from kdsearch.config.overrides import CONFIG_FILE, load_config
+from kdsearch.config.schema import Config
+from kdsearch.run.evaluation import make_loader
+from kdsearch.run.loop import (
     WorkerContext,
     _train_epoch,
     build_distiller,
@@ -25,11 +26,10 @@ from kdsearch.loop import (
     reported_metrics,
     run_distillation,
 )
-from kdsearch.optimiser import Optimiser
-from kdsearch.overrides import CONFIG_FILE, load_config
-from kdsearch.precision import autocast
-from kdsearch.prepare import prepare
-from kdsearch.step import teacher_forward
+from kdsearch.run.optimiser import Optimiser
+from kdsearch.run.precision import autocast
+from kdsearch.run.prepare import prepare
+from kdsearch.run.step import teacher_forward
 
 SMALL = ["task.train_size=256", "task.eval_size=128", "train.epochs=2", "finetune.epochs=2", "train.dropout=0.0",
          "train.batch_size=16", "ted.stage1_epochs=2"]
@@ -86,8 +86,8 @@ def test_a_resumed_run_repeats_dropout_accumulation_and_a_redrawn_layer_map(cach
 
 @pytest.mark.slow
 def test_another_validation_split_reuses_the_fine_tuned_teacher_and_scores_it_anew(cache: Path) -> None:
-    from kdsearch.evaluation import evaluate
-    from kdsearch.prepare import load_teacher
+    from kdsearch.run.evaluation import evaluate
+    from kdsearch.run.prepare import load_teacher
 
     first, other = prepare(small(cache)), prepare(small(cache, "task.eval_size=40"))
     assert other.teacher_dir == first.teacher_dir and len(other.data["validation"]) == 40
@@ -107,7 +107,7 @@ def test_a_diverging_run_fails_with_a_clear_error(cache: Path) -> None:
 def test_each_seed_and_epoch_draws_its_own_batches_on_one_worker_and_on_several() -> None:
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from kdsearch.loop import _seed_epoch
+    from kdsearch.run.loop import _seed_epoch
 
     rows = list(range(24))
 
@@ -159,7 +159,7 @@ def test_a_nan_gradient_under_a_finite_loss_fails_the_epoch_before_its_update(mo
             d = (self.w - self.w.detach()) * batch["input_ids"]
             return {"loss": torch.sqrt((d ** 2).sum()) + 1.0}
 
-    monkeypatch.setattr("kdsearch.loop.teacher_forward", lambda *args, **kwargs: None)
+    monkeypatch.setattr("kdsearch.run.loop.teacher_forward", lambda *args, **kwargs: None)
     model = Kinked()
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     optimiser = Optimiser(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), list(model.parameters()))
@@ -238,9 +238,9 @@ def test_ted_stage1_filters_sit_on_the_mapped_layers_and_are_cached_by_what_they
 
 @pytest.mark.slow
 def test_a_fine_tuned_student_is_where_stage1_and_distillation_start(cache: Path) -> None:
-    from kdsearch import models
-    from kdsearch.evaluation import evaluate
-    from kdsearch.prepare import load_teacher, make_student
+    from kdsearch.run import models
+    from kdsearch.run.evaluation import evaluate
+    from kdsearch.run.prepare import load_teacher, make_student
 
     # TED's code: both models fine-tuned first (8 epochs: in the module's 2 the 256-row fine-tune learns nothing)
     cfg = small(cache, "distill.bridge=ted", "student.finetune=true", "finetune.epochs=8")
@@ -322,7 +322,7 @@ def test_a_causal_lm_export_reloads_and_rescores_to_its_reported_score(cache: Pa
     from transformers import AutoModelForCausalLM
 
     from kdsearch.evaluate import score_model
-    from kdsearch.loop import export_student
+    from kdsearch.run.loop import export_student
 
     cfg = small(cache, f"teacher={teacher}", "train.epochs=1")
     reports = _run(cfg, store=tmp_path / "checkpoints")
@@ -349,7 +349,7 @@ def test_two_ray_train_workers_agree_with_one(cache: Path, tmp_path: Path, ray_r
     Not bit-identical: hidden distances average over each worker's real tokens, so per-worker means weight
     tokens slightly differently from one global mean.
     """
-    from kdsearch.train import make_trainer
+    from kdsearch.run.trainer import make_trainer
 
     finals = {}
     for workers, accum in ((1, 1), (2, 1), (2, 2)):
@@ -368,7 +368,7 @@ def test_two_ray_train_workers_agree_with_one(cache: Path, tmp_path: Path, ray_r
 @pytest.mark.slow
 def test_a_diverging_two_worker_run_fails_at_once_rather_than_after_ray_trains_retries(
         cache: Path, tmp_path: Path, ray_runtime) -> None:
-    from kdsearch.train import diverged, make_trainer
+    from kdsearch.run.trainer import diverged, make_trainer
 
     cfg = small(cache, "train.lr=1e12", "train.warmup_ratio=0", "train.epochs=1", "resources.num_workers=2",
                 "resources.cpus_per_trial=2", "train.max_steps_per_epoch=4")

@@ -24,8 +24,9 @@ from typing import NamedTuple
 import pytest
 from ray import tune
 
-from kdsearch.config import ConfigError, flatten
-from kdsearch.overrides import CONFIG_FILE, load_config
+from kdsearch.config.overrides import CONFIG_FILE, load_config
+from kdsearch.config.parse import flatten
+from kdsearch.core.errors import ConfigError
 from kdsearch.tracking import SAMPLED_TAG, find_search, list_trials
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +147,7 @@ class _Result(NamedTuple):
 
 
 def test_only_each_trials_latest_checkpoint_is_kept_after_a_search(tmp_path: Path) -> None:
-    from kdsearch.tune import drop_superseded_checkpoints
+    from kdsearch.search.driver import drop_superseded_checkpoints
 
     trial, other = tmp_path / "run_trial_a", tmp_path / "run_trial_b"
     for name in ("checkpoint_000000", "checkpoint_000001", "checkpoint_000002", "checkpoint_000003"):
@@ -286,10 +287,10 @@ def test_ray_job_submit_runs_a_smoke_search_on_a_local_head(tmp_path: Path) -> N
 def test_a_new_search_never_writes_into_an_earlier_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from dataclasses import replace
 
-    from kdsearch.config import ConfigError
-    from kdsearch.search import parse_search_args
+    from kdsearch.core.errors import ConfigError
+    from kdsearch.search.driver import resolve_name
+    from kdsearch.search.settings import parse_search_args
     from kdsearch.tracking import SearchTracker
-    from kdsearch.tune import resolve_name
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     settings, space = parse_search_args(["space=smoke", f"tracking.uri={uri}", f"results_dir={tmp_path}/results"])

@@ -9,9 +9,9 @@ os.environ.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")  # nothi
 from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
-from kdsearch import spaces  # noqa: E402
+from kdsearch.search import spaces  # noqa: E402
+from kdsearch.search.callbacks import MlflowTrials  # noqa: E402
 from kdsearch.tracking import find_search, list_trials  # noqa: E402
-from kdsearch.tune_callbacks import MlflowTrials  # noqa: E402
 
 
 def _trial(trial_id: str, status: str, error_file: Path | None = None) -> SimpleNamespace:

@@ -7,8 +7,9 @@ import re
 
 import pytest
 
-from kdsearch.config import Config, config_keys, flatten
-from kdsearch.usage import config_reference
+from kdsearch.config.parse import config_keys, flatten
+from kdsearch.config.schema import Config
+from kdsearch.config.usage import config_reference
 
 
 def test_the_config_reference_lists_every_key_once_with_its_default_and_doc() -> None:

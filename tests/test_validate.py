@@ -163,9 +163,9 @@ def test_a_space_whose_combinations_fail_is_warned_about_before_ray(tmp_path, ca
 
 def test_task_shorthand_composes_with_task_keys_on_every_command() -> None:
     """`task=sst2 task.data_dir=...` names the task and adds its files (the later key must not replace the first)."""
-    from kdsearch.overrides import load_config
-    from kdsearch.report import parse_args
-    from kdsearch.search import parse_search_args
+    from kdsearch.config.overrides import load_config
+    from kdsearch.search.reports import parse_args
+    from kdsearch.search.settings import parse_search_args
 
     argv = ["task=sst2", "task.data_dir=/data/sst2", "task.train_size=64"]
     task = load_config(argv).task  # python -m kdsearch.train
@@ -176,8 +176,8 @@ def test_task_shorthand_composes_with_task_keys_on_every_command() -> None:
 
 
 def test_rates_fit_the_teacher_unless_set() -> None:
-    from kdsearch.config import rate_defaults
-    from kdsearch.overrides import load_config
+    from kdsearch.config.overrides import load_config
+    from kdsearch.config.schema import rate_defaults
 
     tiny = load_config([])
     assert (tiny.finetune.lr, tiny.finetune.epochs, tiny.train.lr) == (1e-3, 10, 1e-3)

@@ -9,10 +9,12 @@ from pathlib import Path
 import optuna
 import pytest
 
-from kdsearch.config import Config, ConfigError, flatten
-from kdsearch.search import parse_search_args
+from kdsearch.config.parse import flatten
+from kdsearch.config.schema import Config
+from kdsearch.core.errors import ConfigError
+from kdsearch.search.settings import parse_search_args
+from kdsearch.search.warm_start import read_warm_start
 from kdsearch.tracking import SearchTracker
-from kdsearch.warm_start import read_warm_start
 
 # (layer map, hidden weight, lr, status, final eval_score) of the earlier search's trials, on the smoke space:
 # distill.layer_map in [forward, none], distill.w_hidden in [0.3, 30] (log) only with forward
@@ -54,7 +56,7 @@ def test_the_sampler_of_the_new_search_starts_from_them(earlier: str, tmp_path: 
     """Ray's OptunaSearch loads the warm study by name: its first suggestion is the 4th trial of that study."""
     from ray.tune.search.optuna import OptunaSearch
 
-    from kdsearch import space_model
+    from kdsearch.search import space_model
 
     _, space = parse_search_args(["space=smoke", f"tracking.uri={earlier}", f"results_dir={tmp_path}/results"])
     warm = read_warm_start("first", uri=earlier, experiment="kdsearch", space=space,

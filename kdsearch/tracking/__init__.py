@@ -4,7 +4,7 @@ The only package that imports mlflow; must not import ray. `store` opens the sto
 `retry_locked`), `runs` reads runs as plain records and logs one-shot runs, `tracker` is the driver's writer.
 """
 
-from .runs import (
+from kdsearch.tracking.runs import (
     NONFINITE_TAG,
     SAMPLED_TAG,
     SEARCHED_TAG,
@@ -19,7 +19,7 @@ from .runs import (
     log_run_artifacts,
     search_names,
 )
-from .store import (
+from kdsearch.tracking.store import (
     DEFAULT_EXPERIMENT,
     DEFAULT_URI,
     check_tracking_uri,
@@ -28,7 +28,7 @@ from .store import (
     open_client,
     retry_locked,
 )
-from .tracker import ERROR_TAG_CHARS, SearchTracker
+from kdsearch.tracking.tracker import ERROR_TAG_CHARS, SearchTracker
 
 __all__ = [
     "DEFAULT_EXPERIMENT",

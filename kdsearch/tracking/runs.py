@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdsearch.config import ConfigError, flatten
-
-from .store import open_client, retry_locked
+from kdsearch.config.parse import flatten
+from kdsearch.core.errors import ConfigError
+from kdsearch.tracking.store import open_client, retry_locked
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

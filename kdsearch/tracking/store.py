@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from kdsearch.config import ConfigError
+from kdsearch.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

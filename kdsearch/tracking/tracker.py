@@ -16,8 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .runs import BATCH, NONFINITE_TAG, flatten_params, is_finite, is_number, log_files, quote, search_all
-from .store import DEFAULT_EXPERIMENT, DEFAULT_URI, open_client, retry_locked
+from kdsearch.tracking.runs import (
+    BATCH,
+    NONFINITE_TAG,
+    flatten_params,
+    is_finite,
+    is_number,
+    log_files,
+    quote,
+    search_all,
+)
+from kdsearch.tracking.store import DEFAULT_EXPERIMENT, DEFAULT_URI, open_client, retry_locked
 
 ERROR_TAG_CHARS = 5000
 

@@ -1,0 +1,85 @@
+"""`--help` of every command: its own keys, and every config key with its default and the doc under its field.
+
+The docs are read from the field docstrings of kdsearch/config.py (the one place they are written), so the help
+cannot drift from the config. Imports only kdsearch.config's schema.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
+from collections.abc import Sequence
+
+from kdsearch.config import schema as config_module
+from kdsearch.config.parse import flatten
+from kdsearch.config.schema import Config
+
+HELP_FLAGS = ("-h", "--help", "help")
+
+
+def wants_help(argv: Sequence[str]) -> bool:
+    return any(arg in HELP_FLAGS for arg in argv)
+
+
+def _field_docs() -> dict[tuple[str, str], str]:
+    """(class name, field name) -> the first line of the string literal under that field in config.py."""
+    tree = ast.parse(inspect.getsource(config_module))
+    docs: dict[tuple[str, str], str] = {}
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for field, after in zip(node.body, node.body[1:], strict=False):
+            if (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[node.name, field.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _owners(cls: type = Config, prefix: str = "") -> dict[str, tuple[str, str]]:
+    """Dotted config key -> (the dataclass that declares it, its field name)."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, tuple[str, str]] = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(_owners(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = (cls.__name__, f.name)
+    return out
+
+
+def _shown(value: object) -> str:
+    """A default as it is typed on the command line."""
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def config_reference(indent: str = "  ", columns: int = 118) -> str:
+    """Every config key as `key=default  doc` (the doc wrapped under itself), in the order of config.py."""
+    docs, owners = _field_docs(), _owners()
+    keys = [f"{key}={_shown(default)}" for key, default in flatten(Config()).items()]
+    width = max(map(len, keys)) + 2
+    hang = " " * (len(indent) + width)
+    lines = []
+    for typed, owner in zip(keys, owners.values(), strict=True):
+        doc = docs.get(owner, "")
+        head = f"{indent}{typed:<{width}}"
+        lines += textwrap.wrap(doc, columns, initial_indent=head, subsequent_indent=hang) if doc else [head.rstrip()]
+    return "\n".join(lines)
+
+
+def command_help(usage: str, about: str, own: Sequence[tuple[str, str]], *, config_keys: bool = True) -> str:
+    """The help of one command: usage line, what it does, its own keys, then (optionally) every config key."""
+    width = max((len(k) for k, _ in own), default=0) + 2
+    parts = [usage, "", about]
+    if own:
+        parts += ["", "keys:", *(f"  {k:<{width}}{text}" for k, text in own)]
+    if config_keys:
+        parts += ["", "config keys (key=value; the same names as the search spaces and the MLflow params;",
+                  "config=<file.yaml> reads a file of them first, e.g. a best student's kdsearch_config.yaml):",
+                  config_reference()]
+    return "\n".join(parts)

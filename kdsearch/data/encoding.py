@@ -1,0 +1,179 @@
+"""Task rows -> token ids: tokenisation for encoders and causal LMs (prompt -> answer, the loss on the answer
+only), a content-addressed Arrow cache of the result, and collation into padded tensors.
+
+Imports no Ray, Optuna or MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from datasets import DatasetDict, Features, Sequence, Value, load_from_disk
+from torch.nn.utils.rnn import pad_sequence
+
+from kdsearch.core.errors import ConfigError
+from kdsearch.core.kinds import IGNORE_INDEX
+from kdsearch.data.loading import content_hash
+from kdsearch.data.tasks import TaskSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+_CACHE_VERSION = 3  # bump when the tokenised layout changes, so old cache entries are not reused
+
+
+# --- text views -----------------------------------------------------------------------------------------
+def _joined(row: dict[str, Any], spec: TaskSpec) -> str:
+    return " | ".join(str(row[name]) for name in spec.text_fields)
+
+
+def _as_prompt_response(row: dict[str, Any], spec: TaskSpec) -> tuple[str, str]:
+    """A classification row as a causal LM reads it: `<text> =>` then ` <label word>`."""
+    if spec.kind == "causal_lm":
+        return row["prompt"], row["response"]
+    return _joined(row, spec) + " =>", " " + spec.label_words[row["label"]]
+
+
+def train_texts(raw: DatasetDict, spec: TaskSpec) -> Iterator[str]:
+    """Every training string a model may read, to train a tokenizer for the built-in tiny models.
+
+    Classification rows come in their causal form (`text => word`), so the label words, the `=>` marker and
+    the ` | ` pair separator are in the vocabulary whichever model family uses the tokenizer.
+    """
+    causal = spec.kind == "causal_lm" or bool(spec.label_words)
+    for row in raw["train"]:
+        yield "".join(_as_prompt_response(row, spec)) if causal else _joined(row, spec)
+
+
+# --- tokenisation and its cache -------------------------------------------------------------------------
+def _tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        # Calls with truncation=/padding= leave their settings on the backend; they are not the vocabulary.
+        state.pop("truncation", None)
+        state.pop("padding", None)
+    else:
+        state = sorted(tokenizer.get_vocab().items())
+    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    blob = json.dumps([type(tokenizer).__name__, ids, state], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _split_keys(raw: DatasetDict, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase,
+                max_length: int, family: str, segments: bool) -> dict[str, str]:
+    """Each split's tokenised identity: its rows and how they are tokenised. It becomes the split's fingerprint,
+    which artifacts built from one split (a teacher fine-tuned on train) are keyed on: a new validation split
+    leaves the train split's key, and so the fine-tuned teacher, as they were."""
+    common = {"version": _CACHE_VERSION, "task": spec.name, "family": family, "max_length": max_length,
+              "segments": segments, "tokenizer": _tokenizer_hash(tokenizer)}
+    return {split: _digest({**common, "split": split, "rows": [len(ds), content_hash(ds)]})
+            for split, ds in raw.items()}
+
+
+def _digest(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _encode_encoder(batch: dict[str, list], spec: TaskSpec, tokenizer: Any, max_length: int,
+                    segments: bool) -> dict:
+    enc = tokenizer(*[batch[name] for name in spec.text_fields], truncation=True, max_length=max_length,
+                    return_token_type_ids=segments)
+    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": batch["label"]}
+    return {**out, "token_type_ids": enc["token_type_ids"]} if segments else out
+
+
+def _encode_causal(batch: dict[str, list], spec: TaskSpec, tokenizer: Any, max_length: int) -> dict:
+    rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    pairs = [_as_prompt_response(row, spec) for row in rows]
+    p_ids = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    r_ids = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
+    bos_id, eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    bos = [bos_id] if bos_id is not None and bos_id != eos_id else []  # GPT-2 style (bos == eos) adds none
+    eos = [eos_id] if eos_id is not None else []
+    room = max_length - len(bos)
+    out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+    for prompt, response in zip(p_ids, r_ids, strict=True):
+        # The response (what the loss reads) keeps at least half the window; the prompt keeps its end,
+        # which holds the `=>` marker right before the answer.
+        response = (response + eos)[: room - min(len(prompt), room // 2)]
+        prompt = prompt[max(0, len(prompt) - (room - len(response))):]
+        out["input_ids"].append(bos + prompt + response)
+        out["attention_mask"].append([1] * (len(bos) + len(prompt) + len(response)))
+        out["labels"].append([IGNORE_INDEX] * (len(bos) + len(prompt)) + response)
+    return out
+
+
+def _features(spec: TaskSpec, family: str, segments: bool) -> Features:
+    ids = Sequence(Value("int32"))
+    if family == "causal":
+        labels: Any = Sequence(Value("int32"))
+    else:
+        labels = Value("float32" if spec.kind == "regression" else "int64")
+    features = {"input_ids": ids, "attention_mask": Sequence(Value("int8")), "labels": labels}
+    return Features({**features, "token_type_ids": Sequence(Value("int8"))} if segments else features)
+
+
+def tokenize_task(raw: DatasetDict, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, max_length: int,
+                  cache_dir: str | Path, family: Literal["encoder", "causal"], segments: bool) -> DatasetDict:
+    """Splits with input_ids, attention_mask, labels (and token_type_ids with `segments`, for a model that
+    reads them: `models.uses_segments`); read from `cache_dir/data/<key>` when already built.
+
+    The key hashes the tokenizer, the rows themselves, max_length, family, segments and task, so any change
+    re-tokenises and an unchanged run (another trial, a rerun) reads the Arrow files saved by the first one.
+    encoder: labels are the class id / score. causal: labels are the token ids, -100 on prompt tokens.
+    """
+    if family == "causal" and segments:
+        raise ValueError("segments=True: causal LMs read no segment ids")
+    if family == "encoder" and spec.kind == "causal_lm":
+        raise ConfigError(f"task.name={spec.name}: a causal_lm task needs a causal (decoder) teacher")
+    if family == "causal" and spec.kind == "regression":
+        raise ConfigError(f"task.name={spec.name}: a regression task needs an encoder teacher")
+    keys = _split_keys(raw, spec, tokenizer, max_length, family, segments)
+    target = Path(cache_dir) / "data" / _digest(keys)
+    if not target.is_dir():
+        encode = _encode_causal if family == "causal" else _encode_encoder
+        kwargs = {"spec": spec, "tokenizer": tokenizer, "max_length": max_length,
+                  **({} if family == "causal" else {"segments": segments})}
+        # new_fingerprint: the key already names the result, and spares datasets hashing the tokenizer
+        built = DatasetDict({
+            split: ds.map(encode, batched=True, remove_columns=ds.column_names, fn_kwargs=kwargs,
+                          features=_features(spec, family, segments), keep_in_memory=True,
+                          new_fingerprint=keys[split])
+            for split, ds in raw.items()})
+        # Trials tokenise concurrently: write aside, then rename; the loser of the race drops its copy.
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        built.save_to_disk(str(tmp))
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return load_from_disk(str(target))
+
+
+def collate(batch: list[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Pad a list of rows: input_ids with `pad_id`, token labels with -100, anything else with 0.
+
+    Scalar labels are stacked: long for classification, float32 for regression.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key in batch[0]:
+        values = [torch.as_tensor(row[key]) for row in batch]
+        if values[0].dim() == 0:
+            stacked = torch.stack(values)
+            out[key] = stacked.float() if stacked.is_floating_point() else stacked.long()
+            continue
+        fill = pad_id if key == "input_ids" else IGNORE_INDEX if key == "labels" else 0
+        out[key] = pad_sequence([v.long() for v in values], batch_first=True, padding_value=fill)
+    return out
+
+
+

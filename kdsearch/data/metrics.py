@@ -1,0 +1,108 @@
+"""Evaluation metrics per task kind, computed by scikit-learn and scipy.
+
+`score` always repeats the task's primary metric: it is the one number a search optimises and MLflow plots.
+A degenerate side (a constant prediction, a constant label) scores 0 rather than nan, so an untrained student
+ranks last instead of breaking the search. Imports numpy, scikit-learn, scipy and kdsearch.data.tasks only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats
+from sklearn import metrics as sk
+
+from kdsearch.core.kinds import IGNORE_INDEX
+from kdsearch.data.tasks import TaskSpec
+
+
+def accuracy(pred: np.ndarray, true: np.ndarray) -> float:
+    return float(sk.accuracy_score(true, pred)) if true.size else 0.0
+
+
+def f1_binary(pred: np.ndarray, true: np.ndarray) -> float:
+    """F1 of the positive class (label 1), as GLUE reports for MRPC and QQP; 0 when nothing is positive."""
+    return float(sk.f1_score(true, pred, pos_label=1, average="binary", zero_division=0.0)) if true.size else 0.0
+
+
+def macro_f1(pred: np.ndarray, true: np.ndarray) -> float:
+    """The unweighted mean of every class's F1 (classes seen in labels or predictions): small classes count."""
+    return float(sk.f1_score(true, pred, average="macro", zero_division=0.0)) if true.size else 0.0
+
+
+def matthews(pred: np.ndarray, true: np.ndarray) -> float:
+    """Matthews correlation (the multi-class form for more than 2 classes); 0 when either side is constant."""
+    return float(sk.matthews_corrcoef(true, pred)) if true.size else 0.0
+
+
+def _correlation(kind: str, x: np.ndarray, y: np.ndarray) -> float:
+    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:  # rounding leaves a constant side tiny residuals
+        return 0.0
+    test = stats.pearsonr if kind == "pearson" else stats.spearmanr
+    value = float(test(x.astype(np.float64), y.astype(np.float64)).statistic)
+    return value if np.isfinite(value) else 0.0
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    return _correlation("pearson", x, y)
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson r of the ranks, ties sharing their mean rank."""
+    return _correlation("spearman", x, y)
+
+
+def metric_names(spec: TaskSpec) -> tuple[str, ...]:
+    """The keys `compute_metrics` returns for a task, known before any data is read."""
+    names: tuple[str, ...]
+    if spec.kind == "regression":
+        names = ("pearson", "spearman")
+    elif spec.kind == "causal_lm":
+        names = ("token_accuracy",)
+    else:
+        names = ("accuracy", *(m for m in _CLASSIFICATION if m == spec.primary_metric and m != "accuracy"))
+    return (*names, "score")
+
+
+_CLASSIFICATION = {"accuracy": accuracy, "f1": f1_binary, "macro_f1": macro_f1, "matthews": matthews,
+                   "mcc": matthews}
+"""Classification metrics by the name a task gives its primary one (GLUE's f1/matthews, a table's mcc)."""
+
+
+def compute_metrics(spec: TaskSpec, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Metrics of one evaluation pass, plus `score` = the primary metric.
+
+    classification: predictions are class ids (N,) or logits (N, C). regression: (N,) or (N, 1).
+    causal_lm: token ids (any shape) or logits (..., V) against labels of the same shape; positions labelled
+    -100 (prompt, padding) are dropped, so the already flattened and filtered arrays work as well.
+    """
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    if np.issubdtype(predictions.dtype, np.floating) and not np.isfinite(predictions).all():
+        # a student whose outputs overflowed: no score at all (ranked last), not one of its finite rows' ranks
+        return dict.fromkeys(metric_names(spec), float("nan"))
+    if spec.kind == "regression":
+        pred, true = predictions.reshape(-1).astype(np.float64), labels.reshape(-1).astype(np.float64)
+        out = {"pearson": pearson(pred, true), "spearman": spearman(pred, true)}
+    else:
+        if predictions.ndim == labels.ndim + 1:
+            predictions = predictions.argmax(axis=-1)
+        keep = labels != IGNORE_INDEX
+        pred, true = predictions[keep].astype(np.int64), labels[keep].astype(np.int64)
+        if spec.kind == "causal_lm":
+            out = {"token_accuracy": accuracy(pred, true)}
+        else:
+            out = {name: _CLASSIFICATION[name](pred, true) for name in metric_names(spec)[:-1]}
+    out["score"] = out[spec.primary_metric]
+    return out
+
+
+def baseline_score(spec: TaskSpec, train_labels: np.ndarray, labels: np.ndarray) -> float:
+    """The score of the best constant answer learnt from the training labels, on `labels`: the majority class
+    (for a causal LM, the most frequent target token) or, for regression, the mean (correlation 0). A model
+    that does not beat it has learnt nothing from its inputs."""
+    train_labels, labels = np.asarray(train_labels).reshape(-1), np.asarray(labels).reshape(-1)
+    if spec.kind == "regression":
+        constant = float(train_labels.astype(np.float64).mean())
+    else:
+        values, counts = np.unique(train_labels[train_labels != IGNORE_INDEX], return_counts=True)
+        constant = values[counts.argmax()]
+    return compute_metrics(spec, np.full(labels.shape, constant), labels)["score"]

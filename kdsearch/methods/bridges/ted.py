@@ -1,0 +1,254 @@
+"""TED, task-aware layer-wise distillation (Liang et al., ICML 2023; papers.md section 1), as one bridge.
+
+Stage 1 trains one filter + pooler + task head per matched layer on a frozen model with the task loss (mean
+over filters), so each filter keeps what the task needs. It runs on the fine-tuned teacher (its filters are
+frozen in stage 2) and on the student distillation starts from, fine-tuned first or not (to initialise the
+student filters). Stage 2 (the bridge) trains the student filters g_s^k to match the frozen teacher filters
+g_t^m(k). This module holds the whole method: filter architectures, stage 1, its cached preparation, the checks
+and the build. Plain PyTorch only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from kdsearch.core.cache import content_key
+from kdsearch.core.errors import ConfigError
+from kdsearch.core.kinds import IGNORE_INDEX, TaskKind
+from kdsearch.core.registry import Registry
+from kdsearch.methods.bridges.base import BRIDGES, Bridge, BridgeInputs, BridgeMethod, PrepareContext
+from kdsearch.methods.inputs import model_inputs
+from kdsearch.methods.layer_maps import LAYER_MAPS
+from kdsearch.methods.losses import task_loss
+
+if TYPE_CHECKING:
+    from kdsearch.config.schema import Config, TedConfig
+
+ACTIVATIONS: Registry[Callable[[], nn.Module]] = Registry("activation")
+ACTIVATIONS.register("gelu")(nn.GELU)
+ACTIVATIONS.register("relu")(nn.ReLU)
+ACTIVATIONS.register("tanh")(nn.Tanh)
+
+FilterBuilder = Callable[[int, int, "TedConfig"], nn.Module]
+FILTERS: Registry[FilterBuilder] = Registry("filter")
+
+
+@FILTERS.register("linear")
+def linear_filter(d_in: int, d_out: int, cfg: TedConfig) -> nn.Module:
+    """TED's default filter: Linear(d, d_f)."""
+    return nn.Linear(d_in, d_out)
+
+
+@FILTERS.register("mlp")
+def mlp_filter(d_in: int, d_out: int, cfg: TedConfig) -> nn.Module:
+    """TED's non-linear option generalised: `depth` Linear layers, width `mlp_hidden`, activation between."""
+    hidden = cfg.mlp_hidden or d_in
+    dims = [d_in] + [hidden] * (cfg.depth - 1) + [d_out]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        if i:
+            layers.append(ACTIVATIONS.get(cfg.activation)())
+        layers.append(nn.Linear(a, b))
+    return nn.Sequential(*layers)
+
+
+def filter_width(cfg: TedConfig, d_teacher: int) -> int:
+    """d_f: `ted.width`, or `ted.width_ratio` x the teacher's width, or the teacher's width (TED's code)."""
+    if cfg.width:
+        return cfg.width
+    return max(1, round(cfg.width_ratio * d_teacher)) if cfg.width_ratio else d_teacher
+
+
+def build_filters(indices: Iterable[int], d_in: int, d_out: int, cfg: TedConfig) -> nn.ModuleDict:
+    """One filter per hidden-state index, keyed by str(index)."""
+    return nn.ModuleDict({str(i): FILTERS.get(cfg.filter)(d_in, d_out, cfg) for i in indices})
+
+
+HEAD_DROPOUT = 0.1
+"""Dropout before each stage-1 task head: TED's `filter_dropout` (StableDropout(cls_dropout), default 0.1)."""
+
+
+class FilterHead(nn.Module):
+    """Stage-1 head on a filtered state, as TED's code builds it per filter: a pooler (dense d_f -> d_f + GELU on
+    the first token: DeBERTa's ContextPooler with its pooler_hidden_act), dropout, a linear task head.
+
+    For causal LMs (continual pre-training scenario) the head is a per-token LM head instead.
+    """
+
+    def __init__(self, d_f: int, n_out: int, *, causal: bool) -> None:
+        super().__init__()
+        self.causal = causal
+        self.pooler = None if causal else nn.Sequential(nn.Linear(d_f, d_f), nn.GELU())
+        self.dropout = nn.Dropout(HEAD_DROPOUT)
+        self.head = nn.Linear(d_f, n_out)
+
+    def forward(self, filtered: torch.Tensor) -> torch.Tensor:  # (B, T, d_f)
+        if self.causal:
+            return self.head(filtered)  # (B, T, V)
+        assert self.pooler is not None
+        return self.head(self.dropout(self.pooler(filtered[:, 0])))  # (B, C)
+
+
+def stage1_accuracy(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[float, int]:
+    """(correct, count) of a stage-1 head; regression heads count within 0.5."""
+    if kind == "causal_lm":
+        pred, gold = logits[:, :-1].argmax(-1), labels[:, 1:]
+        keep = gold != IGNORE_INDEX
+        return float((pred[keep] == gold[keep]).sum()), int(keep.sum())
+    if kind == "regression":
+        return float(((logits.squeeze(-1) - labels).abs() < 0.5).sum()), len(labels)
+    return float((logits.argmax(-1) == labels).sum()), len(labels)
+
+
+def stage1_optimiser(params: list[nn.Parameter], *, lr: float,
+                     total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """TED's learn_filters optimiser: AdamW at `lr` with no weight decay (its --weight_decay default 0), the
+    linear schedule with no warmup (its --lr_scheduler_type and --num_warmup_steps defaults): lr * (1 - s / S)."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    total = max(1, total_steps)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, (total - step) / total))
+
+
+def train_stage1(model: nn.Module, filters: nn.ModuleDict, *, d_f: int, loader: Iterable[dict], kind: TaskKind,
+                 n_out: int, epochs: int, lr: float, device: torch.device) -> dict[str, float]:
+    """Train `filters` (+ fresh heads) on the frozen `model`; loss = mean over filters of the task loss.
+
+    As TED's learn_filters script: AdamW at `lr` without weight decay, decaying linearly to 0 with no warmup;
+    the frozen model runs in training mode (its dropout on), as there. Returns the final-epoch training accuracy
+    of each filter's head (a check that filters learned the task).
+    """
+    heads = nn.ModuleDict({k: FilterHead(d_f, n_out, causal=kind == "causal_lm") for k in filters})
+    filters.to(device).train()
+    heads.to(device).train()
+    was_training = model.training
+    model.train()
+    opt, sched = stage1_optimiser([*filters.parameters(), *heads.parameters()], lr=lr,
+                                  total_steps=epochs * len(loader))  # type: ignore[arg-type]
+    for _ in range(epochs):
+        correct = {k: 0.0 for k in filters}
+        seen = {k: 0 for k in filters}
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.no_grad():
+                hidden = model(**model_inputs(batch), output_hidden_states=True).hidden_states
+            losses = []
+            for key, filt in filters.items():
+                logits = heads[key](filt(hidden[int(key)]))
+                losses.append(task_loss(logits, batch["labels"], kind=kind))
+                c, n = stage1_accuracy(logits.detach(), batch["labels"], kind)
+                correct[key] += c
+                seen[key] += n
+            opt.zero_grad(set_to_none=True)
+            torch.stack(losses).mean().backward()
+            opt.step()
+            sched.step()
+    model.train(was_training)
+    return {k: correct[k] / max(seen[k], 1) for k in filters}
+
+
+
+STAGE1_VERSION = 2
+"""Bump when stage 1's training changes, so that filters cached by an earlier rule are not reused (2: TED's
+pooler activation, head dropout, schedule and weight decay)."""
+
+
+def _stage1_filters(ctx: PrepareContext, model: nn.Module, indices: list[int], d_in: int, *, label: str,
+                    kind: str, key: str) -> str:
+    """Stage 1 on the frozen `model` at hidden states `indices`, cached as `kind`/`key`: the filters' file."""
+    cfg, ted = ctx.cfg, ctx.cfg.ted
+    d_f = filter_width(ted, ctx.d_teacher)
+    # Stage-1 heads predict the task: classes, a score, or (causal LMs) the next token over the vocabulary.
+    n_out = ctx.teacher().config.vocab_size if ctx.kind == "causal_lm" else max(ctx.num_labels, 1)
+
+    def build(out: Path) -> None:
+        torch.manual_seed(cfg.train.seed)
+        filters = build_filters(indices, d_in, d_f, ted)
+        acc = train_stage1(model, filters, d_f=d_f, loader=ctx.batches(), kind=ctx.kind, n_out=n_out,
+                           epochs=ted.stage1_epochs, lr=_stage1_lr(cfg), device=ctx.device)
+        per_layer = ", ".join(f"h[{k}] {a:.3f}" for k, a in acc.items())
+        ctx.log(f"TED stage 1 ({label}): head accuracy per filtered layer: {per_layer}")
+        save_file({k: v.contiguous() for k, v in filters.cpu().state_dict().items()}, out / "filters.safetensors")
+        (out / "head_accuracy.json").write_text(json.dumps(acc))
+
+    return str(ctx.cached(kind, key, build) / "filters.safetensors")
+
+
+def _stage1_lr(cfg: Config) -> float:
+    lr = cfg.ted.stage1_lr or cfg.finetune.lr  # TED's scripts reuse each model's fine-tuning rate
+    assert lr is not None  # Config resolves finetune.lr for its teacher
+    return lr
+
+
+def prepare_ted(ctx: PrepareContext) -> dict[str, str]:
+    """Stage 1 on the frozen teacher (teacher filters) and, with ted.student_filters=stage1, on the student
+    distillation starts from (student filters)."""
+    cfg = ctx.cfg
+    # What stage 1 reads: the filter settings (not how stage 2 initialises its student filters), the batches.
+    architecture = {k: v for k, v in dataclasses.asdict(cfg.ted).items() if k != "student_filters"}
+    common = dict(filter=architecture, d_f=filter_width(cfg.ted, ctx.d_teacher), teacher=ctx.teacher_dir,
+                  seed=cfg.train.seed, batch_size=cfg.train.batch_size, lr=_stage1_lr(cfg), version=STAGE1_VERSION)
+    t_idx = sorted({t for _, t in ctx.pairs})
+    out = {"teacher_filters": _stage1_filters(ctx, ctx.teacher(), t_idx, ctx.d_teacher, label="teacher",
+                                              kind="ted_teacher", key=content_key(indices=t_idx, **common))}
+    if cfg.ted.student_filters == "stage1":
+        s_idx = sorted({s for s, _ in ctx.pairs})
+        key = content_key(indices=s_idx, student=dataclasses.asdict(cfg.student), start=ctx.student_dir, **common)
+        out["student_filters"] = _stage1_filters(ctx, ctx.student(), s_idx, ctx.d_student, label="student",
+                                                 kind="ted_student", key=key)
+    return out
+
+
+def check_ted_names(cfg: Config) -> None:
+    FILTERS.check(cfg.ted.filter, key="ted.filter")
+    ACTIVATIONS.check(cfg.ted.activation, key="ted.activation")
+
+
+def check_ted(cfg: Config, d_student: int, d_teacher: int) -> None:
+    if LAYER_MAPS.get(cfg.distill.layer_map).redrawn:
+        raise ConfigError("distill.bridge=ted needs a fixed layer map (its filters are trained per teacher "
+                          f"layer in stage 1); distill.layer_map={cfg.distill.layer_map} re-draws layers every epoch")
+    if cfg.ted.student_filters == "teacher" and d_student != d_teacher:
+        raise ConfigError(f"ted.student_filters=teacher copies teacher filters, which needs equal widths "
+                          f"(student {d_student}, teacher {d_teacher}); use stage1 or random")
+
+
+class FilterBridge(Bridge):
+    def __init__(self, student: nn.ModuleDict, teacher: nn.ModuleDict) -> None:
+        super().__init__()
+        self.student_filters = student
+        self.teacher_filters = teacher.requires_grad_(False)
+
+    def student_view(self, index: int, hidden: torch.Tensor, *, paired_with: int | None = None) -> torch.Tensor:
+        return self.student_filters[str(index)](hidden)
+
+    def teacher_view(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self.teacher_filters[str(index)](hidden)
+
+
+def ted_bridge(inputs: BridgeInputs) -> Bridge:
+    """TED stage 2: student filters g_s^k trained to match frozen stage-1 teacher filters g_t^m(k)."""
+    if not inputs.pairs:  # nothing to compare, and no stage 1 ran
+        return Bridge()
+    ted: TedConfig = inputs.settings
+    d_f = filter_width(ted, inputs.d_teacher)
+    teacher = build_filters(sorted({t for _, t in inputs.pairs}), inputs.d_teacher, d_f, ted)
+    teacher.load_state_dict(inputs.artifacts["teacher_filters"])
+    student = build_filters(sorted({s for s, _ in inputs.pairs}), inputs.d_student, d_f, ted)
+    if ted.student_filters == "stage1":
+        student.load_state_dict(inputs.artifacts["student_filters"])
+    elif ted.student_filters == "teacher":  # same widths (checked): copy the matched teacher filter
+        for s, t in inputs.pairs:
+            student[str(s)].load_state_dict(teacher[str(t)].state_dict())
+    return FilterBridge(student, teacher)
+
+
+BRIDGES.register("ted")(BridgeMethod(build=ted_bridge, section="ted", check_names=check_ted_names,
+                                     check=check_ted, prepare=prepare_ted, embedding_pair=False))

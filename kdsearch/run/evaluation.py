@@ -1,0 +1,105 @@
+"""Batching and evaluation shared by teacher fine-tuning, TED stage 1 and the distillation loop.
+
+`evaluate` works on a shard of the evaluation split and takes a `gather` callable, so data-parallel workers
+compute exact metrics over the whole split (no padded duplicates). Plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from kdsearch.core.kinds import IGNORE_INDEX
+from kdsearch.data.encoding import collate
+from kdsearch.data.metrics import compute_metrics
+from kdsearch.methods.inputs import model_inputs
+from kdsearch.methods.losses import task_loss
+
+if TYPE_CHECKING:
+    from kdsearch.data.tasks import TaskSpec
+
+
+EVAL_BATCH_SIZE = 64
+"""Rows per evaluation batch, for every model scored anywhere (teachers, students, exports): one batch size, so
+one model scores the same wherever it is scored."""
+LATENCY_ROWS = 32
+"""student_latency_ms: one forward pass over this many evaluation rows."""
+
+
+def make_loader(dataset: Any, *, batch_size: int, shuffle: bool, seed: int, pad_id: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      collate_fn=functools.partial(collate, pad_id=pad_id))
+
+
+def predictions(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example (or per-response-token for causal LMs) predictions and gold labels."""
+    if kind == "causal_lm":
+        pred, gold = logits[:, :-1].argmax(-1), labels[:, 1:]
+        keep = gold != IGNORE_INDEX
+        return pred[keep].cpu().numpy(), gold[keep].cpu().numpy()
+    if kind == "regression":
+        return logits.squeeze(-1).float().cpu().numpy(), labels.float().cpu().numpy()
+    return logits.argmax(-1).cpu().numpy(), labels.cpu().numpy()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: Any, *, spec: TaskSpec, pad_id: int, device: torch.device,
+             batch_size: int = EVAL_BATCH_SIZE, rank: int = 0, world_size: int = 1,
+             gather: Callable[[Any], list[Any]] = lambda x: [x]) -> dict[str, float]:
+    """Metrics of `model` on `dataset` ("eval_" prefixed, eval_score = the task's primary metric)."""
+    model.eval()
+    shard = dataset.select(range(rank, len(dataset), world_size)) if world_size > 1 else dataset
+    preds, golds, loss_sum, count = [], [], 0.0, 0
+    for batch in make_loader(shard, batch_size=batch_size, shuffle=False, seed=0, pad_id=pad_id):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(**model_inputs(batch)).logits
+        # weighted by what the loss averages over: rows, or a causal LM's target tokens
+        weight = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if spec.kind == "causal_lm" \
+            else len(batch["labels"])
+        loss_sum += float(task_loss(logits, batch["labels"], kind=spec.kind)) * weight
+        count += weight
+        p, g = predictions(logits, batch["labels"], spec.kind)
+        preds.append(p)
+        golds.append(g)
+    parts = gather((np.concatenate(preds) if preds else np.array([]),
+                    np.concatenate(golds) if golds else np.array([]), loss_sum, count))
+    all_preds = np.concatenate([p for p, _, _, _ in parts])
+    all_golds = np.concatenate([g for _, g, _, _ in parts])
+    metrics = compute_metrics(spec, all_preds, all_golds)
+    out = {f"eval_{k}": float(v) for k, v in metrics.items()}
+    out["eval_loss"] = sum(s for _, _, s, _ in parts) / max(sum(c for _, _, _, c in parts), 1)
+    return out
+
+
+@torch.no_grad()
+def forward_latency_ms(model: torch.nn.Module, dataset: Any, *, rows: int = LATENCY_ROWS, pad_id: int,
+                       device: torch.device,
+                       repeats: int = 10) -> float:
+    """Median milliseconds of one forward pass over the first `rows` evaluation rows (one padded batch).
+
+    The student's measured inference latency, which a multi-objective search can minimise; on a GPU the
+    clock stops only when the kernels are done. Two untimed passes first (allocator, kernel selection).
+    """
+    model.eval()
+    first = dataset.select(range(min(rows, len(dataset))))
+    batch = next(iter(make_loader(first, batch_size=rows, shuffle=False, seed=0, pad_id=pad_id)))
+    inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+    times = []
+    for k in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        model(**inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if k >= 2:
+            times.append(time.perf_counter() - began)
+    return 1e3 * statistics.median(times)

@@ -1,0 +1,120 @@
+"""The shared distillation step: one batch + teacher outputs in, named loss terms out.
+
+Every strategy of the three papers is this step with different layer pairs, a different bridge and different
+weights: loss = w_task * task + w_logit * D(teacher, student) + w_hidden * reduce_k distance(bridge(h_s[k]),
+bridge(h_t[m(k)])) + w_relation * sum of self-attention relation KLs (the MiniLM baselines). `Distiller` holds
+everything trainable (student + bridge) so that DDP wraps one module.
+Plain PyTorch: no Ray, Optuna or MLflow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdsearch.core.kinds import IGNORE_INDEX
+from kdsearch.methods.inputs import model_inputs
+from kdsearch.methods.losses import DISTANCES, LOGIT_LOSSES, combine, task_loss
+from kdsearch.methods.relations import Captured, RelationSpec, Tap, capture, relation_term
+
+if TYPE_CHECKING:
+    from kdsearch.config.schema import DistillConfig
+    from kdsearch.core.kinds import TaskKind
+    from kdsearch.methods.bridges import Bridge
+
+Pairs = list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class TeacherOutputs:
+    """What the step needs from the teacher: run live (`teacher_forward`) or read back (`teacher_cache`)."""
+
+    logits: torch.Tensor  # (B, C) or (B, T, V)
+    hidden: tuple[torch.Tensor, ...] | None  # hidden_states, each (B, T, d_t)
+    projections: Captured | None = None  # (layer, "query"/"key"/"value") -> (B, T, d): the relation term's
+
+
+@torch.no_grad()
+def teacher_forward(teacher: nn.Module, batch: dict[str, torch.Tensor], *, hidden: bool,
+                    tap: Tap | None = None) -> TeacherOutputs:
+    with capture(teacher, tap) as projections:
+        out = teacher(**model_inputs(batch), output_hidden_states=hidden)
+    return TeacherOutputs(out.logits, out.hidden_states if hidden else None, dict(projections) if tap else None)
+
+
+def loss_weights(cfg: DistillConfig) -> dict[str, float]:
+    return {"task": cfg.w_task, "logit": cfg.w_logit, "hidden": cfg.w_hidden, "relation": cfg.w_relation}
+
+
+def leaves_parameters_unused(cfg: DistillConfig) -> bool:
+    """Whether a step can leave trainable parameters without a gradient.
+
+    Only when neither the task loss nor logit KD reads the student's output: the hidden pairs alone then train
+    it, and its task head (and any layer above the deepest paired one) stays idle. DDP needs to know, since
+    looking for unused parameters costs a traversal of the autograd graph every step.
+    """
+    return cfg.w_task == 0 and cfg.w_logit == 0
+
+
+class Distiller(nn.Module):
+    """Student + bridge; forward returns the named loss terms (detached copies are for logging only)."""
+
+    def __init__(self, student: nn.Module, bridge: Bridge, *, kind: TaskKind, cfg: DistillConfig,
+                 relation: RelationSpec | None = None) -> None:
+        super().__init__()
+        self.student = student
+        self.bridge = bridge
+        self.kind = kind
+        self.cfg = cfg
+        self.weights = loss_weights(cfg)
+        self.distance = DISTANCES.get(cfg.distance)
+        self.logit_loss = LOGIT_LOSSES.get(cfg.logit_loss)
+        if cfg.w_relation > 0 and relation is None:
+            raise ValueError("distill.w_relation > 0 needs its layers and heads: pass relation=resolve_relation(...)")
+        self.relation = relation if cfg.w_relation > 0 else None
+        """The relation term's layers and heads; the loop taps the teacher at `relation.teacher`."""
+
+    def forward(self, batch: dict[str, torch.Tensor], teacher: TeacherOutputs,
+                pairs: Pairs) -> dict[str, torch.Tensor]:
+        use_hidden = self.weights["hidden"] > 0 and bool(pairs)
+        with capture(self.student, self.relation.student if self.relation else None) as projections:
+            out = self.student(**model_inputs(batch), output_hidden_states=use_hidden)
+        terms: dict[str, torch.Tensor] = {}
+        if self.weights["task"] > 0:
+            terms["task"] = task_loss(out.logits, batch["labels"], kind=self.kind)
+        if self.weights["logit"] > 0:
+            terms["logit"] = self._logit_term(out.logits, teacher.logits, batch["labels"])
+        if use_hidden:
+            assert teacher.hidden is not None
+            mask = batch["attention_mask"] if self.cfg.mask_padding else None
+            terms["hidden"] = self._hidden_term(out.hidden_states, teacher.hidden, mask, pairs)
+        if self.relation is not None:
+            if teacher.projections is None:
+                raise ValueError("distill.w_relation > 0 needs the teacher's projections: teacher_forward(tap=...)")
+            terms["relation"] = relation_term(self.relation, projections, teacher.projections,
+                                              batch["attention_mask"], causal=self.kind == "causal_lm")
+        terms["loss"] = combine(terms, self.weights if use_hidden else {**self.weights, "hidden": 0.0})
+        terms["logits"] = out.logits.detach()
+        return terms
+
+    def _logit_term(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.kind == "regression":  # one output: KL is undefined, match the scores instead
+            return F.mse_loss(student.float(), teacher.float())
+        if self.kind == "causal_lm":  # position t predicts token t+1; only response tokens count
+            mask = labels[:, 1:] != IGNORE_INDEX
+            return self.logit_loss(student[:, :-1], teacher[:, :-1], temperature=self.cfg.temperature, mask=mask)
+        return self.logit_loss(student, teacher, temperature=self.cfg.temperature)
+
+    def _hidden_term(self, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
+                     mask: torch.Tensor | None, pairs: Pairs) -> torch.Tensor:
+        per_pair = []
+        for s, t in pairs:
+            with torch.no_grad():
+                target = self.bridge.teacher_view(t, teacher[t])
+            per_pair.append(self.distance(self.bridge.student_view(s, student[s], paired_with=t), target, mask=mask))
+        stacked = torch.stack(per_pair)
+        return stacked.sum() if self.cfg.hidden_reduce == "sum" else stacked.mean()
