@@ -24,7 +24,7 @@ MAX_EPOCHS = 1000
 Precision = Literal["fp32", "bf16", "fp16"]
 UnitAggregate = Literal["mean_abs", "abs_mean", "rms"]
 
-BUILTIN_TEACHERS = ("tiny-bert", "tiny-roberta", "tiny-deberta", "tiny-gpt2", "tiny-qwen")
+BUILTIN_TEACHERS = ("tiny-bert", "tiny-roberta", "tiny-deberta", "tiny-gpt2", "tiny-qwen", "tiny-t5", "tiny-bart")
 """Teachers built from in-code configs and trained from scratch on the task; any other is a pretrained checkpoint."""
 
 
@@ -51,7 +51,10 @@ def rate_defaults(teacher: str, init: str) -> str:
 @dataclass(frozen=True)
 class StudentConfig:
     layers: int = 2
-    """Student depth n_s."""
+    """Student depth n_s (an encoder-decoder's encoder depth)."""
+    decoder_layers: int | None = None
+    """An encoder-decoder student's decoder depth (T5, BART); null = student.layers. Read only with a seq2seq
+    teacher."""
     hidden_size: int | None = None
     """Student width d_s; None keeps the teacher's width (or takes `width_ratio` of it)."""
     width_ratio: float | None = None
@@ -70,6 +73,8 @@ class StudentConfig:
 
     def __post_init__(self) -> None:
         require(self.layers >= 1, f"student.layers={self.layers}: a student needs at least 1 layer")
+        require(self.decoder_layers is None or self.decoder_layers >= 1,
+                f"student.decoder_layers={self.decoder_layers}: a decoder needs at least 1 layer")
         require(self.hidden_size is None or self.hidden_size > 0,
                  f"student.hidden_size={self.hidden_size}: must be > 0")
         require(self.width_ratio is None or 0 < self.width_ratio <= 1,
@@ -82,7 +87,9 @@ class StudentConfig:
 @dataclass(frozen=True)
 class TaskConfig:
     name: str = "default"
-    """`default` (embedded, no download), a GLUE task (sst2, cola, mrpc, ...) or `text` (causal LM corpus)."""
+    """`default` (embedded, no download), a GLUE task (sst2, cola, mrpc, ...), `text` (causal LM corpus),
+    `table` (your classification or regression files), `seq2seq_default` (embedded: numbers in digits -> words)
+    or `seq2seq` (your source -> target files)."""
     data_dir: str | None = None
     """Folder with train/dev files (tsv, csv, jsonl, parquet); None reads the hub (`hub`) or the default task."""
     hub: str | None = None
@@ -103,12 +110,24 @@ class TaskConfig:
     metric: str | None = None
     """task.name=table: what eval_score is: accuracy, macro_f1 or mcc (classification; null = accuracy),
     pearson or spearman (regression; null = pearson). GLUE names use their official metric."""
+    source_column: str = "source"
+    """task.name=seq2seq: the column an encoder-decoder reads."""
+    target_column: str = "target"
+    """task.name=seq2seq: the column it learns to write (every row needs a non-empty one)."""
 
     def __post_init__(self) -> None:
         require(self.max_length >= 4, f"task.max_length={self.max_length}: must be >= 4")
         for key in ("train_size", "eval_size"):
             value = getattr(self, key)
             require(value is None or value > 0, f"task.{key}={value}: must be > 0")
+        if self.name != "seq2seq":
+            given = [k for k, v in (("source_column", self.source_column != "source"),
+                                    ("target_column", self.target_column != "target")) if v]
+            require(not given, f"task.{given[0] if given else ''}: read only by task.name=seq2seq (here {self.name})")
+        else:
+            require(self.source_column != self.target_column,
+                    f"task.source_column={self.source_column} and task.target_column={self.target_column}: name "
+                    "two different columns")
         if self.name != "table":
             given = [k for k, v in (("text_columns", self.text_columns), ("metric", self.metric),
                                     ("label_column", self.label_column != "label" or None),
@@ -364,8 +383,8 @@ class ResourcesConfig:
 @dataclass(frozen=True)
 class Config:
     teacher: str = "tiny-bert"
-    """A built-in tiny model (tiny-bert, tiny-roberta, tiny-deberta, tiny-gpt2, tiny-qwen), `minilm`, a hub name
-    or a local path."""
+    """A built-in tiny model (tiny-bert, tiny-roberta, tiny-deberta, tiny-gpt2, tiny-qwen; encoder-decoders
+    tiny-t5, tiny-bart), `minilm`, a hub name or a local path."""
     student: StudentConfig = field(default_factory=StudentConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

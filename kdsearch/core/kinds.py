@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-TaskKind = Literal["classification", "regression", "causal_lm"]
-"""One label per input (a class id or a score), or a target token per position."""
+TaskKind = Literal["classification", "regression", "causal_lm", "seq2seq"]
+"""One label per input (a class id or a score), a target token per position (causal_lm: the next token), or a
+target sequence an encoder-decoder writes from a source (seq2seq: decoder position t predicts label t)."""
 IGNORE_INDEX = -100
 """The label of a token that is not a target (prompt, padding): what cross_entropy's ignore_index skips."""

@@ -1,5 +1,6 @@
-"""Task rows -> token ids: tokenisation for encoders and causal LMs (prompt -> answer, the loss on the answer
-only), a content-addressed Arrow cache of the result, and collation into padded tensors.
+"""Task rows -> token ids: tokenisation for encoders, causal LMs (prompt -> answer, the loss on the answer
+only) and encoder-decoders (source -> target, with the decoder's inputs), a content-addressed Arrow cache of the
+result, and collation into padded tensors.
 
 Imports no Ray, Optuna or MLflow.
 """
@@ -48,6 +49,11 @@ def train_texts(raw: DatasetDict, spec: TaskSpec) -> Iterator[str]:
     Classification rows come in their causal form (`text => word`), so the label words, the `=>` marker and
     the ` | ` pair separator are in the vocabulary whichever model family uses the tokenizer.
     """
+    if spec.kind == "seq2seq":
+        for row in raw["train"]:
+            yield row["source"]
+            yield row["target"]
+        return
     causal = spec.kind == "causal_lm" or bool(spec.label_words)
     for row in raw["train"]:
         yield "".join(_as_prompt_response(row, spec)) if causal else _joined(row, spec)
@@ -69,12 +75,13 @@ def _tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def _split_keys(raw: DatasetDict, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase,
-                max_length: int, family: str, segments: bool) -> dict[str, str]:
+                max_length: int, family: str, segments: bool, decoder_start: int | None = None) -> dict[str, str]:
     """Each split's tokenised identity: its rows and how they are tokenised. It becomes the split's fingerprint,
     which artifacts built from one split (a teacher fine-tuned on train) are keyed on: a new validation split
     leaves the train split's key, and so the fine-tuned teacher, as they were."""
     common = {"version": _CACHE_VERSION, "task": spec.name, "family": family, "max_length": max_length,
-              "segments": segments, "tokenizer": _tokenizer_hash(tokenizer)}
+              "segments": segments, "tokenizer": _tokenizer_hash(tokenizer),
+              **({"decoder_start": decoder_start} if decoder_start is not None else {})}
     return {split: _digest({**common, "split": split, "rows": [len(ds), content_hash(ds)]})
             for split, ds in raw.items()}
 
@@ -112,8 +119,22 @@ def _encode_causal(batch: dict[str, list], spec: TaskSpec, tokenizer: Any, max_l
     return out
 
 
+def _encode_seq2seq(batch: dict[str, list], tokenizer: Any, max_length: int, decoder_start: int) -> dict:
+    """source -> input_ids, attention_mask; target -> labels (its tokens, the tokenizer's end token included)
+    and the decoder's inputs: the labels shifted right behind `decoder_start` (teacher forcing), so decoder
+    position t reads labels[:t] and predicts labels[t]. Both sides are cut to max_length tokens."""
+    enc = tokenizer(batch["source"], truncation=True, max_length=max_length)
+    labels = tokenizer(batch["target"], truncation=True, max_length=max_length)["input_ids"]
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels,
+            "decoder_input_ids": [[decoder_start, *row[:-1]] for row in labels],
+            "decoder_attention_mask": [[1] * len(row) for row in labels]}
+
+
 def _features(spec: TaskSpec, family: str, segments: bool) -> Features:
     ids = Sequence(Value("int32"))
+    if family == "seq2seq":
+        return Features({"input_ids": ids, "attention_mask": Sequence(Value("int8")), "labels": ids,
+                         "decoder_input_ids": ids, "decoder_attention_mask": Sequence(Value("int8"))})
     if family == "causal":
         labels: Any = Sequence(Value("int32"))
     else:
@@ -123,26 +144,37 @@ def _features(spec: TaskSpec, family: str, segments: bool) -> Features:
 
 
 def tokenize_task(raw: DatasetDict, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, max_length: int,
-                  cache_dir: str | Path, family: Literal["encoder", "causal"], segments: bool) -> DatasetDict:
+                  cache_dir: str | Path, family: Literal["encoder", "causal", "seq2seq"], segments: bool,
+                  decoder_start: int | None = None) -> DatasetDict:
     """Splits with input_ids, attention_mask, labels (and token_type_ids with `segments`, for a model that
     reads them: `models.uses_segments`); read from `cache_dir/data/<key>` when already built.
 
     The key hashes the tokenizer, the rows themselves, max_length, family, segments and task, so any change
     re-tokenises and an unchanged run (another trial, a rerun) reads the Arrow files saved by the first one.
     encoder: labels are the class id / score. causal: labels are the token ids, -100 on prompt tokens.
+    seq2seq: labels are the target's token ids, with decoder_input_ids (shifted right behind `decoder_start`, the
+    model's decoder_start_token_id) and decoder_attention_mask.
     """
-    if family == "causal" and segments:
-        raise ValueError("segments=True: causal LMs read no segment ids")
+    if family != "encoder" and segments:
+        reader = "causal LMs" if family == "causal" else "encoder-decoders"
+        raise ValueError(f"segments=True: {reader} read no segment ids")
+    if (family == "seq2seq") != (spec.kind == "seq2seq"):
+        raise ConfigError(f"task.name={spec.name}: a seq2seq task needs an encoder-decoder teacher, and an "
+                          "encoder-decoder teacher a seq2seq task")
+    if family == "seq2seq" and decoder_start is None:
+        raise ValueError("a seq2seq task needs the model's decoder_start_token_id: pass decoder_start=")
     if family == "encoder" and spec.kind == "causal_lm":
         raise ConfigError(f"task.name={spec.name}: a causal_lm task needs a causal (decoder) teacher")
     if family == "causal" and spec.kind == "regression":
         raise ConfigError(f"task.name={spec.name}: a regression task needs an encoder teacher")
-    keys = _split_keys(raw, spec, tokenizer, max_length, family, segments)
+    keys = _split_keys(raw, spec, tokenizer, max_length, family, segments, decoder_start)
     target = Path(cache_dir) / "data" / _digest(keys)
     if not target.is_dir():
-        encode = _encode_causal if family == "causal" else _encode_encoder
-        kwargs = {"spec": spec, "tokenizer": tokenizer, "max_length": max_length,
-                  **({} if family == "causal" else {"segments": segments})}
+        encode: Any = {"causal": _encode_causal, "seq2seq": _encode_seq2seq}.get(family, _encode_encoder)
+        kwargs: dict[str, Any] = {"spec": spec, "tokenizer": tokenizer, "max_length": max_length,
+                                  **({"segments": segments} if family == "encoder" else {})}
+        if family == "seq2seq":
+            kwargs = {"tokenizer": tokenizer, "max_length": max_length, "decoder_start": decoder_start}
         # new_fingerprint: the key already names the result, and spares datasets hashing the tokenizer
         built = DatasetDict({
             split: ds.map(encode, batched=True, remove_columns=ds.column_names, fn_kwargs=kwargs,
@@ -160,7 +192,8 @@ def tokenize_task(raw: DatasetDict, spec: TaskSpec, tokenizer: PreTrainedTokeniz
 
 
 def collate(batch: list[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Pad a list of rows: input_ids with `pad_id`, token labels with -100, anything else with 0.
+    """Pad a list of rows: input_ids and decoder_input_ids with `pad_id`, token labels with -100, anything else
+    (attention masks) with 0.
 
     Scalar labels are stacked: long for classification, float32 for regression.
     """
@@ -171,7 +204,7 @@ def collate(batch: list[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Ten
             stacked = torch.stack(values)
             out[key] = stacked.float() if stacked.is_floating_point() else stacked.long()
             continue
-        fill = pad_id if key == "input_ids" else IGNORE_INDEX if key == "labels" else 0
+        fill = pad_id if key in ("input_ids", "decoder_input_ids") else IGNORE_INDEX if key == "labels" else 0
         out[key] = pad_sequence([v.long() for v in values], batch_first=True, padding_value=fill)
     return out
 

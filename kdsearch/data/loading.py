@@ -25,7 +25,16 @@ from datasets import Dataset, DatasetDict, Features, Value, load_dataset
 
 from kdsearch.config.schema import TaskConfig
 from kdsearch.core.errors import ConfigError
-from kdsearch.data.tasks import RELEASE_LAYOUTS, TASKS, ReleaseLayout, TaskSpec, default_rows, table_spec, task_spec
+from kdsearch.data.tasks import (
+    RELEASE_LAYOUTS,
+    TASKS,
+    ReleaseLayout,
+    TaskSpec,
+    default_rows,
+    seq2seq_default_rows,
+    table_spec,
+    task_spec,
+)
 
 __all__ = ["TASKS", "TaskSpec", "task_spec", "check_task", "load_raw_task", "content_hash", "Split"]
 
@@ -240,13 +249,36 @@ def _json_object(line: str) -> Any:
         return None
 
 
+def _check_seq2seq(cfg: TaskConfig, spec: TaskSpec, splits: tuple[Split, ...]) -> None:
+    """task.name=seq2seq: a data_dir whose files hold the source and target columns, every target non-empty."""
+    if cfg.data_dir is None:
+        raise ConfigError("task.data_dir: task.name=seq2seq reads a folder with train and dev files (tsv, csv, "
+                          "jsonl, parquet) holding task.source_column and task.target_column; set "
+                          "task.data_dir=<folder> (or task.name=seq2seq_default, the embedded task)")
+    where = f"task.data_dir={cfg.data_dir}"
+    template = replace(spec, text_fields=(cfg.source_column,))
+    for path in _split_files(cfg, spec, splits).values():
+        columns = _header(path, where)
+        for key, name in (("source_column", cfg.source_column), ("target_column", cfg.target_column)):
+            if name not in columns:
+                raise ConfigError(f"{where}: {path.name} has no '{name}' column (task.{key}); found columns: "
+                                  f"{', '.join(columns)}")
+        for line, text in _check_rows(path, where, columns, template, label=cfg.target_column):
+            if not text.strip():
+                raise ConfigError(f"{where}: line {line} of {path.name} has an empty '{cfg.target_column}' cell: "
+                                  "every row needs a target to learn")
+
+
 def check_task(cfg: TaskConfig, splits: tuple[Split, ...] = TRAINING_SPLITS) -> TaskSpec:
     """Validate task.*: paths, non-empty files, header columns, and one streaming pass over each text file
     (encoding, whole rows, labels present)."""
     spec = task_spec(cfg.name)
-    if spec.name == "default":
+    if spec.name == "seq2seq":
+        _check_seq2seq(cfg, spec, splits)
+        return spec
+    if spec.name in ("default", "seq2seq_default"):
         if cfg.data_dir is not None or cfg.hub is not None:
-            raise ConfigError(f"task.data_dir={cfg.data_dir}, task.hub={cfg.hub}: task.name=default is "
+            raise ConfigError(f"task.data_dir={cfg.data_dir}, task.hub={cfg.hub}: task.name={spec.name} is "
                               "generated in code; unset both, or name the task that the files hold")
         return spec
     if spec.name == "table":
@@ -361,6 +393,16 @@ def _table_layout(ds: Dataset, cfg: TaskConfig, spec: TaskSpec) -> Dataset:
                   features=Features({**ds.features, "label": Value("int64")}))
 
 
+def _seq2seq_layout(ds: Dataset, cfg: TaskConfig) -> Dataset:
+    """task.name=seq2seq's rows as every seq2seq task's: columns `source` and `target`, both text."""
+    def convert(batch: dict[str, list]) -> dict[str, list]:
+        return {name: ["" if v is None else str(v) for v in batch[column]]
+                for name, column in (("source", cfg.source_column), ("target", cfg.target_column))}
+
+    return ds.map(convert, batched=True, remove_columns=ds.column_names,
+                  features=Features({"source": Value("string"), "target": Value("string")}))
+
+
 def _to_prompt_response(ds: Dataset) -> Dataset:
     columns = next(group for group in _CAUSAL_COLUMNS if set(group) <= set(ds.column_names))
 
@@ -398,9 +440,10 @@ def load_raw_task(cfg: TaskConfig, *, cache_dir: str | Path | None = None,
     spec = check_task(cfg, splits)
     hf_cache = str(Path(cache_dir) / "raw") if cache_dir is not None else None
     read: dict[str, Dataset]
-    if spec.name == "default":
-        where = "task.name=default"
-        read = {split: Dataset.from_dict(cols) for split, cols in default_rows().items() if split in splits}
+    if spec.name in ("default", "seq2seq_default"):
+        where = f"task.name={spec.name}"
+        rows = default_rows() if spec.name == "default" else seq2seq_default_rows()
+        read = {split: Dataset.from_dict(cols) for split, cols in rows.items() if split in splits}
     elif cfg.data_dir is not None:
         where = f"task.data_dir={cfg.data_dir}"
         read = {split: _read_file(path, where, hf_cache, spec)
@@ -414,7 +457,10 @@ def load_raw_task(cfg: TaskConfig, *, cache_dir: str | Path | None = None,
         ds, size = read[split], sizes[split]
         if spec.name == "table":
             ds = _table_layout(ds, cfg, spec)
-        ds = _normalise(ds, spec, f"{where}: {split}") if len(ds) else ds
+        if spec.name == "seq2seq":
+            ds = _seq2seq_layout(ds, cfg)
+        elif spec.kind != "seq2seq":
+            ds = _normalise(ds, spec, f"{where}: {split}") if len(ds) else ds
         if len(ds) == 0:
             raise ConfigError(f"{where}: the {split} split has no rows")
         ds = _subsample(ds, size)

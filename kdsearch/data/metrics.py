@@ -2,7 +2,8 @@
 
 `score` always repeats the task's primary metric: it is the one number a search optimises and MLflow plots.
 A degenerate side (a constant prediction, a constant label) scores 0 rather than nan, so an untrained student
-ranks last instead of breaking the search. Imports numpy, scikit-learn, scipy and kdsearch.data.tasks only.
+ranks last instead of breaking the search. Imports numpy, scikit-learn, scipy, sacrebleu and kdsearch.data.tasks
+only.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def metric_names(spec: TaskSpec) -> tuple[str, ...]:
     names: tuple[str, ...]
     if spec.kind == "regression":
         names = ("pearson", "spearman")
-    elif spec.kind == "causal_lm":
+    elif spec.kind in ("causal_lm", "seq2seq"):
         names = ("token_accuracy",)
     else:
         names = ("accuracy", *(m for m in _CLASSIFICATION if m == spec.primary_metric and m != "accuracy"))
@@ -66,6 +67,27 @@ def metric_names(spec: TaskSpec) -> tuple[str, ...]:
 _CLASSIFICATION = {"accuracy": accuracy, "f1": f1_binary, "macro_f1": macro_f1, "matthews": matthews,
                    "mcc": matthews}
 """Classification metrics by the name a task gives its primary one (GLUE's f1/matthews, a table's mcc)."""
+
+
+GENERATION_METRICS = ("exact_match", "chrf")
+"""What a seq2seq model's greedy outputs score on the validation split (`generation_metrics`), beside the
+teacher-forced token accuracy."""
+
+
+def generation_metric_names(spec: TaskSpec) -> tuple[str, ...]:
+    return GENERATION_METRICS if spec.kind == "seq2seq" else ()
+
+
+def generation_metrics(outputs: list[str], references: list[str]) -> dict[str, float]:
+    """exact_match: the share of outputs equal to their reference (whitespace runs as one space); chrf: corpus
+    chrF (sacrebleu's defaults: character 6-grams, beta 2) on a 0-1 scale like every other score here."""
+    from sacrebleu.metrics import CHRF
+
+    if not references:
+        return dict.fromkeys(GENERATION_METRICS, 0.0)
+    outputs, references = [" ".join(o.split()) for o in outputs], [" ".join(r.split()) for r in references]
+    exact = sum(o == r for o, r in zip(outputs, references, strict=True)) / len(references)
+    return {"exact_match": float(exact), "chrf": float(CHRF().corpus_score(outputs, [references]).score) / 100}
 
 
 def compute_metrics(spec: TaskSpec, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -87,7 +109,7 @@ def compute_metrics(spec: TaskSpec, predictions: np.ndarray, labels: np.ndarray)
             predictions = predictions.argmax(axis=-1)
         keep = labels != IGNORE_INDEX
         pred, true = predictions[keep].astype(np.int64), labels[keep].astype(np.int64)
-        if spec.kind == "causal_lm":
+        if spec.kind in ("causal_lm", "seq2seq"):
             out = {"token_accuracy": accuracy(pred, true)}
         else:
             out = {name: _CLASSIFICATION[name](pred, true) for name in metric_names(spec)[:-1]}

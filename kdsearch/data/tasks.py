@@ -57,6 +57,9 @@ TASKS: dict[str, TaskSpec] = {
                  ("not_entailment", "entailment")),
         TaskSpec("text", "causal_lm", 0, ("prompt", "response"), "token_accuracy"),
         TaskSpec("table", "classification", 0, ("text",), "accuracy"),  # completed from the files: table_spec
+        # encoder-decoder tasks: text_fields are (source, target), the columns every seq2seq split holds
+        TaskSpec("seq2seq_default", "seq2seq", 0, ("source", "target"), "token_accuracy"),
+        TaskSpec("seq2seq", "seq2seq", 0, ("source", "target"), "token_accuracy"),
     )
 }
 
@@ -103,9 +106,10 @@ def task_spec(name: str) -> TaskSpec:
     return TASKS[name]
 
 
-def read_by(spec: TaskSpec, family: Literal["encoder", "causal"]) -> TaskSpec:
-    """The task as a teacher family reads it: a causal LM reads any task as prompt -> answer tokens."""
-    if family == "causal" and spec.kind != "causal_lm":
+def read_by(spec: TaskSpec, family: Literal["encoder", "causal", "seq2seq"]) -> TaskSpec:
+    """The task as a teacher family reads it: a causal LM reads any classification task as prompt -> answer
+    tokens (a seq2seq task is an encoder-decoder's only; `validate` refuses the other pairings)."""
+    if family == "causal" and spec.kind in ("classification", "regression"):
         return replace(spec, kind="causal_lm", num_labels=0, primary_metric="token_accuracy")
     return spec
 
@@ -198,4 +202,52 @@ def default_rows(n_train: int = DEFAULT_TRAIN_SIZE, n_eval: int = DEFAULT_EVAL_S
             quota[label] -= 1
             rows.append((sentence, label))
         out[split] = {"sentence": [s for s, _ in rows], "label": [y for _, y in rows]}
+    return out
+
+
+# --- the embedded `seq2seq_default` task ----------------------------------------------------------------
+# A number written in spaced digits -> its English words ("3 0 1 7" -> "three thousand seventeen"). Depth
+# matters: a digit's word depends on how many digits follow it (thousand / hundred / -ty), a 1 in the tens
+# joins the next digit into a teen ("1 3" -> thirteen, "3 1" -> thirty one) and zeros are silent. The
+# vocabulary is 10 digits and 30 words; 0..9999 gives 10,000 distinct rows, of which train, validation and test
+# draw disjoint ones, so the validation numbers are unseen and only the rules carry over.
+ONES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+        "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
+TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+SEQ2SEQ_LIMIT = 10_000
+"""Numbers 0..SEQ2SEQ_LIMIT - 1."""
+
+
+def number_words(n: int) -> str:
+    """English words of 0 <= n < 10,000 without `and` or hyphens: 3017 -> `three thousand seventeen`."""
+    if n == 0:
+        return "zero"
+    words: list[str] = []
+    thousands, rest = divmod(n, 1000)
+    hundreds, rest = divmod(rest, 100)
+    if thousands:
+        words += [ONES[thousands], "thousand"]
+    if hundreds:
+        words += [ONES[hundreds], "hundred"]
+    if rest >= 20:
+        words += [TENS[rest // 10], *([ONES[rest % 10]] if rest % 10 else [])]
+    elif rest:
+        words.append(ONES[rest])
+    return " ".join(words)
+
+
+def seq2seq_default_rows(n_train: int = DEFAULT_TRAIN_SIZE, n_eval: int = DEFAULT_EVAL_SIZE,
+                         *, seed: int = 0) -> dict[str, dict[str, list]]:
+    """{split: {"source": [...], "target": [...]}}: distinct numbers, train, validation then test drawn from one
+    seeded permutation (so the splits are disjoint and fixed by `seed`)."""
+    if n_train + 2 * n_eval > SEQ2SEQ_LIMIT:
+        raise ValueError(f"seq2seq_default holds {SEQ2SEQ_LIMIT} rows; asked for {n_train} + 2 x {n_eval}")
+    numbers = list(range(SEQ2SEQ_LIMIT))
+    random.Random(seed).shuffle(numbers)
+    out: dict[str, dict[str, list]] = {}
+    start = 0
+    for split, size in (("train", n_train), ("validation", n_eval), ("test", n_eval)):
+        chosen = numbers[start:start + size]
+        start += size
+        out[split] = {"source": [" ".join(str(n)) for n in chosen], "target": [number_words(n) for n in chosen]}
     return out

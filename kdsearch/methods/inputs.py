@@ -6,14 +6,16 @@ from typing import Any
 
 import torch
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-"""The batch keys a model reads; a batch also carries labels, row ids, ..."""
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")
+"""The batch keys a model reads (an encoder-decoder's decoder reads the teacher-forced target); a batch also
+carries labels, row ids, ..."""
 
 
 def model_inputs(batch: dict[str, Any], *, inputs_embeds: torch.Tensor | None = None) -> dict[str, Any]:
-    """The model's keyword inputs from a collated batch: input_ids, attention_mask and token_type_ids where the
-    batch holds them (tokenised with segments). Every forward takes its inputs from here, so none drops the
-    segment ids. `inputs_embeds`: passed instead of input_ids (gradients with respect to the embeddings)."""
+    """The model's keyword inputs from a collated batch: input_ids, attention_mask, and token_type_ids or the
+    decoder's inputs where the batch holds them (tokenised with segments, or for an encoder-decoder). Every
+    forward takes its inputs from here, so none drops the segment ids or the decoder's inputs. `inputs_embeds`:
+    passed instead of input_ids (gradients with respect to the embeddings)."""
     inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
     if inputs_embeds is not None:
         del inputs["input_ids"]

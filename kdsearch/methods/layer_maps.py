@@ -6,10 +6,11 @@ of (student_index, teacher_index) pairs. Pure Python: imports no framework.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from kdsearch.core.errors import ConfigError
 from kdsearch.core.registry import Registry
@@ -189,12 +190,27 @@ def map_layers(name: str, n_student: int, n_teacher: int, *, embeddings: bool = 
                                 layers=layers)
 
 
-def run_pairs(cfg: Config, n_teacher: int, *, epoch: int = 0) -> LayerMap:
-    """The hidden pairs a run matches in `epoch` (distill.* and the run's seed); none when w_hidden is 0."""
+def decoder_seed(seed: int) -> int:
+    """The seed a random map draws an encoder-decoder's decoder pairs with: apart from the encoder's, as the
+    layer-selection seq2seq code draws one permutation per stack (t5mt/make_student.py, `random_matching`)."""
+    return int.from_bytes(hashlib.sha256(f"kdsearch-decoder:{seed}".encode()).digest()[:8], "little") >> 1
+
+
+def run_pairs(cfg: Config, n_teacher: int, *, epoch: int = 0, stack: Literal["encoder", "decoder"] = "encoder"
+              ) -> LayerMap:
+    """The hidden pairs a run matches in `epoch` (distill.* and the run's seed); none when w_hidden is 0.
+
+    An encoder-decoder matches each stack with the same map (Yu et al. 2025, seq2seq): `stack="decoder"` gives
+    the decoder's pairs, student.decoder_layers (null: student.layers) against the teacher's decoder depth
+    `n_teacher`.
+    """
     d = cfg.distill
     if d.w_hidden == 0:
         return []
-    return map_layers(d.layer_map, cfg.student.layers, n_teacher, embeddings=bool(d.embeddings), seed=cfg.train.seed,
+    n_student, seed = cfg.student.layers, cfg.train.seed
+    if stack == "decoder":
+        n_student, seed = cfg.student.decoder_layers or cfg.student.layers, decoder_seed(seed)
+    return map_layers(d.layer_map, n_student, n_teacher, embeddings=bool(d.embeddings), seed=seed,
                       epoch=epoch, layers=d.layers)
 
 

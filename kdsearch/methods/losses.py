@@ -389,25 +389,28 @@ def relation_mse(student: tuple[Tensor, Tensor], teacher: tuple[Tensor, Tensor],
 
 
 def task_loss(logits: Tensor, labels: Tensor, *,
-              kind: Literal["classification", "regression", "causal_lm"]) -> Tensor:
-    """The student's own objective: cross-entropy, MSE (STS-B) or next-token cross-entropy.
+              kind: Literal["classification", "regression", "causal_lm", "seq2seq"]) -> Tensor:
+    """The student's own objective: cross-entropy, MSE (STS-B), next-token or target-token cross-entropy.
 
     classification: logits (B, C), labels (B,) ints. regression: logits (B, 1) or (B,), labels (B,) floats.
     causal_lm: logits (B, T, V), labels (B, T) = the input ids with IGNORE_INDEX on skipped tokens; the usual
-    shift is applied here (logits at t predict labels at t+1). Means run over non-ignored labels.
+    shift is applied here (logits at t predict labels at t+1). seq2seq: logits (B, T, V) of the teacher-forced
+    decoder, labels (B, T) the target with IGNORE_INDEX on padding, no shift (decoder position t predicts label
+    t; the layer-selection T5/BART code's `CrossEntropyLoss(ignore_index=pad)`). Means run over non-ignored labels.
     """
     if kind == "classification":
         return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="mean")
     if kind == "regression":
         pred = logits.float().reshape(labels.shape)  # (B, 1) -> (B,)
         return F.mse_loss(pred, labels.float(), reduction="mean")
-    if kind == "causal_lm":
-        shifted = logits[:, :-1].float().flatten(0, 1)  # (B*(T-1), V)
-        targets = labels[:, 1:].flatten()  # (B*(T-1),)
+    if kind in ("causal_lm", "seq2seq"):
+        cut = 1 if kind == "causal_lm" else 0
+        shifted = logits[:, :logits.shape[1] - cut].float().flatten(0, 1)  # (B*(T-cut), V)
+        targets = labels[:, cut:].flatten()  # (B*(T-cut),)
         total = F.cross_entropy(shifted, targets, ignore_index=IGNORE_INDEX, reduction="sum")
         # sum / count instead of reduction="mean": a batch with every label ignored gives 0, not nan.
         return total / (targets != IGNORE_INDEX).sum().clamp_min(1)
-    raise ValueError(f"task loss kind {kind!r}: choose classification, regression or causal_lm")
+    raise ValueError(f"task loss kind {kind!r}: choose classification, regression, causal_lm or seq2seq")
 
 
 def combine(terms: dict[str, Tensor], weights: dict[str, float]) -> Tensor:

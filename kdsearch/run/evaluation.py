@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from kdsearch.core.kinds import IGNORE_INDEX
 from kdsearch.data.encoding import collate
-from kdsearch.data.metrics import compute_metrics
+from kdsearch.data.metrics import compute_metrics, generation_metrics
 from kdsearch.methods.inputs import model_inputs
 from kdsearch.methods.losses import task_loss
 
@@ -41,8 +41,9 @@ def make_loader(dataset: Any, *, batch_size: int, shuffle: bool, seed: int, pad_
 
 def predictions(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-example (or per-response-token for causal LMs) predictions and gold labels."""
-    if kind == "causal_lm":
-        pred, gold = logits[:, :-1].argmax(-1), labels[:, 1:]
+    if kind in ("causal_lm", "seq2seq"):  # a seq2seq decoder's position t predicts label t: no shift
+        cut = 1 if kind == "causal_lm" else 0
+        pred, gold = logits[:, :logits.shape[1] - cut].argmax(-1), labels[:, cut:]
         keep = gold != IGNORE_INDEX
         return pred[keep].cpu().numpy(), gold[keep].cpu().numpy()
     if kind == "regression":
@@ -63,7 +64,7 @@ def evaluate(model: torch.nn.Module, dataset: Any, *, spec: TaskSpec, pad_id: in
         logits = model(**model_inputs(batch)).logits
         # weighted by what the loss averages over: rows, or a causal LM's target tokens
         weight = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if spec.kind == "causal_lm" \
-            else len(batch["labels"])
+            else int((batch["labels"] != IGNORE_INDEX).sum()) if spec.kind == "seq2seq" else len(batch["labels"])
         loss_sum += float(task_loss(logits, batch["labels"], kind=spec.kind)) * weight
         count += weight
         p, g = predictions(logits, batch["labels"], spec.kind)
@@ -77,6 +78,32 @@ def evaluate(model: torch.nn.Module, dataset: Any, *, spec: TaskSpec, pad_id: in
     out = {f"eval_{k}": float(v) for k, v in metrics.items()}
     out["eval_loss"] = sum(s for _, _, s, _ in parts) / max(sum(c for _, _, _, c in parts), 1)
     return out
+
+
+@torch.no_grad()
+def evaluate_generation(model: Any, dataset: Any, tokenizer: Any, *, pad_id: int, device: torch.device,
+                        batch_size: int = EVAL_BATCH_SIZE, rank: int = 0, world_size: int = 1,
+                        gather: Callable[[Any], list[Any]] = lambda x: [x]) -> dict[str, float]:
+    """An encoder-decoder's greedy outputs on `dataset` against its targets: eval_exact_match, eval_chrf.
+
+    Batched `generate` (greedy, no sampling), at most as many new tokens as the longest target holds, so a
+    model that never stops costs no more than one that does.
+    """
+    model.eval()
+    shard = dataset.select(range(rank, len(dataset), world_size)) if world_size > 1 else dataset
+    longest = max(map(len, dataset["labels"]), default=1)
+    outputs: list[str] = []
+    references: list[str] = []
+    for batch in make_loader(shard, batch_size=batch_size, shuffle=False, seed=0, pad_id=pad_id):
+        generated = model.generate(input_ids=batch["input_ids"].to(device),
+                                   attention_mask=batch["attention_mask"].to(device), do_sample=False, num_beams=1,
+                                   max_new_tokens=longest)
+        outputs += tokenizer.batch_decode(generated, skip_special_tokens=True)
+        gold = [[t for t in row if t != IGNORE_INDEX] for row in batch["labels"].tolist()]
+        references += tokenizer.batch_decode(gold, skip_special_tokens=True)
+    parts = gather((outputs, references))
+    scores = generation_metrics([o for out, _ in parts for o in out], [r for _, ref in parts for r in ref])
+    return {f"eval_{k}": v for k, v in scores.items()}
 
 
 @torch.no_grad()

@@ -25,14 +25,14 @@ from torch.utils.data import DistributedSampler
 
 from kdsearch.config.schema import Config, Precision
 from kdsearch.core.safe_io import load_tensors
-from kdsearch.data.metrics import metric_names
+from kdsearch.data.metrics import generation_metric_names, metric_names
 from kdsearch.data.tasks import TaskSpec
 from kdsearch.methods.bridges import BridgeInputs, bridge_method
 from kdsearch.methods.layer_maps import run_pairs
 from kdsearch.methods.losses import describe
 from kdsearch.methods.relations import Tap, resolve_relation
 from kdsearch.run import models
-from kdsearch.run.evaluation import EVAL_BATCH_SIZE, evaluate, forward_latency_ms, make_loader
+from kdsearch.run.evaluation import EVAL_BATCH_SIZE, evaluate, evaluate_generation, forward_latency_ms, make_loader
 from kdsearch.run.optimiser import Optimiser, make_optimiser
 from kdsearch.run.precision import autocast
 from kdsearch.run.prepare import Prepared, load_teacher, make_student
@@ -65,7 +65,8 @@ def reported_metrics(spec: TaskSpec) -> tuple[str, ...]:
     (`train_<term>` exist only for the loss terms with a weight > 0, so they vary between trials.)
     """
     return ("epoch", "train_loss", "epoch_time_s", *(f"eval_{name}" for name in metric_names(spec)), "eval_loss",
-            "student_params", "student_latency_ms", "teacher_score")
+            *(f"eval_{name}" for name in generation_metric_names(spec)), "student_params", "student_latency_ms",
+            "teacher_score")
 
 
 def build_distiller(cfg: Config, prepared: Prepared, device: torch.device) -> tuple[nn.Module, Distiller]:
@@ -74,16 +75,27 @@ def build_distiller(cfg: Config, prepared: Prepared, device: torch.device) -> tu
     student = make_student(cfg, teacher, prepared.student_dir)
     d_s = models.student_width(teacher.config, cfg.student)
     method = bridge_method(cfg, d_s, prepared.d_teacher)
-    bridge = method.build(BridgeInputs(pairs=layer_pairs(cfg, prepared, epoch=0), d_student=d_s,
-                                       d_teacher=prepared.d_teacher, settings=method.settings(cfg),
-                                       artifacts=prepared.load_artifacts()))
-    distiller = Distiller(student, bridge, kind=prepared.spec.kind, cfg=cfg.distill,
-                          relation=resolve_relation(cfg, teacher.config))
+
+    def build(pairs: list[tuple[int, int]]) -> Any:
+        return method.build(BridgeInputs(pairs=pairs, d_student=d_s, d_teacher=prepared.d_teacher,
+                                         settings=method.settings(cfg), artifacts=prepared.load_artifacts()))
+
+    decoder = decoder_pairs(cfg, prepared, epoch=0)
+    distiller = Distiller(student, build(layer_pairs(cfg, prepared, epoch=0)), kind=prepared.spec.kind,
+                          cfg=cfg.distill, relation=resolve_relation(cfg, teacher.config),
+                          decoder_bridge=build(decoder) if prepared.family == "seq2seq" else None)
     return teacher, distiller.to(device)
 
 
 def layer_pairs(cfg: Config, prepared: Prepared, *, epoch: int) -> list[tuple[int, int]]:
     return run_pairs(cfg, prepared.n_teacher, epoch=epoch)
+
+
+def decoder_pairs(cfg: Config, prepared: Prepared, *, epoch: int) -> list[tuple[int, int]]:
+    """An encoder-decoder's decoder pairs (the same layer map on its decoder); none for other models."""
+    if prepared.n_teacher_decoder is None:
+        return []
+    return run_pairs(cfg, prepared.n_teacher_decoder, epoch=epoch, stack="decoder")
 
 
 def _save_checkpoint(distiller: Distiller, optimiser: Optimiser, epoch: int, out: Path) -> None:
@@ -131,19 +143,26 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
         latency = forward_latency_ms(distiller.student, prepared.data["validation"],
                                      pad_id=prepared.pad_id, device=ctx.device)
     tap = distiller.relation.teacher if distiller.relation else None
+    tokenizer = _generation_tokenizer(prepared)
     metrics: dict[str, Any] = {}
     for epoch in range(start, cfg.train.epochs):
         pairs = layer_pairs(cfg, prepared, epoch=epoch)
         _seed_epoch(loader, cfg.train.seed, epoch)
         began = time.perf_counter()
         terms = _train_epoch(model, teacher, loader, optimiser, pairs, steps=steps, ctx=ctx, epoch=epoch,
-                             precision=precision, accum=accum, tap=tap)
+                             precision=precision, accum=accum, tap=tap,
+                             decoder_pairs=decoder_pairs(cfg, prepared, epoch=epoch))
         train_terms = _mean_over_workers(ctx.gather(terms))
         epoch_time = time.perf_counter() - began
         with autocast(ctx.device, precision):
             scores = evaluate(distiller.student, prepared.data["validation"], spec=prepared.spec,
                               batch_size=max(cfg.train.batch_size, EVAL_BATCH_SIZE), pad_id=prepared.pad_id,
                               device=ctx.device, rank=ctx.rank, world_size=ctx.world_size, gather=ctx.gather)
+            if tokenizer is not None:
+                scores |= evaluate_generation(distiller.student, prepared.data["validation"], tokenizer,
+                                              batch_size=max(cfg.train.batch_size, EVAL_BATCH_SIZE),
+                                              pad_id=prepared.pad_id, device=ctx.device, rank=ctx.rank,
+                                              world_size=ctx.world_size, gather=ctx.gather)
         metrics = {"epoch": epoch + 1, **train_terms, "epoch_time_s": epoch_time, **scores,
                    "student_params": models.count_parameters(distiller.student), "student_latency_ms": latency,
                    "teacher_score": prepared.teacher_metrics.get("eval_score", float("nan"))}
@@ -155,6 +174,18 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
         else:
             ctx.report(metrics, None)
     return metrics
+
+
+def _generation_tokenizer(prepared: Prepared) -> Any:
+    """The tokenizer that decodes an encoder-decoder's outputs for its generation metrics; None for others.
+
+    Scored every epoch, not only at the end: a search stops trials early (ASHA), and a metric only a finished
+    run reported could not rank them."""
+    if prepared.family != "seq2seq":
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(prepared.teacher_dir)
 
 
 def _mean_over_workers(shares: list[dict[str, float]]) -> dict[str, float]:
@@ -189,11 +220,14 @@ _CHECK_EVERY = 16
 
 def _train_epoch(model: nn.Module, teacher: nn.Module | TeacherCache, loader: Any, optimiser: Optimiser,
                  pairs: list[tuple[int, int]], *, steps: int, ctx: WorkerContext, epoch: int,
-                 precision: Precision = "fp32", accum: int = 1, tap: Tap | None = None) -> dict[str, float]:
+                 precision: Precision = "fp32", accum: int = 1, tap: Tap | None = None,
+                 decoder_pairs: list[tuple[int, int]] | None = None) -> dict[str, float]:
     """`steps` optimiser steps, each over `accum` micro-batches; the mean of each loss term over micro-batches.
 
-    `tap`: the teacher layers whose attention projections the relation term reads.
+    `tap`: the teacher layers whose attention projections the relation term reads; `decoder_pairs`: an
+    encoder-decoder's decoder pairs.
     """
+    hidden = bool(pairs or decoder_pairs)
     model.train()
     sums: dict[str, torch.Tensor] = {}  # detached running sums: one host sync per epoch, not per step
     finite = torch.ones((), dtype=torch.bool, device=ctx.device)
@@ -209,9 +243,9 @@ def _train_epoch(model: nn.Module, teacher: nn.Module | TeacherCache, loader: An
         sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
         with sync:
             with autocast(ctx.device, precision):
-                outputs = (teacher.outputs(batch, hidden=bool(pairs), tap=tap) if isinstance(teacher, TeacherCache)
-                           else teacher_forward(teacher, batch, hidden=bool(pairs), tap=tap))
-                terms = model(batch, outputs, pairs)
+                outputs = (teacher.outputs(batch, hidden=hidden, tap=tap) if isinstance(teacher, TeacherCache)
+                           else teacher_forward(teacher, batch, hidden=hidden, tap=tap))
+                terms = model(batch, outputs, pairs, decoder_pairs) if decoder_pairs else model(batch, outputs, pairs)
             optimiser.backward(terms["loss"] / group)
         finite &= torch.isfinite(terms["loss"].detach())
         micro_batches += 1

@@ -1,6 +1,7 @@
 """Teachers and students: resolve a teacher by name or path, derive a student, copy teacher weights.
 
-Families: `encoder` (sequence classification: BERT/RoBERTa/DeBERTa-like) and `causal` (GPT-2/Qwen-like LMs).
+Families: `encoder` (sequence classification: BERT/RoBERTa/DeBERTa-like), `causal` (GPT-2/Qwen-like LMs) and
+`seq2seq` (encoder-decoders: T5, BART).
 Built-in tiny teachers are made from in-code configs (tests, the embedded default); no downloads.
 Imports torch and transformers only.
 """
@@ -19,6 +20,7 @@ import transformers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     PretrainedConfig,
     PreTrainedModel,
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     from kdsearch.config.schema import StudentConfig
     from kdsearch.data.tasks import TaskSpec
 
-Family = Literal["encoder", "causal"]
+Family = Literal["encoder", "causal", "seq2seq"]
 
 # Tiny in-code architectures: 4 layers of width 64 learn the default task in seconds on a CPU.
 _TINY: dict[str, tuple[str, dict[str, Any]]] = {
@@ -54,6 +56,14 @@ _TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-qwen": ("Qwen2Config", dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                                       num_key_value_heads=2, intermediate_size=128,
                                       max_position_embeddings=256)),
+    # Encoder-decoders with 4 + 4 layers; their special ids are the trained tokenizer's ([PAD] 0, [CLS] 2,
+    # [EOS] 4). T5 starts decoding from its padding id, BART from its end token, as their checkpoints do.
+    "tiny-t5": ("T5Config", dict(d_model=64, d_kv=16, d_ff=128, num_layers=4, num_decoder_layers=4, num_heads=4,
+                                 pad_token_id=0, eos_token_id=4, decoder_start_token_id=0)),
+    "tiny-bart": ("BartConfig", dict(d_model=64, encoder_layers=4, decoder_layers=4, encoder_attention_heads=4,
+                                     decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                                     max_position_embeddings=256, pad_token_id=0, bos_token_id=2, eos_token_id=4,
+                                     decoder_start_token_id=4, forced_eos_token_id=None)),
 }
 TINY_MODELS = tuple(_TINY)
 assert TINY_MODELS == BUILTIN_TEACHERS, "config.BUILTIN_TEACHERS names the built-in models (their rate defaults)"
@@ -128,6 +138,8 @@ def max_positions(config: PretrainedConfig) -> int | None:
 
 def family_of(config: PretrainedConfig) -> Family:
     archs = getattr(config, "architectures", None) or []
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
     if config.model_type in _CAUSAL_TYPES or any(a.endswith("ForCausalLM") for a in archs):
         return "causal"
     return "encoder"
@@ -140,11 +152,23 @@ def uses_segments(config: PretrainedConfig) -> bool:
 
 
 def depth_width(config: PretrainedConfig) -> tuple[int, int]:
+    """(depth, width); an encoder-decoder's depth is its encoder's (`decoder_depth` gives the decoder's)."""
     return int(config.num_hidden_layers), int(config.hidden_size)
 
 
+_DECODER_DEPTH_KEYS = ("num_decoder_layers", "decoder_layers")  # T5, BART
+
+
+def decoder_depth(config: PretrainedConfig) -> int | None:
+    """An encoder-decoder's decoder depth; None for any other model."""
+    if family_of(config) != "seq2seq":
+        return None
+    return next(int(getattr(config, key)) for key in _DECODER_DEPTH_KEYS if getattr(config, key, None) is not None)
+
+
 def task_model_class(family: Family) -> Any:
-    return AutoModelForCausalLM if family == "causal" else AutoModelForSequenceClassification
+    return {"causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}.get(family,
+                                                                                   AutoModelForSequenceClassification)
 
 
 def with_task_head(config: PretrainedConfig, spec: TaskSpec) -> PretrainedConfig:
@@ -161,7 +185,7 @@ def with_task_head(config: PretrainedConfig, spec: TaskSpec) -> PretrainedConfig
 
 
 _DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop",
-                 "attention_dropout")
+                 "attention_dropout", "dropout_rate", "dropout", "activation_dropout")  # T5: dropout_rate, BART
 
 
 def student_width(teacher: PretrainedConfig, student: StudentConfig) -> int:
@@ -177,10 +201,14 @@ def student_width(teacher: PretrainedConfig, student: StudentConfig) -> int:
 
 
 def student_config(teacher: PretrainedConfig, *, layers: int, hidden_size: int | None,
-                   dropout: float | None = None) -> PretrainedConfig:
-    """The teacher's config at depth n_s and width d_s; heads keep the teacher's head size where possible."""
+                   dropout: float | None = None, decoder_layers: int | None = None) -> PretrainedConfig:
+    """The teacher's config at depth n_s and width d_s; heads keep the teacher's head size where possible.
+    An encoder-decoder's decoder gets `decoder_layers` (None: `layers`)."""
     config = copy.deepcopy(teacher)
     config.num_hidden_layers = layers
+    if family_of(teacher) == "seq2seq":
+        key = next(k for k in _DECODER_DEPTH_KEYS if getattr(teacher, k, None) is not None)
+        setattr(config, key, decoder_layers or layers)
     if isinstance(getattr(config, "layer_types", None), list):  # Qwen2/3, Gemma: one attention kind per layer
         # the kinds of the teacher blocks a teacher-initialised student copies (its family's table or forward)
         n_t = teacher.num_hidden_layers
@@ -199,7 +227,9 @@ def student_config(teacher: PretrainedConfig, *, layers: int, hidden_size: int |
             heads -= 1
         config.hidden_size = d_s
         config.num_attention_heads = heads
-        for key in ("intermediate_size", "n_inner"):
+        if getattr(config, "decoder_attention_heads", None):  # BART's decoder has its own head count
+            config.decoder_attention_heads = heads
+        for key in ("intermediate_size", "n_inner", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim"):
             if getattr(config, key, None):
                 setattr(config, key, max(1, teacher.__getattribute__(key) * d_s // d_t))
         if getattr(config, "num_key_value_heads", None):
@@ -239,11 +269,15 @@ def copied_blocks(model_type: str, n_student: int, n_teacher: int) -> list[int]:
 
 
 def copy_teacher_layers(teacher: torch.nn.Module, student: torch.nn.Module, teacher_layers: list[int], *,
-                        copy_head: bool = False) -> list[str]:
+                        copy_head: bool = False, decoder_layers: list[int] | None = None) -> list[str]:
     """Student init from teacher weights: embeddings, pooler and teacher block teacher_layers[j] -> student block j;
     the task head too with `copy_head` (the layer-selection BERT code leaves it random).
 
-    `teacher_layers` are 0-indexed transformer blocks (hidden_states index - 1), one per student layer.
+    `teacher_layers` are 0-indexed transformer blocks (hidden_states index - 1), one per student layer; an
+    encoder-decoder's decoder blocks follow `decoder_layers` instead (its final layer norms and LM head are
+    copied by name). T5 keeps its relative position bias in block 0 of each stack, shared by the stack's
+    blocks: a student's block 0 takes the teacher's whichever block it copies, as the layer-selection code's
+    student (the teacher's state dict first, then the chosen blocks) does.
     Returns the student keys that were copied (everything whose shape matches).
     """
     source = teacher.state_dict()
@@ -255,7 +289,10 @@ def copy_teacher_layers(teacher: torch.nn.Module, student: torch.nn.Module, teac
         match = _LAYER_KEY.match(key)
         if match:
             prefix, index, rest = match.groups()
-            key_t = f"{prefix}.{teacher_layers[int(index)]}.{rest}"
+            blocks = decoder_layers if decoder_layers is not None and "decoder" in prefix.split(".") else teacher_layers
+            key_t = f"{prefix}.{blocks[int(index)]}.{rest}"
+            if key_t not in source and "relative_attention_bias" in rest:
+                key_t = f"{prefix}.0.{rest}"
         else:
             key_t = key
         if key_t in source and source[key_t].shape == value.shape:
@@ -267,13 +304,18 @@ def copy_teacher_layers(teacher: torch.nn.Module, student: torch.nn.Module, teac
 
 def build_student(teacher: PreTrainedModel, *, layers: int, hidden_size: int | None,
                   init: Literal["teacher", "random"], seed: int, dropout: float | None = None,
-                  copy_head: bool = False) -> torch.nn.Module:
-    config = student_config(teacher.config, layers=layers, hidden_size=hidden_size, dropout=dropout)
+                  copy_head: bool = False, decoder_layers: int | None = None) -> torch.nn.Module:
+    """`layers` deep (an encoder-decoder's decoder `decoder_layers`, None = `layers`), `hidden_size` wide."""
+    config = student_config(teacher.config, layers=layers, hidden_size=hidden_size, dropout=dropout,
+                            decoder_layers=decoder_layers)
     torch.manual_seed(seed)
     student = task_model_class(family_of(config)).from_config(config)
     if init == "teacher":
-        blocks = copied_blocks(teacher.config.model_type, layers, teacher.config.num_hidden_layers)
-        copy_teacher_layers(teacher, student, blocks, copy_head=copy_head)
+        model_type = teacher.config.model_type
+        blocks = copied_blocks(model_type, layers, teacher.config.num_hidden_layers)
+        n_dec = decoder_depth(teacher.config)
+        decoder = copied_blocks(model_type, decoder_layers or layers, n_dec) if n_dec is not None else None
+        copy_teacher_layers(teacher, student, blocks, copy_head=copy_head, decoder_layers=decoder)
     return student
 
 
@@ -326,6 +368,10 @@ def train_tokenizer(texts: Iterable[str], *, family: Family, vocab_size: int = 2
     tok.normalizer = normalizer
     tok.pre_tokenizer = splitter
     tok.decoder = decoders.WordPiece()
+    if family == "seq2seq":  # source and target each end in [EOS]: the decoder learns where to stop
+        eos = tok.token_to_id("[EOS]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A [EOS]", pair="$A [EOS] $B:1 [EOS]:1", special_tokens=[("[EOS]", eos)])
     if family == "encoder":
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(

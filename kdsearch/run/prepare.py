@@ -52,6 +52,7 @@ class Prepared:
     n_teacher: int
     d_teacher: int
     teacher_metrics: dict[str, float]
+    n_teacher_decoder: int | None = None  # an encoder-decoder teacher's decoder depth
     bridge_artifacts: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> safetensors the
     # run's bridge prepared (TED: teacher_filters, student_filters; Flex-KD: unit_scores)
     teacher_outputs: str | None = None  # directory of the cached teacher outputs (kdsearch.run.teacher_cache)
@@ -216,7 +217,7 @@ def make_student(cfg: Config, teacher: Any, fine_tuned: str | None = None) -> to
     return models.build_student(teacher, layers=cfg.student.layers,
                                 hidden_size=models.student_width(teacher.config, cfg.student),
                                 init=cfg.student.init, seed=cfg.train.seed, dropout=cfg.train.dropout,
-                                copy_head=cfg.student.copy_head)
+                                copy_head=cfg.student.copy_head, decoder_layers=cfg.student.decoder_layers)
 
 
 def _fine_tuned_student(cfg: Config, prepared: Prepared, store: Store, device: torch.device) -> str:
@@ -312,14 +313,17 @@ def prepare_teacher(cfg: Config, *, device: torch.device | None = None, cached_o
     family = models.family_of(config)
     tok = _tokenizer(source, raw, spec, store, cached_only)
     data = tokenize_task(raw, spec, tok, max_length=cfg.task.max_length, cache_dir=cfg.cache_dir, family=family,
-                         segments=models.uses_segments(config))
+                         segments=models.uses_segments(config),
+                         decoder_start=getattr(config, "decoder_start_token_id", None) if family == "seq2seq" else None)
     spec = read_by(spec, family)
     teacher_dir = _teacher(cfg, source, tok, data, spec, store, device, cached_only)
-    n_t, d_t = models.depth_width(AutoConfig.from_pretrained(teacher_dir))
+    trained = AutoConfig.from_pretrained(teacher_dir)
+    n_t, d_t = models.depth_width(trained)
     metrics = _teacher_metrics(teacher_dir, data["validation"], spec=spec, family=family, pad_id=tok.pad_token_id,
                                device=device)
     return Prepared(spec=spec, family=family, teacher_dir=str(teacher_dir), data=data,
-                    pad_id=tok.pad_token_id, n_teacher=n_t, d_teacher=d_t, teacher_metrics=metrics)
+                    pad_id=tok.pad_token_id, n_teacher=n_t, d_teacher=d_t, teacher_metrics=metrics,
+                    n_teacher_decoder=models.decoder_depth(trained))
 
 
 def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:

@@ -2,8 +2,9 @@
 
 Every strategy of the three papers is this step with different layer pairs, a different bridge and different
 weights: loss = w_task * task + w_logit * D(teacher, student) + w_hidden * reduce_k distance(bridge(h_s[k]),
-bridge(h_t[m(k)])) + w_relation * sum of self-attention relation KLs (the MiniLM baselines). `Distiller` holds
-everything trainable (student + bridge) so that DDP wraps one module.
+bridge(h_t[m(k)])) + w_relation * sum of self-attention relation KLs (the MiniLM baselines). An encoder-decoder
+matches its encoder's and its decoder's states, each stack with its own pairs and bridge, in one hidden term.
+`Distiller` holds everything trainable (student + bridges) so that DDP wraps one module.
 Plain PyTorch: no Ray, Optuna or MLflow.
 """
 
@@ -34,15 +35,21 @@ class TeacherOutputs:
     """What the step needs from the teacher: run live (`teacher_forward`) or read back (`teacher_cache`)."""
 
     logits: torch.Tensor  # (B, C) or (B, T, V)
-    hidden: tuple[torch.Tensor, ...] | None  # hidden_states, each (B, T, d_t)
+    hidden: tuple[torch.Tensor, ...] | None  # hidden_states (an encoder-decoder's encoder's), each (B, T, d_t)
     projections: Captured | None = None  # (layer, "query"/"key"/"value") -> (B, T, d): the relation term's
+    decoder_hidden: tuple[torch.Tensor, ...] | None = None  # an encoder-decoder's decoder states, (B, T_dec, d_t)
 
 
 @torch.no_grad()
 def teacher_forward(teacher: nn.Module, batch: dict[str, torch.Tensor], *, hidden: bool,
                     tap: Tap | None = None) -> TeacherOutputs:
+    """The frozen teacher's outputs; an encoder-decoder's decoder is teacher-forced on the gold target
+    (decoder_input_ids) and reads the teacher's own encoder output."""
     with capture(teacher, tap) as projections:
         out = teacher(**model_inputs(batch), output_hidden_states=hidden)
+    if "decoder_input_ids" in batch:
+        return TeacherOutputs(out.logits, out.encoder_hidden_states if hidden else None,
+                              decoder_hidden=out.decoder_hidden_states if hidden else None)
     return TeacherOutputs(out.logits, out.hidden_states if hidden else None, dict(projections) if tap else None)
 
 
@@ -64,10 +71,12 @@ class Distiller(nn.Module):
     """Student + bridge; forward returns the named loss terms (detached copies are for logging only)."""
 
     def __init__(self, student: nn.Module, bridge: Bridge, *, kind: TaskKind, cfg: DistillConfig,
-                 relation: RelationSpec | None = None) -> None:
+                 relation: RelationSpec | None = None, decoder_bridge: Bridge | None = None) -> None:
         super().__init__()
         self.student = student
         self.bridge = bridge
+        self.decoder_bridge = decoder_bridge
+        """An encoder-decoder's bridge for its decoder pairs (`bridge` serves the encoder's)."""
         self.kind = kind
         self.cfg = cfg
         self.weights = loss_weights(cfg)
@@ -79,8 +88,10 @@ class Distiller(nn.Module):
         """The relation term's layers and heads; the loop taps the teacher at `relation.teacher`."""
 
     def forward(self, batch: dict[str, torch.Tensor], teacher: TeacherOutputs,
-                pairs: Pairs) -> dict[str, torch.Tensor]:
-        use_hidden = self.weights["hidden"] > 0 and bool(pairs)
+                pairs: Pairs, decoder_pairs: Pairs | None = None) -> dict[str, torch.Tensor]:
+        """`pairs`: the (encoder's) hidden pairs; `decoder_pairs`: an encoder-decoder's decoder pairs."""
+        decoder_pairs = decoder_pairs or []
+        use_hidden = self.weights["hidden"] > 0 and bool(pairs or decoder_pairs)
         with capture(self.student, self.relation.student if self.relation else None) as projections:
             out = self.student(**model_inputs(batch), output_hidden_states=use_hidden)
         terms: dict[str, torch.Tensor] = {}
@@ -88,7 +99,16 @@ class Distiller(nn.Module):
             terms["task"] = task_loss(out.logits, batch["labels"], kind=self.kind)
         if self.weights["logit"] > 0:
             terms["logit"] = self._logit_term(out.logits, teacher.logits, batch["labels"])
-        if use_hidden:
+        if use_hidden and self.kind == "seq2seq":
+            assert teacher.hidden is not None and teacher.decoder_hidden is not None
+            assert self.decoder_bridge is not None, "an encoder-decoder's Distiller needs decoder_bridge="
+            masks = (batch["attention_mask"], batch["decoder_attention_mask"]) if self.cfg.mask_padding else (None,
+                                                                                                           None)
+            terms["hidden"] = self._reduce(
+                self._per_pair(out.encoder_hidden_states, teacher.hidden, masks[0], pairs, self.bridge)
+                + self._per_pair(out.decoder_hidden_states, teacher.decoder_hidden, masks[1], decoder_pairs,
+                                 self.decoder_bridge))
+        elif use_hidden:
             assert teacher.hidden is not None
             mask = batch["attention_mask"] if self.cfg.mask_padding else None
             terms["hidden"] = self._hidden_term(out.hidden_states, teacher.hidden, mask, pairs)
@@ -107,14 +127,25 @@ class Distiller(nn.Module):
         if self.kind == "causal_lm":  # position t predicts token t+1; only response tokens count
             mask = labels[:, 1:] != IGNORE_INDEX
             return self.logit_loss(student[:, :-1], teacher[:, :-1], temperature=self.cfg.temperature, mask=mask)
+        if self.kind == "seq2seq":  # decoder position t predicts label t; only target tokens count
+            return self.logit_loss(student, teacher, temperature=self.cfg.temperature, mask=labels != IGNORE_INDEX)
         return self.logit_loss(student, teacher, temperature=self.cfg.temperature)
 
     def _hidden_term(self, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
                      mask: torch.Tensor | None, pairs: Pairs) -> torch.Tensor:
+        return self._reduce(self._per_pair(student, teacher, mask, pairs, self.bridge))
+
+    def _per_pair(self, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
+                  mask: torch.Tensor | None, pairs: Pairs, bridge: Bridge) -> list[torch.Tensor]:
         per_pair = []
         for s, t in pairs:
             with torch.no_grad():
-                target = self.bridge.teacher_view(t, teacher[t])
-            per_pair.append(self.distance(self.bridge.student_view(s, student[s], paired_with=t), target, mask=mask))
+                target = bridge.teacher_view(t, teacher[t])
+            per_pair.append(self.distance(bridge.student_view(s, student[s], paired_with=t), target, mask=mask))
+        return per_pair
+
+    def _reduce(self, per_pair: list[torch.Tensor]) -> torch.Tensor:
+        """distill.hidden_reduce over every pair (an encoder-decoder's: both stacks' pairs together, so that sum
+        is the layer-selection code's hid_loss_enc + hid_loss_dec)."""
         stacked = torch.stack(per_pair)
         return stacked.sum() if self.cfg.hidden_reduce == "sum" else stacked.mean()

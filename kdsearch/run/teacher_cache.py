@@ -40,8 +40,9 @@ ROW = "row"
 
 def blocker(kind: TaskKind) -> str | None:
     """Why this run cannot read its teacher from the cache, or None when it can."""
-    if kind == "causal_lm":
-        return "encoder tasks only (a causal LM's teacher logits span the vocabulary at every token)"
+    if kind in ("causal_lm", "seq2seq"):
+        return "encoder tasks only (a causal LM's or an encoder-decoder's teacher logits span the vocabulary at " \
+               "every token)"
     return None
 
 

@@ -15,12 +15,13 @@ from kdsearch.core.errors import ConfigError
 from kdsearch.data import hub
 from kdsearch.data.loading import check_task
 from kdsearch.data.tasks import TaskSpec, read_by
-from kdsearch.methods.bridges import BRIDGES, bridge_method
+from kdsearch.methods.bridges import BRIDGES, bridge_method, resolve_bridge
 from kdsearch.methods.layer_maps import LAYER_MAPS, check_map_args
 from kdsearch.methods.losses import DISTANCES, LOGIT_LOSSES, RELATION_LOSSES
 from kdsearch.methods.relations import RELATIONS, check_relation
 from kdsearch.run import teacher_cache
 from kdsearch.run.models import (
+    decoder_depth,
     depth_width,
     family_of,
     max_positions,
@@ -71,6 +72,40 @@ def _check_shapes(cfg: Config, teacher: PretrainedConfig) -> None:
                           "distill.w_relation): nothing would be trained")
 
 
+def _check_seq2seq(cfg: Config, teacher: PretrainedConfig, spec: TaskSpec) -> None:
+    """Teacher family and task kind agree on encoder-decoders; what seq2seq does not run yet is refused."""
+    seq2seq = family_of(teacher) == "seq2seq"
+    if cfg.student.decoder_layers is not None and not seq2seq:
+        raise ConfigError(f"student.decoder_layers={cfg.student.decoder_layers}: read only with an encoder-decoder "
+                          f"teacher (tiny-t5, tiny-bart, a T5 or BART checkpoint); teacher={cfg.teacher} is "
+                          f"{'an encoder' if family_of(teacher) == 'encoder' else 'a causal LM'}; leave it null")
+    if seq2seq and spec.kind != "seq2seq":
+        raise ConfigError(f"task.name={spec.name} is a {spec.kind} task but teacher={cfg.teacher} is an "
+                          "encoder-decoder, which writes a target from a source: use task.name=seq2seq_default or "
+                          "task.name=seq2seq (your files), or an encoder or causal teacher")
+    if spec.kind == "seq2seq" and not seq2seq:
+        raise ConfigError(f"task.name={spec.name} is a seq2seq task (source -> target), which needs an "
+                          f"encoder-decoder teacher (tiny-t5, tiny-bart, a T5 or BART checkpoint); teacher="
+                          f"{cfg.teacher} is {'an encoder' if family_of(teacher) == 'encoder' else 'a causal LM'}")
+    if not seq2seq:
+        return
+    if cfg.distill.w_relation > 0:
+        raise ConfigError(f"distill.w_relation={cfg.distill.w_relation}: the attention relation term is not "
+                          "available for seq2seq (encoder-decoder) teachers yet; set distill.w_relation=0")
+    (n_t, d_t), d_s = depth_width(teacher), student_width(teacher, cfg.student)
+    bridge = resolve_bridge(cfg.distill.bridge, d_s, d_t)
+    if cfg.distill.w_hidden > 0 and cfg.distill.layer_map != "none" and not BRIDGES.get(bridge).encoder_decoder:
+        usable = ", ".join(n for n in BRIDGES if BRIDGES.get(n).encoder_decoder)
+        raise ConfigError(f"distill.bridge={bridge} is not available for seq2seq (encoder-decoder) teachers yet; "
+                          f"use one of {usable}")
+    n_dec_t, n_dec_s = decoder_depth(teacher) or n_t, cfg.student.decoder_layers or cfg.student.layers
+    if n_dec_s > n_dec_t and cfg.student.init == "teacher":
+        raise ConfigError(f"student.decoder_layers={n_dec_s} is deeper than the teacher's decoder ({n_dec_t} "
+                          "layers): use fewer layers or student.init=random")
+    if cfg.distill.w_hidden > 0:
+        check_map_args(cfg.distill.layer_map, n_dec_s, n_dec_t, cfg.distill.layers)
+
+
 def validate(cfg: Config) -> TaskSpec:
     """Raise ConfigError (one line) for anything that would fail later; else the task as the teacher reads it."""
     check_names(cfg)
@@ -84,6 +119,7 @@ def validate(cfg: Config) -> TaskSpec:
         raise ConfigError(f"task.hub={cfg.task.hub}: {why}; set HF_DATASETS_OFFLINE=1 to read it from the datasets "
                           "cache, or give task.data_dir=<folder with its files>")
     check_local_dirs(cfg)
+    _check_seq2seq(cfg, teacher, spec)
     if family_of(teacher) == "encoder" and spec.kind == "causal_lm":
         raise ConfigError(f"task.name={spec.name} is a causal-LM task but teacher={cfg.teacher} is an encoder")
     if family_of(teacher) == "causal" and spec.kind == "regression":

@@ -23,4 +23,5 @@ def identity_bridge(inputs: BridgeInputs) -> Bridge:
     return Bridge()
 
 
-BRIDGES.register("identity")(BridgeMethod(build=identity_bridge, check=check_identity))
+BRIDGES.register("identity")(BridgeMethod(build=identity_bridge, check=check_identity,
+                                                  encoder_decoder=True))
