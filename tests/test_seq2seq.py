@@ -343,3 +343,30 @@ def test_a_config_keeps_the_decoder_depth() -> None:
     cfg = load_config(["teacher=tiny-t5", "task.name=seq2seq_default", "student.decoder_layers=1"])
     assert cfg.student.decoder_layers == 1
     assert dataclasses.replace(cfg.student, decoder_layers=None).decoder_layers is None
+
+
+@pytest.mark.slow
+def test_a_smoke_search_of_the_seq2seq_space_exports_a_student_that_generates(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from kdsearch.tracking import find_search, list_trials
+
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.run([sys.executable, "-m", "kdsearch.tune", "space=seq2seq", "smoke=true", "name=s2s",
+                           f"tracking.uri={uri}", f"results_dir={tmp_path}/results", f"cache_dir={tmp_path}/cache"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    parent = find_search(uri=uri, experiment="kdsearch", search="s2s")
+    trials = list_trials(uri=uri, experiment="kdsearch", search_run_id=parent.run_id)
+    assert trials and all({"eval_token_accuracy", "eval_exact_match", "eval_chrf"} <= set(t.metrics) for t in trials)
+    best = tmp_path / "results" / "s2s" / "best_student"
+    model, tok = AutoModelForSeq2SeqLM.from_pretrained(best), AutoTokenizer.from_pretrained(best)
+    assert (model.config.num_layers, model.config.num_decoder_layers) == (2, 2)
+    generated = model.generate(**tok(["1 2 3"], return_tensors="pt"), max_new_tokens=8)
+    assert generated.shape[0] == 1 and generated[0, 0] == model.config.decoder_start_token_id

@@ -149,8 +149,9 @@ Distilled by kdsearch from teacher `{cfg.teacher}` on task `{cfg.task.name}`
 - epochs trained: {metrics.get('epoch')}, train.lr {cfg.train.lr:g}; teacher fine-tune: finetune.lr {cfg.finetune.lr:g},
   finetune.epochs {cfg.finetune.epochs} ({rate_defaults(cfg.teacher, cfg.student.init)}; keys set explicitly win)
 
-Load it with `transformers.AutoModelForSequenceClassification.from_pretrained(<this folder>)` (encoders) or
-`AutoModelForCausalLM` (causal LMs); `AutoModel.from_pretrained` loads the backbone.
+Load it with `transformers.AutoModelForSequenceClassification.from_pretrained(<this folder>)` (encoders),
+`AutoModelForCausalLM` (causal LMs) or `AutoModelForSeq2SeqLM` (encoder-decoders, which `generate`);
+`AutoModel.from_pretrained` loads the backbone.
 
 Train this strategy again (longer, on more data, another seed) from the trial's whole config in
 `{CONFIG_FILE}`: `python -m kdsearch.train config=<this folder>/{CONFIG_FILE} train.epochs=10`.

@@ -18,6 +18,7 @@ import yaml
 from kdsearch.config.overrides import YamlLoader
 from kdsearch.config.parse import build_config, config_keys, merge, nest, unflatten
 from kdsearch.core.errors import ConfigError, did_you_mean
+from kdsearch.data.tasks import TASKS
 from kdsearch.search.space_model import Budget, Param, Space, base_value, complete_point, max_epochs, trial_config
 
 SPACES_DIR = "search_spaces"
@@ -319,6 +320,11 @@ def apply_overrides(space: Space, overrides: Mapping[str, Any], *, commands: Seq
 def smoke(space: Space) -> Space:
     """The same search shrunk to a tiny model, a few steps and 2-3 trials; params and conditions stay."""
     overrides: dict[str, Any] = dict(_SMOKE)
+    task = base_value(space, "task.name")
+    if task in TASKS and TASKS[task].kind == "seq2seq":  # an encoder-decoder space stays one: tiny-t5 or tiny-bart
+        teacher = base_value(space, "teacher")
+        overrides.update({"teacher": teacher if teacher in ("tiny-t5", "tiny-bart") else "tiny-t5",
+                          "task.name": "seq2seq_default"})
     width = base_value(space, "student.hidden_size")
     if base_value(space, "teacher") != "tiny-bert" and width is not None and width >= 64:
         # a student sized for a bigger teacher: keep it narrower than tiny-bert's 64 units
