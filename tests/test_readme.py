@@ -120,7 +120,7 @@ def test_a_documented_command_validates(where: str, module: str, arguments: str,
         _, loaded = evaluate.parse_args([*argv, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
         assert loaded.task == with_absolute_paths(cfg).task
     else:
-        leaderboard.parse_args(argv)
+        leaderboard.COMMAND.parse_args(argv)
 
 
 def _yaml_blocks(doc: Path) -> list[str]:

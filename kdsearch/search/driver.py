@@ -123,7 +123,7 @@ def _search_alg(settings: SearchSettings, space: space_model.Space, objectives: 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" each search
     with warnings.catch_warnings():  # group=True is chosen on purpose (conditional params): no warning each run
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=True,
+        sampler = optuna.samplers.TPESampler(seed=settings.sampler_seed, multivariate=True, group=True,
                                              constant_liar=True,
                                              n_startup_trials=min(8, max(2, space.budget.num_samples // 3)))
     metric: Any = [m for m, _ in objectives] if len(objectives) > 1 else objectives[0][0]
