@@ -11,9 +11,9 @@ from pathlib import Path
 from kdsearch.config.command import Command, run_command
 from kdsearch.config.paths import output_uri
 from kdsearch.core.errors import require
-from kdsearch.search.board import build_leaderboard
+from kdsearch.search.board import build_leaderboard, confirmed_table
 from kdsearch.search.ranking import parse_objectives
-from kdsearch.tracking import DEFAULT_EXPERIMENT, default_uri
+from kdsearch.tracking import DEFAULT_EXPERIMENT, default_uri, find_search
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,18 @@ class LeaderboardSettings:
 
 
 def show(settings: LeaderboardSettings, _: list[str]) -> int:
+    uri = output_uri(settings.tracking_uri or default_uri())
     text, out = build_leaderboard(
-        uri=output_uri(settings.tracking_uri or default_uri()), experiment=settings.experiment,
-        search=settings.search or None, out=Path(settings.out) if settings.out else None,
+        uri=uri, experiment=settings.experiment, search=settings.search or None,
+        out=Path(settings.out) if settings.out else None,
         objectives=parse_objectives(settings.objectives) if settings.objectives else None)
     lines = text.splitlines()
     print("\n".join(lines[: 2 + settings.top]))  # title + header + top rows
     if len(lines) > 2 + settings.top:
         print(f"... {len(lines) - 2 - settings.top} more in {out / 'leaderboard.csv'}")
+    confirmed = confirmed_table(find_search(uri=uri, experiment=settings.experiment, search=settings.search or None))
+    if confirmed:  # a single-seed ranking ranks noise as well: what the fresh seeds say comes last, to be read
+        print("\n" + confirmed)
     print(f"leaderboard written to {out}")
     return 0
 

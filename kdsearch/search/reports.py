@@ -34,12 +34,14 @@ from kdsearch.search.confidence import t_interval, within_noise
 from kdsearch.search.settings import SearchSettings, check_search
 from kdsearch.search.studies import STUDIES, Study, confirm_rows, grid_space, make_study, row_of, seeded_rows, unique
 from kdsearch.tracking import (
+    CONFIRMED_TAG,
     DEFAULT_EXPERIMENT,
     SearchTracker,
     default_uri,
     find_search,
     list_trials,
     log_run_artifacts,
+    set_run_tags,
 )
 
 
@@ -330,5 +332,17 @@ def confirm_search(*, search: str, top: int, seeds: int, uri: str, experiment: s
             f"out={Path(results_dir, search, 'confirm')}"]
     run = run_report(parse_args(argv), argv)
     export_confirmed_run(run, search=search, out=Path(results_dir, search, "best_student"), uri=uri,
-                      experiment=experiment)
+                         experiment=experiment)
+    parent = find_search(uri=uri, experiment=experiment, search=search)  # the search's own parent holds it too
+    set_run_tags(uri=uri, experiment=experiment, run_id=parent.run_id,
+                 tags={CONFIRMED_TAG: json.dumps(confirmed_ranking(run.rows))})
+    log_run_artifacts(uri=uri, experiment=experiment, run_id=parent.run_id, dirs={"confirm": run.out})
     return run.out / "confirm.md"
+
+
+def confirmed_ranking(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A confirm study's rows as the search's parent keeps them (CONFIRMED_TAG): best mean first."""
+    done = sorted((r for r in rows if r["mean"] is not None), key=lambda r: -r["mean"])
+    return [{"label": r["label"], "mean": round(r["mean"], 4), "ci95": None if r["ci95"] is None else
+             round(r["ci95"], 4), "scores": [round(s, 4) for s in r["scores"]], "vs_best": r.get("vs_best", "-")}
+            for r in done]
