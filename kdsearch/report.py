@@ -10,16 +10,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from kdsearch.config.command import Command, run_command
-from kdsearch.search.reports import ReportSettings, export_confirmed_run, parse_args, run_report
+from kdsearch.search.reports import ReportSettings, export_confirmed_run, keep_confirmed, parse_args, run_report
 
 
 def report(args: dict[str, Any], argv: list[str]) -> int:
     run = run_report(args, argv)
     print((run.out / f"{args['study']}.md").read_text())
-    if args["study"] == "confirm" and (student := export_confirmed_run(
-            run, search=args["search"], out=run.out / "best_student", uri=args["uri"],
-            experiment=args["experiment"])):
-        print(f"the best configuration by mean: its student saved to {student}")
+    if args["study"] == "confirm":
+        keep_confirmed(run, search=args["search"], uri=args["uri"], experiment=args["experiment"])
+        student = export_confirmed_run(run, search=args["search"], out=run.out / "best_student", uri=args["uri"],
+                                       experiment=args["experiment"])
+        if student:
+            print(f"the best configuration by mean: its student saved to {student}")
     print(f"report written to {run.out.resolve()} and MLflow parent run {run.run_id}")
     return 0
 

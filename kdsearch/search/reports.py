@@ -333,11 +333,17 @@ def confirm_search(*, search: str, top: int, seeds: int, uri: str, experiment: s
     run = run_report(parse_args(argv), argv)
     export_confirmed_run(run, search=search, out=Path(results_dir, search, "best_student"), uri=uri,
                          experiment=experiment)
-    parent = find_search(uri=uri, experiment=experiment, search=search)  # the search's own parent holds it too
+    keep_confirmed(run, search=search, uri=uri, experiment=experiment)
+    return run.out / "confirm.md"
+
+
+def keep_confirmed(run: ReportRun, *, search: str, uri: str, experiment: str) -> None:
+    """The confirmed ranking on the search's own parent run too (CONFIRMED_TAG, the table under confirm/), where
+    its leaderboard finds it."""
+    parent = find_search(uri=uri, experiment=experiment, search=search)
     set_run_tags(uri=uri, experiment=experiment, run_id=parent.run_id,
                  tags={CONFIRMED_TAG: json.dumps(confirmed_ranking(run.rows))})
     log_run_artifacts(uri=uri, experiment=experiment, run_id=parent.run_id, dirs={"confirm": run.out})
-    return run.out / "confirm.md"
 
 
 def confirmed_ranking(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
