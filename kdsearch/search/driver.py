@@ -130,9 +130,11 @@ def _search_alg(settings: SearchSettings, space: space_model.Space, objectives: 
     mode: Any = [d for _, d in objectives] if len(objectives) > 1 else objectives[0][1]
     storage = space_model.warm_storage(space, warm.known, [d for _, d in objectives], settings.search_name) \
         if warm and warm.known else None
+    points = space_model.initial_points(space)
+    points += [p for p in (space_model.complete_point(space, p) for p in (warm.points if warm else [])) if
+               p not in points]  # another task's best configurations, after the papers' points
     return OptunaSearch(space=space_model.define_by_run(space), metric=metric, mode=mode, sampler=sampler,
-                        points_to_evaluate=space_model.initial_points(space) or None, storage=storage,
-                        study_name=settings.search_name)
+                        points_to_evaluate=points or None, storage=storage, study_name=settings.search_name)
 
 
 def _concurrency(space: space_model.Space) -> int:
