@@ -19,12 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdsearch.config.overrides import load_config, split_arguments
+from kdsearch.config.command import Command, parse_settings, run_command
+from kdsearch.config.overrides import load_config
 from kdsearch.config.paths import output_uri, with_absolute_paths
 from kdsearch.config.schema import Config
-from kdsearch.config.usage import command_help, wants_help
-from kdsearch.core.console import quiet_libraries, run_command
-from kdsearch.core.errors import ConfigError
+from kdsearch.core.errors import ConfigError, require
 from kdsearch.core.provenance import commit, hardware
 from kdsearch.data import hub
 from kdsearch.methods.inputs import model_inputs
@@ -35,9 +34,7 @@ from kdsearch.run.validate import validate
 from kdsearch.tracking import DEFAULT_EXPERIMENT, default_uri, log_analysis_run
 
 EPS = 1e-6
-_OWN_KEYS = ("student", "layers", "out", "tracking.uri", "tracking.experiment", "max_batches")
-USAGE = ("usage: python -m kdsearch.analyze angles teacher=<name|dir> student=<HF student dir|init> task=<name> "
-         "[layers=[1,2]] [max_batches=N] [out=docs/results/angles] [tracking.uri=...] [<config key>=<value> ...]")
+USAGE = "angles model=<HF student dir|init> [model_layers=[1,2]] [key=value ...]"
 
 
 def angle_cosines(h_t1: Tensor, h_tk: Tensor, h_s: Tensor, mask: Tensor) -> Tensor:
@@ -57,42 +54,36 @@ def angle_cosines(h_t1: Tensor, h_tk: Tensor, h_s: Tensor, mask: Tensor) -> Tens
 
 @dataclasses.dataclass(frozen=True)
 class AngleArgs:
-    student: str
-    """A Hugging Face student directory (save_pretrained), or `init`: the run's initial student."""
-    layers: tuple[int, ...] | None
-    """Student hidden_states indices l (1..n_s); None = every student layer."""
-    out: Path
-    uri: str
-    experiment: str
-    max_batches: int | None
+    model: str = dataclasses.field(default="", metadata={"shown": "<dir>|init"})
+    """A saved Hugging Face student (save_pretrained), or `init`: the student a run would start from."""
+    model_layers: tuple[int, ...] | None = dataclasses.field(default=None, metadata={"shown": "[1,2]"})
+    """Student hidden_states indices l to analyse (1..n_s); default: every student layer."""
+    max_batches: int | None = None
+    """Evaluation batches to read (default: all)."""
+    out: str = "docs/results/angles"
+    """Where the histograms and the table go."""
+    uri: str | None = dataclasses.field(default=None, metadata={"key": "tracking.uri", "shown": "<uri>"})
+    """MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."""
+    experiment: str = dataclasses.field(default=DEFAULT_EXPERIMENT, metadata={"key": "tracking.experiment"})
+    """MLflow experiment."""
 
 
 def parse_args(argv: Sequence[str]) -> tuple[AngleArgs, Config]:
     """`angles key=value ...` -> (analysis arguments, run config); every error is one ConfigError line."""
     if not argv or argv[0] != "angles":
-        raise ConfigError(f"the first argument names the analysis; known: angles. {USAGE}")
-    own, rest = split_arguments(argv[1:], _OWN_KEYS, USAGE)
-    if "student" not in own:
-        raise ConfigError(f"student=: give a Hugging Face student directory or `init`. {USAGE}")
-    student = own["student"]
-    if student != "init":
-        hub.check_model_dir(Path(student).expanduser(), f"student={student} (or student=init)")
-    layers = None
-    if "layers" in own:
-        try:
-            layers = tuple(int(x) for x in own["layers"].strip("[]").split(",") if x.strip())
-        except ValueError:
-            raise ConfigError(f"layers={own['layers']}: expected student layer indices such as [1,2,3]") from None
-    batches = own.get("max_batches")
-    if batches is not None and (not batches.isdigit() or int(batches) < 1):
-        raise ConfigError(f"max_batches={batches}: must be a positive integer")
+        raise ConfigError(f"the first argument names the analysis; known: angles. usage: python -m kdsearch.analyze "
+                          f"{USAGE}")
+    given, rest = parse_settings(AngleArgs, argv[1:], config_keys=True)
+    if not given.model:
+        raise ConfigError("model=: give a Hugging Face student directory or `init` (python -m kdsearch.analyze "
+                          f"{USAGE})")
+    if given.model != "init":
+        hub.check_model_dir(Path(given.model).expanduser(), f"model={given.model} (or model=init)")
+    require(given.max_batches is None or given.max_batches >= 1,
+            f"max_batches={given.max_batches}: must be a positive integer")
     cfg = with_absolute_paths(load_config(rest))
-    args = AngleArgs(student=student if student == "init" else str(Path(student).expanduser().resolve()),
-                     layers=layers, out=Path(own.get("out", "docs/results/angles")),
-                     uri=output_uri(own.get("tracking.uri", default_uri())),
-                     experiment=own.get("tracking.experiment", DEFAULT_EXPERIMENT),
-                     max_batches=int(batches) if batches else None)
-    return args, cfg
+    model = given.model if given.model == "init" else str(Path(given.model).expanduser().resolve())
+    return dataclasses.replace(given, model=model, uri=output_uri(given.uri or default_uri())), cfg
 
 
 def check_shapes(args: AngleArgs, cfg: Config) -> tuple[int, int]:
@@ -100,31 +91,32 @@ def check_shapes(args: AngleArgs, cfg: Config) -> tuple[int, int]:
     teacher = models.teacher_config(models.resolve_teacher(cfg.teacher))
     n_t, d_t = models.depth_width(teacher)
     validate(cfg)
-    if args.student == "init":
+    if args.model == "init":
         n_s, d_s = cfg.student.layers, models.student_width(teacher, cfg.student)
         where = "student.width_ratio" if cfg.student.width_ratio is not None else "student.hidden_size"
     else:
         from transformers import AutoConfig
 
-        n_s, d_s = models.depth_width(AutoConfig.from_pretrained(args.student))
-        where = f"student={args.student} (hidden_size)"
+        n_s, d_s = models.depth_width(AutoConfig.from_pretrained(args.model))
+        where = f"model={args.model} (hidden_size)"
     if d_s != d_t:
         raise ConfigError(f"{where}={d_s}: the angle analysis subtracts student from teacher states, which needs "
                           f"the teacher's width {d_t} (a teacher-init or same-width student)")
-    for layer in args.layers or ():
+    for layer in args.model_layers or ():
         if not 1 <= layer <= n_s:
-            raise ConfigError(f"layers={list(args.layers or ())}: student layer {layer} out of range 1..{n_s}")
+            raise ConfigError(f"model_layers={list(args.model_layers or ())}: student layer {layer} out of range "
+                              f"1..{n_s}")
     return n_s, n_t
 
 
 def load_student(args: AngleArgs, cfg: Config, prepared: Prepared, teacher: torch.nn.Module) -> torch.nn.Module:
-    if args.student == "init":
+    if args.model == "init":
         return models.freeze(make_student(cfg, teacher, prepared.student_dir))
-    student = models.load_task_model(args.student, prepared.family)
+    student = models.load_task_model(args.model, prepared.family)
     fine_tuned = models.teacher_config(models.TeacherSource("", False, prepared.teacher_dir))
     vocab_t, vocab_s = fine_tuned.vocab_size, student.config.vocab_size
     if vocab_s != vocab_t:
-        raise ConfigError(f"student={args.student}: vocabulary of {vocab_s} tokens, the teacher's has {vocab_t}; "
+        raise ConfigError(f"model={args.model}: vocabulary of {vocab_s} tokens, the teacher's has {vocab_t}; "
                           "the student must read the teacher's tokenizer")
     return models.freeze(student)
 
@@ -204,58 +196,51 @@ def run_angles(args: AngleArgs, cfg: Config, argv: Sequence[str] = ()) -> tuple[
     prepared = prepare(cfg, device=torch.device("cpu"))
     teacher = load_teacher(prepared, torch.device("cpu"))
     student = load_student(args, cfg, prepared, teacher)
-    layers = list(args.layers or range(1, n_s + 1))
+    layers = list(args.model_layers or range(1, n_s + 1))
     cosines = collect(teacher, student, prepared, student_layers=layers, n_teacher=n_t,
                       max_batches=args.max_batches)
     rows = summarise(cosines)
-    student_name = f"init ({cfg.student.init}, {cfg.student.layers} layers)" if args.student == "init" \
-        else args.student
+    student_name = f"init ({cfg.student.init}, {cfg.student.layers} layers)" if args.model == "init" \
+        else args.model
     header = {"teacher": cfg.teacher, "teacher eval_score": round(prepared.teacher_metrics["eval_score"], 4),
               "student": student_name, "task": f"{cfg.task.name} (validation split, "
               f"{len(prepared.data['validation'])} rows)",
               "teacher fine-tune": f"{cfg.task.train_size or 'all'} train rows, {cfg.finetune.epochs} epochs, "
                                    f"lr {cfg.finetune.lr}", "commit": commit(), "hardware": hardware(),
               "command": "`python -m kdsearch.analyze " + " ".join(argv) + "`"}
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot(cosines, args.out / "angles.png", f"teacher {cfg.teacher}, student {student_name}, task {cfg.task.name}")
-    (args.out / "angles.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
-    (args.out / "angles.md").write_text(markdown(rows, header))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(cosines, out / "angles.png", f"teacher {cfg.teacher}, student {student_name}, task {cfg.task.name}")
+    (out / "angles.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+    (out / "angles.md").write_text(markdown(rows, header))
     metrics = {f"acute_share.l{r['student_layer']}.k{r['teacher_layer']}": r["acute_share"] for r in rows}
     metrics |= {f"mean_cos.l{r['student_layer']}.k{r['teacher_layer']}": r["mean_cos"] for r in rows}
-    params = {"analysis": "angles", "student": args.student, "layers": layers, "teacher": cfg.teacher,
+    params = {"analysis": "angles", "student": args.model, "layers": layers, "teacher": cfg.teacher,
               "task.name": cfg.task.name, "student.init": cfg.student.init, "student.layers": cfg.student.layers}
     run_id = log_analysis_run(uri=args.uri, experiment=args.experiment, name=f"angles-{cfg.task.name}",
                               params=params, metrics=metrics, tags={"kdsearch.analysis": "angles"},
-                              dirs={"angles": args.out})
+                              dirs={"angles": out})
     return rows, run_id
+
+
+def _analyze(args: AngleArgs, cfg: Config, argv: Sequence[str]) -> int:
+    rows, run_id = run_angles(args, cfg, argv)
+    for r in rows:
+        print(f"l={r['student_layer']} k={r['teacher_layer']}: {100 * r['acute_share']:.1f}% acute "
+              f"(mean cos {r['mean_cos']:.3f}, {r['tokens']} tokens)")
+    print(f"angles written to {Path(args.out).resolve()} and MLflow run {run_id}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if wants_help(argv):
-        print(command_help(
-            USAGE, "The layer-selection paper's angle analysis: for each real token, the cosine of the angle at a "
-            "student state between\nthe directions to teacher layer 1 and to teacher layer k; histograms per k "
-            "(PNG), a table, an MLflow run.",
-            [("student=<dir>|init", "a saved Hugging Face student, or `init`: the student a run would start from"),
-             ("layers=[1,2]", "student layers to analyse (default: all)"),
-             ("max_batches=<n>", "evaluation batches to read (default: all)"),
-             ("out=docs/results/angles", "where the histograms and the table go"),
-             ("tracking.uri=<uri>", "MLflow store"), ("tracking.experiment=<name>", "MLflow experiment")]))
-        return 0
-    quiet_libraries()
-    try:
-        args, cfg = parse_args(argv)
-        rows, run_id = run_angles(args, cfg, argv)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for r in rows:
-        print(f"l={r['student_layer']} k={r['teacher_layer']}: {100 * r['acute_share']:.1f}% acute "
-              f"(mean cos {r['mean_cos']:.3f}, {r['tokens']} tokens)")
-    print(f"angles written to {args.out.resolve()} and MLflow run {run_id}")
-    return 0
+    command = Command(
+        "analyze", "The layer-selection paper's angle analysis: for each real token, the cosine of the angle at a "
+        "student state between\nthe directions to teacher layer 1 and to teacher layer k; histograms per k (PNG), a "
+        "table, an MLflow run.", lambda args, cfg: _analyze(args, cfg, argv), AngleArgs, usage=USAGE,
+        parse=parse_args)
+    return run_command(command, argv)
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_command(main))
+    raise SystemExit(main())

@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal
 
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from kdsearch.config.overrides import CONFIG_FILE, load_config, read_config_file, split_arguments
+from kdsearch.config.command import Command, parse_settings, run_command
+from kdsearch.config.overrides import CONFIG_FILE, load_config, read_config_file
 from kdsearch.config.paths import check_local_dirs, check_writable, output_uri, with_absolute_paths
 from kdsearch.config.schema import Config
-from kdsearch.config.usage import command_help, wants_help
-from kdsearch.core.console import quiet_libraries, render_text, run_command
+from kdsearch.core.console import render_text
 from kdsearch.core.errors import ConfigError
 from kdsearch.data import hub
 from kdsearch.data.encoding import tokenize_task
@@ -33,26 +32,26 @@ from kdsearch.run.evaluation import evaluate, forward_latency_ms
 from kdsearch.run.prepare import prepare_teacher
 from kdsearch.tracking import DEFAULT_EXPERIMENT, check_tracking_uri, default_uri, log_analysis_run
 
-USAGE = ("usage: python -m kdsearch.evaluate model=<student dir> [split=test|validation] [with_teacher=true] "
-         "[out=<file.json>] [tracking.uri=...] [tracking.experiment=...] [<config key>=<value> ...]")
 _DESCRIBES_MODEL = ("teacher", "student", "task", "finetune")
 """What `evaluate` reads from a model's kdsearch_config.yaml: the task it was distilled on and how its teacher
 was fine-tuned (with_teacher finds that teacher in the cache by these keys)."""
-_OWN_KEYS = ("model", "split", "with_teacher", "out", "tracking.uri", "tracking.experiment")
-_SPLITS = tuple(s for s in get_args(Split) if s != "train")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalArgs:
-    model: str
-    """Absolute path of a Hugging Face task model directory (save_pretrained, with its tokenizer)."""
-    split: Split
-    with_teacher: bool
+    model: str = dataclasses.field(default="", metadata={"shown": "<dir>"})
+    """A saved Hugging Face task model with its tokenizer (e.g. <search>/best_student); read as an absolute path."""
+    split: Literal["test", "validation"] = "test"
+    """The labelled split to score: test (task.data_dir's test.tsv/.csv/.jsonl/.parquet, the hub's test split, or
+    the default task's) or validation; the training split is no measure."""
+    with_teacher: bool = False
     """Also score the fine-tuned teacher the student was distilled from, found in cache_dir (never rebuilt)."""
-    out: Path | None
-    """A JSON file for the scores; None = printed only."""
-    uri: str
-    experiment: str
+    out: str | None = dataclasses.field(default=None, metadata={"shown": "<file.json>"})
+    """A new JSON file for the scores (default: printed only)."""
+    uri: str | None = dataclasses.field(default=None, metadata={"key": "tracking.uri", "shown": "<uri>"})
+    """MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."""
+    experiment: str = dataclasses.field(default=DEFAULT_EXPERIMENT, metadata={"key": "tracking.experiment"})
+    """MLflow experiment."""
 
 
 def parse_args(argv: Sequence[str]) -> tuple[EvalArgs, Config]:
@@ -61,19 +60,13 @@ def parse_args(argv: Sequence[str]) -> tuple[EvalArgs, Config]:
     The model's `kdsearch_config.yaml` (an exported student's) is read first, so the task is the one it was
     distilled on; overrides such as `task.data_dir=...` apply on top.
     """
-    own, rest = split_arguments(argv, _OWN_KEYS, USAGE)
-    if "model" not in own:
-        raise ConfigError(f"model=: give a saved student directory. {USAGE}")
-    model = Path(own["model"]).expanduser().resolve()
-    hub.check_model_dir(model, f"model={own['model']}")
-    split = own.get("split", "test")
-    if split not in _SPLITS:
-        raise ConfigError(f"split={split}: choose {' or '.join(_SPLITS)} (the training split is no measure)")
-    with_teacher = own.get("with_teacher", "false").lower()
-    if with_teacher not in ("true", "false"):
-        raise ConfigError(f"with_teacher={own['with_teacher']}: must be true or false")
-    out = _output_file(own["out"]) if own.get("out") else None
-    uri = output_uri(own.get("tracking.uri", default_uri()))
+    given, rest = parse_settings(EvalArgs, argv, config_keys=True)
+    if not given.model:
+        raise ConfigError("model=: give a saved student directory (python -m kdsearch.evaluate model=<dir>)")
+    model = Path(given.model).expanduser().resolve()
+    hub.check_model_dir(model, f"model={given.model}")
+    out = _output_file(given.out) if given.out else None
+    uri = output_uri(given.uri or default_uri())
     check_tracking_uri(uri)
     described = _model_description(model / CONFIG_FILE)
     cfg = with_absolute_paths(load_config(rest, base=described))
@@ -81,12 +74,9 @@ def parse_args(argv: Sequence[str]) -> tuple[EvalArgs, Config]:
     if described:
         distilled_on = load_config(base=described).task.name
         if cfg.task.name != distilled_on:  # its head and tokenizer fit that task: scores elsewhere mean nothing
-            raise ConfigError(f"task.name={cfg.task.name}: model={own['model']} was distilled on task "
+            raise ConfigError(f"task.name={cfg.task.name}: model={given.model} was distilled on task "
                               f"{distilled_on}; task.data_dir= or task.hub= may point at other files of it")
-    args = EvalArgs(model=str(model), split=split, with_teacher=with_teacher == "true",  # type: ignore[arg-type]
-                    out=out, uri=uri,
-                    experiment=own.get("tracking.experiment", DEFAULT_EXPERIMENT))
-    return args, cfg
+    return dataclasses.replace(given, model=str(model), out=str(out) if out else None, uri=uri), cfg
 
 
 def _output_file(given: str) -> Path:
@@ -153,8 +143,9 @@ def run_evaluation(args: EvalArgs, cfg: Config) -> tuple[dict[str, dict[str, Any
     if teacher_dir is not None:
         scores["teacher"] = score_model(teacher_dir, cfg, args.split, device)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("x") as f:  # "x": never replace a file that appeared since the check
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("x") as f:  # "x": never replace a file that appeared since the check
             f.write(json.dumps({"model": args.model, "teacher": cfg.teacher, "task": cfg.task.name,
                                 "data": cfg.task.data_dir or cfg.task.hub, "split": args.split,
                                 "scores": scores}, indent=2))
@@ -176,32 +167,23 @@ def format_scores(scores: dict[str, dict[str, Any]]) -> str:
     return render_text(header, rows)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if wants_help(argv):
-        print(command_help(
-            USAGE, "Scores a saved student on a labelled split: the held-out test split by default, since the "
-            "search chose its best\ntrial by the validation score. An exported best student's kdsearch_config.yaml "
-            "names the task; overrides apply on top.",
-            [("model=<dir>", "a saved Hugging Face task model with its tokenizer (e.g. <search>/best_student)"),
-             ("split=test|validation", "the labelled split to score (default test: task.data_dir's test.tsv/.csv/"
-                                       ".jsonl/.parquet, the hub's test split, or the default task's)"),
-             ("with_teacher=true", "also score the fine-tuned teacher it was distilled from (found in cache_dir)"),
-             ("out=<file.json>", "write the scores as JSON"),
-             ("tracking.uri=<uri>", "MLflow store"), ("tracking.experiment=<name>", "MLflow experiment")]))
-        return 0
-    quiet_libraries()
-    try:
-        args, cfg = parse_args(argv)
-        scores, run_id = run_evaluation(args, cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def _evaluate(args: EvalArgs, cfg: Config) -> int:
+    scores, run_id = run_evaluation(args, cfg)
     print(f"[kdsearch.evaluate] task {cfg.task.name}, {args.split} split")
     print(format_scores(scores))
-    print(f"scores logged to MLflow run {run_id}" + (f" and written to {args.out.resolve()}" if args.out else ""))
+    print(f"scores logged to MLflow run {run_id}" + (f" and written to {Path(args.out).resolve()}" if args.out else ""))
     return 0
 
 
+COMMAND = Command(
+    "evaluate", "Scores a saved student on a labelled split: the held-out test split by default, since the search "
+    "chose its best\ntrial by the validation score. An exported best student's kdsearch_config.yaml names the task; "
+    "overrides apply on top.", _evaluate, EvalArgs, usage="model=<student dir> [key=value ...]", parse=parse_args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(COMMAND, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_command(main))
+    raise SystemExit(main())

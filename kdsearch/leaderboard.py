@@ -1,77 +1,67 @@
-"""`python -m kdsearch.leaderboard [search=<name or run id>] [tracking.uri=...] [experiment=kdsearch] [top=20]
-[out=<dir>] [objectives=eval_score:max,student_params:min]`: one search's ranked table, Pareto front and plots,
-built by `kdsearch.search.board` and logged to the search's parent run.
+"""`python -m kdsearch.leaderboard [search=<name or run id>] [key=value ...]`: one search's ranked table, Pareto
+front and plots, built by `kdsearch.search.board` and logged to the search's parent run.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from kdsearch.config.command import Command, run_command
 from kdsearch.config.paths import output_uri
-from kdsearch.config.usage import command_help, wants_help
-from kdsearch.core.console import run_command
-from kdsearch.core.errors import ConfigError, did_you_mean
-from kdsearch.search.board import build_leaderboard
+from kdsearch.core.errors import require
+from kdsearch.search.board import build_leaderboard, confirmed_table
 from kdsearch.search.ranking import parse_objectives
-from kdsearch.tracking import (
-    DEFAULT_EXPERIMENT,
-    DEFAULT_URI,
-    default_uri,
-)
-
-_CLI_KEYS = ("search", "tracking.uri", "tracking.experiment", "top", "out", "objectives")
+from kdsearch.tracking import DEFAULT_EXPERIMENT, default_uri, find_search
 
 
-def parse_args(argv: Sequence[str]) -> dict[str, str]:
-    args = {}
-    for item in argv:
-        key, eq, val = item.partition("=")
-        if not eq:
-            raise ConfigError(f"{item!r}: arguments take the form key=value ({', '.join(_CLI_KEYS)})")
-        if key not in _CLI_KEYS:
-            raise ConfigError(f"{key}: no such leaderboard option{did_you_mean(key, _CLI_KEYS)}")
-        args[key] = val
-    return args
+@dataclass(frozen=True)
+class LeaderboardSettings:
+    search: str | None = field(default=None, metadata={"shown": "<name|run id>"})
+    """The search (default: the latest one)."""
+    objectives: str | None = field(default=None, metadata={"shown": "<metric:max,...>"})
+    """Rank by these, e.g. eval_score:max,student_params:min (default: the search's own)."""
+    top: int = 20
+    """Rows printed (the files hold every trial)."""
+    out: str | None = field(default=None, metadata={"shown": "<dir>"})
+    """Where the files go (default outputs/search/<search>/leaderboard, as the search's own; leaderboard-<objectives>
+    when ranked by others)."""
+    tracking_uri: str | None = field(default=None, metadata={"key": "tracking.uri", "shown": "<uri>"})
+    """MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."""
+    experiment: str = field(default=DEFAULT_EXPERIMENT, metadata={"key": "tracking.experiment"})
+    """MLflow experiment."""
+
+    def __post_init__(self) -> None:
+        require(self.top >= 1, f"top={self.top}: must be a positive integer")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if wants_help(argv):
-        print(command_help(
-            "usage: python -m kdsearch.leaderboard [key=value ...]",
-            "The ranked trials of one search from MLflow: a table here, CSV and Markdown files, and plots "
-            "(optimisation history,\nparameter importance, Pareto front) logged to the search's parent run.",
-            [("search=<name|run id>", "the search (default: the latest one)"),
-             ("objectives=m:max,...", "rank by these (default: the search's own)"),
-             ("top=20", "rows printed (the files hold every trial)"),
-             ("out=<dir>", "where the files go (default outputs/search/<search>/leaderboard, as the search's own; "
-                           "leaderboard-<objectives> when ranked by others)"),
-             ("tracking.uri=<uri>", f"MLflow store (default $MLFLOW_TRACKING_URI, else {DEFAULT_URI})"),
-             ("tracking.experiment=<name>", f"MLflow experiment (default {DEFAULT_EXPERIMENT})")],
-            config_keys=False))
-        return 0
-    try:
-        args = parse_args(argv)
-        top = args.get("top", "20")
-        if not top.isdigit() or int(top) < 1:
-            raise ConfigError(f"top={top}: must be a positive integer")
-        text, out = build_leaderboard(
-            uri=output_uri(args.get("tracking.uri", default_uri())),
-            experiment=args.get("tracking.experiment", DEFAULT_EXPERIMENT),
-            search=args.get("search") or None, out=Path(args["out"]) if "out" in args else None,
-            objectives=parse_objectives(args["objectives"]) if "objectives" in args else None)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def show(settings: LeaderboardSettings, _: list[str]) -> int:
+    uri = output_uri(settings.tracking_uri or default_uri())
+    text, out = build_leaderboard(
+        uri=uri, experiment=settings.experiment, search=settings.search or None,
+        out=Path(settings.out) if settings.out else None,
+        objectives=parse_objectives(settings.objectives) if settings.objectives else None)
     lines = text.splitlines()
-    print("\n".join(lines[: 2 + int(top)]))  # title + header + top rows
-    if len(lines) > 2 + int(top):
-        print(f"... {len(lines) - 2 - int(top)} more in {out / 'leaderboard.csv'}")
+    print("\n".join(lines[: 2 + settings.top]))  # title + header + top rows
+    if len(lines) > 2 + settings.top:
+        print(f"... {len(lines) - 2 - settings.top} more in {out / 'leaderboard.csv'}")
+    confirmed = confirmed_table(find_search(uri=uri, experiment=settings.experiment, search=settings.search or None))
+    if confirmed:  # a single-seed ranking ranks noise as well: what the fresh seeds say comes last, to be read
+        print("\n" + confirmed)
     print(f"leaderboard written to {out}")
     return 0
 
 
+COMMAND = Command(
+    "leaderboard", "The ranked trials of one search from MLflow: a table here, CSV and Markdown files, and plots "
+    "(optimisation history,\nparameter importance, Pareto front) logged to the search's parent run.",
+    show, LeaderboardSettings, config_keys=False, quiet=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(COMMAND, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_command(main))
+    raise SystemExit(main())

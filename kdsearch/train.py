@@ -7,36 +7,29 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from kdsearch.config.command import Command, run_command
 from kdsearch.config.overrides import CONFIG_FILE, load_config, write_config_file
 from kdsearch.config.paths import fresh_dir, job_note, with_absolute_paths
-from kdsearch.config.usage import command_help, wants_help
-from kdsearch.core.console import quiet_libraries, run_command
-from kdsearch.core.errors import ConfigError
 from kdsearch.run.loop import export_student
 from kdsearch.run.prepare import check_teacher, prepare
 from kdsearch.run.trainer import diverged, init_ray, make_trainer, storage_for
 from kdsearch.run.validate import validate
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    overrides = list(sys.argv[1:] if argv is None else argv)
-    if wants_help(overrides):
-        print(command_help("usage: python -m kdsearch.train [key=value ...]",
-                           "One distillation run of the shared step through a Ray Train TorchTrainer; the student is "
-                           "saved with save_pretrained.\nWith no overrides: the embedded default (tiny models, "
-                           "built-in task), about 2 minutes on 2 CPU cores.", []))
-        return 0
-    quiet_libraries()
-    try:
-        cfg = with_absolute_paths(load_config(overrides))
-        validate(cfg)
-        prepared = prepare(cfg)  # reads the data in full: label values, hub splits
-        check_teacher(cfg, prepared)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+@dataclass(frozen=True)
+class TrainSettings:
+    """kdsearch.train has no keys of its own: every key is a config key."""
+
+
+def train(_: TrainSettings, overrides: list[str]) -> int:
+    """One run through Ray Train; the student saved under output_dir/student (never over an earlier one)."""
+    cfg = with_absolute_paths(load_config(overrides))
+    validate(cfg)
+    prepared = prepare(cfg)  # reads the data in full: label values, hub splits
+    check_teacher(cfg, prepared)
     print(f"[kdsearch.train] teacher {cfg.teacher} on {prepared.spec.name}: "
           f"eval_score={prepared.teacher_metrics['eval_score']:.4f}", flush=True)
     if note := job_note():
@@ -62,5 +55,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+COMMAND = Command(
+    "train", "One distillation run of the shared step through a Ray Train TorchTrainer; the student is saved with "
+    "save_pretrained.\nWith no overrides: the embedded default (tiny models, built-in task), about 2 minutes on 2 "
+    "CPU cores.", train, TrainSettings)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(COMMAND, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_command(main))
+    raise SystemExit(main())

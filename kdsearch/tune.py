@@ -10,41 +10,36 @@ import shlex
 import sys
 from pathlib import Path
 
+from kdsearch.config.command import Command, run_command
 from kdsearch.config.paths import job_note
-from kdsearch.config.usage import wants_help
-from kdsearch.core.console import INTERRUPTED, quiet_libraries, run_command
+from kdsearch.core.console import INTERRUPTED
 from kdsearch.core.errors import ConfigError
 from kdsearch.search.driver import check_resumable, claim_name, resolve_name, run_search, unfinished_trials
 from kdsearch.search.export import export_best
+from kdsearch.search.reports import confirm_search
 from kdsearch.search.settings import (
+    DEFAULT_SPACE,
+    SearchSettings,
     check_search,
     objectives_of,
     parse_search_args,
     probe_space,
     render_dry_run,
-    search_help,
+    space_help_rows,
 )
+from kdsearch.search.space_model import Space
 from kdsearch.search.warm_start import read_warm_start
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if wants_help(argv):
-        print(search_help())
-        return 0
-    quiet_libraries()
-    try:
-        settings, space = parse_search_args(argv)
-        check_search(settings, space)  # a dry run makes every check a real run makes, Ray's start aside
-        asked, settings = settings, resolve_name(settings, space)
-        check_resumable(settings, space)
-        warning = probe_space(space)
-        warm = None if settings.resume or not settings.warm_start else read_warm_start(
-            settings.warm_start, uri=settings.tracking_uri, experiment=settings.experiment, space=space,
-            objectives=objectives_of(settings, space))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def search(settings: SearchSettings, space: Space, argv: list[str]) -> int:
+    """Check, name, run, export and (with confirm=k) confirm one search; its exit status."""
+    check_search(settings, space)  # a dry run makes every check a real run makes, Ray's start aside
+    asked, settings = settings, resolve_name(settings, space)
+    check_resumable(settings, space)
+    warning = probe_space(space)
+    warm = None if settings.resume or not settings.warm_start else read_warm_start(
+        settings.warm_start, uri=settings.tracking_uri, experiment=settings.experiment, space=space,
+        objectives=objectives_of(settings, space))
     if warning:
         print(warning, file=sys.stderr, flush=True)
     if warm is not None:
@@ -58,19 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if note := job_note():
         print(note, flush=True)
-    try:
-        settings = claim_name(asked, space)  # the name resolved above, unless a search started since took it
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    settings = claim_name(asked, space)  # the name resolved above, unless a search started since took it
     try:
         results, seconds = run_search(settings, space, warm)
-    except ConfigError as err:
+    except ConfigError:
         folder = Path(settings.results_dir, settings.search_name)
         if not settings.resume and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()  # refused before any trial: the name is free again
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise
     stopped = unfinished_trials(settings) or 0
     budget = space.budget.time_budget_s
     expired = budget is not None and seconds >= budget  # else Ctrl-C stopped it
@@ -82,8 +72,6 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
     out = export_best(results, settings=settings, space=space, objectives=objectives_of(settings, space))
     if out is not None and settings.confirm and not stopped:
-        from kdsearch.search.reports import confirm_search  # the study machinery; Ray stopped and restarts for it
-
         table = confirm_search(search=settings.search_name, top=settings.confirm, seeds=settings.confirm_seeds,
                                uri=settings.tracking_uri, experiment=settings.experiment,
                                results_dir=settings.results_dir)
@@ -94,5 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     return INTERRUPTED if stopped and not expired else 0 if out is not None else 1
 
 
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = Command(
+        "tune", "A Ray Tune + Optuna search over a space's strategies; each trial is one run of the shared "
+        "distillation step,\nlogged to MLflow. A config key given here is fixed for every trial (and no longer "
+        "searched).", lambda settings, space: search(settings, space, argv), SearchSettings,
+        usage=f"[space=<name> (default {DEFAULT_SPACE})] [key=value ...]", parse=parse_search_args,
+        help_rows=space_help_rows)
+    return run_command(command, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_command(main))
+    raise SystemExit(main())

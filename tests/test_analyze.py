@@ -45,18 +45,18 @@ def test_angle_cosines_reject_states_of_different_widths() -> None:
 
 
 def test_a_narrower_student_gets_one_line_before_anything_loads() -> None:
-    args, cfg = parse_args(["angles", "teacher=tiny-bert", "student=init", "student.hidden_size=32",
+    args, cfg = parse_args(["angles", "teacher=tiny-bert", "model=init", "student.hidden_size=32",
                             "student.init=random"])
     with pytest.raises(ConfigError, match=r"student.hidden_size=32: .*teacher's width 64"):
         check_shapes(args, cfg)
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["tiles", "student=init"], "known: angles"),
-    (["angles", "teacher=tiny-bert"], "student="),
-    (["angles", "student=/no/such/dir"], "no model directory"),
-    (["angles", "student=init", "layers=[1,x]"], "layers="),
-    (["angles", "student=init", "distill.w_hiden=1"], "did you mean distill.w_hidden"),
+    (["tiles", "model=init"], "known: angles"),
+    (["angles", "teacher=tiny-bert"], "model="),
+    (["angles", "model=/no/such/dir"], "no model directory"),
+    (["angles", "model=init", "model_layers=[1,x]"], "model_layers="),
+    (["angles", "model=init", "distill.w_hiden=1"], "did you mean distill.w_hidden"),
 ])
 def test_bad_command_lines_say_what_to_fix(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -64,7 +64,7 @@ def test_bad_command_lines_say_what_to_fix(argv: list[str], message: str) -> Non
 
 
 def test_a_student_layer_beyond_the_student_is_refused() -> None:
-    args, cfg = parse_args(["angles", "teacher=tiny-bert", "student=init", "student.layers=2", "layers=[3]"])
+    args, cfg = parse_args(["angles", "teacher=tiny-bert", "model=init", "student.layers=2", "model_layers=[3]"])
     with pytest.raises(ConfigError, match="out of range 1..2"):
         check_shapes(args, cfg)
 
@@ -78,11 +78,11 @@ def test_angles_command_writes_histograms_and_an_mlflow_run(tmp_path: Path) -> N
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     common = ["teacher=tiny-bert", "task=default", "task.train_size=256", "task.eval_size=48", "finetune.epochs=1",
               "student.layers=2", f"cache_dir={tmp_path}/cache", f"tracking.uri={uri}"]
-    assert main(["angles", "student=init", f"out={tmp_path}/init", *common]) == 0
+    assert main(["angles", "model=init", f"out={tmp_path}/init", *common]) == 0
     summary = json.loads((tmp_path / "init" / "angles.json").read_text())
     rows = summary["rows"]
     assert [(r["student_layer"], r["teacher_layer"]) for r in rows] == [(s, k) for s in (1, 2) for k in (2, 3, 4)]
-    _, cfg = parse_args(["angles", "student=init", *common])
+    _, cfg = parse_args(["angles", "model=init", *common])
     prepared = prepare(cfg)
     real_tokens = sum(len(ids) for ids in prepared.data["validation"]["input_ids"])  # no padding before batching
     assert all(r["tokens"] == real_tokens for r in rows)
@@ -101,7 +101,7 @@ def test_angles_command_writes_histograms_and_an_mlflow_run(tmp_path: Path) -> N
     # The same initial student saved as a Hugging Face directory gives the same angles.
     student_dir = tmp_path / "student"
     make_student(cfg, load_teacher(prepared, torch.device("cpu"))).save_pretrained(student_dir)
-    assert main(["angles", f"student={student_dir}", "layers=[2]", f"out={tmp_path}/dir", *common]) == 0
+    assert main(["angles", f"model={student_dir}", "model_layers=[2]", f"out={tmp_path}/dir", *common]) == 0
     from_dir = json.loads((tmp_path / "dir" / "angles.json").read_text())["rows"]
     assert [r["acute_share"] for r in from_dir] == pytest.approx([r["acute_share"] for r in rows[3:]])
 

@@ -171,8 +171,8 @@ def _broken(tmp_path: Path, case: str) -> dict:
     sst2_dir(d)
     if case == "unknown_task":
         return dict(name="sst3", data_dir=str(d))
-    if case == "no_data":
-        return dict(name="sst2")
+    if case == "no_data":  # a GLUE name alone reads the hub's glue; a corpus has no hub default
+        return dict(name="text")
     if case == "no_dev":
         (d / "dev.tsv").unlink()
     if case == "empty":
@@ -196,7 +196,7 @@ def _broken(tmp_path: Path, case: str) -> dict:
 
 
 ERRORS = {"no_dir": ("task.data_dir", "no such directory"), "unknown_task": ("task.name=sst3", "sst2, stsb"),
-          "no_data": ("task.data_dir", "task.hub=glue"), "no_dev": ("task.data_dir", "no validation file"),
+          "no_data": ("task.data_dir", "needs data"), "no_dev": ("task.data_dir", "no validation file"),
           "empty": ("task.data_dir", "train.tsv is empty"), "header_only": ("task.data_dir", "no rows"),
           "no_label": ("task.data_dir", "found columns: sentence, labels"),
           "no_text": ("task.data_dir", "no 'sentence' column"),
@@ -351,3 +351,15 @@ def test_a_slice_of_the_real_sst2_files_loads(tmp_path: Path) -> None:
     spec, raw = load(tmp_path, name="sst2", data_dir=str(tmp_path))
     assert (raw["train"].num_rows, raw["validation"].num_rows) == (200, 200)
     assert set(raw["train"]["label"]) == {0, 1} and all(raw["train"]["sentence"])
+
+
+def test_a_glue_name_alone_reads_the_hubs_glue_and_says_so_in_its_config() -> None:
+    from kdsearch.config.overrides import load_config
+    from kdsearch.config.schema import GLUE_TASKS
+    from kdsearch.data.tasks import TASKS
+
+    assert all(TASKS[name].kind in ("classification", "regression") for name in GLUE_TASKS)
+    assert load_config(["task=sst2"]).task.hub == "glue"  # logged as such, so the run says where its data came from
+    assert load_config(["task=sst2", "task.data_dir=/data/sst2"]).task.hub is None
+    assert load_config(["task=sst2", "task.hub=my/glue-copy"]).task.hub == "my/glue-copy"
+    assert load_config(["task=default"]).task.hub is None

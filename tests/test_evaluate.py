@@ -26,8 +26,8 @@ def tiny_model(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(("argv", "message"), [
     ([], "model=: give a saved student directory"),
     (["model=/no/such/dir"], "model=/no/such/dir: no model directory there"),
-    (["model={m}", "split=train"], "split=train: choose validation or test"),
-    (["model={m}", "with_teacher=yes"], "with_teacher=yes: must be true or false"),
+    (["model={m}", "split=train"], "split=train: choose one of test, validation"),
+    (["model={m}", "with_teacher=maybe"], "with_teacher=maybe: expected true or false"),
     (["model={m}", "oops"], "'oops': arguments take the form key=value"),
     (["model={m}", "distill.layer_mapp=forward"], "did you mean distill.layer_map"),
     (["model={m}", "tracking.uri=file:./mlruns"], "the file store .* is unsupported"),

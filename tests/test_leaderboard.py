@@ -222,3 +222,29 @@ def test_cli_errors_are_one_line(store: tuple[str, str], capsys: pytest.CaptureF
     assert err.endswith("no trial of multi reports eval_scor; did you mean eval_score?") and "\n" not in err
     assert main(["tracking.uri=./mlruns"]) == 2
     assert "file store" in capsys.readouterr().err
+
+
+def test_a_confirmed_search_prints_its_ranking_by_mean_after_its_trials(store: tuple[str, str], tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from kdsearch.search.confidence import t_interval
+    from kdsearch.search.reports import confirmed_ranking
+    from kdsearch.tracking import CONFIRMED_TAG, set_run_tags
+
+    uri, parent = store
+    rows = [{"label": "layer_map=reverse", "mean": 79.0, "scores": [78.0, 80.0], "ci95": t_interval([78.0, 80.0]),
+             "vs_best": "within noise"},
+            {"label": "layer_map=forward", "mean": 81.0, "scores": [80.0, 81.0, 82.0],
+             "ci95": t_interval([80.0, 81.0, 82.0]), "vs_best": "best"}]
+    set_run_tags(uri=uri, experiment=EXP, run_id=parent, tags={CONFIRMED_TAG: json.dumps(confirmed_ranking(rows))})
+    try:
+        assert main([f"tracking.uri={uri}", f"tracking.experiment={EXP}", "search=multi", f"out={tmp_path}"]) == 0
+    finally:
+        set_run_tags(uri=uri, experiment=EXP, run_id=parent, tags={CONFIRMED_TAG: ""})
+    out = capsys.readouterr().out
+    confirmed = out[out.index("confirmed over fresh seeds"):].splitlines()
+    # t(0.975, 2) = 4.303 x sd 1 / sqrt 3 = 2.48; t(0.975, 1) = 12.706 x sd 1.414 / sqrt 2 = 12.71
+    assert confirmed[2].split()[:5] == ["1", "81.00", "±", "2.48", "3"] and confirmed[2].split()[5] == "best"
+    assert confirmed[3].split()[:5] == ["2", "79.00", "±", "12.71", "2"] and "within noise" in confirmed[3]
+    assert out.rstrip().endswith(f"leaderboard written to {tmp_path}")

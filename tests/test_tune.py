@@ -341,3 +341,10 @@ def test_confirm_reruns_the_best_configurations_over_fresh_seeds(tmp_path: Path)
     assert exported["train.seed"] in (1, 2)
     assert all(exported[k] == (tuple(v) if isinstance(v, list) else v) for k, v in best["overrides"].items())
     assert "replacing the search's single-seed best with the best by mean" in proc.stdout
+    # the search's own parent run holds the confirmed ranking, and its leaderboard prints it
+    board = subprocess.run([sys.executable, "-m", "kdsearch.leaderboard", "search=c", f"tracking.uri={uri}",
+                            f"out={tmp_path}/board"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert board.returncode == 0, board.stderr[-2000:]
+    confirmed = board.stdout[board.stdout.index("confirmed over fresh seeds"):].splitlines()
+    assert confirmed[2].split()[0] == "1" and best["label"][:40] in confirmed[2]

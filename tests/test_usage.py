@@ -32,12 +32,13 @@ def test_the_config_reference_lists_every_key_once_with_its_default_and_doc() ->
 
 @pytest.mark.parametrize(("command", "expected"), [
     ("train", ["usage: python -m kdsearch.train", "student.width_ratio=null"]),
-    ("tune", ["usage: python -m kdsearch.tune [space=<name> (default layer_select)]", "resume=true",
+    ("tune", ["usage: python -m kdsearch.tune [space=<name> (default layer_select)]", "resume=false",
               "distill.bridge=auto"]),
     ("report", ["usage: python -m kdsearch.report study=<name>", "ted_vs_lwd", "seeds=3", "train.epochs=3"]),
-    ("analyze", ["usage: python -m kdsearch.analyze angles", "max_batches=<n>", "teacher=tiny-bert"]),
+    ("analyze", ["usage: python -m kdsearch.analyze angles", "max_batches=null", "teacher=tiny-bert"]),
     ("leaderboard", ["usage: python -m kdsearch.leaderboard", "top=20"]),
-    ("evaluate", ["usage: python -m kdsearch.evaluate model=<student dir>", "with_teacher=true", "task.max_length=64"]),
+    ("evaluate", ["usage: python -m kdsearch.evaluate model=<student dir>", "with_teacher=false",
+                  "task.max_length=64"]),
 ])
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_every_command_answers_help_without_starting_anything(command: str, expected: list[str], flag: str,

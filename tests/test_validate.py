@@ -103,7 +103,9 @@ def test_train_command_rejects_bad_data_in_one_line(tmp_path, rows: str, overrid
     (["space=smoke", "metric=eval_scor"], "did you mean eval_score"),
     (["space=smoke", "resume=true", "name=never-started"], "no search named never-started"),
     (["space=smoke", "dryrun=true"], "did you mean dry_run?"),
-    (["space=smoke", "seed=1e3"], "error: seed=1000.0: expected an integer"),  # Optuna's sampler, after Ray
+    (["space=smoke", "sampler_seed=1e3"], "error: sampler_seed=1000.0: expected an integer"),  # Optuna's sampler
+    (["space=smoke", "seed=3"],  # the sampler's seed or a run's: say both
+     "error: seed=3: no such config or budget key; did you mean train.seed or finetune.seed or sampler_seed?"),
     (["space=smoke", "smoke=maybe"], "error: smoke=maybe: expected true or false"),
     (["space=smoke", "name=my/search"], "error: name=my/search: a search name is letters, digits"),
     (["space=smoke", "results_dir="], "error: results_dir=: expected a non-empty string"),

@@ -82,3 +82,35 @@ def test_a_warm_start_from_a_search_that_does_not_exist_is_one_line(earlier: str
     assert "warm start from first: 3 earlier trial(s)" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="warm_start=a b: name an earlier search"):
         parse_search_args(["space=smoke", "warm_start=a b"])
+
+
+def test_a_search_on_another_task_gives_its_best_configurations_to_evaluate_first(tmp_path: Path) -> None:
+    """Scores on SST-2 say nothing of the default task's: the new search evaluates the earlier search's best
+    configurations first (after the space's paper points) and tells its sampler no earlier score."""
+    from kdsearch.search.driver import _search_alg
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = SearchTracker(uri=uri, experiment="kdsearch")
+    tracker.start_search(name="on-sst2", space="smoke", config={}, code_version="v")
+    for i, (layer_map, w_hidden, lr, status, score) in enumerate(EARLIER):
+        cfg = Config()
+        cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, name="sst2"),
+                                  distill=dataclasses.replace(cfg.distill, layer_map=layer_map, w_hidden=w_hidden),
+                                  train=dataclasses.replace(cfg.train, lr=lr))
+        tracker.trial_run(f"t{i}", params=flatten(cfg))
+        tracker.log_metrics(f"t{i}", {"eval_score": score}, step=1)
+        tracker.end_trial(f"t{i}", status=status)  # type: ignore[arg-type]
+    tracker.end_search()
+    settings, space = parse_search_args(["space=smoke", f"tracking.uri={uri}", "warm_start=on-sst2",
+                                         f"results_dir={tmp_path}/results"])
+    warm = read_warm_start("on-sst2", uri=uri, experiment="kdsearch", space=space, objectives=[("eval_score", "max")])
+    assert warm.known == [] and warm.other_task == "task.name=sst2"
+    assert warm.points == [{"distill.layer_map": "forward", "distill.w_hidden": 3.0},  # 0.81, 0.78, 0.74
+                           {"distill.layer_map": "forward", "distill.w_hidden": 0.6}, {"distill.layer_map": "none"}]
+    assert "ran another task (task.name=sst2): its 3 best configuration(s) are evaluated first" in warm.summary()
+
+    search = _search_alg(settings, space, [("eval_score", "max")], warm)
+    drawn = [search.suggest(f"trial_{i}") for i in range(3)]
+    wanted = [{"distill.layer_map": "forward", "distill.w_hidden": 3.0}, {"distill.layer_map": "none"},
+              {"distill.layer_map": "forward", "distill.w_hidden": 0.6}]  # the papers' two, then the new one
+    assert [{k: d[k] for k in w} for d, w in zip(drawn, wanted, strict=True)] == wanted

@@ -7,7 +7,6 @@ Imports OmegaConf (the dotted-list grammar) and PyYAML; no framework.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,20 +44,6 @@ YamlLoader.add_implicit_resolver(
 def parse_value(text: str) -> Any:
     """One logged or typed value as YAML reads it, `1e-05` as a float (MLflow logs small floats that way)."""
     return yaml.load(text, Loader=YamlLoader)
-
-
-def split_arguments(argv: Sequence[str], own_keys: Sequence[str], usage: str) -> tuple[dict[str, str], list[str]]:
-    """A command's own `key=value` arguments (those in `own_keys`) apart from the config overrides."""
-    own: dict[str, str] = {}
-    rest: list[str] = []
-    for item in argv:
-        key, eq, value = item.partition("=")
-        require(bool(eq), f"{item!r}: arguments take the form key=value. {usage}")
-        if key in own_keys:
-            own[key] = value
-        else:
-            rest.append(item)
-    return own, rest
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

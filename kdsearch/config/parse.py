@@ -29,21 +29,22 @@ def config_keys(cls: type = Config) -> list[str]:
     return list(flatten(cls()).keys())
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """`value` as the type `hint` asks for, or one ConfigError line naming `key`."""
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
             if len(args) < len(typing.get_args(hint)):
                 return None
-        return _coerce(value, args[0], key)
+        return coerce(value, args[0], key)
     if origin is Literal:
         choices = typing.get_args(hint)
         require(value in choices, f"{key}={value}: choose one of {', '.join(map(str, choices))}")
         return value
     if origin is tuple:
         require(isinstance(value, (list, tuple)), f"{key}={value}: expected a list such as [1,2,3]")
-        return tuple(_coerce(v, typing.get_args(hint)[0], key) for v in value)
+        return tuple(coerce(v, typing.get_args(hint)[0], key) for v in value)
     if hint is bool:
         require(isinstance(value, bool), f"{key}={value}: expected true or false")
         return value
@@ -72,7 +73,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, all_keys: list[str]) ->
             require(isinstance(value, dict), f"{key}={value}: expected keys under {key}.")
             kwargs[name] = _build(hints[name], value, key + ".", all_keys)
         else:
-            kwargs[name] = _coerce(value, hints[name], key)
+            kwargs[name] = coerce(value, hints[name], key)
     return cls(**kwargs)
 
 

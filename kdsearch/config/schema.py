@@ -17,6 +17,8 @@ from kdsearch.core.errors import require
 TABLE_METRICS: dict[str, tuple[str, ...]] = {"classification": ("accuracy", "macro_f1", "mcc"),
                                              "regression": ("pearson", "spearman")}
 """task.name=table's metrics by kind; the first is the default."""
+GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
+"""The GLUE task names: given neither task.data_dir nor task.hub, they read the hub's `glue`."""
 MAX_EPOCHS = 1000
 """The most epochs any stage takes: more is a typo (1e9), which would otherwise run until killed."""
 
@@ -93,7 +95,8 @@ class TaskConfig:
     data_dir: str | None = None
     """Folder with train/dev files (tsv, csv, jsonl, parquet); None reads the hub (`hub`) or the default task."""
     hub: str | None = None
-    """A datasets hub name (e.g. `glue`), read with load_dataset when data_dir is not given."""
+    """A datasets hub name (e.g. `glue`), read with load_dataset when data_dir is not given; a GLUE task name
+    given neither reads `glue`."""
     max_length: int = 64
     """Longest input in tokens; longer rows are truncated (causal LMs keep the prompt's end and the response)."""
     train_size: int | None = None
@@ -116,6 +119,8 @@ class TaskConfig:
     """task.name=seq2seq: the column it learns to write (every row needs a non-empty one)."""
 
     def __post_init__(self) -> None:
+        if self.name in GLUE_TASKS and self.data_dir is None and self.hub is None:  # resolved here: params say it
+            object.__setattr__(self, "hub", "glue")
         require(self.max_length >= 4, f"task.max_length={self.max_length}: must be >= 4")
         for key in ("train_size", "eval_size"):
             value = getattr(self, key)

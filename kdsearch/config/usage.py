@@ -1,6 +1,6 @@
 """`--help` of every command: its own keys, and every config key with its default and the doc under its field.
 
-The docs are read from the field docstrings of kdsearch/config.py (the one place they are written), so the help
+The docs are read from the field docstrings of kdsearch/config/schema.py (the one place they are written), so the help
 cannot drift from the config. Imports only kdsearch.config's schema.
 """
 
@@ -24,19 +24,28 @@ def wants_help(argv: Sequence[str]) -> bool:
     return any(arg in HELP_FLAGS for arg in argv)
 
 
-def _field_docs() -> dict[tuple[str, str], str]:
-    """(class name, field name) -> the first line of the string literal under that field in config.py."""
-    tree = ast.parse(inspect.getsource(config_module))
-    docs: dict[tuple[str, str], str] = {}
-    for node in tree.body:
-        if not isinstance(node, ast.ClassDef):
-            continue
-        for field, after in zip(node.body, node.body[1:], strict=False):
-            if (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
-                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                    and isinstance(after.value.value, str)):
-                docs[node.name, field.target.id] = " ".join(after.value.value.split())
+def _docs_under_fields(node: ast.ClassDef) -> dict[str, str]:
+    docs = {}
+    for field, after in zip(node.body, node.body[1:], strict=False):
+        if (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
+            docs[field.target.id] = " ".join(after.value.value.split())
     return docs
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the string literal under that field in `cls`'s source (its doc, on one line)."""
+    node = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
+    assert isinstance(node, ast.ClassDef)
+    return _docs_under_fields(node)
+
+
+def _field_docs() -> dict[tuple[str, str], str]:
+    """(class name, field name) -> the doc under that field, for every class of the config schema."""
+    tree = ast.parse(inspect.getsource(config_module))
+    return {(node.name, name): doc for node in tree.body if isinstance(node, ast.ClassDef)
+            for name, doc in _docs_under_fields(node).items()}
 
 
 def _owners(cls: type = Config, prefix: str = "") -> dict[str, tuple[str, str]]:
@@ -51,7 +60,7 @@ def _owners(cls: type = Config, prefix: str = "") -> dict[str, tuple[str, str]]:
     return out
 
 
-def _shown(value: object) -> str:
+def shown(value: object) -> str:
     """A default as it is typed on the command line."""
     if value is None:
         return "null"
@@ -61,7 +70,7 @@ def _shown(value: object) -> str:
 def config_reference(indent: str = "  ", columns: int = 118) -> str:
     """Every config key as `key=default  doc` (the doc wrapped under itself), in the order of config.py."""
     docs, owners = _field_docs(), _owners()
-    keys = [f"{key}={_shown(default)}" for key, default in flatten(Config()).items()]
+    keys = [f"{key}={shown(default)}" for key, default in flatten(Config()).items()]
     width = max(map(len, keys)) + 2
     hang = " " * (len(indent) + width)
     lines = []
@@ -77,7 +86,10 @@ def command_help(usage: str, about: str, own: Sequence[tuple[str, str]], *, conf
     width = max((len(k) for k, _ in own), default=0) + 2
     parts = [usage, "", about]
     if own:
-        parts += ["", "keys:", *(f"  {k:<{width}}{text}" for k, text in own)]
+        parts += ["", "keys:"]
+        for key, text in own:
+            parts += textwrap.wrap(text, 118, initial_indent=f"  {key:<{width}}",
+                                   subsequent_indent=" " * (width + 2)) if text else [f"  {key}"]
     if config_keys:
         parts += ["", "config keys (key=value; the same names as the search spaces and the MLflow params;",
                   "config=<file.yaml> reads a file of them first, e.g. a best student's kdsearch_config.yaml):",

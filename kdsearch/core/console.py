@@ -1,5 +1,5 @@
-"""Keeps the console to kdsearch's own lines: library progress bars and per-checkpoint INFO lines off; Ctrl-C
-is one line, not a traceback; tables printed as aligned plain text.
+"""Keeps the console to kdsearch's own lines: library progress bars and per-checkpoint INFO lines off; tables
+printed as aligned plain text.
 
 A search prints a compact trial table; with two trials at a time, every trial's "Loading weights" bar and every
 "Checkpoint successfully created" line would bury it. Called by each command and in each trial or Train worker
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 _CHATTY_LOGGERS = (
@@ -39,16 +39,6 @@ def quiet_libraries() -> None:
 
 
 INTERRUPTED = 130  # the shell's status for a command stopped by SIGINT
-
-
-def run_command(main: Callable[[], int]) -> int:
-    """A command's exit status: Ctrl-C before Ray takes over its handling (preparing, fine-tuning the teacher)
-    prints one line and gives 130, instead of a traceback from inside torch."""
-    try:
-        return main()
-    except KeyboardInterrupt as err:
-        print(f"interrupted{f': {err}' if str(err) else ''}", file=sys.stderr)
-        return INTERRUPTED
 
 
 def render_text(columns: Sequence[str], cells: Sequence[Sequence[str]], width: int = 28) -> str:

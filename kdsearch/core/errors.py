@@ -11,9 +11,13 @@ class ConfigError(ValueError):
 
 
 def did_you_mean(word: str, options: Sequence[str]) -> str:
-    """"; did you mean X?" for the closest of `options`, or "" when none is close."""
+    """"; did you mean X?" for the closest of `options`, else for the keys that end in `word` (`seed`: train.seed
+    or sampler_seed), or "" when none is close."""
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]}?" if close else ""
+    if close:
+        return f"; did you mean {close[0]}?"
+    ends = [o for o in options if o != word and (o.split(".")[-1] == word or o.endswith("_" + word))]
+    return f"; did you mean {' or '.join(ends[:3])}?" if ends else ""
 
 
 def require(ok: bool, message: str) -> None:

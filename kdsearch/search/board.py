@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import html
 import io
+import json
 import re
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from kdsearch.core.errors import ConfigError, did_you_mean
 from kdsearch.search.plots import plot_all
 from kdsearch.search.ranking import Objective, Row, pareto_front, parse_objectives, rank_rows, value
 from kdsearch.tracking import (
+    CONFIRMED_TAG,
     DEFAULT_EXPERIMENT,
     DEFAULT_URI,
     NONFINITE_TAG,
@@ -177,3 +179,18 @@ def build_leaderboard(*, uri: str = DEFAULT_URI, experiment: str = DEFAULT_EXPER
     if log:
         log_run_artifacts(uri=uri, experiment=experiment, run_id=parent.run_id, dirs={folder: out})
     return title + "\n" + render_text(columns, cells), out
+
+
+def confirmed_table(parent: RunRecord) -> str | None:
+    """The search's confirmed ranking (`confirm=k`, CONFIRMED_TAG on its parent) as text, best mean first; None
+    when the search was not confirmed."""
+    raw = parent.tags.get(CONFIRMED_TAG)
+    if not raw:
+        return None
+    rows = json.loads(raw)
+    cells = [[str(rank), f"{r['mean']:.2f}" + (f" ± {r['ci95']:.2f}" if r["ci95"] is not None else ""),
+              str(len(r["scores"])), r["vs_best"], r["label"]] for rank, r in enumerate(rows, 1)]
+    title = ("confirmed over fresh seeds: mean score x 100 ± the half-width of its 95% t interval; \"within "
+             "noise\": Welch's test cannot tell it from the best at 5%")
+    return title + "\n" + render_text(["rank", "mean ± 95% CI", "seeds", "vs best", "configuration"], cells,
+                                       width=80)

@@ -123,16 +123,18 @@ def _search_alg(settings: SearchSettings, space: space_model.Space, objectives: 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" each search
     with warnings.catch_warnings():  # group=True is chosen on purpose (conditional params): no warning each run
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=True,
+        sampler = optuna.samplers.TPESampler(seed=settings.sampler_seed, multivariate=True, group=True,
                                              constant_liar=True,
                                              n_startup_trials=min(8, max(2, space.budget.num_samples // 3)))
     metric: Any = [m for m, _ in objectives] if len(objectives) > 1 else objectives[0][0]
     mode: Any = [d for _, d in objectives] if len(objectives) > 1 else objectives[0][1]
     storage = space_model.warm_storage(space, warm.known, [d for _, d in objectives], settings.search_name) \
         if warm and warm.known else None
+    points = space_model.initial_points(space)
+    points += [p for p in (space_model.complete_point(space, p) for p in (warm.points if warm else [])) if
+               p not in points]  # another task's best configurations, after the papers' points
     return OptunaSearch(space=space_model.define_by_run(space), metric=metric, mode=mode, sampler=sampler,
-                        points_to_evaluate=space_model.initial_points(space) or None, storage=storage,
-                        study_name=settings.search_name)
+                        points_to_evaluate=points or None, storage=storage, study_name=settings.search_name)
 
 
 def _concurrency(space: space_model.Space) -> int:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kdsearch.config.command import parse_settings
 from kdsearch.config.overrides import parse_overrides
 from kdsearch.config.parse import build_config
 from kdsearch.config.paths import output_path, output_uri
@@ -33,15 +34,47 @@ from kdsearch.search.confidence import t_interval, within_noise
 from kdsearch.search.settings import SearchSettings, check_search
 from kdsearch.search.studies import STUDIES, Study, confirm_rows, grid_space, make_study, row_of, seeded_rows, unique
 from kdsearch.tracking import (
+    CONFIRMED_TAG,
     DEFAULT_EXPERIMENT,
     SearchTracker,
     default_uri,
     find_search,
     list_trials,
     log_run_artifacts,
+    set_run_tags,
 )
 
-_OWN = ("study", "seeds", "out", "name", "concurrency", "search", "only", "results_dir", "tracking", "top")
+
+@dataclasses.dataclass(frozen=True)
+class ReportSettings:
+    """`python -m kdsearch.report`'s own keys (every other key is a config key, applied to every row)."""
+
+    study: str = dataclasses.field(default="", metadata={"shown": "<name>"})
+    """The study: layer_select, ted_vs_lwd, flex, relation, seeded (a search's best beside the paper points) or
+    confirm (a search's top configurations over fresh seeds)."""
+    seeds: Any = 3
+    """A count (3 -> seeds 0, 1, 2; study=confirm: fresh seeds 1..n) or a list such as [0,1,2]."""
+    only: Any = dataclasses.field(default=None, metadata={"shown": "[row,...]"})
+    """Run only these rows (a row's label, name or group)."""
+    search: str | None = dataclasses.field(default=None, metadata={"shown": "<name>"})
+    """study=seeded: the finished search whose best trial is rerun beside its paper points; study=confirm: whose
+    top configurations are rerun."""
+    top: int | None = dataclasses.field(default=None, metadata={"shown": "3"})
+    """study=confirm: how many of the search's best distinct configurations."""
+    out: str | None = dataclasses.field(default=None, metadata={"shown": "docs/results/<study>"})
+    """Where the Markdown table, JSON and plot go."""
+    name: str | None = dataclasses.field(default=None, metadata={"shown": "<name>"})
+    """The MLflow parent run (default report-<study>-<time>)."""
+    concurrency: int | None = None
+    """Trials at a time (default: what the cluster's resources allow)."""
+    results_dir: str = "outputs/report"
+    """Tune results."""
+    uri: str | None = dataclasses.field(default=None, metadata={"key": "tracking.uri", "shown": "<uri>"})
+    """MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."""
+    experiment: str = dataclasses.field(default=DEFAULT_EXPERIMENT, metadata={"key": "tracking.experiment"})
+    """MLflow experiment."""
+
+
 
 
 def aggregate(study: Study, trials: Sequence[Any]) -> list[dict[str, Any]]:
@@ -170,37 +203,32 @@ def _width(cfg: Config) -> str:
 
 def parse_args(argv: Sequence[str]) -> dict[str, Any]:
     """The command line -> {own settings..., "cli": nested config overrides}; ConfigError on bad input."""
-    raw = parse_overrides(list(argv))
-    own = {k: raw.pop(k) for k in list(raw) if k in _OWN}
-    study = own.get("study")
+    own, rest = parse_settings(ReportSettings, argv, config_keys=True)
+    raw = parse_overrides(rest)
+    study = own.study
     if study not in STUDIES:
-        given = "study: missing" if study is None else f"study={study}: unknown"
-        hint = did_you_mean(str(study), STUDIES) if study is not None else ""
+        given = "study: missing" if not study else f"study={study}: unknown"
+        hint = did_you_mean(str(study), STUDIES) if study else ""
         raise ConfigError(f"{given}{hint}; choose one of {', '.join(STUDIES)}")
-    if study in ("seeded", "confirm") and not own.get("search"):
+    if study in ("seeded", "confirm") and not own.search:
         raise ConfigError(f"study={study} needs search=<name of a finished search> (see python -m "
                           "kdsearch.leaderboard)")
-    top = own.get("top", 3)
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1 or ("top" in own and study != "confirm"):
+    top = 3 if own.top is None else own.top
+    if top < 1 or (own.top is not None and study != "confirm"):
         raise ConfigError(f"top={top}: a count >= 1 of configurations, for study=confirm only")
-    seeds = own.get("seeds", 3)
+    seeds = own.seeds
     first = 1 if study == "confirm" else 0  # confirm: fresh seeds, not the search's own train.seed (0)
     seeds = list(range(first, first + seeds)) if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise ConfigError(f"seeds={own.get('seeds')}: a count (seeds=3 -> 0,1,2) or a list such as [0,1,2]")
-    tracking = own.get("tracking") or {}
-    if not isinstance(tracking, dict) or set(tracking) - {"uri", "experiment"}:
-        raise ConfigError(f"tracking: known keys are tracking.uri and tracking.experiment (got {tracking})")
+        raise ConfigError(f"seeds={own.seeds}: a count (seeds=3 -> 0,1,2) or a list such as [0,1,2]")
     build_config(raw)  # unknown keys: the did-you-mean error, before anything runs
-    only = own.get("only")
-    return {"study": study, "seeds": seeds, "cli": raw, "search": own.get("search"), "top": top,
-            "only": [only] if isinstance(only, str) else only,
-            "uri": output_uri(str(tracking.get("uri", default_uri()))),
-            "experiment": str(tracking.get("experiment", DEFAULT_EXPERIMENT)),
-            "name": own.get("name") or f"report-{study}-{time.strftime('%Y%m%d-%H%M%S')}",
-            "out": Path(own.get("out") or Path("docs", "results", study)),
-            "results_dir": output_path(str(own.get("results_dir", "outputs/report"))),
-            "concurrency": own.get("concurrency")}
+    only = own.only
+    return {"study": study, "seeds": seeds, "cli": raw, "search": own.search, "top": top,
+            "only": [str(only)] if isinstance(only, (str, int)) else only,
+            "uri": output_uri(own.uri or default_uri()), "experiment": own.experiment,
+            "name": own.name or f"report-{study}-{time.strftime('%Y%m%d-%H%M%S')}",
+            "out": Path(own.out or Path("docs", "results", study)),
+            "results_dir": output_path(own.results_dir), "concurrency": own.concurrency}
 
 
 def build_study(args: dict[str, Any]) -> Study:
@@ -287,7 +315,7 @@ def run_report(args: dict[str, Any], argv: Sequence[str]) -> ReportRun:
     return ReportRun(out, parent.run_id, results, space, rows)
 
 
-def _export_confirmed(run: ReportRun, *, search: str, out: Path, uri: str, experiment: str) -> Path | None:
+def export_confirmed_run(run: ReportRun, *, search: str, out: Path, uri: str, experiment: str) -> Path | None:
     from kdsearch.search.export import export_confirmed  # Ray's checkpoints: only once a study ran
 
     path = export_confirmed(run.results, rows=run.rows, space=run.space, search=search, out=out)
@@ -303,6 +331,24 @@ def confirm_search(*, search: str, top: int, seeds: int, uri: str, experiment: s
             f"tracking.experiment={experiment}", f"results_dir={results_dir}", f"name={search}-confirm",
             f"out={Path(results_dir, search, 'confirm')}"]
     run = run_report(parse_args(argv), argv)
-    _export_confirmed(run, search=search, out=Path(results_dir, search, "best_student"), uri=uri,
-                      experiment=experiment)
+    export_confirmed_run(run, search=search, out=Path(results_dir, search, "best_student"), uri=uri,
+                         experiment=experiment)
+    keep_confirmed(run, search=search, uri=uri, experiment=experiment)
     return run.out / "confirm.md"
+
+
+def keep_confirmed(run: ReportRun, *, search: str, uri: str, experiment: str) -> None:
+    """The confirmed ranking on the search's own parent run too (CONFIRMED_TAG, the table under confirm/), where
+    its leaderboard finds it."""
+    parent = find_search(uri=uri, experiment=experiment, search=search)
+    set_run_tags(uri=uri, experiment=experiment, run_id=parent.run_id,
+                 tags={CONFIRMED_TAG: json.dumps(confirmed_ranking(run.rows))})
+    log_run_artifacts(uri=uri, experiment=experiment, run_id=parent.run_id, dirs={"confirm": run.out})
+
+
+def confirmed_ranking(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A confirm study's rows as the search's parent keeps them (CONFIRMED_TAG): best mean first."""
+    done = sorted((r for r in rows if r["mean"] is not None), key=lambda r: -r["mean"])
+    return [{"label": r["label"], "mean": round(r["mean"], 4), "ci95": None if r["ci95"] is None else
+             round(r["ci95"], 4), "scores": [round(s, 4) for s in r["scores"]], "vs_best": r.get("vs_best", "-")}
+            for r in done]

@@ -18,13 +18,12 @@ from kdsearch.config.overrides import parse_overrides
 from kdsearch.config.parse import flatten
 from kdsearch.config.paths import check_writable, output_path, output_uri
 from kdsearch.config.schema import rate_defaults
-from kdsearch.config.usage import command_help
 from kdsearch.core.errors import ConfigError, did_you_mean
 from kdsearch.run.loop import reported_metrics
 from kdsearch.run.validate import check_names, validate
 from kdsearch.search import space_model, spaces
 from kdsearch.search.ranking import parse_objectives
-from kdsearch.tracking import DEFAULT_EXPERIMENT, DEFAULT_URI, check_tracking_uri, default_uri
+from kdsearch.tracking import DEFAULT_EXPERIMENT, check_tracking_uri, default_uri
 
 DEFAULT_SPACE = "layer_select"
 
@@ -52,11 +51,12 @@ class SearchSettings:
     start nothing."""
     objectives: tuple[str, ...] = ()
     """Multi-objective, e.g. [eval_score:max,student_params:min]; empty = the space's metric and mode."""
-    seed: int = 0
-    """Seed of the Optuna sampler."""
-    tracking_uri: str = field(default_factory=default_uri)
+    sampler_seed: int = 0
+    """Seed of the Optuna sampler (train.seed seeds each trial's run)."""
+    tracking_uri: str = field(default_factory=default_uri, metadata={"key": "tracking.uri", "shown": "<uri>"})
     """MLflow store: `tracking.uri=`, else $MLFLOW_TRACKING_URI (clusters), else sqlite:///mlflow.db."""
-    experiment: str = DEFAULT_EXPERIMENT
+    experiment: str = field(default=DEFAULT_EXPERIMENT, metadata={"key": "tracking.experiment"})
+    """MLflow experiment."""
     results_dir: str = "outputs/search"
     """Local folder for Tune results (when storage_path is not set), the leaderboard and the best student."""
 
@@ -65,32 +65,14 @@ class SearchSettings:
         return self.name or f"kdsearch-{Path(self.space).stem}{'-smoke' if self.smoke else ''}"
 
 
-_SEARCH_KEYS = {"space", "name", "smoke", "resume", "dry_run", "objectives", "seed", "warm_start", "confirm",
+_SEARCH_KEYS = {"space", "name", "smoke", "resume", "dry_run", "objectives", "sampler_seed", "warm_start", "confirm",
                 "confirm_seeds"}
 
 
-def search_help() -> str:
-    """`python -m kdsearch.tune --help`."""
-    own = [("space=<name|path>", f"a shipped space ({', '.join(spaces.available_spaces())}) or a .yaml file"),
-           ("name=<name>", "the search's name (default kdsearch-<space>, then -2, -3, ...)"),
-           ("smoke=true", "the same space on a tiny model, a few steps, 2-3 trials: checks a cluster or a config"),
-           ("dry_run=true", "check everything a real run checks, print the resolved search; starts nothing"),
-           ("resume=true", "continue the newest (or the named) interrupted search"),
-           ("confirm=3", "then rerun the 3 best distinct configurations over fresh seeds: mean, 95% interval, "
-                         "which leads are noise"),
-           ("confirm_seeds=3", "fresh seeds per confirmed configuration"),
-           ("warm_start=<search>", "start the sampler from an earlier search's finished trials (same store)"),
-           ("objectives=[m:max,...]", "several objectives: Optuna searches the Pareto front"),
-           ("seed=0", "seed of the Optuna sampler"),
-           ("tracking.uri=<uri>", f"MLflow store (default $MLFLOW_TRACKING_URI, else {DEFAULT_URI})"),
-           ("tracking.experiment=<name>", f"MLflow experiment (default {DEFAULT_EXPERIMENT})"),
-           ("results_dir=outputs/search", "Tune results (without storage_path), leaderboard and best student"),
-           (f"{'|'.join(spaces.BUDGET_KEYS[:2])}|...", f"the space's budget: {', '.join(spaces.BUDGET_KEYS)}"),
-           ("metric=<name> mode=max|min", "the space's objective")]
-    return command_help(f"usage: python -m kdsearch.tune [space=<name> (default {DEFAULT_SPACE})] [key=value ...]",
-                        "A Ray Tune + Optuna search over a space's strategies; each trial is one run of the shared "
-                        "distillation step,\nlogged to MLflow. A config key given here is fixed for every trial "
-                        "(and no longer searched).", own)
+def space_help_rows() -> list[tuple[str, str]]:
+    """`--help` rows for the keys a search passes on to its space."""
+    return [(f"{'|'.join(spaces.BUDGET_KEYS[:2])}|...", f"the space's budget: {', '.join(spaces.BUDGET_KEYS)}"),
+            ("metric=<name> mode=max|min", "the space's objective")]
 
 
 def parse_search_args(argv: list[str]) -> tuple[SearchSettings, space_model.Space]:
@@ -132,8 +114,9 @@ def _check_setting_types(given: dict[str, Any], tracking: dict[str, Any], result
     for key in _FLAGS:
         if key in given and not isinstance(given[key], bool):
             raise ConfigError(f"{key}={given[key]}: expected true or false")
-    if "seed" in given and (isinstance(given["seed"], bool) or not isinstance(given["seed"], int)):
-        raise ConfigError(f"seed={given['seed']}: expected an integer")
+    if "sampler_seed" in given and (isinstance(given["sampler_seed"], bool) or
+                                    not isinstance(given["sampler_seed"], int)):
+        raise ConfigError(f"sampler_seed={given['sampler_seed']}: expected an integer")
     for key, low in (("confirm", 0), ("confirm_seeds", 2)):
         value = given.get(key, low)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:

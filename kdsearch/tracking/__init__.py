@@ -5,6 +5,7 @@ The only package that imports mlflow; must not import ray. `store` opens the sto
 """
 
 from kdsearch.tracking.runs import (
+    CONFIRMED_TAG,
     NONFINITE_TAG,
     SAMPLED_TAG,
     SEARCHED_TAG,
@@ -18,6 +19,7 @@ from kdsearch.tracking.runs import (
     log_analysis_run,
     log_run_artifacts,
     search_names,
+    set_run_tags,
 )
 from kdsearch.tracking.store import (
     DEFAULT_EXPERIMENT,
@@ -31,6 +33,7 @@ from kdsearch.tracking.store import (
 from kdsearch.tracking.tracker import ERROR_TAG_CHARS, SearchTracker
 
 __all__ = [
+    "CONFIRMED_TAG",
     "DEFAULT_EXPERIMENT",
     "DEFAULT_URI",
     "ERROR_TAG_CHARS",
@@ -53,4 +56,5 @@ __all__ = [
     "open_client",
     "retry_locked",
     "search_names",
+    "set_run_tags",
 ]

@@ -36,6 +36,9 @@ which breaks the leaderboard's ties the same way however the concurrent trials' 
 UNFINISHED_TAG = "kdsearch.unfinished_trials"
 """On a search's parent run: how many trials its last driver left for `resume=true` (stopped by Ctrl-C or
 time_budget_s before they ended, or not drawn yet); "0" when the search ran to its end."""
+CONFIRMED_TAG = "kdsearch.confirmed"
+"""On a search's parent run after `confirm=k`: its confirmed ranking as JSON, best mean first: per configuration
+its label, mean, the 95% t interval's half-width, the seeds' scores and its mark against the best."""
 NONFINITE_TAG = "kdsearch.nonfinite_metrics"
 """On a trial run: the metrics whose latest value was NaN or inf (MLflow then shows an earlier, stale one)."""
 
@@ -164,6 +167,13 @@ def log_run_artifacts(*, uri: str, experiment: str, run_id: str,
     """Log `files` ({artifact path: content}) and `dirs` ({artifact folder: local folder}) to any run."""
     client, _ = open_client(uri, experiment, create=False)
     log_files(client, run_id, files, dirs)
+
+
+def set_run_tags(*, uri: str, experiment: str, run_id: str, tags: Mapping[str, str]) -> None:
+    """Set `tags` on any run (a finished search's parent, say)."""
+    client, _ = open_client(uri, experiment, create=False)
+    for key, value in tags.items():
+        retry_locked(functools.partial(client.set_tag, run_id, key, value))
 
 
 def log_analysis_run(*, uri: str, experiment: str, name: str, params: Mapping[str, Any],
