@@ -28,7 +28,7 @@ from kdsearch.data.encoding import tokenize_task
 from kdsearch.data.loading import Split, load_raw_task
 from kdsearch.data.tasks import TaskSpec, read_by
 from kdsearch.run import models
-from kdsearch.run.evaluation import evaluate, forward_latency_ms
+from kdsearch.run.evaluation import evaluate, evaluate_generation, forward_latency_ms
 from kdsearch.run.prepare import prepare_teacher
 from kdsearch.tracking import DEFAULT_EXPERIMENT, check_tracking_uri, default_uri, log_analysis_run
 
@@ -106,7 +106,7 @@ def _check_head(model_dir: str, spec: TaskSpec, family: models.Family) -> None:
     if models.family_of(config) != family:
         raise ConfigError(f"model={model_dir}: a {models.family_of(config)} model, but the task reads "
                           f"{family} models")
-    if spec.kind != "causal_lm" and config.num_labels != max(spec.num_labels, 1):
+    if spec.kind not in ("causal_lm", "seq2seq") and config.num_labels != max(spec.num_labels, 1):
         raise ConfigError(f"model={model_dir}: its head has {config.num_labels} outputs; task {spec.name} "
                           f"needs {max(spec.num_labels, 1)}")
 
@@ -120,12 +120,16 @@ def score_model(model_dir: str, cfg: Config, split: Split, device: torch.device)
     tok = AutoTokenizer.from_pretrained(model_dir)
     if tok.pad_token is None:  # GPT-2-like tokenizers ship without one
         tok.pad_token = tok.eos_token
+    seq2seq = family == "seq2seq"
     data = tokenize_task(raw, spec, tok, max_length=cfg.task.max_length, cache_dir=cfg.cache_dir, family=family,
-                         segments=models.uses_segments(config))
+                         segments=models.uses_segments(config),
+                         decoder_start=config.decoder_start_token_id if seq2seq else None)
     spec = read_by(spec, family)
     model: torch.nn.Module = models.load_task_model(model_dir, family)
     model = models.freeze(model.to(device))
     metrics = evaluate(model, data[split], spec=spec, pad_id=tok.pad_token_id, device=device)
+    if seq2seq:  # what it writes, greedy, against the targets: exact match, chrF
+        metrics |= evaluate_generation(model, data[split], tok, pad_id=tok.pad_token_id, device=device)
     latency = forward_latency_ms(model, data[split], pad_id=tok.pad_token_id, device=device)
     return {**metrics, "rows": len(data[split]), "params": models.count_parameters(model), "latency_ms": latency}
 

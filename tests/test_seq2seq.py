@@ -347,6 +347,7 @@ def test_a_config_keeps_the_decoder_depth() -> None:
 
 @pytest.mark.slow
 def test_a_smoke_search_of_the_seq2seq_space_exports_a_student_that_generates(tmp_path: Path) -> None:
+    import json
     import os
     import subprocess
     import sys
@@ -370,3 +371,13 @@ def test_a_smoke_search_of_the_seq2seq_space_exports_a_student_that_generates(tm
     assert (model.config.num_layers, model.config.num_decoder_layers) == (2, 2)
     generated = model.generate(**tok(["1 2 3"], return_tensors="pt"), max_new_tokens=8)
     assert generated.shape[0] == 1 and generated[0, 0] == model.config.decoder_start_token_id
+    # kdsearch.evaluate scores it beside its teacher: token accuracy and what it writes
+    scores = tmp_path / "scores.json"
+    proc = subprocess.run([sys.executable, "-m", "kdsearch.evaluate", f"model={best}", "split=validation",
+                           "with_teacher=true", f"out={scores}", f"tracking.uri={uri}", f"cache_dir={tmp_path}/cache"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    written = json.loads(scores.read_text())["scores"]
+    assert {"student", "teacher"} == set(written)
+    for who in written.values():
+        assert {"eval_token_accuracy", "eval_exact_match", "eval_chrf"} <= set(who)
