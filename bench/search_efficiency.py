@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import itertools
 import json
 import math
@@ -69,8 +70,14 @@ def grid_space(overrides: dict[str, Any]) -> Space:
     left = set(space.params) - set(GRID)
     if left:
         raise SystemExit(f"{SPACE}: params {sorted(left)} are neither in GRID nor in FIXED")
-    params = {name: Param(name, "categorical", GRID[name], when=p.when) for name, p in space.params.items()}
+    params = {name: Param(name, "categorical", GRID[name], when=_within_grid(p.when)) for name, p in
+              space.params.items()}
     return dataclasses.replace(space, name="search_efficiency", params=params, points_to_evaluate=[])
+
+
+def _within_grid(when: Any) -> dict[str, tuple[Any, ...]]:
+    """A condition on a searched param keeps only the values GRID offers (a space file checks that)."""
+    return {key: tuple(v for v in allowed if key not in GRID or v in GRID[key]) for key, allowed in when.items()}
 
 
 def grid_points(space: Space) -> list[dict[str, Any]]:
@@ -133,20 +140,26 @@ def run_cell(space: Space, point: dict[str, Any], seed: int) -> dict[str, Any]:
             "config": {k: v for k, v in flatten(cfg).items() if k.startswith(("train.", "task.", "distill."))}}
 
 
-def run_grid(table: Path, overrides: dict[str, Any], limit: int | None) -> None:
+def append(table: Path, record: dict[str, Any]) -> None:
+    with open(table, "a") as handle:  # shards run side by side: one locked append per cell
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.write(json.dumps(record) + "\n")
+
+
+def run_grid(table: Path, overrides: dict[str, Any], *, limit: int | None, shard: tuple[int, int]) -> None:
+    """The missing cells, seed by seed (a grid cut short still has whole seeds); shard (k, n) takes every n-th."""
     torch.set_num_threads(1)
     start_table(table, overrides)
     space = grid_space(overrides)
     _, done = read_table(table)
-    cells = [(p, s) for p in grid_points(space) for s in SEEDS]
-    todo = [(p, s) for p, s in cells if (point_key(p), s) not in done][:limit]
+    cells = [(p, s) for s in SEEDS for p in grid_points(space)]
+    todo = [(p, s) for p, s in cells if (point_key(p), s) not in done][shard[0]::shard[1]][:limit]
     print(f"{len(cells)} cells ({len(cells) // len(SEEDS)} configs x {len(SEEDS)} seeds), {len(done)} in "
           f"{table}, running {len(todo)}", flush=True)
     for i, (point, seed) in enumerate(todo, 1):
         began = time.perf_counter()
         record = run_cell(space, point, seed)
-        with open(table, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append(table, record)
         scores = " ".join(f"{e['eval_score']:.3f}" for e in record["epochs"])
         print(f"[{i}/{len(todo)}] {time.perf_counter() - began:5.1f} s seed {seed} {point_key(point)}: {scores}",
               flush=True)
@@ -218,7 +231,8 @@ class Outcome:
     reach_epochs: int | None
     trust_s: float | None
     """... when the best completed trial's config first had a seed-mean within TARGET of the grid's best."""
-    trials: int
+    trace: list[tuple[dict[str, Any], int, tuple[float, ...]]]
+    """(params, train.seed, the scores of the epochs it ran) per trial, in order."""
 
 
 def sampler_of(strategy: Strategy, seed: int, num_samples: int) -> Any:
@@ -233,56 +247,62 @@ def sampler_of(strategy: Strategy, seed: int, num_samples: int) -> Any:
                                           n_startup_trials=min(8, max(2, num_samples // 3)))
 
 
-def proposals(grid: Grid, strategy: Strategy, seed: int) -> Iterator[tuple[dict[str, Any], int, Callable]]:
-    """(params, train.seed, tell) per trial. A sampler's trial n reads train.seed SEEDS[(seed + n) % 3]; `grid`
-    walks every cell (config x seed) in an order shuffled by `seed`. `tell(score, epoch)` ends the trial."""
+def proposals(grid: Grid, strategy: Strategy, seed: int, *, num_samples: int,
+              train_seed: int | None) -> Iterator[tuple[dict[str, Any], int, Callable]]:
+    """(params, train.seed, tell) per trial. A sampler's trial n reads train.seed SEEDS[(seed + n) % 3] (or
+    `train_seed` for all); `grid` walks every cell (config x seed) in an order shuffled by `seed`.
+    `tell(score)` ends the trial."""
     import optuna
 
     if strategy == "grid":
         cells = [(p, s) for p in grid_points(grid.space) for s in SEEDS]
         random.Random(seed).shuffle(cells)
         for point, cell_seed in cells:
-            yield point, cell_seed, lambda score, epoch: None
+            yield point, cell_seed, lambda score: None
         return
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize", sampler=sampler_of(strategy, seed, len(grid.cells)))
+    study = optuna.create_study(direction="maximize", sampler=sampler_of(strategy, seed, num_samples))
     define = space_model.define_by_run(grid.space)
     for n in itertools.count():
         trial = study.ask()
         define(trial)
 
-        def tell(score: float, epoch: int, trial: optuna.Trial = trial) -> None:
+        def tell(score: float, trial: optuna.Trial = trial) -> None:
             # Ray's OptunaSearch tells an ASHA-stopped trial COMPLETE with its last reported score
             study.tell(trial, score)
 
-        yield dict(trial.params), SEEDS[(seed + n) % len(SEEDS)], tell
+        yield dict(trial.params), SEEDS[(seed + n) % len(SEEDS)] if train_seed is None else train_seed, tell
 
 
-def replay(grid: Grid, strategy: Strategy, seed: int) -> Outcome:
-    """One search against the table until both targets are met or it has spent the grid's compute."""
+def replay(grid: Grid, strategy: Strategy, seed: int, *, num_samples: int | None = None,
+           train_seed: int | None = None) -> Outcome:
+    """One search against the table until both targets are met or it has spent the grid's compute; with
+    `num_samples`, exactly that many trials (as a live search with that budget runs them, one at a time)."""
     budget = grid.space.budget
     asha = Asha(max_t=space_model.max_epochs(grid.space), grace_period=budget.grace_period,
                 reduction_factor=budget.reduction_factor) if strategy.endswith("asha") else None
     spent, epochs, best = 0.0, 0, -math.inf
     reach: tuple[float, int] | None = None
     trust: float | None = None
-    n = 0
-    for n, (point, cell_seed, tell) in enumerate(proposals(grid, strategy, seed)):
+    trace: list[tuple[dict[str, Any], int, tuple[float, ...]]] = []
+    trials = proposals(grid, strategy, seed, num_samples=num_samples or len(grid.cells), train_seed=train_seed)
+    for n, (point, cell_seed, tell) in enumerate(trials):
         cell, key = grid.cells[point_key(point), cell_seed], point_key(point)
         for epoch, (score, seconds) in enumerate(zip(cell.scores, cell.seconds, strict=True), 1):
             spent, epochs = spent + seconds, epochs + 1
             if asha and asha.stops(n, epoch, score):
                 break
-        tell(score, epoch)
+        tell(score)
+        trace.append((point, cell_seed, cell.scores[:epoch]))
         if epoch == len(cell.scores) and score > best:  # a completed trial's final score
             best = score
             if trust is None and grid.means[key] >= grid.best - TARGET:
                 trust = spent
         if reach is None and best >= grid.best - TARGET:
             reach = (spent, epochs)
-        if (reach and trust) or spent >= grid.compute_s:
+        if len(trace) == num_samples or (num_samples is None and (reach and trust or spent >= grid.compute_s)):
             break
-    return Outcome(reach[0] if reach else None, reach[1] if reach else None, trust, n + 1)
+    return Outcome(reach[0] if reach else None, reach[1] if reach else None, trust, trace)
 
 
 def quartiles(values: list[float | None]) -> tuple[float, float, float]:
@@ -302,7 +322,9 @@ def print_replay(table: Path, n_seeds: int) -> None:
     single = max(c.scores[-1] for c in grid.cells.values())
     print(f"{len(grid.means)} configs x {len(SEEDS)} seeds = {len(grid.cells)} cells, {grid.epochs} epochs, "
           f"{grid.compute_s:.0f} CPU s; grid's best (config mean over seeds) {grid.best:.4f}: {best}; best single "
-          f"cell {single:.4f}; target >= {grid.best - TARGET:.4f}; {n_seeds} sampler seeds\n")
+          f"cell {single:.4f}; target >= {grid.best - TARGET:.4f}, met by "
+          f"{sum(c.scores[-1] >= grid.best - TARGET for c in grid.cells.values())} cells and "
+          f"{sum(m >= grid.best - TARGET for m in grid.means.values())} config means; {n_seeds} sampler seeds\n")
     print("| strategy | compute to reach, median | IQR | epochs to reach, median | reached | compute until the "
           "leader's mean is within 0.5, median | IQR | reached | trials run, median |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -312,7 +334,7 @@ def print_replay(table: Path, n_seeds: int) -> None:
         reach_epochs = quartiles([o.reach_epochs and o.reach_epochs / grid.epochs for o in outcomes])
         trust = quartiles([o.trust_s and o.trust_s / grid.compute_s for o in outcomes])
         hits, trusted = sum(o.reach_s is not None for o in outcomes), sum(o.trust_s is not None for o in outcomes)
-        trials = float(np.median([o.trials for o in outcomes]))
+        trials = float(np.median([len(o.trace) for o in outcomes]))
         print(f"| {strategy} | {share(reach[0])} | {share(reach[1])}-{share(reach[2])} | {share(reach_epochs[0])} "
               f"| {hits}/{n_seeds} | {share(trust[0])} | {share(trust[1])}-{share(trust[2])} | {trusted}/{n_seeds} "
               f"| {trials:.0f} |", flush=True)
@@ -347,17 +369,20 @@ def live_trials(space: Space, uri: str, experiment: str, search: str) -> list[tu
     client, _ = open_client(uri, experiment, create=False)
     out = []
     for run in list_trials(uri=uri, experiment=experiment, search_run_id=parent.run_id):
-        history = sorted(client.get_metric_history(run.run_id, "eval_score"), key=lambda m: m.step)
+        # the last epoch is logged twice (its report, then the trial's final metrics): one value per step
+        by_step = {m.step: m.value for m in client.get_metric_history(run.run_id, "eval_score")}
         out.append((space_model.known_point(space, run.params), int(run.params["train.seed"]),
-                    [m.value for m in history]))
+                    [by_step[step] for step in sorted(by_step)]))
     return out
 
 
-def compare_live(table: Path, uri: str, experiment: str, search: str) -> None:
-    """Each live trial's per-epoch scores next to the table's row for the same config and seed."""
+def compare_live(table: Path, uri: str, experiment: str, search: str, *, sampler_seed: int) -> None:
+    """Each live trial's per-epoch scores next to the table's row for the same config and seed; then the live
+    trial sequence next to TPE + ASHA replayed with the same sampler seed, budget and train.seed."""
     grid = load_grid(table)
+    live = live_trials(grid.space, uri, experiment, search)
     gaps: list[float] = []
-    for point, seed, scores in live_trials(grid.space, uri, experiment, search):
+    for point, seed, scores in live:
         if point is None:
             print(f"a trial outside the grid: {scores}")
             continue
@@ -366,7 +391,15 @@ def compare_live(table: Path, uri: str, experiment: str, search: str) -> None:
         print(f"seed {seed} {point_key(point)}\n  live  {' '.join(f'{v:.4f}' for v in scores)}"
               f"\n  table {' '.join(f'{v:.4f}' for v in row)}")
     if gaps:
-        print(f"{len(gaps)} epochs compared: largest |live - table| {max(gaps):.4f}, mean {np.mean(gaps):.4f}")
+        print(f"{len(gaps)} epochs compared: largest |live - table| {max(gaps):.4f}, mean {np.mean(gaps):.4f}\n")
+    seeds = {seed for _, seed, _ in live}
+    replayed = replay(grid, "tpe+asha", sampler_seed, num_samples=len(live), train_seed=min(seeds)).trace
+    same = 0
+    print("trial | live: config, epochs run | replay: config, epochs run")
+    for n, ((point, _, scores), (r_point, _, r_scores)) in enumerate(zip(live, replayed, strict=True)):
+        same += point == r_point and len(scores) == len(r_scores)
+        print(f"{n} | {point_key(point or {})}, {len(scores)} | {point_key(r_point)}, {len(r_scores)}")
+    print(f"{same} of {len(live)} trials drew the same config and ran as many epochs")
 
 
 def main(argv: list[str]) -> int:
@@ -376,6 +409,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*", help="config key=value applied to every cell (sizes, epochs)")
     p.add_argument("--table", type=Path, required=True)
     p.add_argument("--limit", type=int, default=None, help="run at most this many missing cells")
+    p.add_argument("--shard", default="0/1", help="k/n: run every n-th missing cell from the k-th (n processes)")
     p = sub.add_parser("replay", help="replay the searches against the table")
     p.add_argument("--table", type=Path, required=True)
     p.add_argument("--sampler-seeds", type=int, default=20)
@@ -386,9 +420,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*", help="tracking.uri=<uri> [tracking.experiment=<name>]")
     p.add_argument("--table", type=Path, required=True)
     p.add_argument("--search", required=True, help="the live search's name")
+    p.add_argument("--sampler-seed", type=int, default=0, help="the live search's sampler_seed")
     args = parser.parse_args(argv)
     if args.phase == "grid":
-        run_grid(args.table, parse_overrides(args.overrides), args.limit)
+        k, n = (int(x) for x in args.shard.split("/"))
+        run_grid(args.table, parse_overrides(args.overrides), limit=args.limit, shard=(k, n))
     elif args.phase == "replay":
         print_replay(args.table, args.sampler_seeds)
     elif args.phase == "space":
@@ -396,7 +432,8 @@ def main(argv: list[str]) -> int:
     else:
         tracking = parse_overrides(args.overrides).get("tracking", {})
         compare_live(args.table, tracking.get("uri", "sqlite:///mlflow.db"),
-                     tracking.get("experiment", DEFAULT_EXPERIMENT), args.search)
+                     tracking.get("experiment", DEFAULT_EXPERIMENT), args.search,
+                     sampler_seed=args.sampler_seed)
     return 0
 
 
