@@ -217,7 +217,7 @@ def run_angles(args: AngleArgs, cfg: Config, argv: Sequence[str] = ()) -> tuple[
     metrics |= {f"mean_cos.l{r['student_layer']}.k{r['teacher_layer']}": r["mean_cos"] for r in rows}
     params = {"analysis": "angles", "student": args.model, "layers": layers, "teacher": cfg.teacher,
               "task.name": cfg.task.name, "student.init": cfg.student.init, "student.layers": cfg.student.layers}
-    run_id = log_analysis_run(uri=args.uri, experiment=args.experiment, name=f"angles-{cfg.task.name}",
+    run_id = log_analysis_run(uri=args.uri or default_uri(), experiment=args.experiment, name=f"angles-{cfg.task.name}",
                               params=params, metrics=metrics, tags={"kdsearch.analysis": "angles"},
                               dirs={"angles": out})
     return rows, run_id

@@ -156,7 +156,8 @@ def run_evaluation(args: EvalArgs, cfg: Config) -> tuple[dict[str, dict[str, Any
     metrics = {f"{who}.{key}": float(v) for who, s in scores.items() for key, v in s.items()}
     params = {"analysis": "evaluate", "model": args.model, "split": args.split, "teacher": cfg.teacher,
               "task.name": cfg.task.name, "task.data_dir": cfg.task.data_dir, "task.hub": cfg.task.hub}
-    run_id = log_analysis_run(uri=args.uri, experiment=args.experiment, name=f"evaluate-{cfg.task.name}-{args.split}",
+    run_id = log_analysis_run(uri=args.uri or default_uri(), experiment=args.experiment,
+                              name=f"evaluate-{cfg.task.name}-{args.split}",
                               params=params, metrics=metrics, tags={"kdsearch.analysis": "evaluate"})
     return scores, run_id
 

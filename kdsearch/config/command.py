@@ -34,7 +34,8 @@ def setting_keys(settings: type) -> list[str]:
 def _value(key: str, text: str) -> Any:
     """A typed value as the config reads it: YAML scalars and lists (`true`, `3`, `[a,b]`, `null`)."""
     try:
-        return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]  # type: ignore[index]
+        parsed: Any = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))
+        return parsed["v"]
     except Exception:
         raise ConfigError(f"{key}={text}: cannot parse the value; a list is written [1,2,3], a string with "
                           "spaces or commas in quotes") from None
@@ -85,15 +86,17 @@ class Command:
     name: str
     about: str
     """What the command does, for `--help` (lines of at most ~118 characters)."""
-    run: Callable[[Any, list[str]], int]
-    """The work: (its settings, the config overrides) -> exit status. A ConfigError it raises is bad input."""
+    run: Callable[[Any, Any], int]
+    """The work: (its settings, the config overrides or what `parse` made of them) -> exit status. A ConfigError
+    it raises is bad input."""
     settings: type
     """A frozen dataclass of the command's own keys, each with a default and a docstring."""
     usage: str = "[key=value ...]"
     config_keys: bool = True
     """Whether config keys (`train.lr=...`) are read too, and listed in `--help`."""
-    parse: Callable[[list[str]], tuple[Any, list[str]]] | None = None
-    """A parser of its own when the settings need more than `parse_settings` (a search's space overrides)."""
+    parse: Callable[[list[str]], tuple[Any, Any]] | None = None
+    """A parser of its own when the settings need more than `parse_settings`: (settings, what `run` reads beside
+    them: a search's space, an evaluation's config)."""
     help_rows: Callable[[], list[tuple[str, str]]] | None = None
     """Extra `--help` rows after the settings' own (keys the command passes on, such as a space's budget)."""
     quiet: bool = True
@@ -105,7 +108,7 @@ class Command:
         return command_help(f"usage: python -m kdsearch.{self.name} {self.usage}", self.about, rows,
                             config_keys=self.config_keys)
 
-    def parse_args(self, argv: Sequence[str]) -> tuple[Any, list[str]]:
+    def parse_args(self, argv: Sequence[str]) -> tuple[Any, Any]:
         if self.parse is not None:
             return self.parse(list(argv))
         return parse_settings(self.settings, argv, config_keys=self.config_keys,

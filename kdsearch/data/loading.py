@@ -11,7 +11,7 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Generator, Sequence
 from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
@@ -105,7 +105,7 @@ def _header(path: Path, where: str) -> list[str]:
     return [name.strip() for name in next(csv.reader([first], delimiter=delimiter))]
 
 
-def _headerless(columns: list[str], spec: TaskSpec) -> bool:
+def _headerless(columns: Sequence[str], spec: TaskSpec) -> bool:
     """A release file without a header row: its first row is data (CoLA)."""
     names = RELEASE_LAYOUTS.get(spec.name, ReleaseLayout()).headerless
     return bool(names) and len(columns) == len(names) and not {"label", *spec.text_fields} & set(columns)
@@ -134,7 +134,7 @@ def _check_columns(columns: list[str], spec: TaskSpec, where: str, label: str = 
                               f"{', '.join(spec.text_fields)}); {found}")
 
 
-def _lines(path: Path, where: str) -> Iterator[str]:
+def _lines(path: Path, where: str) -> Generator[str, None, None]:
     """The file's lines decoded as UTF-8; the first bad byte is a ConfigError naming its line."""
     with path.open("rb") as f:
         for number, raw in enumerate(f, 1):

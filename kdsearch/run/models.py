@@ -117,6 +117,7 @@ def teacher_config(source: TeacherSource, *, vocab_size: int = 1000) -> Pretrain
 
 def _hub_config(source: TeacherSource, **kwargs: Any) -> PretrainedConfig:
     """A hub model's config; one whose repository asks for its own code is refused, never prompted for."""
+    assert source.location is not None, "a hub or local teacher has a location"
     try:
         return AutoConfig.from_pretrained(source.location, trust_remote_code=False, **kwargs)
     except ValueError as err:

@@ -237,7 +237,7 @@ def warm_storage(space: Space, known: Sequence[tuple[dict[str, Any], list[float]
     import optuna
 
     storage = optuna.storages.InMemoryStorage()
-    directions = ["maximize" if m == "max" else "minimize" for m in modes]
+    directions: list[Literal["maximize", "minimize"]] = ["maximize" if m == "max" else "minimize" for m in modes]
     study = optuna.create_study(storage=storage, study_name=study_name, directions=directions)
     for params, values in known:
         study.add_trial(optuna.trial.create_trial(
