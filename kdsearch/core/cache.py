@@ -12,7 +12,7 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -38,9 +38,10 @@ def file_digest(path: str | Path) -> str:
 
 
 @contextmanager
-def _locked(lock_path: Path):
+def file_lock(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path` (created if missing, never truncated) across processes."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
+    with open(lock_path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -67,7 +68,7 @@ class Store:
         final = self.path(kind, key)
         if (final / ".done").exists():
             return final
-        with _locked(self.root / kind / f"{key}.lock"):
+        with file_lock(self.root / kind / f"{key}.lock"):
             if (final / ".done").exists():  # another process built it while we waited
                 return final
             tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))

@@ -6,7 +6,6 @@ Every call into MLflow goes through `retry_locked`, defined here. Imports mlflow
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import random
@@ -19,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from kdsearch.core.cache import file_lock
 from kdsearch.core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -131,13 +131,8 @@ def _init_lock(uri: str) -> Iterator[None]:
         yield
         return
     db = _sqlite_path(uri)
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{db}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(Path(f"{db}.lock")):
+        yield
 
 
 def _create_wal_database(db: Path) -> None:
