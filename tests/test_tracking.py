@@ -130,6 +130,14 @@ def test_parent_and_child_runs_params_metrics(tracker: SearchTracker) -> None:
     assert tags["kdsearch.mode"] == "max" and tags["kdsearch.code_version"] == "0123abc"
 
 
+def test_the_experiment_is_marked_as_model_training_so_mlflow_ui_opens_on_its_runs(tracker: SearchTracker,
+                                                                                    store: str, exp: str) -> None:
+    tracker.start_search(name="kind", space="smoke", config={}, code_version="v")
+    tracker.end_search()
+    experiment = MlflowClient(tracking_uri=store).get_experiment_by_name(exp)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # else: the GenAI overview
+
+
 def test_resume_gives_exactly_one_run_per_trial(store: str, exp: str) -> None:
     first = SearchTracker(uri=store, experiment=exp)
     parent = first.start_search(name="s", space="kd", config={"a": 1}, code_version="v1")

@@ -143,6 +143,11 @@ def _create_wal_database(db: Path) -> None:
         conn.execute("PRAGMA journal_mode=WAL").fetchall()
 
 
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+"""MLflow 3's experiment kind: model training, so that `mlflow ui` opens a kdsearch experiment on its runs table
+(untagged, it guesses, and with no traces shows the GenAI overview's "no data")."""
+
+
 def open_client(uri: str, experiment: str, *, create: bool = True) -> tuple[MlflowClient, str]:
     """(MlflowClient bound to `uri`, experiment id); creates the database and experiment under the lock."""
     from mlflow import MlflowClient
@@ -163,5 +168,6 @@ def open_client(uri: str, experiment: str, *, create: bool = True) -> tuple[Mlfl
         if uri.lower().startswith("sqlite:"):  # keep artifacts beside the database, not in the cwd's ./mlruns
             safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment)
             location = (_sqlite_path(uri).absolute().parent / "mlartifacts" / safe).as_uri()
-        experiment_id = retry_locked(lambda: client.create_experiment(experiment, artifact_location=location))
+        experiment_id = retry_locked(lambda: client.create_experiment(experiment, artifact_location=location,
+                                                                      tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}))
         return client, experiment_id
