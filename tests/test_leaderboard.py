@@ -165,7 +165,18 @@ def test_cli_multi_objective(store: tuple[str, str], tmp_path: Path,
     assert rows[0]["epochs"] == "3" and rows[-1]["epochs"] == "-"  # the failed trial reported no epoch
     assert "output_dir" not in rows[0] and "teacher" not in rows[0]  # bookkeeping and constants hidden
     assert "| 1 | t1 | reverse |" in (tmp_path / "leaderboard.md").read_text()
-    assert "<td>t1</td>" in (tmp_path / "leaderboard.html").read_text()
+    page = (tmp_path / "leaderboard.html").read_text()
+    from mlflow import MlflowClient
+
+    experiment_id = MlflowClient(tracking_uri=uri).get_experiment_by_name(EXP).experiment_id
+    from kdsearch.tracking import list_trials
+
+    t1 = next(t for t in list_trials(uri=uri, experiment=EXP, search_run_id=parent) if t.name == "t1")
+    link = f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{t1.run_id}"
+    assert f"<tr class=best><td class=num>1</td><td><a href='{link}'>t1</a></td>" in page  # best row, its run
+    assert page.count("<tr class=noise>") == 2  # t0 and t2: the rest of the Pareto front
+    assert all(f"<img src='{name}'" in page for name in ["optimisation_history.png", "pareto_front.png"])
+    assert "table.sortable" in page and "<th title='sort'>eval_score</th>" in page
     plots = ["optimisation_history.png", "param_importance.png", "pareto_front.png"]
     for name in plots:
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
@@ -248,3 +259,6 @@ def test_a_confirmed_search_prints_its_ranking_by_mean_after_its_trials(store: t
     assert confirmed[2].split()[:5] == ["1", "81.00", "±", "2.48", "3"] and confirmed[2].split()[5] == "best"
     assert confirmed[3].split()[:5] == ["2", "79.00", "±", "12.71", "2"] and "within noise" in confirmed[3]
     assert out.rstrip().endswith(f"leaderboard written to {tmp_path}")
+    page = (tmp_path / "leaderboard.html").read_text()  # the page shows it first, within-noise rows marked
+    assert page.index("<h2>Confirmed over fresh seeds</h2>") < page.index("<h2>Trials</h2>")
+    assert "<tr class=noise><td class=num>2</td><td class=num>79.00 ± 12.71</td>" in page

@@ -5,7 +5,6 @@ and the plots work on those), ranked, written as tables and plots. MLflow only t
 from __future__ import annotations
 
 import csv
-import html
 import io
 import json
 import re
@@ -16,6 +15,7 @@ from typing import Any, NamedTuple
 from kdsearch.config.parse import config_keys
 from kdsearch.core.console import render_text
 from kdsearch.core.errors import ConfigError, did_you_mean
+from kdsearch.search.page import leaderboard_page
 from kdsearch.search.plots import plot_all
 from kdsearch.search.ranking import Objective, Row, pareto_front, parse_objectives, rank_rows, value
 from kdsearch.tracking import (
@@ -29,6 +29,7 @@ from kdsearch.tracking import (
     find_search,
     list_trials,
     log_run_artifacts,
+    open_client,
 )
 
 # Params that differ per trial without being a strategy choice: never leaderboard columns.
@@ -61,7 +62,7 @@ def trial_rows(trials: Sequence[RunRecord], searched: Collection[str] = ()) -> l
         time_s = (t.end_time - t.start_time) / 1000 if t.end_time and t.start_time else None
         rows.append({**{k: v for k, v in t.params.items() if k not in inactive},
                      **{k: v for k, v in t.metrics.items() if k not in stale}, "trial": t.name,
-                     "status": t.status, "time_s": time_s, "start_ms": t.start_time or 0})
+                     "status": t.status, "time_s": time_s, "start_ms": t.start_time or 0, "run_id": t.run_id})
     return rows
 
 
@@ -112,22 +113,28 @@ def _fmt(number: float | None, digits: int = 4) -> str:
 
 
 def write_tables(columns: Sequence[str], cells: Sequence[Sequence[str]], out: Path, title: str) -> list[Path]:
-    """leaderboard.csv, leaderboard.md and leaderboard.html under `out` (all rows)."""
+    """leaderboard.csv and leaderboard.md under `out` (all rows)."""
     out.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
     csv.writer(buffer).writerows([columns, *cells])
     md = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     md += ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in cells]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in line) + "</tr>\n" for line in cells)
-    page = (f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><style>table{{"
-            "border-collapse:collapse;font:13px sans-serif}td,th{border:1px solid #ccc;padding:3px 6px}"
-            "</style>"
-            f"<h1>{html.escape(title)}</h1><table><tr>{head}</tr>\n{body}</table>\n")
-    paths = [out / "leaderboard.csv", out / "leaderboard.md", out / "leaderboard.html"]
-    for path, text in zip(paths, [buffer.getvalue(), "\n".join(md) + "\n", page], strict=True):
+    paths = [out / "leaderboard.csv", out / "leaderboard.md"]
+    for path, text in zip(paths, [buffer.getvalue(), "\n".join(md) + "\n"], strict=True):
         path.write_text(text)
     return paths
+
+
+def run_links(uri: str, experiment: str, ranked: Sequence[Mapping[str, Any]]) -> tuple[list[str | None], str]:
+    """Each ranked trial's page in the MLflow UI, and a note on where that UI is: the tracking server itself,
+    or `mlflow ui` on this store at its default address."""
+    _, experiment_id = open_client(uri, experiment, create=False)
+    server = uri.lower().startswith(("http://", "https://"))
+    base = uri.rstrip("/") if server else "http://127.0.0.1:5000"
+    note = ("Each trial links to its MLflow run." if server else
+            f"Each trial links to its MLflow run in `mlflow ui --backend-store-uri {uri}` at {base}.")
+    return [f"{base}/#/experiments/{experiment_id}/runs/{r['run_id']}" if r.get("run_id") else None
+            for r in ranked], note
 
 
 class Ranking(NamedTuple):
@@ -175,7 +182,11 @@ def build_leaderboard(*, uri: str = DEFAULT_URI, experiment: str = DEFAULT_EXPER
     out = out or Path("outputs", "search", re.sub(r"[^A-Za-z0-9_.-]+", "_", parent.name), folder)
     title = f"kdsearch leaderboard: {parent.name} ({', '.join(f'{n}:{m}' for n, m in objectives)})"
     write_tables(columns, cells, out, title)
-    plot_all(ranked, objectives, params, front, out)
+    plots = plot_all(ranked, objectives, params, front, out)
+    urls, note = run_links(uri, experiment, ranked)
+    (out / "leaderboard.html").write_text(leaderboard_page(
+        title, columns, cells, run_urls=urls, plots=[p.name for p in plots], ui_note=note,
+        confirmed=json.loads(parent.tags[CONFIRMED_TAG]) if parent.tags.get(CONFIRMED_TAG) else None))
     if log:
         log_run_artifacts(uri=uri, experiment=experiment, run_id=parent.run_id, dirs={folder: out})
     return title + "\n" + render_text(columns, cells), out

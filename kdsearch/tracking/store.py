@@ -161,6 +161,9 @@ def open_client(uri: str, experiment: str, *, create: bool = True) -> tuple[Mlfl
         client = retry_locked(lambda: MlflowClient(tracking_uri=uri))
         found = retry_locked(lambda: client.get_experiment_by_name(experiment))
         if found is not None:
+            if create and EXPERIMENT_KIND_TAG not in found.tags:  # one an older kdsearch made: marked now
+                retry_locked(lambda: client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG,
+                                                               MODEL_TRAINING))
             return client, found.experiment_id
         if not create:
             raise ConfigError(f"tracking.experiment={experiment}: no such experiment at {uri}; run a search first")
