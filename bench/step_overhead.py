@@ -7,7 +7,7 @@ For each strategy (forward identity, none = logit KD only, all_to_one, projector
 with linear filters, units = Flex-KD, relation = MiniLMv2 attention relations) it times, on the same batches and
 interleaved step by step:
 
-  kd    the shared step exactly as the loop runs it: `kdsearch.loop._train_epoch` on one batch
+  kd    the shared step exactly as the loop runs it: `kdsearch.run.loop._train_epoch` on one batch
         (teacher_forward + Distiller forward + loss.item() check + backward + grad clip + AdamW + scheduler + the
         per-term .item() sums)
   loop  the same loop with the same student but a task-loss-only Distiller (w_logit = w_hidden = 0, no pairs):
@@ -21,7 +21,7 @@ The order of the variants rotates every step so drift (other processes, frequenc
 Reported: median step time per variant after warm-up, kd/base and loop/base (ratios of medians), and the median
 of the per-batch paired ratios kd_i/base_i, which the verdict uses (target: <= 1.10): on a shared machine it
 cancels drift and other processes' load best. Every number is a median over --rounds rounds. Artifacts
-(fine-tuned teacher, TED stage-1 filters, Flex-KD scores) are real, built by `kdsearch.prepare.prepare` on a
+(fine-tuned teacher, TED stage-1 filters, Flex-KD scores) are real, built by `kdsearch.run.prepare.prepare` on a
 small config and cached.
 """
 

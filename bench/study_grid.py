@@ -9,7 +9,7 @@ on what travels). Four phases, each a subcommand:
     python bench/study_grid.py table grid.json results.jsonl --out docs/results/gpu/layer_select          # here
 
 `plan` resolves every cell's config exactly as `python -m kdsearch.report` would (same study rows, same
-overrides, same validation); `cell` runs one of them with `kdsearch.loop.run_distillation` on the local device
+overrides, same validation); `cell` runs one of them with `kdsearch.run.loop.run_distillation` on the local device
 and appends its per-epoch metrics to a JSON-lines file; `table` renders kdsearch.report's Markdown table, JSON
 and plot from those lines. Cells share the content-addressed cache, which is safe to build concurrently.
 """

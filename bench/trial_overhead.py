@@ -11,9 +11,10 @@ Three designs run the same tiny trials one after another (max_concurrent_trials=
              (the path kdsearch uses for multi-worker trials)
 
 Timestamps (time.time(), one machine) come from hooks installed by this script only, never by editing
-kdsearch: driver-side Tune callbacks (subclasses of kdsearch's MlflowTrials, patched into kdsearch.tune), and in
-the trial process a wrapper around kdsearch.tune.run_trial that patches kdsearch.loop.teacher_forward (its first
-call = the first training step, also inside Train workers via make_trainer(loop=...)) and times each report.
+kdsearch: driver-side Tune callbacks (subclasses of kdsearch's MlflowTrials, patched into
+kdsearch.search.driver), and in the trial process a wrapper around kdsearch.search.driver.run_trial that patches
+kdsearch.run.loop.teacher_forward (its first call = the first training step, also inside Train workers via
+make_trainer(loop=...)) and times each report.
 
 Per trial k:  start -> first step  = first_step(k) - trial_start(k)   (Tune's on_trial_start, driver side)
               end -> next start    = trial_start(k+1) - trial_exit(k)  (trial function returned -> next started)
@@ -78,7 +79,7 @@ def emit(event: str, **fields: Any) -> None:
 
 
 def hook_first_step(trial: str, rank: int = 0) -> None:
-    """Timestamp the first call of teacher_forward in kdsearch.loop: the start of the first training step."""
+    """Timestamp the first call of teacher_forward in kdsearch.run.loop: the start of the first training step."""
     import kdsearch.run.loop as loop
 
     original = getattr(loop, "_bench_teacher_forward", loop.teacher_forward)
@@ -98,7 +99,7 @@ def timed_run_trial(params: dict[str, Any], *, space: Any, search: str, storage:
     """Runs in the Tune trial process in place of kdsearch.tune.run_trial, which it calls (there unpatched)."""
     import ray.tune
 
-    import kdsearch.tune as kt
+    import kdsearch.search.driver as kt
 
     trial = ray.tune.get_context().get_trial_id()
     emit("trial_enter", trial=trial)
@@ -120,7 +121,7 @@ def timed_run_trial(params: dict[str, Any], *, space: Any, search: str, storage:
     def worker_loop(loop_config: dict[str, Any]) -> None:  # runs in each Ray Train worker
         import ray.train
 
-        import kdsearch.train as ktrain
+        import kdsearch.run.trainer as ktrain
 
         rank = ray.train.get_context().get_world_rank()
         emit("worker_enter", trial=trial, rank=rank)
@@ -140,7 +141,7 @@ def timed_run_trial(params: dict[str, Any], *, space: Any, search: str, storage:
 
 def patch_driver() -> None:
     """Driver side: the trial function, Tune callbacks that timestamp trial start/end, and ray.init."""
-    import kdsearch.tune as kt
+    import kdsearch.search.driver as kt
 
     class TimedMlflowTrials(kt.MlflowTrials):  # type: ignore[misc,name-defined]
         def setup(self, *args: Any, **kwargs: Any) -> None:
