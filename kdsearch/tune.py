@@ -29,6 +29,7 @@ from kdsearch.search.settings import (
 )
 from kdsearch.search.space_model import Space
 from kdsearch.search.warm_start import read_warm_start
+from kdsearch.tracking import CONFIRMED_TAG, find_search
 
 
 def search(settings: SearchSettings, space: Space, argv: list[str]) -> int:
@@ -45,6 +46,8 @@ def search(settings: SearchSettings, space: Space, argv: list[str]) -> int:
     if warm is not None:
         print(warm.summary(), flush=True)
     if settings.resume and unfinished_trials(settings) == 0:
+        if settings.confirm and not settings.dry_run and not confirmed(settings):  # its confirmation did not end
+            return confirm(settings, argv, Path(settings.results_dir, settings.search_name, "best_student"))
         print(f"[kdsearch.tune] {settings.search_name} ran to its end: nothing to resume (`python -m "
               f"kdsearch.leaderboard search={settings.search_name}` shows its trials)")
         return 0
@@ -65,21 +68,43 @@ def search(settings: SearchSettings, space: Space, argv: list[str]) -> int:
     budget = space.budget.time_budget_s
     expired = budget is not None and seconds >= budget  # else Ctrl-C stopped it
     if stopped:  # Tune saved the search's state; what finished so far is still ranked and exported
-        again = [a for a in argv if a.split("=", 1)[0] not in ("name", "resume")]
         why = f"time_budget_s={budget:g} ran out" if expired else "interrupted"
-        print(f"[kdsearch.tune] {why} with {stopped} trial(s) unfinished; this continues it: python -m "
-              f"kdsearch.tune {shlex.join([*again, f'name={settings.search_name}', 'resume=true'])}",
+        print(f"[kdsearch.tune] {why} with {stopped} trial(s) unfinished; {continue_with(settings, argv)}",
               file=sys.stderr, flush=True)
     out = export_best(results, settings=settings, space=space, objectives=objectives_of(settings, space))
     if out is not None and settings.confirm and not stopped:
+        return confirm(settings, argv, out)
+    return INTERRUPTED if stopped and not expired else 0 if out is not None else 1
+
+
+def confirm(settings: SearchSettings, argv: list[str], out: Path) -> int:
+    """confirm=k: the finished search's k best configurations over fresh seeds, the best by mean exported to
+    `out`; with resume=true an interrupted confirmation continues, each of its finished runs kept."""
+    try:
         table = confirm_search(search=settings.search_name, top=settings.confirm, seeds=settings.confirm_seeds,
                                uri=settings.tracking_uri, experiment=settings.experiment,
-                               results_dir=settings.results_dir)
-        print(table.read_text())
-        print(f"[kdsearch.tune] confirmation of the {settings.confirm} best configurations over "
-              f"{settings.confirm_seeds} fresh seeds: {table}; the best configuration by mean is now the "
-              f"best student saved to {out}")
-    return INTERRUPTED if stopped and not expired else 0 if out is not None else 1
+                               results_dir=settings.results_dir, resume=settings.resume)
+    except KeyboardInterrupt:  # Ctrl-C, or Tune stopped with trials unfinished: the search itself has ended
+        raise KeyboardInterrupt(f"the confirmation of {settings.search_name} stopped before its end; "
+                                f"{continue_with(settings, argv)}") from None
+    print(table.read_text())
+    print(f"[kdsearch.tune] confirmation of the {settings.confirm} best configurations over "
+          f"{settings.confirm_seeds} fresh seeds: {table}; the best configuration by mean is now the "
+          f"best student saved to {out}")
+    return 0
+
+
+def confirmed(settings: SearchSettings) -> bool:
+    """Whether the search's parent run holds a confirmed ranking (its confirmation ran to its end)."""
+    parent = find_search(uri=settings.tracking_uri, experiment=settings.experiment, search=settings.search_name)
+    return CONFIRMED_TAG in parent.tags
+
+
+def continue_with(settings: SearchSettings, argv: list[str]) -> str:
+    """The command, as the user typed it plus name= and resume=true, that continues this search."""
+    again = [a for a in argv if a.split("=", 1)[0] not in ("name", "resume")]
+    return (f"this continues it: python -m kdsearch.tune "
+            f"{shlex.join([*again, f'name={settings.search_name}', 'resume=true'])}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,6 +84,7 @@ def test_summary_compares_each_distance_group_with_the_shared_ungrouped_baseline
     (["study=seeded"], "needs search="),
     (["study=flex", "seeds=[a]"], "seeds="),
     (["study=flex", "train.epoch=2"], "did you mean train.epochs"),
+    (["study=confirm", "search=s", "resume=true"], "resume=true needs name=<the interrupted study's name>"),
 ])
 def test_bad_command_lines_say_what_to_fix(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -314,22 +314,51 @@ def test_a_new_search_never_writes_into_an_earlier_one(tmp_path: Path, capsys: p
 
 @pytest.mark.slow
 def test_confirm_reruns_the_best_configurations_over_fresh_seeds(tmp_path: Path) -> None:
-    """`confirm=2 confirm_seeds=2`: after the search, its two best distinct configurations run again at seeds
-    1 and 2 (the search ran seed 0), under their own MLflow parent, into a table with intervals."""
+    """`confirm=2 confirm_seeds=3`: after the search, its two best distinct configurations run again at seeds
+    1, 2 and 3 (the search ran seed 0), under their own MLflow parent, into a table with intervals. Interrupted
+    halfway, the confirmation continues with the command the driver prints, each of its runs made once."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = subprocess.run([sys.executable, "-m", "kdsearch.tune", "space=smoke", "name=c", "confirm=2",
-                           "confirm_seeds=2", f"tracking.uri={uri}", f"results_dir={tmp_path}/results",
-                           f"cache_dir={tmp_path.parent}/shared_cache"],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
+    args = [sys.executable, "-m", "kdsearch.tune", "space=smoke", "name=c", "confirm=2", "confirm_seeds=3",
+            f"tracking.uri={uri}", f"results_dir={tmp_path}/results", f"cache_dir={tmp_path.parent}/shared_cache"]
+
+    def confirmations() -> list:
+        try:
+            parent = find_search(uri=uri, experiment="kdsearch", search="c-confirm")
+            return list_trials(uri=uri, experiment="kdsearch", search_run_id=parent.run_id)
+        except ConfigError:  # the confirmation has not started yet
+            return []
+
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        driver = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr,
+                                  start_new_session=True)
+        try:
+            _wait_for(lambda: any(t.status == "FINISHED" for t in confirmations()) or driver.poll() is not None,
+                      timeout=600, every=0.2)
+            assert driver.poll() is None, (tmp_path / "stderr.txt").read_text()[-4000:]
+            os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C while the confirmation runs
+            driver.wait(timeout=120)
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+    said = (tmp_path / "stderr.txt").read_text()
+    assert driver.returncode == 130, said[-4000:]
+    before = {t.tags["kdsearch.trial_id"]: t for t in confirmations() if t.status == "FINISHED"}
+    assert 1 <= len(before) < 6
+    hint = said.split("the confirmation of c stopped before its end; this continues it: python ")[-1].splitlines()[0]
+    command = [sys.executable, *shlex.split(hint)]
+    assert command[-2:] == ["name=c", "resume=true"] and command[1:-2] == [a for a in args[1:] if a != "name=c"]
+    proc = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    trials = confirmations()
+    assert sorted(t.params["train.seed"] for t in trials) == ["1", "1", "2", "2", "3", "3"]  # each run once
+    assert all(t.status == "FINISHED" for t in trials)
+    for trial_id, old in before.items():  # finished before the interruption: kept as they were
+        new = next(t for t in trials if t.tags["kdsearch.trial_id"] == trial_id)
+        assert new.end_time == old.end_time and new.metrics == old.metrics
     table = (tmp_path / "results" / "c" / "confirm" / "confirm.md").read_text()
-    assert "| 95% CI of the mean | vs best (Welch, 5%) |" in table and "train.seed in [1, 2]" in table
+    assert "| 95% CI of the mean | vs best (Welch, 5%) |" in table and "train.seed in [1, 2, 3]" in table
     ranks = [line for line in table.splitlines() if line.startswith("| rank ")]
     assert [r.split(" (")[0] for r in ranks] == ["| rank 1", "| rank 2"] and "| best |" in ranks[0]
-    parent = find_search(uri=uri, experiment="kdsearch", search="c-confirm")
-    trials = list_trials(uri=uri, experiment="kdsearch", search_run_id=parent.run_id)
-    assert sorted(t.params["train.seed"] for t in trials) == ["1", "1", "2", "2"]
-    assert all(t.status == "FINISHED" for t in trials)
     assert proc.stdout.strip().splitlines()[-1].endswith(f"best student saved to {tmp_path}/results/c/best_student")
     # the exported student is now the best configuration by mean over the fresh seeds, and its card says so
     rows = json.loads((tmp_path / "results" / "c" / "confirm" / "confirm.json").read_text())["rows"]
@@ -338,7 +367,7 @@ def test_confirm_reruns_the_best_configurations_over_fresh_seeds(tmp_path: Path)
     card = (student / "README.md").read_text()
     assert "## Confirmed over fresh seeds" in card and f"{best['mean']:.2f} %" in card
     exported = flatten(load_config([f"config={student / CONFIG_FILE}"]))
-    assert exported["train.seed"] in (1, 2)
+    assert exported["train.seed"] in (1, 2, 3)
     assert all(exported[k] == (tuple(v) if isinstance(v, list) else v) for k, v in best["overrides"].items())
     assert "replacing the search's single-seed best with the best by mean" in proc.stdout
     # the search's own parent run holds the confirmed ranking, and its leaderboard prints it
@@ -348,3 +377,6 @@ def test_confirm_reruns_the_best_configurations_over_fresh_seeds(tmp_path: Path)
     assert board.returncode == 0, board.stderr[-2000:]
     confirmed = board.stdout[board.stdout.index("confirmed over fresh seeds"):].splitlines()
     assert confirmed[2].split()[0] == "1" and best["label"][:40] in confirmed[2]
+    # confirmed to its end, the search has nothing left to continue
+    again = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "ran to its end: nothing to resume" in again.stdout, again.stderr[-2000:]

@@ -41,6 +41,7 @@ from kdsearch.tracking import (
     find_search,
     list_trials,
     log_run_artifacts,
+    search_names,
     set_run_tags,
 )
 
@@ -65,6 +66,8 @@ class ReportSettings:
     """Where the Markdown table, JSON and plot go."""
     name: str | None = dataclasses.field(default=None, metadata={"shown": "<name>"})
     """The MLflow parent run (default report-<study>-<time>)."""
+    resume: bool = False
+    """Continue the interrupted study of this name=: its finished trials are kept, each (row, seed) runs once."""
     concurrency: int | None = None
     """Trials at a time (default: what the cluster's resources allow)."""
     results_dir: str = "outputs/report"
@@ -221,6 +224,9 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
     seeds = list(range(first, first + seeds)) if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"seeds={own.seeds}: a count (seeds=3 -> 0,1,2) or a list such as [0,1,2]")
+    if own.resume and not own.name:
+        raise ConfigError("resume=true needs name=<the interrupted study's name> (its MLflow parent run, printed "
+                          "as it stopped)")
     build_config(raw)  # unknown keys: the did-you-mean error, before anything runs
     only = own.only
     return {"study": study, "seeds": seeds, "cli": raw, "search": own.search, "top": top,
@@ -228,7 +234,7 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
             "uri": output_uri(own.uri or default_uri()), "experiment": own.experiment,
             "name": own.name or f"report-{study}-{time.strftime('%Y%m%d-%H%M%S')}",
             "out": Path(own.out or Path("docs", "results", study)),
-            "results_dir": output_path(own.results_dir), "concurrency": own.concurrency}
+            "results_dir": output_path(own.results_dir), "concurrency": own.concurrency, "resume": own.resume}
 
 
 def build_study(args: dict[str, Any]) -> Study:
@@ -267,13 +273,16 @@ def run_report(args: dict[str, Any], argv: Sequence[str]) -> ReportRun:
     study = build_study(args)
     space, study = grid_space(study, cli=args["cli"], seeds=args["seeds"], concurrency=args["concurrency"])
     settings = SearchSettings(space=study.name, name=args["name"], tracking_uri=args["uri"],
-                              experiment=args["experiment"], results_dir=args["results_dir"])
+                              experiment=args["experiment"], results_dir=args["results_dir"], resume=args["resume"])
     check_search(settings, space)
     version, began = commit(), time.time()  # the code that runs, before anyone commits during the run
     results, _ = run_search(settings, space)
     stopped = unfinished_trials(settings) or 0
     if stopped:  # a table of some seeds would read as the study's result (and replace the last whole one)
-        raise KeyboardInterrupt(f"{stopped} trial(s) unfinished: no table written")
+        again = [*(a for a in argv if a.split("=", 1)[0] not in ("name", "resume")), f"name={args['name']}",
+                 "resume=true"]
+        raise KeyboardInterrupt(f"{stopped} trial(s) unfinished: no table written; this continues it: python -m "
+                                f"kdsearch.report {shlex.join(again)}")
     wall = time.time() - began
     parent = find_search(uri=args["uri"], experiment=args["experiment"], search=args["name"])
     trials = list_trials(uri=args["uri"], experiment=args["experiment"], search_run_id=parent.run_id)
@@ -324,12 +333,17 @@ def export_confirmed_run(run: ReportRun, *, search: str, out: Path, uri: str, ex
     return path
 
 
-def confirm_search(*, search: str, top: int, seeds: int, uri: str, experiment: str, results_dir: str) -> Path:
+def confirm_search(*, search: str, top: int, seeds: int, uri: str, experiment: str, results_dir: str,
+                   resume: bool = False) -> Path:
     """`kdsearch.tune confirm=<top> confirm_seeds=<seeds>`: the finished search's top configurations rerun over
-    fresh seeds as study=confirm, its table beside the search's leaderboard; returns the table."""
+    fresh seeds as study=confirm, its table beside the search's leaderboard; returns the table. `resume`: continue
+    the search's interrupted confirmation where there is one (its finished runs are kept), else start it."""
+    name = f"{search}-confirm"
     argv = ["study=confirm", f"search={search}", f"top={top}", f"seeds={seeds}", f"tracking.uri={uri}",
-            f"tracking.experiment={experiment}", f"results_dir={results_dir}", f"name={search}-confirm",
+            f"tracking.experiment={experiment}", f"results_dir={results_dir}", f"name={name}",
             f"out={Path(results_dir, search, 'confirm')}"]
+    if resume and name in search_names(uri=uri, experiment=experiment):
+        argv.append("resume=true")
     run = run_report(parse_args(argv), argv)
     export_confirmed_run(run, search=search, out=Path(results_dir, search, "best_student"), uri=uri,
                          experiment=experiment)
