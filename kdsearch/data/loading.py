@@ -54,7 +54,8 @@ TRAINING_SPLITS: tuple[Split, ...] = ("train", "validation")
 def _split_stems(spec: TaskSpec, split: Split) -> tuple[str, ...]:
     matched = spec.name == "mnli"  # MNLI's in-domain dev/test sets
     return {"train": ("train",),
-            "validation": ("dev", "validation", *(("dev_matched", "validation_matched") if matched else ())),
+            "validation": ("dev", "validation", "valid", "val",
+                           *(("dev_matched", "validation_matched") if matched else ())),
             "test": ("test", *(("test_matched",) if matched else ()))}[split]
 
 
