@@ -41,6 +41,17 @@ YamlLoader.add_implicit_resolver(
 )
 
 
+def read_yaml(path: Path, where: str) -> Any:
+    """A YAML file as YamlLoader reads it; a syntax error or a duplicate key is one ConfigError that starts with
+    `where` (the key or file the user named)."""
+    try:
+        return yaml.load(path.read_text(), Loader=YamlLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(err).split())}") from None
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
 def parse_value(text: str) -> Any:
     """One logged or typed value as YAML reads it, `1e-05` as a float (MLflow logs small floats that way)."""
     return yaml.load(text, Loader=YamlLoader)
@@ -79,12 +90,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     """`config=<path>`: a YAML mapping of config keys, nested or dotted (as a search space's `base`)."""
     file = Path(path).expanduser()
     require(file.is_file(), f"config={path}: no such file")
-    try:
-        data = yaml.load(file.read_text(), Loader=YamlLoader)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config={path}: not valid YAML: {' '.join(str(err).split())}") from None
-    except ConfigError as err:
-        raise ConfigError(f"config={path}: {err}") from None
+    data = read_yaml(file, f"config={path}")
     require(isinstance(data, dict), f"config={path}: expected a mapping of config keys (key: value)")
     try:
         return nest(data)

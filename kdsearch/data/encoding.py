@@ -7,7 +7,6 @@ Imports no Ray, Optuna or MLflow.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ import torch
 from datasets import DatasetDict, Features, Sequence, Value, load_from_disk
 from torch.nn.utils.rnn import pad_sequence
 
+from kdsearch.core.cache import content_key
 from kdsearch.core.errors import ConfigError
 from kdsearch.core.kinds import IGNORE_INDEX
 from kdsearch.data.loading import content_hash
@@ -70,8 +70,7 @@ def _tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     else:
         state = sorted(tokenizer.get_vocab().items())
     ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    blob = json.dumps([type(tokenizer).__name__, ids, state], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return content_key(kind=type(tokenizer).__name__, ids=ids, state=state)
 
 
 def _split_keys(raw: DatasetDict, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase,
@@ -82,12 +81,8 @@ def _split_keys(raw: DatasetDict, spec: TaskSpec, tokenizer: PreTrainedTokenizer
     common = {"version": _CACHE_VERSION, "task": spec.name, "family": family, "max_length": max_length,
               "segments": segments, "tokenizer": _tokenizer_hash(tokenizer),
               **({"decoder_start": decoder_start} if decoder_start is not None else {})}
-    return {split: _digest({**common, "split": split, "rows": [len(ds), content_hash(ds)]})
+    return {split: content_key(**common, split=split, rows=[len(ds), content_hash(ds)])
             for split, ds in raw.items()}
-
-
-def _digest(parts: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _encode_encoder(batch: dict[str, list], spec: TaskSpec, tokenizer: Any, max_length: int,
@@ -168,7 +163,7 @@ def tokenize_task(raw: DatasetDict, spec: TaskSpec, tokenizer: PreTrainedTokeniz
     if family == "causal" and spec.kind == "regression":
         raise ConfigError(f"task.name={spec.name}: a regression task needs an encoder teacher")
     keys = _split_keys(raw, spec, tokenizer, max_length, family, segments, decoder_start)
-    target = Path(cache_dir) / "data" / _digest(keys)
+    target = Path(cache_dir) / "data" / content_key(**keys)
     if not target.is_dir():
         encode: Any = {"causal": _encode_causal, "seq2seq": _encode_seq2seq}.get(family, _encode_encoder)
         kwargs: dict[str, Any] = {"spec": spec, "tokenizer": tokenizer, "max_length": max_length,

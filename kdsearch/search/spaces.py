@@ -13,9 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from kdsearch.config.overrides import YamlLoader
+from kdsearch.config.overrides import read_yaml
 from kdsearch.config.parse import build_config, config_keys, merge, nest, unflatten
 from kdsearch.core.errors import ConfigError, did_you_mean
 from kdsearch.data.tasks import TASKS
@@ -65,13 +63,7 @@ def find_space(name: str | Path) -> Path:
 def load_space(name_or_path: str | Path) -> Space:
     """Read and validate a space; every error is one line naming the file and the key."""
     path = find_space(name_or_path)
-    try:
-        raw = yaml.load(path.read_text(), Loader=YamlLoader)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-    return _parse(raw, name=path.stem, source=path)
+    return _parse(read_yaml(path, str(path)), name=path.stem, source=path)
 
 
 # ---------------------------------------------------------------- parsing and validation
