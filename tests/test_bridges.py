@@ -13,11 +13,12 @@ from kdsearch.config.overrides import load_config
 from kdsearch.config.schema import Config
 from kdsearch.data.tasks import task_spec
 from kdsearch.methods.bridges import BRIDGES, BridgeInputs
-from kdsearch.methods.bridges.ted import FILTERS, build_filters, filter_width
+from kdsearch.methods.bridges.ted import FILTERS, build_filters, filter_spec, filter_width
 from kdsearch.methods.bridges.units import score_units, select_units
 from kdsearch.methods.losses import LOGIT_LOSSES
 from kdsearch.run import models
 from kdsearch.run.evaluation import make_loader
+from kdsearch.run.loop import step_losses
 from kdsearch.run.step import Distiller, TeacherOutputs, leaves_parameters_unused, teacher_forward
 
 PAIRS = [(0, 0), (1, 2), (2, 4)]
@@ -30,9 +31,9 @@ class Given(BridgeInputs):
 
 def inputs(bridge: str, d_s: int, d_t: int = 64, **overrides: str) -> Given:
     cfg = load_config([f"distill.bridge={bridge}", *(f"{k}={v}" for k, v in overrides.items())])
-    d_f = filter_width(cfg.ted, d_t)
-    teacher_f = build_filters([0, 2, 4], d_t, d_f, cfg.ted).state_dict()
-    student_f = build_filters([0, 1, 2], d_s, d_f, cfg.ted).state_dict()
+    d_f = filter_width(d_t, width=cfg.ted.width, ratio=cfg.ted.width_ratio)
+    teacher_f = build_filters([0, 2, 4], d_t, d_f, filter_spec(cfg.ted)).state_dict()
+    student_f = build_filters([0, 1, 2], d_s, d_f, filter_spec(cfg.ted)).state_dict()
     return Given(pairs=PAIRS, d_student=d_s, d_teacher=d_t, settings=BRIDGES.get(bridge).settings(cfg),
                  artifacts={"teacher_filters": teacher_f, "student_filters": student_f,
                             "unit_scores": {"scores": torch.rand(5, d_t)}}, cfg=cfg)
@@ -58,7 +59,7 @@ def test_every_bridge_maps_both_sides_to_one_space_and_trains_only_the_student_s
 @pytest.mark.parametrize("name", FILTERS.names())
 def test_filters_backpropagate(name: str) -> None:
     cfg = load_config([f"ted.filter={name}", "ted.depth=3"])
-    f = FILTERS.get(name)(16, 8, cfg.ted)
+    f = FILTERS.get(name)(16, 8, filter_spec(cfg.ted))
     x = torch.randn(3, 16)
     f(x).pow(2).sum().backward()
     assert all(p.grad is not None for p in f.parameters())
@@ -184,7 +185,7 @@ def test_step_terms_and_their_weighted_sum() -> None:
     teacher, student = _tiny_pair()
     cfg = load_config(["distill.w_task=1", "distill.w_logit=2", "distill.w_hidden=3"]).distill
     distiller = Distiller(student, BRIDGES.get("identity").build(inputs("identity", 64)), kind="classification",
-                          cfg=cfg)
+                          losses=step_losses(cfg))
     batch = {"input_ids": torch.randint(1, 30, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long),
              "labels": torch.randint(0, 2, (4,))}
     terms = distiller(batch, teacher_forward(teacher, batch, hidden=True), [(1, 2), (2, 4)])
@@ -201,7 +202,7 @@ def test_the_step_takes_its_logit_term_from_the_configured_divergence(name: str)
     student.eval()
     cfg = load_config([f"distill.logit_loss={name}", "distill.temperature=2"]).distill
     distiller = Distiller(student, BRIDGES.get("identity").build(inputs("identity", 64)), kind="classification",
-                          cfg=cfg)
+                          losses=step_losses(cfg))
     batch = {"input_ids": torch.randint(1, 30, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long),
              "labels": torch.randint(0, 2, (4,))}
     with torch.no_grad():
@@ -225,7 +226,7 @@ def test_hidden_distances_skip_padding_unless_told_to_match_every_position() -> 
         for masked in (True, False):
             cfg = load_config(["distill.w_logit=0", f"distill.mask_padding={str(masked).lower()}"]).distill
             distiller = Distiller(student, BRIDGES.get("identity").build(inputs("identity", 64)), kind="classification",
-                                  cfg=cfg)
+                                  losses=step_losses(cfg))
             hidden[masked] = distiller(batch, outputs, [(2, 4)])["hidden"]
     assert outputs.hidden is not None
     per_token = (s - outputs.hidden[4]).pow(2).mean(-1)  # (B, T): element-mean mse per position
@@ -239,7 +240,7 @@ def test_step_with_the_teacher_as_student_has_zero_distillation_terms() -> None:
     cfg = load_config(["distill.w_task=0"]).distill
     twin = models.build_student(teacher, layers=4, hidden_size=None, init="teacher", seed=0)
     distiller = Distiller(twin.eval(), BRIDGES.get("identity").build(inputs("identity", 64)), kind="classification",
-                          cfg=cfg)
+                          losses=step_losses(cfg))
     batch = {"input_ids": torch.randint(1, 30, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long),
              "labels": torch.randint(0, 2, (4,))}
     terms = distiller(batch, teacher_forward(teacher, batch, hidden=True), [(k, k) for k in range(5)])
@@ -265,13 +266,13 @@ def test_a_step_leaves_parameters_unused_only_when_declared(family: str, bridge:
     w_task, w_logit, w_hidden = weights
     given = inputs(bridge, d_s, **{"distill.w_task": w_task, "distill.w_logit": w_logit,
                                    "distill.w_hidden": w_hidden, "units.ratio": 0.25})
-    distiller = Distiller(student, BRIDGES.get(bridge).build(given), kind=kind, cfg=given.cfg.distill)  # type: ignore[union-attr]
+    distiller = Distiller(student, BRIDGES.get(bridge).build(given), kind=kind, losses=step_losses(given.cfg.distill))  # type: ignore[union-attr]
     ids = torch.randint(1, 30, (4, 6))
     batch = {"input_ids": ids, "attention_mask": torch.ones(4, 6, dtype=torch.long),
              "labels": torch.randint(0, 2, (4,)) if kind == "classification" else ids}
     distiller(batch, teacher_forward(teacher, batch, hidden=True), PAIRS)["loss"].backward()
     idle = [n for n, p in distiller.named_parameters() if p.requires_grad and p.grad is None]
-    if not leaves_parameters_unused(given.cfg.distill):
+    if not leaves_parameters_unused(step_losses(given.cfg.distill).weights):
         assert idle == []
     elif family != "tiny-gpt2":  # GPT-2's last hidden state is after ln_f and its head shares the embeddings
         assert idle, "hidden pairs alone leave the task head idle"
@@ -286,7 +287,8 @@ def test_causal_logit_term_matches_next_token_predictions_on_response_tokens_onl
     teacher = models.freeze(models.task_model_class("causal").from_config(config))
     student = models.build_student(teacher, layers=2, hidden_size=None, init="random", seed=0).eval()  # no dropout
     cfg = load_config(["distill.w_task=0", "distill.w_hidden=0", "distill.temperature=2"]).distill
-    distiller = Distiller(student, BRIDGES.get("identity").build(inputs("identity", 64)), kind="causal_lm", cfg=cfg)
+    distiller = Distiller(student, BRIDGES.get("identity").build(inputs("identity", 64)), kind="causal_lm",
+                          losses=step_losses(cfg))
     ids = torch.randint(1, 30, (2, 6), generator=torch.Generator().manual_seed(3))
     labels = ids.clone()
     labels[:, :3] = -100  # a 3-token prompt: the first target is token 3, predicted at position 2
@@ -336,7 +338,7 @@ def test_ted_stage1_trains_each_filter_on_its_own_hidden_state_and_leaves_the_mo
         loader.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[:, 0] % 2})
     cfg = load_config(["distill.bridge=ted"]).ted
     torch.manual_seed(0)
-    filters = build_filters([1, 2, 3], 8, 8, cfg)
+    filters = build_filters([1, 2, 3], 8, 8, filter_spec(cfg))
     accuracy = train_stage1(model, filters, d_f=8, loader=loader, kind="classification", n_out=2, epochs=6,
                             lr=1e-2, device=torch.device("cpu"))
     assert accuracy["2"] > 0.95

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from kdsearch.config.overrides import load_config
 from kdsearch.methods.bridges import Bridge
+from kdsearch.run.loop import step_losses
 from kdsearch.run.step import Distiller
 
 B, T, D = 4, 7, 6
@@ -63,7 +64,7 @@ def ted_reference(teacher: list[Tensor], student: list[Tensor]) -> Tensor:
 # --- kdsearch's hidden term, as the step computes and logs it ---------------------------------------------
 def logged_hidden(overrides: list[str], teacher: list[Tensor], student: list[Tensor], mask: Tensor) -> Tensor:
     cfg = load_config(overrides).distill
-    distiller = Distiller(nn.Linear(1, 1), Bridge(), kind="classification", cfg=cfg)
+    distiller = Distiller(nn.Linear(1, 1), Bridge(), kind="classification", losses=step_losses(cfg))
     pairs = [(k, k) for k in range(len(student))]
     used = mask if cfg.mask_padding else None
     return distiller._hidden_term(tuple(student), tuple(teacher), used, pairs)

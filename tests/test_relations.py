@@ -20,6 +20,7 @@ from kdsearch.methods.relations import (
     relation_term,
 )
 from kdsearch.run import models
+from kdsearch.run.loop import step_losses
 from kdsearch.run.step import Distiller, teacher_forward
 
 ALL = frozenset({"query", "key", "value"})
@@ -163,7 +164,7 @@ def test_the_step_adds_the_relation_term_and_trains_the_tapped_layer_only_throug
     cfg = load_config(["distill.w_task=0", "distill.w_logit=0", "distill.w_hidden=0", "distill.w_relation=2"])
     bridge = BRIDGES.get("identity").build(BridgeInputs(pairs=[], d_student=32, d_teacher=64))
     spec = RelationSpec(("qk", "vv"), heads=2, pairs=((1, 4),))
-    distiller = Distiller(student, bridge, kind="classification", cfg=cfg.distill, relation=spec)
+    distiller = Distiller(student, bridge, kind="classification", losses=step_losses(cfg.distill), relation=spec)
     batch = _batch()
     with pytest.raises(ValueError, match="teacher's projections"):
         distiller(batch, teacher_forward(teacher, batch, hidden=False), [])

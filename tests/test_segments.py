@@ -15,10 +15,11 @@ from kdsearch.config.overrides import load_config
 from kdsearch.data.encoding import collate
 from kdsearch.data.tasks import task_spec
 from kdsearch.methods.bridges import BRIDGES, BridgeInputs
-from kdsearch.methods.bridges.ted import build_filters, train_stage1
+from kdsearch.methods.bridges.ted import build_filters, filter_spec, train_stage1
 from kdsearch.methods.bridges.units import score_units
 from kdsearch.run import models, teacher_cache
 from kdsearch.run.evaluation import evaluate, forward_latency_ms, make_loader
+from kdsearch.run.loop import step_losses
 from kdsearch.run.prepare import Prepared, fit_task
 from kdsearch.run.step import Distiller, teacher_forward
 
@@ -84,7 +85,8 @@ def test_the_teacher_forward_and_the_step_pass_segment_ids(teacher: torch.nn.Mod
     student = models.build_student(teacher, layers=2, hidden_size=None, init="teacher", seed=0).eval()
     cfg = load_config(["distill.bridge=identity"])
     bridge = BRIDGES.get("identity").build(BridgeInputs(pairs=[(1, 2), (2, 4)], d_student=64, d_teacher=64))
-    terms = Distiller(student, bridge, kind="classification", cfg=cfg.distill)(batch, outputs, [(1, 2), (2, 4)])
+    distiller = Distiller(student, bridge, kind="classification", losses=step_losses(cfg.distill))
+    terms = distiller(batch, outputs, [(1, 2), (2, 4)])
     torch.testing.assert_close(terms["logits"], _direct(student, batch, segments=True))
     assert not torch.allclose(terms["logits"], _direct(student, batch, segments=False))
 
@@ -114,8 +116,8 @@ def test_fine_tuning_stage1_unit_scores_and_analysis_pass_segment_ids(teacher: t
     teacher.requires_grad_(True)  # fine-tuned, then frozen again as a teacher
     fit_task(teacher, {"train": rows, "validation": rows}, spec=SPEC, cfg=cfg, pad_id=0, device=CPU)
     models.freeze(teacher)
-    train_stage1(teacher, build_filters([1, 4], 64, 16, cfg.ted), d_f=16, loader=loader, kind="classification",
-                 n_out=2, epochs=1, lr=1e-3, device=CPU)
+    train_stage1(teacher, build_filters([1, 4], 64, 16, filter_spec(cfg.ted)), d_f=16, loader=loader,
+                 kind="classification", n_out=2, epochs=1, lr=1e-3, device=CPU)
     score_units(teacher, loader, kind="classification", method="grad", batches=2, device=CPU)
     student = models.build_student(teacher, layers=2, hidden_size=None, init="teacher", seed=0).eval()
     seen_student = _spy(student)

@@ -26,6 +26,7 @@ from kdsearch.methods.inputs import model_inputs
 from kdsearch.methods.layer_maps import run_pairs
 from kdsearch.run import models
 from kdsearch.run.evaluation import evaluate
+from kdsearch.run.loop import step_losses
 from kdsearch.run.step import Distiller, teacher_forward
 from kdsearch.run.validate import validate
 
@@ -212,7 +213,7 @@ def test_the_steps_terms_are_the_layer_selection_codes(name: str, distance: str)
     batch = batch_of(start=start)
     cfg = DistillConfig(distance=distance, hidden_reduce="sum", w_task=1.0, w_logit=1.0, w_hidden=3.0,
                         temperature=2.0)
-    distiller = Distiller(student, Bridge(), kind="seq2seq", cfg=cfg, decoder_bridge=Bridge())
+    distiller = Distiller(student, Bridge(), kind="seq2seq", losses=step_losses(cfg), decoder_bridge=Bridge())
     pairs = run_pairs(Config(teacher=name, distill=cfg), 4)
     dec_pairs = run_pairs(Config(teacher=name, distill=cfg), 4, stack="decoder")
     assert pairs == dec_pairs == [(0, 0), (1, 2), (2, 4)]
@@ -247,7 +248,7 @@ def test_a_projector_bridges_each_stack_and_trains() -> None:
     pairs, dec_pairs = run_pairs(cfg, 4), run_pairs(cfg, 4, stack="decoder")
     assert dec_pairs == [(0, 0), (1, 4)]
     encoder, decoder = ProjectorBridge([0, 1, 2], 32, 64), ProjectorBridge([0, 1], 32, 64)
-    distiller = Distiller(student, encoder, kind="seq2seq", cfg=cfg.distill, decoder_bridge=decoder)
+    distiller = Distiller(student, encoder, kind="seq2seq", losses=step_losses(cfg.distill), decoder_bridge=decoder)
     batch = batch_of()
     terms = distiller(batch, teacher_forward(teacher, batch, hidden=True), pairs, dec_pairs)
     terms["loss"].backward()

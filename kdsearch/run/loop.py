@@ -23,7 +23,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from kdsearch.config.schema import Config, Precision
+from kdsearch.config.schema import Config, DistillConfig, Precision
 from kdsearch.core.safe_io import load_tensors
 from kdsearch.data.metrics import generation_metric_names, metric_names
 from kdsearch.data.tasks import TaskSpec
@@ -36,7 +36,7 @@ from kdsearch.run.evaluation import EVAL_BATCH_SIZE, evaluate, evaluate_generati
 from kdsearch.run.optimiser import Optimiser, make_optimiser
 from kdsearch.run.precision import autocast
 from kdsearch.run.prepare import Prepared, load_teacher, make_student
-from kdsearch.run.step import Distiller, loss_weights, teacher_forward
+from kdsearch.run.step import Distiller, StepLosses, teacher_forward
 from kdsearch.run.teacher_cache import TeacherCache, with_rows
 
 
@@ -69,6 +69,14 @@ def reported_metrics(spec: TaskSpec) -> tuple[str, ...]:
             "teacher_score")
 
 
+def step_losses(cfg: DistillConfig) -> StepLosses:
+    """The distill.* keys the step reads, as the step's plain values."""
+    return StepLosses(weights={"task": cfg.w_task, "logit": cfg.w_logit, "hidden": cfg.w_hidden,
+                               "relation": cfg.w_relation},
+                      distance=cfg.distance, logit_loss=cfg.logit_loss, temperature=cfg.temperature,
+                      hidden_reduce=cfg.hidden_reduce, mask_padding=cfg.mask_padding)
+
+
 def build_distiller(cfg: Config, prepared: Prepared, device: torch.device) -> tuple[nn.Module, Distiller]:
     """The frozen teacher and the trainable Distiller (student + bridge), identically on every worker."""
     teacher = load_teacher(prepared, device)
@@ -82,7 +90,7 @@ def build_distiller(cfg: Config, prepared: Prepared, device: torch.device) -> tu
 
     decoder = decoder_pairs(cfg, prepared, epoch=0)
     distiller = Distiller(student, build(layer_pairs(cfg, prepared, epoch=0)), kind=prepared.spec.kind,
-                          cfg=cfg.distill, relation=resolve_relation(cfg, teacher.config),
+                          losses=step_losses(cfg.distill), relation=resolve_relation(cfg, teacher.config),
                           decoder_bridge=build(decoder) if prepared.family == "seq2seq" else None)
     return teacher, distiller.to(device)
 
@@ -136,7 +144,7 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
     precision = cfg.train.precision
     if ctx.rank == 0:
         resuming = f"; resuming after epoch {start}" if start else ""
-        ctx.log(f"{describe(loss_weights(cfg.distill))}; student {models.count_parameters(distiller.student):,} "
+        ctx.log(f"{describe(step_losses(cfg.distill).weights)}; student {models.count_parameters(distiller.student):,} "
                 f"params{resuming}")
     # Measured once, before training: the architecture sets it, not the weights.
     with autocast(ctx.device, precision):

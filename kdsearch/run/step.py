@@ -11,7 +11,7 @@ Plain PyTorch: no Ray, Optuna or MLflow.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,6 @@ from kdsearch.methods.losses import DISTANCES, LOGIT_LOSSES, combine, task_loss
 from kdsearch.methods.relations import Captured, RelationSpec, Tap, capture, relation_term
 
 if TYPE_CHECKING:
-    from kdsearch.config.schema import DistillConfig
     from kdsearch.core.kinds import TaskKind
     from kdsearch.methods.bridges import Bridge
 
@@ -53,24 +52,38 @@ def teacher_forward(teacher: nn.Module, batch: dict[str, torch.Tensor], *, hidde
     return TeacherOutputs(out.logits, out.hidden_states if hidden else None, dict(projections) if tap else None)
 
 
-def loss_weights(cfg: DistillConfig) -> dict[str, float]:
-    return {"task": cfg.w_task, "logit": cfg.w_logit, "hidden": cfg.w_hidden, "relation": cfg.w_relation}
+@dataclass(frozen=True)
+class StepLosses:
+    """How the step weighs and measures its terms, as plain values (the distill.* keys; `step_losses` in the loop
+    turns a config into them)."""
+
+    weights: dict[str, float]
+    """task, logit, hidden and relation: each term's weight in the loss (0 = the term is not computed)."""
+    distance: str
+    """The hidden term's distance (DISTANCES)."""
+    logit_loss: str
+    """The logit term (LOGIT_LOSSES)."""
+    temperature: float
+    hidden_reduce: Literal["sum", "mean"]
+    """How the per-pair distances combine."""
+    mask_padding: bool
+    """Whether padded positions are left out of the hidden distances."""
 
 
-def leaves_parameters_unused(cfg: DistillConfig) -> bool:
+def leaves_parameters_unused(weights: dict[str, float]) -> bool:
     """Whether a step can leave trainable parameters without a gradient.
 
     Only when neither the task loss nor logit KD reads the student's output: the hidden pairs alone then train
     it, and its task head (and any layer above the deepest paired one) stays idle. DDP needs to know, since
     looking for unused parameters costs a traversal of the autograd graph every step.
     """
-    return cfg.w_task == 0 and cfg.w_logit == 0
+    return weights["task"] == 0 and weights["logit"] == 0
 
 
 class Distiller(nn.Module):
     """Student + bridge; forward returns the named loss terms (detached copies are for logging only)."""
 
-    def __init__(self, student: nn.Module, bridge: Bridge, *, kind: TaskKind, cfg: DistillConfig,
+    def __init__(self, student: nn.Module, bridge: Bridge, *, kind: TaskKind, losses: StepLosses,
                  relation: RelationSpec | None = None, decoder_bridge: Bridge | None = None) -> None:
         super().__init__()
         self.student = student
@@ -78,13 +91,13 @@ class Distiller(nn.Module):
         self.decoder_bridge = decoder_bridge
         """An encoder-decoder's bridge for its decoder pairs (`bridge` serves the encoder's)."""
         self.kind = kind
-        self.cfg = cfg
-        self.weights = loss_weights(cfg)
-        self.distance = DISTANCES.get(cfg.distance)
-        self.logit_loss = LOGIT_LOSSES.get(cfg.logit_loss)
-        if cfg.w_relation > 0 and relation is None:
+        self.losses = losses
+        self.weights = losses.weights
+        self.distance = DISTANCES.get(losses.distance)
+        self.logit_loss = LOGIT_LOSSES.get(losses.logit_loss)
+        if self.weights["relation"] > 0 and relation is None:
             raise ValueError("distill.w_relation > 0 needs its layers and heads: pass relation=resolve_relation(...)")
-        self.relation = relation if cfg.w_relation > 0 else None
+        self.relation = relation if self.weights["relation"] > 0 else None
         """The relation term's layers and heads; the loop taps the teacher at `relation.teacher`."""
 
     def forward(self, batch: dict[str, torch.Tensor], teacher: TeacherOutputs,
@@ -102,7 +115,7 @@ class Distiller(nn.Module):
         if use_hidden and self.kind == "seq2seq":
             assert teacher.hidden is not None and teacher.decoder_hidden is not None
             assert self.decoder_bridge is not None, "an encoder-decoder's Distiller needs decoder_bridge="
-            masks = (batch["attention_mask"], batch["decoder_attention_mask"]) if self.cfg.mask_padding else (None,
+            masks = (batch["attention_mask"], batch["decoder_attention_mask"]) if self.losses.mask_padding else (None,
                                                                                                            None)
             terms["hidden"] = self._reduce(
                 self._per_pair(out.encoder_hidden_states, teacher.hidden, masks[0], pairs, self.bridge)
@@ -110,7 +123,7 @@ class Distiller(nn.Module):
                                  self.decoder_bridge))
         elif use_hidden:
             assert teacher.hidden is not None
-            mask = batch["attention_mask"] if self.cfg.mask_padding else None
+            mask = batch["attention_mask"] if self.losses.mask_padding else None
             terms["hidden"] = self._hidden_term(out.hidden_states, teacher.hidden, mask, pairs)
         if self.relation is not None:
             if teacher.projections is None:
@@ -126,10 +139,10 @@ class Distiller(nn.Module):
             return F.mse_loss(student.float(), teacher.float())
         if self.kind == "causal_lm":  # position t predicts token t+1; only response tokens count
             mask = labels[:, 1:] != IGNORE_INDEX
-            return self.logit_loss(student[:, :-1], teacher[:, :-1], temperature=self.cfg.temperature, mask=mask)
+            return self.logit_loss(student[:, :-1], teacher[:, :-1], temperature=self.losses.temperature, mask=mask)
         if self.kind == "seq2seq":  # decoder position t predicts label t; only target tokens count
-            return self.logit_loss(student, teacher, temperature=self.cfg.temperature, mask=labels != IGNORE_INDEX)
-        return self.logit_loss(student, teacher, temperature=self.cfg.temperature)
+            return self.logit_loss(student, teacher, temperature=self.losses.temperature, mask=labels != IGNORE_INDEX)
+        return self.logit_loss(student, teacher, temperature=self.losses.temperature)
 
     def _hidden_term(self, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
                      mask: torch.Tensor | None, pairs: Pairs) -> torch.Tensor:
@@ -148,4 +161,4 @@ class Distiller(nn.Module):
         """distill.hidden_reduce over every pair (an encoder-decoder's: both stacks' pairs together, so that sum
         is the layer-selection code's hid_loss_enc + hid_loss_dec)."""
         stacked = torch.stack(per_pair)
-        return stacked.sum() if self.cfg.hidden_reduce == "sum" else stacked.mean()
+        return stacked.sum() if self.losses.hidden_reduce == "sum" else stacked.mean()

@@ -22,7 +22,7 @@ from ray.train.torch import TorchTrainer
 
 from kdsearch.config.schema import Config
 from kdsearch.core.console import quiet_libraries
-from kdsearch.run.loop import WorkerContext, run_distillation
+from kdsearch.run.loop import WorkerContext, run_distillation, step_losses
 from kdsearch.run.prepare import Prepared
 from kdsearch.run.sizing import worker_bundle
 from kdsearch.run.step import leaves_parameters_unused
@@ -83,7 +83,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             rank=rank, world_size=context.get_world_size(), device=ray.train.torch.get_device(),
             report=_report, gather=_gather, checkpoint=checkpoint_dir,
             wrap_model=lambda m: ray.train.torch.prepare_model(m, parallel_strategy_kwargs={
-                "find_unused_parameters": leaves_parameters_unused(loop_config["cfg"].distill)}),
+                "find_unused_parameters": leaves_parameters_unused(step_losses(loop_config["cfg"].distill).weights)}),
             wrap_loader=ray.train.torch.prepare_data_loader,
             log=_log)
         try:

@@ -37,39 +37,57 @@ ACTIVATIONS.register("gelu")(nn.GELU)
 ACTIVATIONS.register("relu")(nn.ReLU)
 ACTIVATIONS.register("tanh")(nn.Tanh)
 
-FilterBuilder = Callable[[int, int, "TedConfig"], nn.Module]
+@dataclasses.dataclass(frozen=True)
+class FilterSpec:
+    """A TED filter's architecture as plain values, what the builders take (`filter_spec` reads ted.*)."""
+
+    name: str
+    """The FILTERS entry: linear or mlp."""
+    depth: int
+    """An mlp's Linear layers."""
+    hidden: int | None
+    """An mlp's inner width; None = its input width."""
+    activation: str
+    """The ACTIVATIONS entry between an mlp's layers."""
+
+
+def filter_spec(ted: TedConfig) -> FilterSpec:
+    return FilterSpec(name=ted.filter, depth=ted.depth, hidden=ted.mlp_hidden, activation=ted.activation)
+
+
+FilterBuilder = Callable[[int, int, FilterSpec], nn.Module]
 FILTERS: Registry[FilterBuilder] = Registry("filter")
 
 
 @FILTERS.register("linear")
-def linear_filter(d_in: int, d_out: int, cfg: TedConfig) -> nn.Module:
+def linear_filter(d_in: int, d_out: int, spec: FilterSpec) -> nn.Module:
     """TED's default filter: Linear(d, d_f)."""
     return nn.Linear(d_in, d_out)
 
 
 @FILTERS.register("mlp")
-def mlp_filter(d_in: int, d_out: int, cfg: TedConfig) -> nn.Module:
-    """TED's non-linear option generalised: `depth` Linear layers, width `mlp_hidden`, activation between."""
-    hidden = cfg.mlp_hidden or d_in
-    dims = [d_in] + [hidden] * (cfg.depth - 1) + [d_out]
+def mlp_filter(d_in: int, d_out: int, spec: FilterSpec) -> nn.Module:
+    """TED's non-linear option generalised: `depth` Linear layers, width `hidden`, activation between."""
+    hidden = spec.hidden or d_in
+    dims = [d_in] + [hidden] * (spec.depth - 1) + [d_out]
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
         if i:
-            layers.append(ACTIVATIONS.get(cfg.activation)())
+            layers.append(ACTIVATIONS.get(spec.activation)())
         layers.append(nn.Linear(a, b))
     return nn.Sequential(*layers)
 
 
-def filter_width(cfg: TedConfig, d_teacher: int) -> int:
+def filter_width(d_teacher: int, *, width: int | None, ratio: float | None) -> int:
     """d_f: `ted.width`, or `ted.width_ratio` x the teacher's width, or the teacher's width (TED's code)."""
-    if cfg.width:
-        return cfg.width
-    return max(1, round(cfg.width_ratio * d_teacher)) if cfg.width_ratio else d_teacher
+    if width:
+        return width
+    return max(1, round(ratio * d_teacher)) if ratio else d_teacher
 
 
-def build_filters(indices: Iterable[int], d_in: int, d_out: int, cfg: TedConfig) -> nn.ModuleDict:
+def build_filters(indices: Iterable[int], d_in: int, d_out: int, spec: FilterSpec) -> nn.ModuleDict:
     """One filter per hidden-state index, keyed by str(index)."""
-    return nn.ModuleDict({str(i): FILTERS.get(cfg.filter)(d_in, d_out, cfg) for i in indices})
+    return nn.ModuleDict({str(i): FILTERS.get(spec.name)(d_in, d_out, spec) for i in indices})
 
 
 HEAD_DROPOUT = 0.1
@@ -164,13 +182,13 @@ def _stage1_filters(ctx: PrepareContext, model: nn.Module, indices: list[int], d
                     kind: str, key: str) -> str:
     """Stage 1 on the frozen `model` at hidden states `indices`, cached as `kind`/`key`: the filters' file."""
     cfg, ted = ctx.cfg, ctx.cfg.ted
-    d_f = filter_width(ted, ctx.d_teacher)
+    d_f = filter_width(ctx.d_teacher, width=ted.width, ratio=ted.width_ratio)
     # Stage-1 heads predict the task: classes, a score, or (causal LMs) the next token over the vocabulary.
     n_out = ctx.teacher().config.vocab_size if ctx.kind == "causal_lm" else max(ctx.num_labels, 1)
 
     def build(out: Path) -> None:
         torch.manual_seed(cfg.train.seed)
-        filters = build_filters(indices, d_in, d_f, ted)
+        filters = build_filters(indices, d_in, d_f, filter_spec(ted))
         acc = train_stage1(model, filters, d_f=d_f, loader=ctx.batches(), kind=ctx.kind, n_out=n_out,
                            epochs=ted.stage1_epochs, lr=_stage1_lr(cfg), device=ctx.device)
         per_layer = ", ".join(f"h[{k}] {a:.3f}" for k, a in acc.items())
@@ -193,7 +211,8 @@ def prepare_ted(ctx: PrepareContext) -> dict[str, str]:
     cfg = ctx.cfg
     # What stage 1 reads: the filter settings (not how stage 2 initialises its student filters), the batches.
     architecture = {k: v for k, v in dataclasses.asdict(cfg.ted).items() if k != "student_filters"}
-    common = dict(filter=architecture, d_f=filter_width(cfg.ted, ctx.d_teacher), teacher=ctx.teacher_dir,
+    d_f = filter_width(ctx.d_teacher, width=cfg.ted.width, ratio=cfg.ted.width_ratio)
+    common = dict(filter=architecture, d_f=d_f, teacher=ctx.teacher_dir,
                   seed=cfg.train.seed, batch_size=cfg.train.batch_size, lr=_stage1_lr(cfg), version=STAGE1_VERSION)
     t_idx = sorted({t for _, t in ctx.pairs})
     out = {"teacher_filters": _stage1_filters(ctx, ctx.teacher(), t_idx, ctx.d_teacher, label="teacher",
@@ -238,10 +257,10 @@ def ted_bridge(inputs: BridgeInputs) -> Bridge:
     if not inputs.pairs:  # nothing to compare, and no stage 1 ran
         return Bridge()
     ted: TedConfig = inputs.settings
-    d_f = filter_width(ted, inputs.d_teacher)
-    teacher = build_filters(sorted({t for _, t in inputs.pairs}), inputs.d_teacher, d_f, ted)
+    d_f, spec = filter_width(inputs.d_teacher, width=ted.width, ratio=ted.width_ratio), filter_spec(ted)
+    teacher = build_filters(sorted({t for _, t in inputs.pairs}), inputs.d_teacher, d_f, spec)
     teacher.load_state_dict(inputs.artifacts["teacher_filters"])
-    student = build_filters(sorted({s for s, _ in inputs.pairs}), inputs.d_student, d_f, ted)
+    student = build_filters(sorted({s for s, _ in inputs.pairs}), inputs.d_student, d_f, spec)
     if ted.student_filters == "stage1":
         student.load_state_dict(inputs.artifacts["student_filters"])
     elif ted.student_filters == "teacher":  # same widths (checked): copy the matched teacher filter
