@@ -150,19 +150,17 @@ class TaskConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     layer_map: str = "forward"
-    """Registry key in kdsearch.methods.layer_maps (forward, reverse, last, all_to_one, random, random_strict,
-    inorder_random, explicit, none)."""
+    """Which teacher layer each student layer matches (kdsearch/methods/layer_maps.py); none = no hidden term."""
     layers: tuple[int, ...] | None = None
     """Teacher hidden-state indices for layer_map=explicit, one per student layer (1..n_t)."""
     embeddings: bool | None = None
     """Also match the embedding outputs h_s[0] <-> h_t[0] (the layer-selection paper's BERT and seq2seq runs);
     null = true, except with bridge=ted (TED's code has no filter on the embeddings)."""
     bridge: str = "auto"
-    """Width bridge (kdsearch/bridges): identity, projector, orthogonal, ted, units; `auto` = identity if widths
-    match, else projector."""
+    """Width bridge, a module of kdsearch/methods/bridges; `auto` = identity if widths match, else projector."""
     distance: str = "mse"
-    """Hidden distance registry key (mse, token_mse, ln_mse, cosine, correlation, cka, pkd_cls, and the
-    layer-selection code's own forms layer_select_bert, layer_select_t5, layer_select_qwen3)."""
+    """Hidden distance (kdsearch/methods/losses.py), including the layer-selection code's own forms
+    layer_select_bert, layer_select_t5 and layer_select_qwen3."""
     hidden_reduce: Literal["sum", "mean"] = "sum"
     """How per-pair hidden terms combine. The papers' forms (docs/results/README.md, fidelity): layer-selection
     BERT = layer_select_bert + mean; BART = mse + sum; T5 = layer_select_t5 + sum; Qwen3 = layer_select_qwen3 +
@@ -203,7 +201,7 @@ class DistillConfig:
 @dataclass(frozen=True)
 class TedConfig:
     filter: str = "linear"
-    """Filter architecture registry key (linear, mlp)."""
+    """Filter architecture: linear (TED's default) or mlp."""
     width: int | None = None
     """Filter output width d_f; None = the teacher's width (TED code), or `width_ratio` of it."""
     width_ratio: float | None = None
@@ -213,7 +211,7 @@ class TedConfig:
     depth: int = 2
     """Number of Linear layers of the mlp filter (>= 2)."""
     activation: str = "gelu"
-    """Activation between the mlp filter's layers (registry: gelu, relu, tanh, ...)."""
+    """Activation between the mlp filter's layers."""
     stage1_epochs: int = 2
     """Epochs of TED stage 1 (filters and their task heads on the frozen model); TED's scripts reuse the
     model's fine-tuning epochs (6 on SST-2)."""

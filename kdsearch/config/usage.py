@@ -1,7 +1,7 @@
 """`--help` of every command: its own keys, and every config key with its default and the doc under its field.
 
 The docs are read from the field docstrings of kdsearch/config/schema.py (the one place they are written), so the help
-cannot drift from the config. Imports only kdsearch.config's schema.
+cannot drift from the config; a key that names a registry entry lists the entries registered (kdsearch.methods).
 """
 
 from __future__ import annotations
@@ -67,15 +67,30 @@ def shown(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def registered_names() -> dict[str, list[str]]:
+    """Config keys whose value names a registry entry -> the names registered now, so that a new method's name
+    shows in --help without a docstring to update."""
+    from kdsearch.methods.bridges import BRIDGES
+    from kdsearch.methods.bridges.ted import ACTIVATIONS, FILTERS
+    from kdsearch.methods.layer_maps import LAYER_MAPS
+    from kdsearch.methods.losses import DISTANCES, LOGIT_LOSSES, RELATION_LOSSES
+
+    return {"distill.layer_map": LAYER_MAPS.names(), "distill.bridge": ["auto", *BRIDGES.names()],
+            "distill.distance": DISTANCES.names(), "distill.logit_loss": LOGIT_LOSSES.names(),
+            "ted.filter": FILTERS.names(), "ted.activation": ACTIVATIONS.names(),
+            "relation.loss": RELATION_LOSSES.names()}
+
+
 def config_reference(indent: str = "  ", columns: int = 118) -> str:
-    """Every config key as `key=default  doc` (the doc wrapped under itself), in the order of config.py."""
-    docs, owners = _field_docs(), _owners()
+    """Every config key as `key=default  doc` (the doc wrapped under itself, then the registered names where the
+    value names a registry entry), in the order of config.py."""
+    docs, owners, names = _field_docs(), _owners(), registered_names()
     keys = [f"{key}={shown(default)}" for key, default in flatten(Config()).items()]
     width = max(map(len, keys)) + 2
     hang = " " * (len(indent) + width)
     lines = []
-    for typed, owner in zip(keys, owners.values(), strict=True):
-        doc = docs.get(owner, "")
+    for (key, owner), typed in zip(owners.items(), keys, strict=True):
+        doc = docs.get(owner, "") + (f" One of: {', '.join(names[key])}." if key in names else "")
         head = f"{indent}{typed:<{width}}"
         lines += textwrap.wrap(doc, columns, initial_indent=head, subsequent_indent=hang) if doc else [head.rstrip()]
     return "\n".join(lines)

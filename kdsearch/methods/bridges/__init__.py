@@ -1,13 +1,10 @@
-"""Width bridges, one module per method (identity, projector, orthogonal, ted, units), each registering its whole
-method in BRIDGES; `base` holds the contract. Adding a bridge: a module here, its config section, a space entry."""
+"""Width bridges, one module per method, each registering its whole method in BRIDGES; `base` holds the contract.
+Adding a bridge is a module here (imported below by discovery) and a space entry; a method with settings of its
+own adds its config section too."""
 
-from kdsearch.methods.bridges import (  # noqa: F401  (each registers its method)
-    identity,
-    orthogonal,
-    projector,
-    ted,
-    units,
-)
+import importlib
+import pkgutil
+
 from kdsearch.methods.bridges.base import (
     BRIDGES,
     Bridge,
@@ -18,6 +15,9 @@ from kdsearch.methods.bridges.base import (
     bridge_sections,
     resolve_bridge,
 )
+
+for _module in pkgutil.iter_modules(__path__):  # each module registers its method as it is imported
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["BRIDGES", "Bridge", "BridgeInputs", "BridgeMethod", "PrepareContext", "bridge_method", "bridge_sections",
            "resolve_bridge"]
