@@ -1,6 +1,6 @@
 """Extractive question answering: the embedded task, SQuAD files, windows over long contexts, the span loss and
 its KD term against their formulas, SQuAD's EM/F1 and best-span decoding on hand-computed cases, the refusals,
-and a short run whose exported student answers through a transformers pipeline."""
+and a short run whose exported student answers from its folder alone."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from kdsearch.data.loading import load_raw_task
 from kdsearch.data.qa import (
     CLS_INDEX,
     decode_answers,
+    encode_qa,
     exact_match,
     normalize_answer,
     squad_scores,
@@ -283,3 +284,64 @@ def test_raw_window_positions_score_by_span_overlap() -> None:
     out = compute_metrics(task_spec("qa_default"), predicted, gold)
     # F1 of [3, 6] vs [2, 3]: 1 common token, precision 1/4, recall 1/2 -> 1/3
     assert out == pytest.approx({"exact_match": 0.5, "f1": (1 + 1 + 0 + 1 / 3) / 4, "score": (2 + 1 / 3) / 4})
+
+
+# --- runs ----------------------------------------------------------------------------------------------------
+SHORT = ["task.name=qa_default", "task.train_size=2000", "task.eval_size=100", "finetune.epochs=4",
+         "finetune.batch_size=16",
+         "train.epochs=3", "train.batch_size=32", "train.dropout=0.0", "student.layers=2"]
+
+
+@pytest.mark.slow
+def test_a_short_run_learns_the_task_and_exports_a_student_a_qa_pipeline_runs(tmp_path: Path) -> None:
+    from transformers import AutoModelForQuestionAnswering
+
+    from kdsearch.run.loop import WorkerContext, export_student, reported_metrics, run_distillation
+    from kdsearch.run.prepare import prepare
+
+    cfg = load_config([*SHORT, f"cache_dir={tmp_path / 'cache'}"])
+    assert validate(cfg).kind == "extractive_qa"
+    prepared = prepare(cfg)
+    assert prepared.teacher_outputs is None  # the teacher cache is for classification
+    teacher = prepared.teacher_metrics
+    # a random fact's answer scores ~1/3; the teacher reads the question
+    assert teacher["eval_f1"] > 0.5 and teacher["eval_score"] == teacher["eval_f1"], teacher
+    reports: list[dict] = []
+    store = tmp_path / "ckpt"
+
+    def report(metrics: dict, checkpoint: Path | None) -> None:
+        reports.append(metrics)
+        if checkpoint is not None:
+            store.mkdir(exist_ok=True)
+            for f in checkpoint.iterdir():
+                (store / f.name).write_bytes(f.read_bytes())
+
+    run_distillation(cfg, prepared, WorkerContext(report=report, log=lambda _: None))
+    last = reports[-1]
+    assert set(reported_metrics(prepared.spec)) <= set(last)
+    assert {"eval_exact_match", "eval_f1"} <= set(last) and last["eval_score"] == last["eval_f1"]
+    assert last["train_task"] > 0 and last["train_logit"] > 0 and last["train_hidden"] > 0
+    assert last["eval_f1"] > 0.4, reports
+
+    out = export_student(cfg, prepared, store, tmp_path / "student")
+    model = AutoModelForQuestionAnswering.from_pretrained(out)
+    assert type(model).__name__ == "BertForQuestionAnswering" and model.config.num_hidden_layers == 2
+    # transformers 5 removed pipeline("question-answering"); what it did, from the folder alone: windows with
+    # offsets from the exported fast tokenizer, one forward, the best span of the context
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    rows = qa_default_rows(1, 20)["test"]
+    features = encode_qa(rows, list(range(20)), tokenizer=tok, max_length=64, stride=21, segments=True)
+    batch = collate([{k: features[k][i] for k in ("input_ids", "attention_mask", "token_type_ids")}
+                     for i in range(len(features["input_ids"]))])
+    with torch.no_grad():
+        logits = model.eval()(**batch)
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    answers = decode_answers(features, [s[:n].numpy() for s, n in zip(logits.start_logits, lengths, strict=True)],
+                             [e[:n].numpy() for e, n in zip(logits.end_logits, lengths, strict=True)],
+                             unanswerable=False)
+    for i, context in enumerate(rows["context"]):
+        assert answers[i] and answers[i] in context  # a span of the context
+    right = sum(exact_match(answers[i], gold["text"][0]) for i, gold in enumerate(rows["answers"]))
+    assert right >= 12, answers  # a random fact's answer gets ~1/3 of 20
