@@ -8,7 +8,6 @@ import json
 import math
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pytest
 import torch
@@ -345,3 +344,67 @@ def test_a_short_run_learns_the_task_and_exports_a_student_a_qa_pipeline_runs(tm
         assert answers[i] and answers[i] in context  # a span of the context
     right = sum(exact_match(answers[i], gold["text"][0]) for i, gold in enumerate(rows["answers"]))
     assert right >= 12, answers  # a random fact's answer gets ~1/3 of 20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", [
+    ["distill.bridge=ted", "distill.hidden_reduce=mean"],  # stage-1 filters with per-token span heads
+    ["distill.bridge=units", "student.width_ratio=0.5", "student.init=random", "units.ratio=0.25"],
+    ["distill.w_relation=1.0"],
+    ["distill.logit_loss=jsd", "distill.temperature=2.0", "student.copy_head=true"],
+])
+def test_every_strategy_family_trains_on_qa(strategy: list[str], tmp_path: Path) -> None:
+    from kdsearch.run.loop import WorkerContext, run_distillation
+    from kdsearch.run.prepare import prepare
+
+    cfg = load_config(["task.name=qa_default_v2", "task.train_size=96", "task.eval_size=24", "finetune.epochs=1",
+                       "ted.stage1_epochs=1", "train.epochs=2", "train.batch_size=16", f"cache_dir={tmp_path}",
+                       *strategy])
+    validate(cfg)
+    prepared = prepare(cfg)
+    if "distill.bridge=ted" in strategy:
+        filters = Path(prepared.bridge_artifacts["teacher_filters"])
+        accuracy = json.loads((filters.parent / "head_accuracy.json").read_text())
+        assert accuracy and all(0 <= a <= 1 for a in accuracy.values())  # span heads: start and end right
+    reports: list[dict] = []
+    run_distillation(cfg, prepared, WorkerContext(report=lambda m, _: reports.append(m), log=lambda _: None))
+    last = reports[-1]
+    assert all(math.isfinite(r["train_loss"]) for r in reports)
+    own = "relation" if "distill.w_relation=1.0" in strategy else "hidden"
+    assert last[f"train_{own}"] > 0 and last["train_logit"] > 0 and 0 <= last["eval_f1"] <= 1
+
+
+@pytest.mark.slow
+def test_a_two_trial_search_exports_a_qa_student_that_evaluate_scores_beside_its_teacher(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForQuestionAnswering
+
+    from kdsearch.tracking import find_search, list_trials
+
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.run([sys.executable, "-m", "kdsearch.tune", "space=qa", "name=qa", "num_samples=2",
+                           "max_concurrent_trials=1", "task.train_size=2000", "task.eval_size=100",
+                           "finetune.epochs=4", "finetune.batch_size=16", "train.epochs=2", "ted.stage1_epochs=1",
+                           f"tracking.uri={uri}", f"results_dir={tmp_path}/results", f"cache_dir={tmp_path}/cache"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    parent = find_search(uri=uri, experiment="kdsearch", search="qa")
+    trials = list_trials(uri=uri, experiment="kdsearch", search_run_id=parent.run_id)
+    assert len(trials) == 2 and all({"eval_exact_match", "eval_f1", "eval_score"} <= set(t.metrics) for t in trials)
+    best = tmp_path / "results" / "qa" / "best_student"
+    assert type(AutoModelForQuestionAnswering.from_pretrained(best)).__name__ == "BertForQuestionAnswering"
+    scores = tmp_path / "scores.json"
+    proc = subprocess.run([sys.executable, "-m", "kdsearch.evaluate", f"model={best}", "with_teacher=true",
+                           f"out={scores}", f"tracking.uri={uri}", f"cache_dir={tmp_path}/cache"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    written = json.loads(scores.read_text())
+    assert written["split"] == "test" and {"student", "teacher"} == set(written["scores"])
+    teacher, student = written["scores"]["teacher"], written["scores"]["student"]
+    assert teacher["eval_f1"] > 0.8 and student["eval_f1"] > 0.4, written  # a random fact's answer: ~1/3
+    assert teacher["rows"] > 300  # windows: more than the 300 test questions

@@ -26,6 +26,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES
 
 from kdsearch.config.schema import BUILTIN_TEACHERS
 from kdsearch.core.errors import ConfigError
@@ -186,7 +187,8 @@ def with_task_head(config: PretrainedConfig, spec: TaskSpec) -> PretrainedConfig
     config = copy.deepcopy(config)
     if family_of(config) == "encoder" and spec.kind == "extractive_qa":
         config.num_labels = 2  # the span head's two outputs: start and end logits
-        config.architectures = [AutoModelForQuestionAnswering._model_mapping[type(config)].__name__]
+        config.architectures = [MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES.get(config.model_type,
+                                                                                "ForQuestionAnswering")]
     elif family_of(config) == "encoder":
         config.num_labels = spec.num_labels
         config.problem_type = "regression" if spec.kind == "regression" else "single_label_classification"
