@@ -408,3 +408,21 @@ def test_a_two_trial_search_exports_a_qa_student_that_evaluate_scores_beside_its
     teacher, student = written["scores"]["teacher"], written["scores"]["student"]
     assert teacher["eval_f1"] > 0.8 and student["eval_f1"] > 0.4, written  # a random fact's answer: ~1/3
     assert teacher["rows"] > 300  # windows: more than the 300 test questions
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["task.name=qa_default", "teacher=tiny-gpt2"], "needs an encoder teacher"),
+    (["task.name=squad_v2", "task.data_dir=DIR"], "answer_start=5 does not point at its answer 'tea'"),
+])
+def test_the_train_command_refuses_bad_qa_input_with_one_error_line_and_status_2(
+        argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from kdsearch.train import main
+
+    for stem in ("train", "dev"):
+        (tmp_path / f"{stem}.jsonl").write_text(json.dumps(
+            {"id": "q0", "question": "q ?", "context": "anna likes tea .",
+             "answers": {"text": ["tea"], "answer_start": [5]}}) + "\n")
+    argv = [a.replace("DIR", str(tmp_path)) for a in argv]
+    assert main([*argv, f"cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
