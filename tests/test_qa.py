@@ -426,3 +426,32 @@ def test_the_train_command_refuses_bad_qa_input_with_one_error_line_and_status_2
     assert main([*argv, f"cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_two_workers_score_a_qa_split_as_one_does(tmp_path: Path) -> None:
+    from kdsearch.data.tasks import task_spec
+    from kdsearch.run.evaluation import evaluate
+
+    spec, raw = load_raw_task(TaskConfig(name="qa_default_v2", train_size=8, eval_size=12), cache_dir=tmp_path)
+    tok = models.train_tokenizer(train_texts(raw, spec), family="encoder")
+    data = tokenize_task(raw, spec, tok, max_length=48, cache_dir=tmp_path, family="encoder", segments=True)
+    config = models.with_task_head(models.teacher_config(models.resolve_teacher("tiny-bert"), vocab_size=len(tok)),
+                                   task_spec("qa_default_v2"))
+    torch.manual_seed(0)
+    model = models.task_model_class("encoder", config).from_config(config)
+    assert type(model).__name__ == "BertForQuestionAnswering"
+    cpu = torch.device("cpu")
+    whole = evaluate(model, data["validation"], spec=spec, pad_id=0, device=cpu, batch_size=5)
+    class Shared(Exception):  # worker 1's share, caught where it would be sent
+        pass
+
+    def send(part: object) -> list:
+        raise Shared(part)
+
+    with pytest.raises(Shared) as share:
+        evaluate(model, data["validation"], spec=spec, pad_id=0, device=cpu, batch_size=5, rank=1, world_size=2,
+                 gather=send)
+    split = evaluate(model, data["validation"], spec=spec, pad_id=0, device=cpu, batch_size=5, rank=0,
+                     world_size=2, gather=lambda part: [part, share.value.args[0]])
+    assert split == pytest.approx(whole)
+    assert set(whole) == {"eval_exact_match", "eval_f1", "eval_score", "eval_loss"}

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from kdsearch.core.kinds import IGNORE_INDEX
 from kdsearch.data.encoding import collate
 from kdsearch.data.metrics import compute_metrics, generation_metrics
-from kdsearch.data.qa import decode_answers, squad_scores
+from kdsearch.data.qa import QA_META, decode_answers, squad_scores
 from kdsearch.methods.inputs import model_inputs, output_logits
 from kdsearch.methods.losses import task_loss
 
@@ -107,12 +107,10 @@ def evaluate_qa(model: torch.nn.Module, dataset: Any, *, spec: TaskSpec, pad_id:
             starts.append(row[:length, 0])
             ends.append(row[:length, 1])
     parts = gather((ids, starts, ends, loss_sum))
-    order = [i for p in parts for i in p[0]]
-    by_row = {i: (s, e) for p in parts for i, s, e in zip(p[0], p[1], p[2], strict=True)}
-    rows = sorted(order)
-    meta = dataset.select_columns(["example", "offsets", "context", "answers"]).to_dict()
-    answers = decode_answers(meta, [by_row[i][0] for i in rows], [by_row[i][1] for i in rows],
-                             unanswerable=spec.unanswerable)
+    by_row = {i: (s, e) for p in parts for i, s, e in zip(p[0], p[1], p[2], strict=True)}  # every window once
+    meta = dataset.select_columns(list(QA_META)).to_dict()
+    answers = decode_answers(meta, [by_row[i][0] for i in range(len(dataset))],
+                             [by_row[i][1] for i in range(len(dataset))], unanswerable=spec.unanswerable)
     golds = dict(zip(meta["example"], meta["answers"], strict=True))
     examples = sorted(golds)
     scores = squad_scores([answers[e] for e in examples], [golds[e] for e in examples])
