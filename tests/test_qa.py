@@ -455,3 +455,16 @@ def test_two_workers_score_a_qa_split_as_one_does(tmp_path: Path) -> None:
                      world_size=2, gather=lambda part: [part, share.value.args[0]])
     assert split == pytest.approx(whole)
     assert set(whole) == {"eval_exact_match", "eval_f1", "eval_score", "eval_loss"}
+
+
+def test_the_hub_path_reads_flat_squad_columns(tmp_path: Path) -> None:
+    hub = tmp_path / "hub"  # a datasets repository as the hub serves rajpurkar/squad: flat rows per split
+    hub.mkdir()
+    for split in ("train", "validation"):
+        rows = [{"id": f"{split}{i}", "title": "t", "context": c, "question": q,
+                 "answers": {"text": [t for t, _ in a], "answer_start": [s for _, s in a]}}
+                for i, (c, q, a) in enumerate(ROWS[:2])]
+        (hub / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec, raw = load_raw_task(TaskConfig(name="squad", hub=str(hub)), cache_dir=tmp_path / "c")
+    assert raw["validation"]["id"] == ["validation0", "validation1"]
+    assert raw["train"]["answers"][0] == {"text": ["tea"], "answer_start": [11]}
