@@ -106,6 +106,9 @@ def _check_head(model_dir: str, spec: TaskSpec, family: models.Family) -> None:
     if models.family_of(config) != family:
         raise ConfigError(f"model={model_dir}: a {models.family_of(config)} model, but the task reads "
                           f"{family} models")
+    if (spec.kind == "extractive_qa") != models.answers_spans(config):
+        raise ConfigError(f"model={model_dir}: {'not ' if spec.kind == 'extractive_qa' else ''}an extractive QA "
+                          f"model (*ForQuestionAnswering), but task {spec.name} is a {spec.kind} task")
     if spec.kind not in ("causal_lm", "seq2seq") and config.num_labels != max(spec.num_labels, 1):
         raise ConfigError(f"model={model_dir}: its head has {config.num_labels} outputs; task {spec.name} "
                           f"needs {max(spec.num_labels, 1)}")
@@ -123,7 +126,8 @@ def score_model(model_dir: str, cfg: Config, split: Split, device: torch.device)
     seq2seq = family == "seq2seq"
     data = tokenize_task(raw, spec, tok, max_length=cfg.task.max_length, cache_dir=cfg.cache_dir, family=family,
                          segments=models.uses_segments(config),
-                         decoder_start=config.decoder_start_token_id if seq2seq else None)
+                         decoder_start=config.decoder_start_token_id if seq2seq else None,
+                         stride=cfg.task.doc_stride)
     spec = read_by(spec, family)
     model: torch.nn.Module = models.load_task_model(model_dir, family)
     model = models.freeze(model.to(device))

@@ -234,7 +234,8 @@ def test_unknown_task_name_lists_every_choice() -> None:
     with pytest.raises(ConfigError, match=r"task.name=sst: unknown task; did you mean sst2\?; choose one of: "):
         task_spec("sst")
     glue = {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"}
-    assert set(TASKS) == glue | {"default", "text", "table", "seq2seq", "seq2seq_default"}
+    assert set(TASKS) == glue | {"default", "text", "table", "seq2seq", "seq2seq_default", "qa_default",
+                                 "qa_default_v2", "squad", "squad_v2"}
     from kdsearch.config.schema import GLUE_TASKS
 
     assert set(GLUE_TASKS) == glue

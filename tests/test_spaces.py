@@ -41,7 +41,8 @@ def test_shipped_space_loads(name: str) -> None:
     assert (space.metric, space.mode) == ("eval_score", "max")
     # the embedded default (seq2seq_default for an encoder-decoder space) on a built-in teacher: no download
     cfg = build_config(space.base)
-    assert (cfg.teacher, cfg.task.name) in (("tiny-bert", "default"), ("tiny-t5", "seq2seq_default"))
+    assert (cfg.teacher, cfg.task.name) in (("tiny-bert", "default"), ("tiny-t5", "seq2seq_default"),
+                                            ("tiny-bert", "qa_default"))
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -289,7 +290,7 @@ def test_smoke_shrinks_any_space_and_keeps_its_conditions(name: str) -> None:
     cfg = build_config(tiny.base)
     assert 1 <= tiny.budget.num_samples <= 3 and max_epochs(tiny) == 2
     assert (cfg.teacher, cfg.task.name) == (("tiny-t5", "seq2seq_default") if name == "seq2seq" else
-                                            ("tiny-bert", "default"))
+                                            ("tiny-bert", "qa_default") if name == "qa" else ("tiny-bert", "default"))
     assert (cfg.task.train_size, cfg.task.eval_size) == (256, 128)
     assert (cfg.train.max_steps_per_epoch, cfg.finetune.epochs, cfg.ted.stage1_epochs) == (4, 1, 1)
     assert set(tiny.params) == set(space.params) - {"train.epochs"}

@@ -18,6 +18,10 @@ TABLE_METRICS: dict[str, tuple[str, ...]] = {"classification": ("accuracy", "mac
                                              "regression": ("pearson", "spearman")}
 """task.name=table's metrics by kind; the first is the default."""
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
+QA_HUBS = {"squad": "rajpurkar/squad", "squad_v2": "rajpurkar/squad_v2"}
+"""The hub dataset a SQuAD task name reads when given neither task.data_dir nor task.hub."""
+QA_TASKS = ("qa_default", "qa_default_v2", *QA_HUBS)
+"""Extractive question answering tasks: the only ones that read task.doc_stride."""
 """The GLUE task names: given neither task.data_dir nor task.hub, they read the hub's `glue`."""
 MAX_EPOCHS = 1000
 """The most epochs any stage takes: more is a typo (1e9), which would otherwise run until killed."""
@@ -90,8 +94,10 @@ class StudentConfig:
 class TaskConfig:
     name: str = "default"
     """`default` (embedded, no download), a GLUE task (sst2, cola, mrpc, ...), `text` (causal LM corpus),
-    `table` (your classification or regression files), `seq2seq_default` (embedded: numbers in digits -> words)
-    or `seq2seq` (your source -> target files)."""
+    `table` (your classification or regression files), `seq2seq_default` (embedded: numbers in digits -> words),
+    `seq2seq` (your source -> target files), extractive QA: `qa_default` / `qa_default_v2` (embedded; v2 adds
+    unanswerable questions), `squad` / `squad_v2` (the hub's rajpurkar/squad(_v2), or task.data_dir with SQuAD
+    json or jsonl files)."""
     data_dir: str | None = None
     """Folder with train/dev files (tsv, csv, jsonl, parquet); None reads the hub (`hub`) or the default task."""
     hub: str | None = None
@@ -117,10 +123,22 @@ class TaskConfig:
     """task.name=seq2seq: the column an encoder-decoder reads."""
     target_column: str = "target"
     """task.name=seq2seq: the column it learns to write (every row needs a non-empty one)."""
+    doc_stride: int | None = None
+    """Extractive QA: a context longer than one window is read in windows of task.max_length tokens that overlap
+    by this many tokens (Hugging Face's `stride`); null = max_length // 3 (128 at max_length=384, BERT's SQuAD
+    setting)."""
 
     def __post_init__(self) -> None:
         if self.name in GLUE_TASKS and self.data_dir is None and self.hub is None:  # resolved here: params say it
             object.__setattr__(self, "hub", "glue")
+        if self.name in QA_HUBS and self.data_dir is None and self.hub is None:
+            object.__setattr__(self, "hub", QA_HUBS[self.name])
+        if self.doc_stride is not None:
+            require(self.name in QA_TASKS, f"task.doc_stride={self.doc_stride}: read only by extractive QA tasks "
+                                           f"({', '.join(QA_TASKS)}; here {self.name})")
+            require(0 < self.doc_stride < self.max_length // 2,
+                    f"task.doc_stride={self.doc_stride}: must be > 0 and < task.max_length / 2 "
+                    f"({self.max_length // 2}), so that every window reads new context")
         require(self.max_length >= 4, f"task.max_length={self.max_length}: must be >= 4")
         for key in ("train_size", "eval_size"):
             value = getattr(self, key)

@@ -23,6 +23,7 @@ from kdsearch.core.cache import content_key
 from kdsearch.core.errors import ConfigError
 from kdsearch.core.kinds import IGNORE_INDEX
 from kdsearch.data.loading import content_hash
+from kdsearch.data.qa import QA_META, encode_qa
 from kdsearch.data.tasks import TaskSpec
 
 if TYPE_CHECKING:
@@ -54,6 +55,11 @@ def train_texts(raw: DatasetDict, spec: TaskSpec) -> Iterator[str]:
             yield row["source"]
             yield row["target"]
         return
+    if spec.kind == "extractive_qa":
+        for row in raw["train"]:
+            yield row["question"]
+            yield row["context"]
+        return
     causal = spec.kind == "causal_lm" or bool(spec.label_words)
     for row in raw["train"]:
         yield "".join(_as_prompt_response(row, spec)) if causal else _joined(row, spec)
@@ -74,13 +80,15 @@ def _tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def _split_keys(raw: DatasetDict, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase,
-                max_length: int, family: str, segments: bool, decoder_start: int | None = None) -> dict[str, str]:
+                max_length: int, family: str, segments: bool, decoder_start: int | None = None,
+                stride: int | None = None) -> dict[str, str]:
     """Each split's tokenised identity: its rows and how they are tokenised. It becomes the split's fingerprint,
     which artifacts built from one split (a teacher fine-tuned on train) are keyed on: a new validation split
     leaves the train split's key, and so the fine-tuned teacher, as they were."""
     common = {"version": _CACHE_VERSION, "task": spec.name, "family": family, "max_length": max_length,
               "segments": segments, "tokenizer": _tokenizer_hash(tokenizer),
-              **({"decoder_start": decoder_start} if decoder_start is not None else {})}
+              **({"decoder_start": decoder_start} if decoder_start is not None else {}),
+              **({"stride": stride} if stride is not None else {})}
     return {split: content_key(**common, split=split, rows=[len(ds), content_hash(ds)])
             for split, ds in raw.items()}
 
@@ -127,6 +135,11 @@ def _encode_seq2seq(batch: dict[str, list], tokenizer: Any, max_length: int, dec
 
 def _features(spec: TaskSpec, family: str, segments: bool) -> Features:
     ids = Sequence(Value("int32"))
+    if spec.kind == "extractive_qa":
+        return Features({"input_ids": ids, "attention_mask": Sequence(Value("int8")), "labels": ids,
+                         **({"token_type_ids": Sequence(Value("int8"))} if segments else {}),
+                         "example": Value("int32"), "offsets": Sequence(ids), "context": Value("string"),
+                         "answers": Sequence(Value("string"))})
     if family == "seq2seq":
         return Features({"input_ids": ids, "attention_mask": Sequence(Value("int8")), "labels": ids,
                          "decoder_input_ids": ids, "decoder_attention_mask": Sequence(Value("int8"))})
@@ -140,7 +153,7 @@ def _features(spec: TaskSpec, family: str, segments: bool) -> Features:
 
 def tokenize_task(raw: DatasetDict, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, max_length: int,
                   cache_dir: str | Path, family: Literal["encoder", "causal", "seq2seq"], segments: bool,
-                  decoder_start: int | None = None) -> DatasetDict:
+                  decoder_start: int | None = None, stride: int | None = None) -> DatasetDict:
     """Splits with input_ids, attention_mask, labels (and token_type_ids with `segments`, for a model that
     reads them: `models.uses_segments`); read from `cache_dir/data/<key>` when already built.
 
@@ -148,7 +161,8 @@ def tokenize_task(raw: DatasetDict, spec: TaskSpec, tokenizer: PreTrainedTokeniz
     re-tokenises and an unchanged run (another trial, a rerun) reads the Arrow files saved by the first one.
     encoder: labels are the class id / score. causal: labels are the token ids, -100 on prompt tokens.
     seq2seq: labels are the target's token ids, with decoder_input_ids (shifted right behind `decoder_start`, the
-    model's decoder_start_token_id) and decoder_attention_mask.
+    model's decoder_start_token_id) and decoder_attention_mask. extractive_qa: one row per window of the context
+    (windows overlap by `stride` tokens), labels [start, end] and what decoding reads (data.qa.encode_qa).
     """
     if family != "encoder" and segments:
         reader = "causal LMs" if family == "causal" else "encoder-decoders"
@@ -162,7 +176,14 @@ def tokenize_task(raw: DatasetDict, spec: TaskSpec, tokenizer: PreTrainedTokeniz
         raise ConfigError(f"task.name={spec.name}: a causal_lm task needs a causal (decoder) teacher")
     if family == "causal" and spec.kind == "regression":
         raise ConfigError(f"task.name={spec.name}: a regression task needs an encoder teacher")
-    keys = _split_keys(raw, spec, tokenizer, max_length, family, segments, decoder_start)
+    qa = spec.kind == "extractive_qa"
+    if qa and family != "encoder":
+        raise ConfigError(f"task.name={spec.name}: an extractive QA task needs an encoder teacher")
+    if qa and not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"task.name={spec.name}: extractive QA needs a fast tokenizer (offsets map answers to "
+                          f"tokens); {type(tokenizer).__name__} is a slow one")
+    stride = (stride if stride is not None else max_length // 3) if qa else None
+    keys = _split_keys(raw, spec, tokenizer, max_length, family, segments, decoder_start, stride)
     target = Path(cache_dir) / "data" / content_key(**keys)
     if not target.is_dir():
         encode: Any = {"causal": _encode_causal, "seq2seq": _encode_seq2seq}.get(family, _encode_encoder)
@@ -170,9 +191,12 @@ def tokenize_task(raw: DatasetDict, spec: TaskSpec, tokenizer: PreTrainedTokeniz
                                   **({"segments": segments} if family == "encoder" else {})}
         if family == "seq2seq":
             kwargs = {"tokenizer": tokenizer, "max_length": max_length, "decoder_start": decoder_start}
+        if qa:
+            encode = encode_qa
+            kwargs = {"tokenizer": tokenizer, "max_length": max_length, "segments": segments, "stride": stride}
         # new_fingerprint: the key already names the result, and spares datasets hashing the tokenizer
         built = DatasetDict({
-            split: ds.map(encode, batched=True, remove_columns=ds.column_names, fn_kwargs=kwargs,
+            split: ds.map(encode, batched=True, remove_columns=ds.column_names, fn_kwargs=kwargs, with_indices=qa,
                           features=_features(spec, family, segments), keep_in_memory=True,
                           new_fingerprint=keys[split])
             for split, ds in raw.items()})
@@ -190,10 +214,13 @@ def collate(batch: list[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Ten
     """Pad a list of rows: input_ids and decoder_input_ids with `pad_id`, token labels with -100, anything else
     (attention masks) with 0.
 
-    Scalar labels are stacked: long for classification, float32 for regression.
+    Scalar labels are stacked: long for classification, float32 for regression. An extractive QA feature's
+    decoding columns (data.qa.QA_META) stay out of the batch.
     """
     out: dict[str, torch.Tensor] = {}
     for key in batch[0]:
+        if key in QA_META:
+            continue
         values = [torch.as_tensor(row[key]) for row in batch]
         if values[0].dim() == 0:
             stacked = torch.stack(values)

@@ -25,6 +25,7 @@ from datasets import Dataset, DatasetDict, Features, Value, load_dataset
 
 from kdsearch.config.schema import TaskConfig
 from kdsearch.core.errors import ConfigError
+from kdsearch.data.squad import check_qa_task, load_qa_splits
 from kdsearch.data.tasks import (
     RELEASE_LAYOUTS,
     TASKS,
@@ -277,6 +278,9 @@ def check_task(cfg: TaskConfig, splits: tuple[Split, ...] = TRAINING_SPLITS) -> 
     if spec.name == "seq2seq":
         _check_seq2seq(cfg, spec, splits)
         return spec
+    if spec.kind == "extractive_qa":
+        check_qa_task(cfg, spec, splits)
+        return spec
     if spec.name in ("default", "seq2seq_default"):
         if cfg.data_dir is not None or cfg.hub is not None:
             raise ConfigError(f"task.data_dir={cfg.data_dir}, task.hub={cfg.hub}: task.name={spec.name} is "
@@ -445,6 +449,9 @@ def load_raw_task(cfg: TaskConfig, *, cache_dir: str | Path | None = None,
         where = f"task.name={spec.name}"
         rows = default_rows() if spec.name == "default" else seq2seq_default_rows()
         read = {split: Dataset.from_dict(cols) for split, cols in rows.items() if split in splits}
+    elif spec.kind == "extractive_qa":
+        where = f"task.name={spec.name}"
+        read = load_qa_splits(cfg, spec, splits, hf_cache)
     elif cfg.data_dir is not None:
         where = f"task.data_dir={cfg.data_dir}"
         read = {split: _read_file(path, where, hf_cache, spec)
@@ -460,7 +467,7 @@ def load_raw_task(cfg: TaskConfig, *, cache_dir: str | Path | None = None,
             ds = _table_layout(ds, cfg, spec)
         if spec.name == "seq2seq":
             ds = _seq2seq_layout(ds, cfg)
-        elif spec.kind != "seq2seq":
+        elif spec.kind not in ("seq2seq", "extractive_qa"):
             ds = _normalise(ds, spec, f"{where}: {split}") if len(ds) else ds
         if len(ds) == 0:
             raise ConfigError(f"{where}: the {split} split has no rows")

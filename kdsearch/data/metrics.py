@@ -2,8 +2,8 @@
 
 `score` always repeats the task's primary metric: it is the one number a search optimises and MLflow plots.
 A degenerate side (a constant prediction, a constant label) scores 0 rather than nan, so an untrained student
-ranks last instead of breaking the search. Imports numpy, scikit-learn, scipy, sacrebleu and kdsearch.data.tasks
-only.
+ranks last instead of breaking the search. Imports numpy, scikit-learn, scipy, sacrebleu, kdsearch.data.qa and
+kdsearch.data.tasks only.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from scipy import stats
 from sklearn import metrics as sk
 
 from kdsearch.core.kinds import IGNORE_INDEX
+from kdsearch.data.qa import window_span_scores
 from kdsearch.data.tasks import TaskSpec
 
 
@@ -59,6 +60,8 @@ def metric_names(spec: TaskSpec) -> tuple[str, ...]:
         names = ("pearson", "spearman")
     elif spec.kind in ("causal_lm", "seq2seq"):
         names = ("token_accuracy",)
+    elif spec.kind == "extractive_qa":  # computed by data.qa.squad_scores over decoded answers
+        names = ("exact_match", "f1")
     else:
         names = ("accuracy", *(m for m in _CLASSIFICATION if m == spec.primary_metric and m != "accuracy"))
     return (*names, "score")
@@ -104,6 +107,8 @@ def compute_metrics(spec: TaskSpec, predictions: np.ndarray, labels: np.ndarray)
     if spec.kind == "regression":
         pred, true = predictions.reshape(-1).astype(np.float64), labels.reshape(-1).astype(np.float64)
         out = {"pearson": pearson(pred, true), "spearman": spearman(pred, true)}
+    elif spec.kind == "extractive_qa":  # (N, 2) positions, or (N, T, 2) start and end logits
+        out = window_span_scores(predictions.argmax(axis=1) if predictions.ndim == 3 else predictions, labels)
     else:
         if predictions.ndim == labels.ndim + 1:
             predictions = predictions.argmax(axis=-1)
@@ -120,7 +125,10 @@ def compute_metrics(spec: TaskSpec, predictions: np.ndarray, labels: np.ndarray)
 def baseline_score(spec: TaskSpec, train_labels: np.ndarray, labels: np.ndarray) -> float:
     """The score of the best constant answer learnt from the training labels, on `labels`: the majority class
     (for a causal LM, the most frequent target token) or, for regression, the mean (correlation 0). A model
-    that does not beat it has learnt nothing from its inputs."""
+    that does not beat it has learnt nothing from its inputs. Extractive QA: 0 (the empty answer; its score on
+    SQuAD 2.0, the share of unanswerable questions, needs the questions, not the window labels)."""
+    if spec.kind == "extractive_qa":
+        return 0.0
     train_labels, labels = np.asarray(train_labels).reshape(-1), np.asarray(labels).reshape(-1)
     if spec.kind == "regression":
         constant = float(train_labels.astype(np.float64).mean())

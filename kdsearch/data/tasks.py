@@ -30,6 +30,8 @@ class TaskSpec:
     """Word for class i when a causal model reads the task as `<text> =>` + ` <word>`."""
     label_names: tuple[str, ...] = ()
     """Name of class i (the hub's ClassLabel names): every saved model's id2label, so a pipeline prints them."""
+    unanswerable: bool = False
+    """extractive_qa: some questions have no answer in their context (SQuAD 2.0), so decoding may answer ""."""
 
 
 _YES_NO = ("no", "yes")
@@ -60,6 +62,11 @@ TASKS: dict[str, TaskSpec] = {
         # encoder-decoder tasks: text_fields are (source, target), the columns every seq2seq split holds
         TaskSpec("seq2seq_default", "seq2seq", 0, ("source", "target"), "token_accuracy"),
         TaskSpec("seq2seq", "seq2seq", 0, ("source", "target"), "token_accuracy"),
+        # extractive QA: text_fields are (question, context); rows also hold id and answers {text, answer_start}
+        TaskSpec("qa_default", "extractive_qa", 2, ("question", "context"), "f1"),
+        TaskSpec("qa_default_v2", "extractive_qa", 2, ("question", "context"), "f1", unanswerable=True),
+        TaskSpec("squad", "extractive_qa", 2, ("question", "context"), "f1"),
+        TaskSpec("squad_v2", "extractive_qa", 2, ("question", "context"), "f1", unanswerable=True),
     )
 }
 

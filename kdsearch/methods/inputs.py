@@ -21,3 +21,11 @@ def model_inputs(batch: dict[str, Any], *, inputs_embeds: torch.Tensor | None = 
         del inputs["input_ids"]
         inputs["inputs_embeds"] = inputs_embeds
     return inputs
+
+
+def output_logits(output: Any) -> torch.Tensor:
+    """A model output's logits: `.logits`, or an extractive QA model's start and end logits stacked (B, T, 2),
+    the one tensor the loss terms, the teacher cache and evaluation pass around."""
+    if getattr(output, "start_logits", None) is not None:
+        return torch.stack([output.start_logits, output.end_logits], dim=-1)
+    return output.logits

@@ -388,8 +388,48 @@ def relation_mse(student: tuple[Tensor, Tensor], teacher: tuple[Tensor, Tensor],
     return squared.sum() / (allowed.sum() * heads).clamp_min(1)
 
 
+def span_loss(logits: Tensor, positions: Tensor) -> Tensor:
+    """Extractive QA's task loss: (CE(start logits, start) + CE(end logits, end)) / 2, as Hugging Face's
+    *ForQuestionAnswering computes it (BERT, Devlin et al. 2019, section 4.2).
+
+    logits (B, T, 2): start and end logits stacked on the last axis (`span_logits`); positions (B, 2) the gold
+    start and end token (0, the CLS token, when the window holds no answer). Positions past T are clamped to T
+    and ignored, as in transformers.
+    """
+    length = logits.shape[1]
+    positions = positions.clamp(0, length)
+    start = F.cross_entropy(logits[..., 0].float(), positions[:, 0], ignore_index=length, reduction="mean")
+    end = F.cross_entropy(logits[..., 1].float(), positions[:, 1], ignore_index=length, reduction="mean")
+    return (start + end) / 2
+
+
+NOT_A_POSITION = -1e4
+"""What a masked-out position's logit becomes before the span softmax: exp of it underflows to 0 in fp32, while
+staying finite keeps 0 * log 0 terms at 0 rather than nan."""
+
+
+def span_kd(student: Tensor, teacher: Tensor, *, temperature: float, mask: Tensor | None = None,
+            logit_loss: LogitLoss | None = None) -> Tensor:
+    """Logit KD for extractive QA: the divergence between the teacher's and the student's distributions over
+    the window's positions, for the start and for the end, averaged: (D(start) + D(end)) / 2, with D = `logit_loss`
+    (default `logit_kl`: KL(softmax(t/T) || softmax(s/T)) * T^2, Hinton et al. 2015; TED's QA KD, Liang et al.
+    2023, arXiv 2210.01351, matches these two distributions).
+
+    student, teacher (B, T, 2): start and end logits; mask (B, T): 1 on real tokens. Padding is taken out of
+    both distributions (its logits set to NOT_A_POSITION), so it holds no probability on either side.
+    """
+    _check_pair(student, teacher)
+    loss = logit_loss or logit_kl
+    if mask is not None:
+        keep = mask.bool().unsqueeze(-1)  # (B, T, 1)
+        student = student.float().masked_fill(~keep, NOT_A_POSITION)
+        teacher = teacher.float().masked_fill(~keep, NOT_A_POSITION)
+    # (B, T, 2) -> (B, 2, T): each row is one distribution over positions; the mean runs over both rows
+    return loss(student.transpose(1, 2), teacher.transpose(1, 2), temperature=temperature)
+
+
 def task_loss(logits: Tensor, labels: Tensor, *,
-              kind: Literal["classification", "regression", "causal_lm", "seq2seq"]) -> Tensor:
+              kind: Literal["classification", "regression", "causal_lm", "seq2seq", "extractive_qa"]) -> Tensor:
     """The student's own objective: cross-entropy, MSE (STS-B), next-token or target-token cross-entropy.
 
     classification: logits (B, C), labels (B,) ints. regression: logits (B, 1) or (B,), labels (B,) floats.
@@ -397,7 +437,10 @@ def task_loss(logits: Tensor, labels: Tensor, *,
     shift is applied here (logits at t predict labels at t+1). seq2seq: logits (B, T, V) of the teacher-forced
     decoder, labels (B, T) the target with IGNORE_INDEX on padding, no shift (decoder position t predicts label
     t; the layer-selection T5/BART code's `CrossEntropyLoss(ignore_index=pad)`). Means run over non-ignored labels.
+    extractive_qa: logits (B, T, 2) start and end logits, labels (B, 2) their gold positions (`span_loss`).
     """
+    if kind == "extractive_qa":
+        return span_loss(logits, labels)
     if kind == "classification":
         return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="mean")
     if kind == "regression":
@@ -410,7 +453,8 @@ def task_loss(logits: Tensor, labels: Tensor, *,
         total = F.cross_entropy(shifted, targets, ignore_index=IGNORE_INDEX, reduction="sum")
         # sum / count instead of reduction="mean": a batch with every label ignored gives 0, not nan.
         return total / (targets != IGNORE_INDEX).sum().clamp_min(1)
-    raise ValueError(f"task loss kind {kind!r}: choose classification, regression, causal_lm or seq2seq")
+    raise ValueError(f"task loss kind {kind!r}: choose classification, regression, causal_lm, seq2seq or "
+                     "extractive_qa")
 
 
 def combine(terms: dict[str, Tensor], weights: dict[str, float]) -> Tensor:

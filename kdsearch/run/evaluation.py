@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from kdsearch.core.kinds import IGNORE_INDEX
 from kdsearch.data.encoding import collate
 from kdsearch.data.metrics import compute_metrics, generation_metrics
-from kdsearch.methods.inputs import model_inputs
+from kdsearch.data.qa import QA_META, decode_answers, squad_scores
+from kdsearch.methods.inputs import model_inputs, output_logits
 from kdsearch.methods.losses import task_loss
 
 if TYPE_CHECKING:
@@ -56,6 +57,9 @@ def evaluate(model: torch.nn.Module, dataset: Any, *, spec: TaskSpec, pad_id: in
              batch_size: int = EVAL_BATCH_SIZE, rank: int = 0, world_size: int = 1,
              gather: Callable[[Any], list[Any]] = lambda x: [x]) -> dict[str, float]:
     """Metrics of `model` on `dataset` ("eval_" prefixed, eval_score = the task's primary metric)."""
+    if spec.kind == "extractive_qa":
+        return evaluate_qa(model, dataset, spec=spec, pad_id=pad_id, device=device, batch_size=batch_size,
+                           rank=rank, world_size=world_size, gather=gather)
     model.eval()
     shard = dataset.select(range(rank, len(dataset), world_size)) if world_size > 1 else dataset
     preds, golds, loss_sum, count = [], [], 0.0, 0
@@ -78,6 +82,40 @@ def evaluate(model: torch.nn.Module, dataset: Any, *, spec: TaskSpec, pad_id: in
     out = {f"eval_{k}": float(v) for k, v in metrics.items()}
     out["eval_loss"] = sum(s for _, _, s, _ in parts) / max(sum(c for _, _, _, c in parts), 1)
     return out
+
+
+@torch.no_grad()
+def evaluate_qa(model: torch.nn.Module, dataset: Any, *, spec: TaskSpec, pad_id: int, device: torch.device,
+                batch_size: int = EVAL_BATCH_SIZE, rank: int = 0, world_size: int = 1,
+                gather: Callable[[Any], list[Any]] = lambda x: [x]) -> dict[str, float]:
+    """An extractive QA model's answers on `dataset` (one row per window): eval_exact_match, eval_f1 (= eval_score)
+    over its questions, each answered by the best span over all of its windows, and eval_loss over windows.
+
+    Each worker scores its shard of windows; the logits of all are gathered before decoding, since a question's
+    windows may lie in several shards."""
+    model.eval()
+    ids = list(range(rank, len(dataset), world_size))
+    shard = dataset.select(ids) if world_size > 1 else dataset
+    starts: list[np.ndarray] = []
+    ends: list[np.ndarray] = []
+    loss_sum = 0.0
+    for batch in make_loader(shard, batch_size=batch_size, shuffle=False, seed=0, pad_id=pad_id):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = output_logits(model(**model_inputs(batch))).float()  # (B, T, 2)
+        loss_sum += float(task_loss(logits, batch["labels"], kind="extractive_qa")) * len(batch["labels"])
+        for row, length in zip(logits.cpu().numpy(), batch["attention_mask"].sum(-1).tolist(), strict=True):
+            starts.append(row[:length, 0])
+            ends.append(row[:length, 1])
+    parts = gather((ids, starts, ends, loss_sum))
+    by_row = {i: (s, e) for p in parts for i, s, e in zip(p[0], p[1], p[2], strict=True)}  # every window once
+    meta = dataset.select_columns(list(QA_META)).to_dict()
+    answers = decode_answers(meta, [by_row[i][0] for i in range(len(dataset))],
+                             [by_row[i][1] for i in range(len(dataset))], unanswerable=spec.unanswerable)
+    golds = dict(zip(meta["example"], meta["answers"], strict=True))
+    examples = sorted(golds)
+    scores = squad_scores([answers[e] for e in examples], [golds[e] for e in examples])
+    return {"eval_exact_match": scores["exact_match"], "eval_f1": scores["f1"], "eval_score": scores["f1"],
+            "eval_loss": sum(p[3] for p in parts) / max(len(dataset), 1)}
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Teachers and students: resolve a teacher by name or path, derive a student, copy teacher weights.
 
-Families: `encoder` (sequence classification: BERT/RoBERTa/DeBERTa-like), `causal` (GPT-2/Qwen-like LMs) and
-`seq2seq` (encoder-decoders: T5, BART).
+Families: `encoder` (sequence classification: BERT/RoBERTa/DeBERTa-like; or extractive QA, a span head on the
+same encoders), `causal` (GPT-2/Qwen-like LMs) and `seq2seq` (encoder-decoders: T5, BART).
 Built-in tiny teachers are made from in-code configs (tests, the embedded default); no downloads.
 Imports torch and transformers only.
 """
@@ -20,11 +20,13 @@ import transformers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     PretrainedConfig,
     PreTrainedModel,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES
 
 from kdsearch.config.schema import BUILTIN_TEACHERS
 from kdsearch.core.errors import ConfigError
@@ -167,14 +169,27 @@ def decoder_depth(config: PretrainedConfig) -> int | None:
     return next(int(getattr(config, key)) for key in _DECODER_DEPTH_KEYS if getattr(config, key, None) is not None)
 
 
-def task_model_class(family: Family) -> Any:
+def answers_spans(config: PretrainedConfig) -> bool:
+    """Whether the model is an extractive QA model (a *ForQuestionAnswering head: start and end logits)."""
+    return any(a.endswith("ForQuestionAnswering") for a in getattr(config, "architectures", None) or [])
+
+
+def task_model_class(family: Family, config: PretrainedConfig | None = None) -> Any:
+    """The Auto class of a family's task model; an encoder `config` naming a QA architecture (`answers_spans`)
+    gets AutoModelForQuestionAnswering."""
+    if family == "encoder" and config is not None and answers_spans(config):
+        return AutoModelForQuestionAnswering
     return {"causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}.get(family,
                                                                                    AutoModelForSequenceClassification)
 
 
 def with_task_head(config: PretrainedConfig, spec: TaskSpec) -> PretrainedConfig:
     config = copy.deepcopy(config)
-    if family_of(config) == "encoder":
+    if family_of(config) == "encoder" and spec.kind == "extractive_qa":
+        config.num_labels = 2  # the span head's two outputs: start and end logits
+        config.architectures = [MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES.get(config.model_type,
+                                                                                "ForQuestionAnswering")]
+    elif family_of(config) == "encoder":
         config.num_labels = spec.num_labels
         config.problem_type = "regression" if spec.kind == "regression" else "single_label_classification"
         if spec.label_names:
@@ -259,7 +274,7 @@ COPY_TABLES: dict[str, dict[tuple[int, int], tuple[int, ...]]] = {
 }
 # Task heads on top of a sequence classifier (BERT/DeBERTa `classifier`, RoBERTa's `classifier.dense/out_proj`,
 # `score` of decoder classifiers); a causal LM's `lm_head` is the language model's own and is not listed.
-_TASK_HEADS = ("classifier.", "score.")
+_TASK_HEADS = ("classifier.", "score.", "qa_outputs.")
 
 
 def copied_blocks(model_type: str, n_student: int, n_teacher: int) -> list[int]:
@@ -310,7 +325,7 @@ def build_student(teacher: PreTrainedModel, *, layers: int, hidden_size: int | N
     config = student_config(teacher.config, layers=layers, hidden_size=hidden_size, dropout=dropout,
                             decoder_layers=decoder_layers)
     torch.manual_seed(seed)
-    student = task_model_class(family_of(config)).from_config(config)
+    student = task_model_class(family_of(config), config).from_config(config)
     if init == "teacher":
         model_type = teacher.config.model_type
         blocks = copied_blocks(model_type, layers, teacher.config.num_hidden_layers)
@@ -322,7 +337,8 @@ def build_student(teacher: PreTrainedModel, *, layers: int, hidden_size: int | N
 
 def load_task_model(location: str, family: Family) -> PreTrainedModel:
     """A saved task model (a fine-tuned teacher, an exported student), in fp32 whatever dtype it was stored in."""
-    return task_model_class(family).from_pretrained(location, dtype=torch.float32)
+    return task_model_class(family, AutoConfig.from_pretrained(location)).from_pretrained(location,
+                                                                                         dtype=torch.float32)
 
 
 def load_pretrained(location: str, *, spec: TaskSpec, family: Family) -> tuple[torch.nn.Module, bool]:
@@ -332,9 +348,10 @@ def load_pretrained(location: str, *, spec: TaskSpec, family: Family) -> tuple[t
     AdamW on bf16 weights loses small updates; train.precision sets the compute dtype through autocast instead.
     """
     config = with_task_head(AutoConfig.from_pretrained(location), spec)
-    model, info = task_model_class(family).from_pretrained(location, config=config, output_loading_info=True,
-                                                           dtype=torch.float32)
-    head_missing = any(k.split(".")[0] in ("classifier", "score", "lm_head") for k in info["missing_keys"])
+    model, info = task_model_class(family, config).from_pretrained(location, config=config,
+                                                                   output_loading_info=True, dtype=torch.float32)
+    head_missing = any(k.split(".")[0] in ("classifier", "score", "lm_head", "qa_outputs")
+                       for k in info["missing_keys"])
     return model, not head_missing
 
 

@@ -32,7 +32,7 @@ from kdsearch.data.loading import load_raw_task
 from kdsearch.data.metrics import baseline_score
 from kdsearch.data.tasks import TaskSpec, read_by
 from kdsearch.methods.bridges import bridge_method
-from kdsearch.methods.inputs import model_inputs
+from kdsearch.methods.inputs import model_inputs, output_logits
 from kdsearch.methods.layer_maps import run_pairs
 from kdsearch.methods.losses import task_loss
 from kdsearch.methods.relations import Tap, resolve_relation
@@ -118,7 +118,7 @@ def fit_task(model: torch.nn.Module, data: Any, *, spec: TaskSpec, cfg: Config, 
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             out = model(**model_inputs(batch))
-            loss = task_loss(out.logits, batch["labels"], kind=spec.kind)
+            loss = task_loss(output_logits(out), batch["labels"], kind=spec.kind)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -140,7 +140,7 @@ def _teacher(cfg: Config, source: models.TeacherSource, tok: Any, data: Any, spe
         torch.manual_seed(cfg.finetune.seed)
         if source.builtin:
             config = models.with_task_head(models.teacher_config(source, vocab_size=len(tok)), spec)
-            model, has_head = models.task_model_class(family).from_config(config), False
+            model, has_head = models.task_model_class(family, config).from_config(config), False
         else:
             assert source.location is not None
             model, has_head = models.load_pretrained(source.location, spec=spec, family=family)
@@ -314,7 +314,8 @@ def prepare_teacher(cfg: Config, *, device: torch.device | None = None, cached_o
     tok = _tokenizer(source, raw, spec, store, cached_only)
     data = tokenize_task(raw, spec, tok, max_length=cfg.task.max_length, cache_dir=cfg.cache_dir, family=family,
                          segments=models.uses_segments(config),
-                         decoder_start=getattr(config, "decoder_start_token_id", None) if family == "seq2seq" else None)
+                         decoder_start=getattr(config, "decoder_start_token_id", None) if family == "seq2seq" else None,
+                         stride=cfg.task.doc_stride)
     spec = read_by(spec, family)
     teacher_dir = _teacher(cfg, source, tok, data, spec, store, device, cached_only)
     trained = AutoConfig.from_pretrained(teacher_dir)

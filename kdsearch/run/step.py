@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdsearch.core.kinds import IGNORE_INDEX
-from kdsearch.methods.inputs import model_inputs
-from kdsearch.methods.losses import DISTANCES, LOGIT_LOSSES, combine, task_loss
+from kdsearch.methods.inputs import model_inputs, output_logits
+from kdsearch.methods.losses import DISTANCES, LOGIT_LOSSES, combine, span_kd, task_loss
 from kdsearch.methods.relations import Captured, RelationSpec, Tap, capture, relation_term
 
 if TYPE_CHECKING:
@@ -49,7 +49,8 @@ def teacher_forward(teacher: nn.Module, batch: dict[str, torch.Tensor], *, hidde
     if "decoder_input_ids" in batch:
         return TeacherOutputs(out.logits, out.encoder_hidden_states if hidden else None,
                               decoder_hidden=out.decoder_hidden_states if hidden else None)
-    return TeacherOutputs(out.logits, out.hidden_states if hidden else None, dict(projections) if tap else None)
+    return TeacherOutputs(output_logits(out), out.hidden_states if hidden else None,
+                          dict(projections) if tap else None)
 
 
 @dataclass(frozen=True)
@@ -107,11 +108,12 @@ class Distiller(nn.Module):
         use_hidden = self.weights["hidden"] > 0 and bool(pairs or decoder_pairs)
         with capture(self.student, self.relation.student if self.relation else None) as projections:
             out = self.student(**model_inputs(batch), output_hidden_states=use_hidden)
+        logits = output_logits(out)
         terms: dict[str, torch.Tensor] = {}
         if self.weights["task"] > 0:
-            terms["task"] = task_loss(out.logits, batch["labels"], kind=self.kind)
+            terms["task"] = task_loss(logits, batch["labels"], kind=self.kind)
         if self.weights["logit"] > 0:
-            terms["logit"] = self._logit_term(out.logits, teacher.logits, batch["labels"])
+            terms["logit"] = self._logit_term(logits, teacher.logits, batch)
         if use_hidden and self.kind == "seq2seq":
             assert teacher.hidden is not None and teacher.decoder_hidden is not None
             assert self.decoder_bridge is not None, "an encoder-decoder's Distiller needs decoder_bridge="
@@ -131,10 +133,15 @@ class Distiller(nn.Module):
             terms["relation"] = relation_term(self.relation, projections, teacher.projections,
                                               batch["attention_mask"], causal=self.kind == "causal_lm")
         terms["loss"] = combine(terms, self.weights if use_hidden else {**self.weights, "hidden": 0.0})
-        terms["logits"] = out.logits.detach()
+        terms["logits"] = logits.detach()
         return terms
 
-    def _logit_term(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _logit_term(self, student: torch.Tensor, teacher: torch.Tensor,
+                    batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch["labels"]
+        if self.kind == "extractive_qa":  # the start and the end distributions over each window's tokens
+            return span_kd(student, teacher, temperature=self.losses.temperature, mask=batch["attention_mask"],
+                           logit_loss=self.logit_loss)
         if self.kind == "regression":  # one output: KL is undefined, match the scores instead
             return F.mse_loss(student.float(), teacher.float())
         if self.kind == "causal_lm":  # position t predicts token t+1; only response tokens count

@@ -106,6 +106,30 @@ def _check_seq2seq(cfg: Config, teacher: PretrainedConfig, spec: TaskSpec) -> No
         check_map_args(cfg.distill.layer_map, n_dec_s, n_dec_t, cfg.distill.layers)
 
 
+def _check_qa(cfg: Config, teacher: PretrainedConfig, spec: TaskSpec) -> None:
+    """An extractive QA task needs an encoder teacher whose tokenizer is a fast one (offsets map answers to
+    tokens)."""
+    family = family_of(teacher)
+    if family != "encoder":
+        what = "a causal LM" if family == "causal" else "an encoder-decoder"
+        raise ConfigError(f"task.name={spec.name} is an extractive QA task (an answer span in the context), which "
+                          f"needs an encoder teacher (tiny-bert, tiny-roberta, tiny-deberta, a BERT-like "
+                          f"checkpoint); teacher={cfg.teacher} is {what}")
+    source = resolve_teacher(cfg.teacher)
+    if source.builtin or source.location is None:
+        return  # the built-in teachers train a fast tokenizer
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location)
+    except (OSError, ValueError):
+        return  # not readable here (a hub id not cached): loading it later says why
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"teacher={cfg.teacher}: its tokenizer ({type(tokenizer).__name__}) is a slow one; "
+                          "extractive QA needs a fast tokenizer (offset mapping): give a model folder with a "
+                          "tokenizer.json")
+
+
 def validate(cfg: Config) -> TaskSpec:
     """Raise ConfigError (one line) for anything that would fail later; else the task as the teacher reads it."""
     check_names(cfg)
@@ -119,6 +143,8 @@ def validate(cfg: Config) -> TaskSpec:
         raise ConfigError(f"task.hub={cfg.task.hub}: {why}; set HF_DATASETS_OFFLINE=1 to read it from the datasets "
                           "cache, or give task.data_dir=<folder with its files>")
     check_local_dirs(cfg)
+    if spec.kind == "extractive_qa":
+        _check_qa(cfg, teacher, spec)
     _check_seq2seq(cfg, teacher, spec)
     if family_of(teacher) == "encoder" and spec.kind == "causal_lm":
         raise ConfigError(f"task.name={spec.name} is a causal-LM task but teacher={cfg.teacher} is an encoder")

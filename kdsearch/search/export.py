@@ -150,6 +150,7 @@ Distilled by kdsearch from teacher `{cfg.teacher}` on task `{cfg.task.name}`
   finetune.epochs {cfg.finetune.epochs} ({rate_defaults(cfg.teacher, cfg.student.init)}; keys set explicitly win)
 
 Load it with `transformers.AutoModelForSequenceClassification.from_pretrained(<this folder>)` (encoders),
+`AutoModelForQuestionAnswering` (extractive QA: start and end logits; kdsearch.data.qa decodes the best span),
 `AutoModelForCausalLM` (causal LMs) or `AutoModelForSeq2SeqLM` (encoder-decoders, which `generate`);
 `AutoModel.from_pretrained` loads the backbone.
 

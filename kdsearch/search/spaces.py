@@ -317,6 +317,8 @@ def smoke(space: Space) -> Space:
         teacher = base_value(space, "teacher")
         overrides.update({"teacher": teacher if teacher in ("tiny-t5", "tiny-bart") else "tiny-t5",
                           "task.name": "seq2seq_default"})
+    if task in TASKS and TASKS[task].kind == "extractive_qa":  # a QA space stays one, on an embedded QA task
+        overrides["task.name"] = task if task in ("qa_default", "qa_default_v2") else "qa_default"
     width = base_value(space, "student.hidden_size")
     if base_value(space, "teacher") != "tiny-bert" and width is not None and width >= 64:
         # a student sized for a bigger teacher: keep it narrower than tiny-bert's 64 units

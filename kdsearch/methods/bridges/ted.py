@@ -98,7 +98,8 @@ class FilterHead(nn.Module):
     """Stage-1 head on a filtered state, as TED's code builds it per filter: a pooler (dense d_f -> d_f + GELU on
     the first token: DeBERTa's ContextPooler with its pooler_hidden_act), dropout, a linear task head.
 
-    For causal LMs (continual pre-training scenario) the head is a per-token LM head instead.
+    For causal LMs (continual pre-training scenario) the head is a per-token LM head instead, and for extractive
+    QA a per-token span head (n_out = 2: start and end logits, as TED's SQuAD filters feed a qa_outputs layer).
     """
 
     def __init__(self, d_f: int, n_out: int, *, causal: bool) -> None:
@@ -123,6 +124,8 @@ def stage1_accuracy(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tu
         return float((pred[keep] == gold[keep]).sum()), int(keep.sum())
     if kind == "regression":
         return float(((logits.squeeze(-1) - labels).abs() < 0.5).sum()), len(labels)
+    if kind == "extractive_qa":  # (B, T, 2): a window counts when both its start and its end are right
+        return float((logits.argmax(1) == labels).all(-1).sum()), len(labels)
     return float((logits.argmax(-1) == labels).sum()), len(labels)
 
 
@@ -143,7 +146,8 @@ def train_stage1(model: nn.Module, filters: nn.ModuleDict, *, d_f: int, loader: 
     the frozen model runs in training mode (its dropout on), as there. Returns the final-epoch training accuracy
     of each filter's head (a check that filters learned the task).
     """
-    heads = nn.ModuleDict({k: FilterHead(d_f, n_out, causal=kind == "causal_lm") for k in filters})
+    heads = nn.ModuleDict({k: FilterHead(d_f, n_out, causal=kind in ("causal_lm", "extractive_qa"))
+                           for k in filters})
     filters.to(device).train()
     heads.to(device).train()
     was_training = model.training

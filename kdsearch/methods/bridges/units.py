@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from kdsearch.core.cache import content_key
 from kdsearch.core.errors import ConfigError
 from kdsearch.methods.bridges.base import BRIDGES, Bridge, BridgeInputs, BridgeMethod, PrepareContext
-from kdsearch.methods.inputs import model_inputs
+from kdsearch.methods.inputs import model_inputs, output_logits
 from kdsearch.methods.losses import task_loss
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def score_units(teacher: Any, loader: Iterable[dict], *, kind: TaskKind, method:
             h.retain_grad()
         # the loss is a mean over the batch: times its rows, every example weighs the same in the sum, also in
         # a short last batch
-        (task_loss(out.logits, batch["labels"], kind=kind) * len(batch["labels"])).backward()
+        (task_loss(output_logits(out), batch["labels"], kind=kind) * len(batch["labels"])).backward()
         mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
         per_layer = []
         for h in out.hidden_states:
