@@ -80,9 +80,9 @@ def _layer_select_seq2seq(d_teacher: int) -> Study:
             "distill.w_task": 1.0, "distill.w_logit": 1.0, "distill.w_hidden": 3.0, "distill.temperature": 2.0}
     return Study("layer_select_seq2seq", "encoder-decoder layer maps x student init (Yu, Wen, Mou 2025; papers.md "
                  "section 2)", base, rows, baseline="none",
-                 notes=["paper: T5 (WMT16 En-Ro) and BART (DART) -> 3+3 layers; papers.md gives no per-cell "
-                        "seq2seq numbers, only the pattern (teacher init: maps within about a point, all >= none; "
-                        "random init: matching beats none)"])
+                 notes=["paper: T5 (WMT16 En-Ro) and BART (DART) -> 3+3 layers; papers.md records per-cell "
+                        "numbers for its BERT runs only, whose pattern is: teacher init, maps within about a point, "
+                        "all >= none; random init, matching beats none"])
 
 
 @GRIDS.register("ted_vs_lwd")
