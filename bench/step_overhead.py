@@ -4,7 +4,8 @@
                                        [--precision fp32|bf16|fp16]
 
 For each strategy (forward identity, none = logit KD only, all_to_one, projector with a narrower student, ted
-with linear filters, units = Flex-KD, relation = MiniLMv2 attention relations) it times, on the same batches and
+with linear filters, units = Flex-KD, relation = MiniLMv2 attention relations, seq2seq = a tiny-t5 encoder-decoder
+with the layer map on both stacks) it times, on the same batches and
 interleaved step by step:
 
   kd    the shared step exactly as the loop runs it: `kdsearch.run.loop._train_epoch` on one batch
@@ -46,11 +47,12 @@ import transformers  # noqa: E402
 
 from kdsearch.config.overrides import load_config
 from kdsearch.config.schema import Config  # noqa: E402
+from kdsearch.methods.inputs import model_inputs  # noqa: E402
 from kdsearch.methods.losses import task_loss  # noqa: E402
 from kdsearch.methods.relations import relation_term  # noqa: E402
 from kdsearch.run import models  # noqa: E402
 from kdsearch.run.evaluation import make_loader  # noqa: E402
-from kdsearch.run.loop import WorkerContext, _train_epoch, build_distiller, layer_pairs  # noqa: E402
+from kdsearch.run.loop import WorkerContext, _train_epoch, build_distiller, decoder_pairs, layer_pairs  # noqa: E402
 from kdsearch.run.optimiser import Optimiser  # noqa: E402
 from kdsearch.run.precision import autocast, loss_scaler  # noqa: E402
 from kdsearch.run.prepare import Prepared, make_student, prepare  # noqa: E402
@@ -72,6 +74,10 @@ STRATEGIES: dict[str, list[str]] = {
     "units": ["distill.layer_map=forward", "distill.bridge=units", "student.hidden_size=NARROW",
               "student.init=random"],
     "relation": ["distill.layer_map=none", "distill.w_hidden=0", "distill.w_relation=1"],
+    # an encoder-decoder (whatever --teacher says): tiny-t5 4+4 -> 2+2 on the embedded numbers-to-words task, the
+    # layer-selection T5 code's loss (space=seq2seq's first point); base runs both stacks, teacher-forced
+    "seq2seq": ["teacher=tiny-t5", "task.name=seq2seq_default", "distill.layer_map=forward",
+                "distill.distance=layer_select_t5", "distill.hidden_reduce=sum", "distill.temperature=2.0"],
 }
 
 
@@ -108,6 +114,7 @@ class Variants:
         self.kd_teacher = (TeacherCache.open(prepared.teacher_outputs, prepared.teacher_projections)
                            if prepared.teacher_outputs else self.teacher)
         self.pairs = layer_pairs(cfg, prepared, epoch=0)
+        self.decoder_pairs = decoder_pairs(cfg, prepared, epoch=0)  # an encoder-decoder's; [] for the others
         self.optimiser = self._optimiser(self.distiller, cfg)
         plain = replace(cfg, distill=replace(cfg.distill, w_logit=0.0, w_hidden=0.0, w_relation=0.0,
                                              layer_map="none", bridge="auto"))
@@ -130,7 +137,7 @@ class Variants:
     def kd(self, batch: dict[str, torch.Tensor]) -> None:
         _train_epoch(self.distiller, self.kd_teacher, [batch], self.optimiser, self.pairs, steps=1, ctx=self.ctx,
                      epoch=0, precision=self.precision, tap=self.distiller.relation.teacher if self.distiller.relation
-                     else None)
+                     else None, decoder_pairs=self.decoder_pairs)
 
     def loop(self, batch: dict[str, torch.Tensor]) -> None:
         _train_epoch(self.plain, self.teacher, [batch], self.plain_optimiser, [], steps=1, ctx=self.ctx, epoch=0,
@@ -138,10 +145,13 @@ class Variants:
 
     def base(self, batch: dict[str, torch.Tensor]) -> None:
         self.student.train()
+        # an encoder-decoder also reads its decoder inputs (teacher forcing); the others the two they always have
+        inputs = model_inputs(batch) if self.kind == "seq2seq" else {
+            "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         with autocast(self.device, self.precision):
             with torch.no_grad():
-                self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                self.teacher(**inputs)
+            out = self.student(**inputs)
         loss = task_loss(out.logits, batch["labels"], kind=self.kind)
         self.student_opt.zero_grad(set_to_none=True)
         if self.student_scaler is None:
@@ -351,6 +361,8 @@ def main() -> int:
     unknown = [s for s in names + ([single] if single else []) if s not in STRATEGIES]
     if unknown:
         parser.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+    if args.breakdown == "seq2seq":
+        parser.error("--breakdown re-enacts an encoder's step phase by phase; use --profile seq2seq instead")
 
     setups: dict[str, tuple[Variants, list[dict[str, torch.Tensor]]]] = {}
     for name in [single] if single else names:
@@ -388,7 +400,7 @@ def main() -> int:
     print("ms = median step time; kd/base = ratio of medians (median over rounds, min-max over rounds); "
           "paired = median of per-batch kd_i/base_i (the verdict: it cancels drift and other processes' load); "
           "ops = ATen ops dispatched per step")
-    print(report(names, {n: len(v.pairs) for n, (v, _) in setups.items()}, rounds, ops))
+    print(report(names, {n: len(v.pairs) + len(v.decoder_pairs) for n, (v, _) in setups.items()}, rounds, ops))
     return 0
 
 

@@ -264,7 +264,7 @@ def test_a_random_map_draws_the_decoder_apart_from_the_encoder() -> None:
 def test_generation_metrics() -> None:
     scores = generation_metrics(["three hundred", "ten "], ["three hundred", "ten  one"])
     assert scores["exact_match"] == 0.5 and 0 < scores["chrf"] < 1
-    assert generation_metrics(["a b"], ["a b"]) == {"exact_match": 1.0, "chrf": 1.0}
+    assert generation_metrics(["a b"], ["a b"]) == {"exact_match": 1.0, "chrf": 1.0, "bleu": 1.0, "rouge_l": 1.0}
 
 
 # --- refusals ---------------------------------------------------------------------------------------------

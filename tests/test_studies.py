@@ -108,3 +108,16 @@ def test_seeded_study_keeps_what_the_search_fixed_on_its_command_line(tmp_path: 
     assert base["task.train_size"] == 96 and base["student.hidden_size"] is None  # the search's own data keys
     assert base["finetune.lr"] == 2e-5
     assert len(rows) == 1 + 5  # the best, then the 5 teacher-init paper points (not the 10 of the shipped space)
+
+
+def test_the_seq2seq_grid_is_the_papers_maps_with_the_t5_codes_loss_and_validates_on_tiny_t5() -> None:
+    from kdsearch.run.validate import validate
+
+    study = make_study("layer_select_seq2seq", d_teacher=64)
+    assert {(r.name, r.group) for r in study.rows} == {(m, i) for m in ("none", "forward", "reverse", "all_to_one",
+                                                                        "random") for i in ("random", "teacher")}
+    assert study.base["distill.distance"] == "layer_select_t5" and study.base["distill.temperature"] == 2.0
+    space, _ = grid_space(study, cli={"teacher": "tiny-t5", "task": {"name": "seq2seq_default"},
+                                      "student": {"layers": 2, "decoder_layers": 2}}, seeds=[0], concurrency=1)
+    for point in space_model.initial_points(space):
+        assert validate(space_model.trial_config(space, point)).kind == "seq2seq"

@@ -352,6 +352,24 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """How an encoder-decoder's generated outputs are scored (eval_exact_match, eval_chrf, eval_bleu,
+    eval_rouge_l); the teacher-forced eval_token_accuracy and eval_loss are scored every epoch whatever these say.
+    Read only with a seq2seq task."""
+
+    num_beams: int = 1
+    """Beams of `generate` on the validation split (batched, on the trial's device); 1 = greedy."""
+    generate_every: int = 1
+    """Generate every k epochs, and always after the last; 0 = after the last epoch only. A search that ranks by
+    a generated metric needs 1: ASHA stops trials at any epoch and ranks them by what that epoch reported."""
+
+    def __post_init__(self) -> None:
+        require(self.num_beams >= 1, f"eval.num_beams={self.num_beams}: must be >= 1 (1 = greedy)")
+        require(self.generate_every >= 0,
+                f"eval.generate_every={self.generate_every}: must be >= 0 (0 = after the last epoch only)")
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     """Fine-tuning of a teacher that has not seen the task yet (cached by content)."""
 
@@ -413,6 +431,7 @@ class Config:
     units: UnitsConfig = field(default_factory=UnitsConfig)
     relation: RelationConfig = field(default_factory=RelationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     output_dir: str = "outputs/train"

@@ -2,8 +2,8 @@
 
 `score` always repeats the task's primary metric: it is the one number a search optimises and MLflow plots.
 A degenerate side (a constant prediction, a constant label) scores 0 rather than nan, so an untrained student
-ranks last instead of breaking the search. Imports numpy, scikit-learn, scipy, sacrebleu, kdsearch.data.qa and
-kdsearch.data.tasks only.
+ranks last instead of breaking the search. Imports numpy, scikit-learn, scipy, sacrebleu, rouge-score,
+kdsearch.data.qa and kdsearch.data.tasks only.
 """
 
 from __future__ import annotations
@@ -72,25 +72,43 @@ _CLASSIFICATION = {"accuracy": accuracy, "f1": f1_binary, "macro_f1": macro_f1, 
 """Classification metrics by the name a task gives its primary one (GLUE's f1/matthews, a table's mcc)."""
 
 
-GENERATION_METRICS = ("exact_match", "chrf")
-"""What a seq2seq model's greedy outputs score on the validation split (`generation_metrics`), beside the
-teacher-forced token accuracy."""
+GENERATION_METRICS = ("exact_match", "chrf", "bleu", "rouge_l")
+"""What a seq2seq model's generated outputs score on the validation split (`generation_metrics`), beside the
+teacher-forced token accuracy; a search ranks by any of them as `metric=eval_<name>` or `objectives=`."""
 
 
 def generation_metric_names(spec: TaskSpec) -> tuple[str, ...]:
     return GENERATION_METRICS if spec.kind == "seq2seq" else ()
 
 
+class _Whitespace:
+    """rouge-score's tokenizer interface: whitespace tokens as they are (its default lowercases and drops every
+    character outside [a-z0-9], which would leave a non-Latin target nothing to score)."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return text.split()
+
+
 def generation_metrics(outputs: list[str], references: list[str]) -> dict[str, float]:
-    """exact_match: the share of outputs equal to their reference (whitespace runs as one space); chrf: corpus
-    chrF (sacrebleu's defaults: character 6-grams, beta 2) on a 0-1 scale like every other score here."""
-    from sacrebleu.metrics import CHRF
+    """Each on a 0-1 scale like every other score here (whitespace runs count as one space):
+
+    exact_match: the share of outputs equal to their reference; chrf: corpus chrF (sacrebleu's defaults: character
+    6-grams, beta 2); bleu: corpus BLEU (sacrebleu: up to 4-grams, brevity penalty, its 13a tokenizer; the n-gram
+    orders that no output is long enough for are left out, which short targets such as words or phonemes need);
+    rouge_l: the mean over rows of ROUGE-L F1 (longest common subsequence of whitespace tokens, rouge-score).
+    """
+    from rouge_score.rouge_scorer import RougeScorer
+    from sacrebleu.metrics import BLEU, CHRF
 
     if not references:
         return dict.fromkeys(GENERATION_METRICS, 0.0)
     outputs, references = [" ".join(o.split()) for o in outputs], [" ".join(r.split()) for r in references]
     exact = sum(o == r for o, r in zip(outputs, references, strict=True)) / len(references)
-    return {"exact_match": float(exact), "chrf": float(CHRF().corpus_score(outputs, [references]).score) / 100}
+    rouge = RougeScorer(["rougeL"], tokenizer=_Whitespace())
+    rouge_l = sum(rouge.score(r, o)["rougeL"].fmeasure for o, r in zip(outputs, references, strict=True))
+    return {"exact_match": float(exact), "chrf": float(CHRF().corpus_score(outputs, [references]).score) / 100,
+            "bleu": min(1.0, float(BLEU(effective_order=True).corpus_score(outputs, [references]).score) / 100),
+            "rouge_l": float(rouge_l) / len(references)}
 
 
 def compute_metrics(spec: TaskSpec, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -121,11 +121,12 @@ def evaluate_qa(model: torch.nn.Module, dataset: Any, *, spec: TaskSpec, pad_id:
 @torch.no_grad()
 def evaluate_generation(model: Any, dataset: Any, tokenizer: Any, *, pad_id: int, device: torch.device,
                         batch_size: int = EVAL_BATCH_SIZE, rank: int = 0, world_size: int = 1,
-                        gather: Callable[[Any], list[Any]] = lambda x: [x]) -> dict[str, float]:
-    """An encoder-decoder's greedy outputs on `dataset` against its targets: eval_exact_match, eval_chrf.
+                        gather: Callable[[Any], list[Any]] = lambda x: [x], num_beams: int = 1) -> dict[str, float]:
+    """An encoder-decoder's generated outputs on `dataset` against its targets: eval_exact_match, eval_chrf,
+    eval_bleu, eval_rouge_l.
 
-    Batched `generate` (greedy, no sampling), at most as many new tokens as the longest target holds, so a
-    model that never stops costs no more than one that does.
+    Batched `generate`, no sampling: greedy, or beam search with `num_beams` > 1; at most as many new tokens as
+    the longest target holds, so a model that never stops costs no more than one that does.
     """
     model.eval()
     shard = dataset.select(range(rank, len(dataset), world_size)) if world_size > 1 else dataset
@@ -134,7 +135,8 @@ def evaluate_generation(model: Any, dataset: Any, tokenizer: Any, *, pad_id: int
     references: list[str] = []
     for batch in make_loader(shard, batch_size=batch_size, shuffle=False, seed=0, pad_id=pad_id):
         generated = model.generate(input_ids=batch["input_ids"].to(device),
-                                   attention_mask=batch["attention_mask"].to(device), do_sample=False, num_beams=1,
+                                   attention_mask=batch["attention_mask"].to(device), do_sample=False,
+                                   num_beams=num_beams,
                                    max_new_tokens=longest)
         outputs += tokenizer.batch_decode(generated, skip_special_tokens=True)
         gold = [[t for t in row if t != IGNORE_INDEX] for row in batch["labels"].tolist()]

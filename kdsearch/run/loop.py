@@ -166,11 +166,12 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
             scores = evaluate(distiller.student, prepared.data["validation"], spec=prepared.spec,
                               batch_size=max(cfg.train.batch_size, EVAL_BATCH_SIZE), pad_id=prepared.pad_id,
                               device=ctx.device, rank=ctx.rank, world_size=ctx.world_size, gather=ctx.gather)
-            if tokenizer is not None:
+            if tokenizer is not None and generates(cfg, epoch):
                 scores |= evaluate_generation(distiller.student, prepared.data["validation"], tokenizer,
                                               batch_size=max(cfg.train.batch_size, EVAL_BATCH_SIZE),
                                               pad_id=prepared.pad_id, device=ctx.device, rank=ctx.rank,
-                                              world_size=ctx.world_size, gather=ctx.gather)
+                                              world_size=ctx.world_size, gather=ctx.gather,
+                                              num_beams=cfg.eval.num_beams)
         metrics = {"epoch": epoch + 1, **train_terms, "epoch_time_s": epoch_time, **scores,
                    "student_params": models.count_parameters(distiller.student), "student_latency_ms": latency,
                    "teacher_score": prepared.teacher_metrics.get("eval_score", float("nan"))}
@@ -184,11 +185,17 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
     return metrics
 
 
-def _generation_tokenizer(prepared: Prepared) -> Any:
-    """The tokenizer that decodes an encoder-decoder's outputs for its generation metrics; None for others.
+def generates(cfg: Config, epoch: int) -> bool:
+    """Whether 0-based `epoch` ends with generation metrics: every `eval.generate_every` epochs and the last.
 
-    Scored every epoch, not only at the end: a search stops trials early (ASHA), and a metric only a finished
+    Every epoch by default, not only at the end: a search stops trials early (ASHA), and a metric only a finished
     run reported could not rank them."""
+    every = cfg.eval.generate_every
+    return epoch + 1 == cfg.train.epochs or (every > 0 and (epoch + 1) % every == 0)
+
+
+def _generation_tokenizer(prepared: Prepared) -> Any:
+    """The tokenizer that decodes an encoder-decoder's outputs for its generation metrics; None for others."""
     if prepared.family != "seq2seq":
         return None
     from transformers import AutoTokenizer

@@ -110,6 +110,7 @@ class Distiller(nn.Module):
             out = self.student(**model_inputs(batch), output_hidden_states=use_hidden)
         logits = output_logits(out)
         terms: dict[str, torch.Tensor] = {}
+        shares: dict[str, torch.Tensor] = {}
         if self.weights["task"] > 0:
             terms["task"] = task_loss(logits, batch["labels"], kind=self.kind)
         if self.weights["logit"] > 0:
@@ -117,12 +118,16 @@ class Distiller(nn.Module):
         if use_hidden and self.kind == "seq2seq":
             assert teacher.hidden is not None and teacher.decoder_hidden is not None
             assert self.decoder_bridge is not None, "an encoder-decoder's Distiller needs decoder_bridge="
-            masks = (batch["attention_mask"], batch["decoder_attention_mask"]) if self.losses.mask_padding else (None,
-                                                                                                           None)
-            terms["hidden"] = self._reduce(
-                self._per_pair(out.encoder_hidden_states, teacher.hidden, masks[0], pairs, self.bridge)
-                + self._per_pair(out.decoder_hidden_states, teacher.decoder_hidden, masks[1], decoder_pairs,
-                                 self.decoder_bridge))
+            masks = ((batch["attention_mask"], batch["decoder_attention_mask"]) if self.losses.mask_padding
+                     else (None, None))
+            encoder = self._per_pair(out.encoder_hidden_states, teacher.hidden, masks[0], pairs, self.bridge)
+            decoder = self._per_pair(out.decoder_hidden_states, teacher.decoder_hidden, masks[1], decoder_pairs,
+                                     self.decoder_bridge)
+            terms["hidden"] = self._reduce(encoder + decoder)
+            # each stack's own share, logged only (train_hidden_encoder, train_hidden_decoder): added after combine,
+            # which weighs the terms loss_weights names
+            shares = {stack: self._reduce(per_pair).detach() for stack, per_pair in
+                      (("hidden_encoder", encoder), ("hidden_decoder", decoder)) if per_pair}
         elif use_hidden:
             assert teacher.hidden is not None
             mask = batch["attention_mask"] if self.losses.mask_padding else None
@@ -133,6 +138,7 @@ class Distiller(nn.Module):
             terms["relation"] = relation_term(self.relation, projections, teacher.projections,
                                               batch["attention_mask"], causal=self.kind == "causal_lm")
         terms["loss"] = combine(terms, self.weights if use_hidden else {**self.weights, "hidden": 0.0})
+        terms |= shares
         terms["logits"] = logits.detach()
         return terms
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from kdsearch.config.paths import check_local_dirs
-from kdsearch.config.schema import Config
+from kdsearch.config.schema import Config, EvalConfig
 from kdsearch.core.errors import ConfigError
 from kdsearch.data import hub
 from kdsearch.data.loading import check_task
@@ -88,6 +88,12 @@ def _check_seq2seq(cfg: Config, teacher: PretrainedConfig, spec: TaskSpec) -> No
                           f"encoder-decoder teacher (tiny-t5, tiny-bart, a T5 or BART checkpoint); teacher="
                           f"{cfg.teacher} is {'an encoder' if family_of(teacher) == 'encoder' else 'a causal LM'}")
     if not seq2seq:
+        given = [f"eval.{k}={v}" for k, v in vars(cfg.eval).items() if v != getattr(EvalConfig(), k)]
+        if given:
+            raise ConfigError(f"{given[0]}: read only with an encoder-decoder teacher on a seq2seq task (generated "
+                              f"outputs are scored for those only); teacher={cfg.teacher} is "
+                              f"{'an encoder' if family_of(teacher) == 'encoder' else 'a causal LM'}: leave eval.* "
+                              "at its defaults")
         return
     if cfg.distill.w_relation > 0:
         raise ConfigError(f"distill.w_relation={cfg.distill.w_relation}: the attention relation term is not "

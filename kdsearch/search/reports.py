@@ -51,8 +51,9 @@ class ReportSettings:
     """`python -m kdsearch.report`'s own keys (every other key is a config key, applied to every row)."""
 
     study: str = dataclasses.field(default="", metadata={"shown": "<name>"})
-    """The study: layer_select, ted_vs_lwd, flex, relation, seeded (a search's best beside the paper points) or
-    confirm (a search's top configurations over fresh seeds)."""
+    """The study: layer_select, layer_select_seq2seq (its maps on an encoder-decoder teacher), ted_vs_lwd, flex,
+    relation, seeded (a search's best beside the paper points) or confirm (a search's top configurations over
+    fresh seeds)."""
     seeds: Any = 3
     """A count (3 -> seeds 0, 1, 2; study=confirm: fresh seeds 1..n) or a list such as [0,1,2]."""
     only: Any = dataclasses.field(default=None, metadata={"shown": "[row,...]"})

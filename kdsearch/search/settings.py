@@ -19,6 +19,7 @@ from kdsearch.config.parse import flatten
 from kdsearch.config.paths import check_writable, output_path, output_uri
 from kdsearch.config.schema import rate_defaults
 from kdsearch.core.errors import ConfigError, did_you_mean
+from kdsearch.data.metrics import generation_metric_names
 from kdsearch.run.loop import reported_metrics
 from kdsearch.run.validate import check_names, validate
 from kdsearch.search import space_model, spaces
@@ -165,14 +166,19 @@ def check_choices(space: space_model.Space) -> None:
 def check_search(settings: SearchSettings, space: space_model.Space) -> None:
     """Everything checkable before ray.init: the base config, each categorical choice, the objectives, every paper
     point, the store."""
-    spec = validate(space_model.trial_config(space, {}))
+    base = space_model.trial_config(space, {})
+    spec = validate(base)
     check_choices(space)
     known = reported_metrics(spec)
+    generated = {f"eval_{name}" for name in generation_metric_names(spec)}
     for name, _ in objectives_of(settings, space):
+        key = f"objectives={','.join(settings.objectives)}" if settings.objectives else f"metric={name}"
         if name not in known:
-            key = f"objectives={','.join(settings.objectives)}" if settings.objectives else f"metric={name}"
             raise ConfigError(f"{key}: no trial reports {name}{did_you_mean(name, known)} "
                               f"(reported: {', '.join(known)})")
+        if name in generated and base.eval.generate_every != 1:
+            raise ConfigError(f"{key}: {name} is scored only every eval.generate_every={base.eval.generate_every} "
+                              "epochs, but ASHA stops and ranks trials at any epoch: set eval.generate_every=1")
     for point in space_model.initial_points(space):
         validate(space_model.trial_config(space, point))
     check_tracking_uri(settings.tracking_uri)

@@ -70,6 +70,21 @@ def _layer_select(d_teacher: int) -> Study:
                                          "its random/teacher cell is not in papers.md"])
 
 
+@GRIDS.register("layer_select_seq2seq")
+def _layer_select_seq2seq(d_teacher: int) -> Study:
+    rows = [Row(m, init, {"distill.layer_map": m, "student.init": init})
+            for init in ("random", "teacher") for m in ("none", "forward", "reverse", "all_to_one", "random")]
+    # the T5 code's loss (t5mt/scripts): CE 1, KL 1 at T 2, hidden 3 on each layer's standardised states, the
+    # pairs of both stacks summed (hid_loss_enc + hid_loss_dec); space seq2seq's points
+    base = {"distill.bridge": "auto", "distill.distance": "layer_select_t5", "distill.hidden_reduce": "sum",
+            "distill.w_task": 1.0, "distill.w_logit": 1.0, "distill.w_hidden": 3.0, "distill.temperature": 2.0}
+    return Study("layer_select_seq2seq", "encoder-decoder layer maps x student init (Yu, Wen, Mou 2025; papers.md "
+                 "section 2)", base, rows, baseline="none",
+                 notes=["paper: T5 (WMT16 En-Ro) and BART (DART) -> 3+3 layers; papers.md records per-cell "
+                        "numbers for its BERT runs only, whose pattern is: teacher init, maps within about a point, "
+                        "all >= none; random init, matching beats none"])
+
+
 @GRIDS.register("ted_vs_lwd")
 def _ted_vs_lwd(d_teacher: int) -> Study:
     rows = [Row("TED", "", {"distill.bridge": "ted"}),
