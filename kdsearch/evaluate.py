@@ -132,8 +132,9 @@ def score_model(model_dir: str, cfg: Config, split: Split, device: torch.device)
     model: torch.nn.Module = models.load_task_model(model_dir, family)
     model = models.freeze(model.to(device))
     metrics = evaluate(model, data[split], spec=spec, pad_id=tok.pad_token_id, device=device)
-    if seq2seq:  # what it writes, greedy, against the targets: exact match, chrF
-        metrics |= evaluate_generation(model, data[split], tok, pad_id=tok.pad_token_id, device=device)
+    if seq2seq:  # what it writes (greedy, or beam search with eval.num_beams) against the targets
+        metrics |= evaluate_generation(model, data[split], tok, pad_id=tok.pad_token_id, device=device,
+                                       num_beams=cfg.eval.num_beams)
     latency = forward_latency_ms(model, data[split], pad_id=tok.pad_token_id, device=device)
     return {**metrics, "rows": len(data[split]), "params": models.count_parameters(model), "latency_ms": latency}
 
@@ -154,8 +155,10 @@ def run_evaluation(args: EvalArgs, cfg: Config) -> tuple[dict[str, dict[str, Any
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("x") as f:  # "x": never replace a file that appeared since the check
+            generated = any("eval_bleu" in s for s in scores.values())
             f.write(json.dumps({"model": args.model, "teacher": cfg.teacher, "task": cfg.task.name,
                                 "data": cfg.task.data_dir or cfg.task.hub, "split": args.split,
+                                **({"eval.num_beams": cfg.eval.num_beams} if generated else {}),
                                 "scores": scores}, indent=2))
     metrics = {f"{who}.{key}": float(v) for who, s in scores.items() for key, v in s.items()}
     params = {"analysis": "evaluate", "model": args.model, "split": args.split, "teacher": cfg.teacher,

@@ -375,10 +375,12 @@ def test_a_smoke_search_of_the_seq2seq_space_exports_a_student_that_generates(tm
     # kdsearch.evaluate scores it beside its teacher: token accuracy and what it writes
     scores = tmp_path / "scores.json"
     proc = subprocess.run([sys.executable, "-m", "kdsearch.evaluate", f"model={best}", "split=validation",
-                           "with_teacher=true", f"out={scores}", f"tracking.uri={uri}", f"cache_dir={tmp_path}/cache"],
+                           "with_teacher=true", "eval.num_beams=2", f"out={scores}", f"tracking.uri={uri}",
+                           f"cache_dir={tmp_path}/cache"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    written = json.loads(scores.read_text())["scores"]
-    assert {"student", "teacher"} == set(written)
+    record = json.loads(scores.read_text())
+    written = record["scores"]
+    assert {"student", "teacher"} == set(written) and record["eval.num_beams"] == 2  # beam search, as asked
     for who in written.values():
-        assert {"eval_token_accuracy", "eval_exact_match", "eval_chrf"} <= set(who)
+        assert {"eval_token_accuracy", "eval_exact_match", "eval_chrf", "eval_bleu", "eval_rouge_l"} <= set(who)
