@@ -14,7 +14,7 @@ from kdsearch.data.metrics import GENERATION_METRICS, generation_metrics
 from kdsearch.methods.bridges import Bridge
 from kdsearch.methods.layer_maps import run_pairs
 from kdsearch.run import models
-from kdsearch.run.loop import generates
+from kdsearch.run.loop import generates, step_losses
 from kdsearch.run.step import Distiller, teacher_forward
 from kdsearch.run.validate import validate
 
@@ -129,7 +129,7 @@ def test_each_stacks_hidden_loss_is_logged_beside_the_total(reduce: str) -> None
     teacher = models.freeze(models.task_model_class("seq2seq").from_config(config))
     student = models.build_student(teacher, layers=2, hidden_size=None, init="random", seed=3).eval()
     cfg = load_config([*SEQ2SEQ_TASK, f"distill.hidden_reduce={reduce}", "student.decoder_layers=1"])
-    distiller = Distiller(student, Bridge(), kind="seq2seq", cfg=cfg.distill, decoder_bridge=Bridge())
+    distiller = Distiller(student, Bridge(), kind="seq2seq", losses=step_losses(cfg.distill), decoder_bridge=Bridge())
     pairs, dec_pairs = run_pairs(cfg, 4), run_pairs(cfg, 4, stack="decoder")
     assert len(pairs) == 3 and len(dec_pairs) == 2  # embeddings + 2 layers; embeddings + 1 layer
     batch = _batch(teacher.config.decoder_start_token_id)

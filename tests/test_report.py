@@ -78,7 +78,7 @@ def test_summary_compares_each_distance_group_with_the_shared_ungrouped_baseline
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["study=grid"], "choose one of flex, layer_select, relation, ted_vs_lwd, seeded"),
+    (["study=grid"], "choose one of flex, layer_select, layer_select_seq2seq, relation, ted_vs_lwd, seeded"),
     (["study=flx"], "study=flx: unknown; did you mean flex?"),
     (["seeds=2"], "study: missing; choose one of"),
     (["study=seeded"], "needs search="),
