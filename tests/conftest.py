@@ -6,6 +6,7 @@ import os
 
 import datasets
 import pytest
+import torch
 
 from kdsearch.config.schema import TaskConfig
 from kdsearch.data.loading import load_raw_task
@@ -22,6 +23,15 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(name, "1")
         monkeypatch.setattr(datasets.config, name, True)
     datasets.disable_progress_bars()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared CPU: one thread is many times faster than two that compete with other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

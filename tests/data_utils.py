@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from kdsearch.config.schema import TaskConfig
+from kdsearch.data.encoding import collate
 from kdsearch.data.loading import load_raw_task
 
 ROWS = [("a fine film", 1), ("dull and slow", 0), ("it works", 1), ("not good", 0), ("great fun", 1)]
@@ -56,3 +58,15 @@ def make_tokenizer(texts, *, family: str):
                                        cls_token="[CLS]", sep_token="[SEP]")
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
                                    eos_token="[EOS]")
+
+
+def seq2seq_batch(vocab: int = 50, *, start: int = 0) -> dict[str, torch.Tensor]:
+    """Two rows of uneven source and target lengths, padded as `collate` pads them."""
+    torch.manual_seed(1)
+    rows = []
+    for n_src, n_tgt in ((7, 5), (4, 3)):
+        labels = torch.randint(5, vocab, (n_tgt,)).tolist()
+        rows.append({"input_ids": torch.randint(5, vocab, (n_src,)).tolist(), "attention_mask": [1] * n_src,
+                     "labels": labels, "decoder_input_ids": [start, *labels[:-1]],
+                     "decoder_attention_mask": [1] * n_tgt})
+    return collate(rows, pad_id=0)

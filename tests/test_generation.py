@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_utils import seq2seq_batch
 
 from kdsearch.config.overrides import load_config
 from kdsearch.core.errors import ConfigError
@@ -18,16 +19,9 @@ from kdsearch.run.loop import generates, step_losses
 from kdsearch.run.step import Distiller, teacher_forward
 from kdsearch.run.validate import validate
 
-pytestmark = pytest.mark.usefixtures("offline")
+pytestmark = pytest.mark.usefixtures("offline", "one_thread")
 SEQ2SEQ_TASK = ["teacher=tiny-t5", "task.name=seq2seq_default"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- metrics ------------------------------------------------------------------------------------------------
@@ -109,19 +103,6 @@ def test_a_run_generates_where_asked_and_logs_each_stacks_hidden_loss(tmp_path: 
 
 
 # --- each stack's hidden loss -------------------------------------------------------------------------------
-def _batch(start: int, vocab: int = 50) -> dict[str, torch.Tensor]:
-    from kdsearch.data.encoding import collate
-
-    torch.manual_seed(1)
-    rows = []
-    for n_src, n_tgt in ((7, 5), (4, 3)):
-        labels = torch.randint(5, vocab, (n_tgt,)).tolist()
-        rows.append({"input_ids": torch.randint(5, vocab, (n_src,)).tolist(), "attention_mask": [1] * n_src,
-                     "labels": labels, "decoder_input_ids": [start, *labels[:-1]],
-                     "decoder_attention_mask": [1] * n_tgt})
-    return collate(rows, pad_id=0)
-
-
 @pytest.mark.parametrize("reduce", ["sum", "mean"])
 def test_each_stacks_hidden_loss_is_logged_beside_the_total(reduce: str) -> None:
     config = models.teacher_config(models.resolve_teacher("tiny-t5"), vocab_size=50)
@@ -132,7 +113,7 @@ def test_each_stacks_hidden_loss_is_logged_beside_the_total(reduce: str) -> None
     distiller = Distiller(student, Bridge(), kind="seq2seq", losses=step_losses(cfg.distill), decoder_bridge=Bridge())
     pairs, dec_pairs = run_pairs(cfg, 4), run_pairs(cfg, 4, stack="decoder")
     assert len(pairs) == 3 and len(dec_pairs) == 2  # embeddings + 2 layers; embeddings + 1 layer
-    batch = _batch(teacher.config.decoder_start_token_id)
+    batch = seq2seq_batch(start=teacher.config.decoder_start_token_id)
     terms = distiller(batch, teacher_forward(teacher, batch, hidden=True), pairs, dec_pairs)
     enc, dec, total = terms["hidden_encoder"], terms["hidden_decoder"], terms["hidden"]
     assert enc > 0 and dec > 0 and not enc.requires_grad and not dec.requires_grad  # logged, never trained on

@@ -32,15 +32,8 @@ from kdsearch.methods.losses import logit_kl, span_kd, span_loss, task_loss
 from kdsearch.run import models
 from kdsearch.run.validate import validate
 
-pytestmark = pytest.mark.usefixtures("offline")
+pytestmark = pytest.mark.usefixtures("offline", "one_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- the embedded task -----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
+from data_utils import seq2seq_batch as batch_of
 from data_utils import write
 
 from kdsearch.config.overrides import load_config
@@ -30,17 +31,9 @@ from kdsearch.run.loop import step_losses
 from kdsearch.run.step import Distiller, teacher_forward
 from kdsearch.run.validate import validate
 
-pytestmark = pytest.mark.usefixtures("offline")
+pytestmark = pytest.mark.usefixtures("offline", "one_thread")
 SEQ2SEQ = ("tiny-t5", "tiny-bart")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared CPU: one thread is many times faster than two that compete with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(name: str, vocab: int = 50, **overrides: object) -> torch.nn.Module:
@@ -49,18 +42,6 @@ def tiny(name: str, vocab: int = 50, **overrides: object) -> torch.nn.Module:
         setattr(config, key, value)
     torch.manual_seed(0)
     return models.task_model_class("seq2seq").from_config(config)
-
-
-def batch_of(vocab: int = 50, *, start: int = 0) -> dict[str, torch.Tensor]:
-    """Two rows of uneven source and target lengths, padded as `collate` pads them."""
-    torch.manual_seed(1)
-    rows = []
-    for n_src, n_tgt in ((7, 5), (4, 3)):
-        labels = torch.randint(5, vocab, (n_tgt,)).tolist()
-        rows.append({"input_ids": torch.randint(5, vocab, (n_src,)).tolist(), "attention_mask": [1] * n_src,
-                     "labels": labels, "decoder_input_ids": [start, *labels[:-1]],
-                     "decoder_attention_mask": [1] * n_tgt})
-    return collate(rows, pad_id=0)
 
 
 # --- models ------------------------------------------------------------------------------------------------
