@@ -328,21 +328,39 @@ def test_every_strategy_family_trains_on_qa(strategy: list[str], tmp_path: Path)
     assert last[f"train_{own}"] > 0 and last["train_logit"] > 0 and 0 <= last["eval_f1"] <= 1
 
 
+def _official_squad_files(root: Path, rows: dict[str, dict[str, list]]) -> Path:
+    """Rows written as SQuAD 1.1 ships them: one JSON per split, data -> paragraphs -> qas, answers as a list of
+    {text, answer_start}."""
+    root.mkdir(parents=True)
+    for split, name in (("train", "train-v1.1.json"), ("validation", "dev-v1.1.json"), ("test", "test.json")):
+        cols = rows[split]
+        paragraphs = [{"context": context, "qas": [{"id": qid, "question": question, "answers": [
+            {"text": t, "answer_start": a} for t, a in zip(answers["text"], answers["answer_start"], strict=True)]}]}
+            for qid, context, question, answers in zip(cols["id"], cols["context"], cols["question"],
+                                                       cols["answers"], strict=True)]
+        (root / name).write_text(json.dumps({"version": "1.1", "data": [{"title": "diary",
+                                                                         "paragraphs": paragraphs}]}))
+    return root
+
+
 @pytest.mark.slow
-def test_a_two_trial_search_exports_a_qa_student_that_answers_and_evaluate_scores(tmp_path: Path) -> None:
-    """space=qa end to end: two trials (logit KD alone, TED with span heads), the best student exported, answering
-    questions from its folder alone, and scored on the test split beside its teacher."""
+def test_a_two_trial_search_on_squad_files_exports_a_student_that_answers_and_evaluate_scores(tmp_path: Path) -> None:
+    """space=qa end to end on SQuAD 1.1's own file format: two trials (logit KD alone, TED with span heads), the
+    best student exported, answering questions from its folder alone, and scored on the test file beside its
+    teacher."""
     import os
     import subprocess
     import sys
 
     from kdsearch.tracking import find_search, list_trials
 
+    squad = _official_squad_files(tmp_path / "squad", qa_default_rows(2000, 300, seed=5))
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     proc = subprocess.run([sys.executable, "-m", "kdsearch.tune", "space=qa", "name=qa", "num_samples=2",
-                           "max_concurrent_trials=1", "task.train_size=2000", "task.eval_size=100",
+                           "max_concurrent_trials=1", "task.name=squad", f"task.data_dir={squad}",
+                           "task.train_size=null", "task.eval_size=100",
                            "finetune.epochs=4", "finetune.batch_size=16", "train.epochs=2", "ted.stage1_epochs=1",
                            f"tracking.uri={uri}", f"results_dir={tmp_path}/results", f"cache_dir={tmp_path}/cache"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
