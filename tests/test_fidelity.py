@@ -129,3 +129,54 @@ def test_ted_has_no_embedding_pair_unless_asked() -> None:
     assert load_config(["distill.bridge=ted"]).distill.embeddings is False
     assert load_config([]).distill.embeddings is True
     assert load_config(["distill.bridge=ted", "distill.embeddings=true"]).distill.embeddings is True
+
+
+# --- TED's extractive QA: the span KL of ted_qa_no_trainer.py ---------------------------------------------
+def ted_qa_kl_reference(student_start: Tensor, student_end: Tensor, teacher_start: Tensor,
+                        teacher_end: Tensor) -> Tensor:
+    """question-answering/ted_qa_no_trainer.py: kl_div(input, target, T=2) = F.kl_div(log_softmax(input / T),
+    softmax(target / T), reduction="batchmean") * T**2 on (B, T) start and end logits, every position (no mask),
+    then (start + end) / 2."""
+    def kl_div(inp: Tensor, target: Tensor, temperature: float = 2.0) -> Tensor:
+        return F.kl_div(F.log_softmax(inp / temperature, dim=-1), F.softmax(target / temperature, dim=-1),
+                        reduction="batchmean") * temperature ** 2
+
+    return (kl_div(student_start, teacher_start) + kl_div(student_end, teacher_end)) / 2.0
+
+
+def logged_span_kd(overrides: list[str], student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
+    cfg = load_config(overrides).distill
+    distiller = Distiller(nn.Linear(1, 1), Bridge(), kind="extractive_qa", losses=step_losses(cfg))
+    return distiller._logit_term(student, teacher, {"attention_mask": mask, "labels": torch.zeros(B, 2).long()})
+
+
+def test_qa_span_kd_unmasked_equals_teds_qa_code_and_masked_leaves_padding_out() -> None:
+    g = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(B, T, 2, generator=g) * 3, torch.randn(B, T, 2, generator=g) * 3
+    mask = _mask()
+    reference = ted_qa_kl_reference(student[..., 0], student[..., 1], teacher[..., 0], teacher[..., 1])
+    ted = ["distill.mask_padding=false", "distill.temperature=2"]
+    torch.testing.assert_close(logged_span_kd(ted, student, teacher, mask), reference, rtol=1e-6, atol=1e-6)
+    # masked (the default): the same formula over each row's real tokens only, so padding logits cannot move it
+    per_row = torch.stack([ted_qa_kl_reference(student[i:i + 1, :n, 0], student[i:i + 1, :n, 1],
+                                               teacher[i:i + 1, :n, 0], teacher[i:i + 1, :n, 1])
+                           for i, n in enumerate(LENGTHS)])
+    masked = logged_span_kd(["distill.temperature=2"], student, teacher, mask)
+    torch.testing.assert_close(masked, per_row.mean(), rtol=1e-6, atol=1e-6)
+    noisy = student.masked_fill(~mask.bool().unsqueeze(-1), 50.0)
+    torch.testing.assert_close(logged_span_kd(["distill.temperature=2"], noisy, teacher, mask), masked)
+    assert not torch.allclose(logged_span_kd(ted, noisy, teacher, mask), reference)
+
+
+def test_the_qa_space_holds_teds_squad_v2_points() -> None:
+    from kdsearch.search.space_model import initial_points
+    from kdsearch.search.spaces import load_space
+
+    points = initial_points(load_space("qa"))
+    ted, kd, lwd = points[0], points[1], points[2]
+    assert (ted["distill.bridge"], ted["distill.w_logit"], ted["distill.w_hidden"], ted["distill.temperature"],
+            ted["distill.distance"], ted["distill.mask_padding"], ted["student.finetune"]) == (
+        "ted", 10.0, 5000.0, 2.0, "mse", False, True)
+    assert (kd["distill.layer_map"], kd["distill.w_logit"], kd["distill.mask_padding"]) == ("none", 10.0, False)
+    assert (lwd["distill.bridge"], lwd["distill.w_hidden"], lwd["distill.mask_padding"]) == ("projector", 100.0, False)
+    assert load_space("qa").base["distill"]["hidden_reduce"] == "mean"  # TED: the mean over its filter pairs

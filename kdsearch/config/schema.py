@@ -185,7 +185,8 @@ class DistillConfig:
     mean (no embedding pair); TED = mse + mean with mask_padding=false."""
     mask_padding: bool = True
     """Hidden distances over real tokens only (layer-selection paper); false: every position, padding included,
-    as TED's code computes its MSE."""
+    as TED's code computes its MSE. For extractive QA it also decides whether padding is taken out of the start
+    and end distributions of the span KD (TED's QA code: not)."""
     w_task: float = 1.0
     """Weight of the task loss (CE on the labels; MSE for regression; next-token CE for causal LMs)."""
     w_logit: float = 1.0

@@ -416,7 +416,9 @@ def span_kd(student: Tensor, teacher: Tensor, *, temperature: float, mask: Tenso
     2023, arXiv 2210.01351, matches these two distributions).
 
     student, teacher (B, T, 2): start and end logits; mask (B, T): 1 on real tokens. Padding is taken out of
-    both distributions (its logits set to NOT_A_POSITION), so it holds no probability on either side.
+    both distributions (its logits set to NOT_A_POSITION), so it holds no probability on either side. Without a
+    mask every position counts, padding included: TED's QA code (ted_qa_no_trainer.py), whose kl_div is
+    `F.kl_div(log_softmax(s/T), softmax(t/T), "batchmean") * T**2` on the (B, T) start and end logits, averaged.
     """
     _check_pair(student, teacher)
     loss = logit_loss or logit_kl

@@ -68,7 +68,7 @@ class StepLosses:
     hidden_reduce: Literal["sum", "mean"]
     """How the per-pair distances combine."""
     mask_padding: bool
-    """Whether padded positions are left out of the hidden distances."""
+    """Whether padded positions are left out of the hidden distances (and of extractive QA's span KD)."""
 
 
 def leaves_parameters_unused(weights: dict[str, float]) -> bool:
@@ -145,8 +145,9 @@ class Distiller(nn.Module):
     def _logit_term(self, student: torch.Tensor, teacher: torch.Tensor,
                     batch: dict[str, torch.Tensor]) -> torch.Tensor:
         labels = batch["labels"]
-        if self.kind == "extractive_qa":  # the start and the end distributions over each window's tokens
-            return span_kd(student, teacher, temperature=self.losses.temperature, mask=batch["attention_mask"],
+        if self.kind == "extractive_qa":  # the start and the end distributions over each window's positions
+            mask = batch["attention_mask"] if self.losses.mask_padding else None  # TED's QA code: every position
+            return span_kd(student, teacher, temperature=self.losses.temperature, mask=mask,
                            logit_loss=self.logit_loss)
         if self.kind == "regression":  # one output: KL is undefined, match the scores instead
             return F.mse_loss(student.float(), teacher.float())
