@@ -133,8 +133,8 @@ def score_model(model_dir: str, cfg: Config, split: Split, device: torch.device)
     model = models.freeze(model.to(device))
     metrics = evaluate(model, data[split], spec=spec, pad_id=tok.pad_token_id, device=device)
     if seq2seq:  # what it writes (greedy, or beam search with eval.num_beams) against the targets
-        metrics |= evaluate_generation(model, data[split], tok, pad_id=tok.pad_token_id, device=device,
-                                       num_beams=cfg.eval.num_beams)
+        metrics |= evaluate_generation(model, data[split], tok, family=family, pad_id=tok.pad_token_id,
+                                       device=device, num_beams=cfg.eval.num_beams)
     latency = forward_latency_ms(model, data[split], pad_id=tok.pad_token_id, device=device)
     return {**metrics, "rows": len(data[split]), "params": models.count_parameters(model), "latency_ms": latency}
 

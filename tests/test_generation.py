@@ -73,10 +73,10 @@ def test_beam_search_generates_batched_and_scores_every_metric(tmp_path: Path) -
         return generate(**kwargs)
 
     teacher.generate = spy  # type: ignore[method-assign]
-    greedy = evaluate_generation(teacher, data, tok, pad_id=prepared.pad_id, device=torch.device("cpu"),
-                                 batch_size=8)
-    beams = evaluate_generation(teacher, data, tok, pad_id=prepared.pad_id, device=torch.device("cpu"),
-                                batch_size=8, num_beams=3)
+    greedy = evaluate_generation(teacher, data, tok, family="seq2seq", pad_id=prepared.pad_id,
+                                 device=torch.device("cpu"), batch_size=8)
+    beams = evaluate_generation(teacher, data, tok, family="seq2seq", pad_id=prepared.pad_id,
+                                device=torch.device("cpu"), batch_size=8, num_beams=3)
     assert [c["num_beams"] for c in calls] == [1, 1, 3, 3]  # 12 rows in batches of 8, greedy then beams
     assert [len(c["input_ids"]) for c in calls] == [8, 4, 8, 4]
     for scores in (greedy, beams):

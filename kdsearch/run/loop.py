@@ -171,7 +171,7 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
                                               batch_size=max(cfg.train.batch_size, EVAL_BATCH_SIZE),
                                               pad_id=prepared.pad_id, device=ctx.device, rank=ctx.rank,
                                               world_size=ctx.world_size, gather=ctx.gather,
-                                              num_beams=cfg.eval.num_beams)
+                                              num_beams=cfg.eval.num_beams, family=prepared.family)
         metrics = {"epoch": epoch + 1, **train_terms, "epoch_time_s": epoch_time, **scores,
                    "student_params": models.count_parameters(distiller.student), "student_latency_ms": latency,
                    "teacher_score": prepared.teacher_metrics.get("eval_score", float("nan"))}
