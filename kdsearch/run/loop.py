@@ -195,8 +195,9 @@ def generates(cfg: Config, epoch: int) -> bool:
 
 
 def _generation_tokenizer(prepared: Prepared) -> Any:
-    """The tokenizer that decodes an encoder-decoder's outputs for its generation metrics; None for others."""
-    if prepared.family != "seq2seq":
+    """The tokenizer that decodes generated outputs for the generation metrics: an encoder-decoder's, or a causal
+    LM's on prompt -> response rows; None where nothing is generated."""
+    if not generation_metric_names(prepared.spec):
         return None
     from transformers import AutoTokenizer
 
