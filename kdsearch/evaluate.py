@@ -26,6 +26,7 @@ from kdsearch.core.errors import ConfigError
 from kdsearch.data import hub
 from kdsearch.data.encoding import tokenize_task
 from kdsearch.data.loading import Split, load_raw_task
+from kdsearch.data.metrics import generation_metric_names
 from kdsearch.data.tasks import TaskSpec, read_by
 from kdsearch.run import models
 from kdsearch.run.evaluation import evaluate, evaluate_generation, forward_latency_ms
@@ -132,9 +133,9 @@ def score_model(model_dir: str, cfg: Config, split: Split, device: torch.device)
     model: torch.nn.Module = models.load_task_model(model_dir, family)
     model = models.freeze(model.to(device))
     metrics = evaluate(model, data[split], spec=spec, pad_id=tok.pad_token_id, device=device)
-    if seq2seq:  # what it writes (greedy, or beam search with eval.num_beams) against the targets
-        metrics |= evaluate_generation(model, data[split], tok, pad_id=tok.pad_token_id, device=device,
-                                       num_beams=cfg.eval.num_beams)
+    if generation_metric_names(spec):  # what it writes (greedy, or beams: eval.num_beams) against the references
+        metrics |= evaluate_generation(model, data[split], tok, family=family, pad_id=tok.pad_token_id,
+                                       device=device, num_beams=cfg.eval.num_beams)
     latency = forward_latency_ms(model, data[split], pad_id=tok.pad_token_id, device=device)
     return {**metrics, "rows": len(data[split]), "params": models.count_parameters(model), "latency_ms": latency}
 

@@ -73,10 +73,10 @@ def test_beam_search_generates_batched_and_scores_every_metric(tmp_path: Path) -
         return generate(**kwargs)
 
     teacher.generate = spy  # type: ignore[method-assign]
-    greedy = evaluate_generation(teacher, data, tok, pad_id=prepared.pad_id, device=torch.device("cpu"),
-                                 batch_size=8)
-    beams = evaluate_generation(teacher, data, tok, pad_id=prepared.pad_id, device=torch.device("cpu"),
-                                batch_size=8, num_beams=3)
+    greedy = evaluate_generation(teacher, data, tok, family="seq2seq", pad_id=prepared.pad_id,
+                                 device=torch.device("cpu"), batch_size=8)
+    beams = evaluate_generation(teacher, data, tok, family="seq2seq", pad_id=prepared.pad_id,
+                                device=torch.device("cpu"), batch_size=8, num_beams=3)
     assert [c["num_beams"] for c in calls] == [1, 1, 3, 3]  # 12 rows in batches of 8, greedy then beams
     assert [len(c["input_ids"]) for c in calls] == [8, 4, 8, 4]
     for scores in (greedy, beams):
@@ -129,9 +129,7 @@ def test_each_stacks_hidden_loss_is_logged_beside_the_total(reduce: str) -> None
 @pytest.mark.parametrize(("overrides", "message"), [
     (["eval.num_beams=0"], "eval.num_beams=0: must be >= 1 (1 = greedy)"),
     ([*SEQ2SEQ_TASK, "eval.generate_every=-1"], "eval.generate_every=-1: must be >= 0"),
-    (["eval.num_beams=4"], "eval.num_beams=4: read only with an encoder-decoder teacher on a seq2seq task"),
-    (["teacher=tiny-gpt2", "eval.generate_every=2"],
-     "teacher=tiny-gpt2 is a causal LM: leave eval.* at its defaults"),
+    (["eval.num_beams=4"], "eval.num_beams=4: read only where outputs are generated (an encoder-decoder teacher"),
     (["teacher=tiny-gpt2", "student.decoder_layers=1"],
      "student.decoder_layers=1: read only with an encoder-decoder teacher"),
 ])
@@ -143,7 +141,8 @@ def test_generation_and_decoder_keys_where_nothing_generates_are_one_line(overri
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["space=smoke", "objectives=[eval_bleu:max]"], "objectives=eval_bleu:max: no trial reports eval_bleu"),
+    (["space=smoke", "objectives=[eval_bleu:max]"], "objectives=eval_bleu:max: no trial reports eval_bleu, which "
+                                                    "scores generated outputs"),
     (["space=seq2seq", "objectives=[eval_rouge_l:max]", "eval.generate_every=2"],
      "eval_rouge_l is scored only every eval.generate_every=2 epochs"),
     (["space=seq2seq", "eval.num_beams=0"], "eval.num_beams=0: must be >= 1"),

@@ -318,7 +318,8 @@ def test_every_strategy_family_trains(cache: Path, strategy: list[str]) -> None:
 def test_a_causal_lm_export_reloads_and_rescores_to_its_reported_score(cache: Path, tmp_path: Path,
                                                                        teacher: str) -> None:
     """The export of a causal-LM student (classification read as prompt -> answer): AutoModelForCausalLM loads
-    it with its tokenizer, and `kdsearch.evaluate` scores it to the token accuracy the run reported."""
+    it with its tokenizer, and `kdsearch.evaluate` scores it to the token accuracy and the generated answers'
+    scores the run reported."""
     from transformers import AutoModelForCausalLM
 
     from kdsearch.evaluate import score_model
@@ -331,6 +332,8 @@ def test_a_causal_lm_export_reloads_and_rescores_to_its_reported_score(cache: Pa
     scores = score_model(str(out), cfg, "validation", torch.device("cpu"))
     assert scores["eval_token_accuracy"] == pytest.approx(reports[-1]["eval_token_accuracy"], abs=1e-6)
     assert scores["eval_score"] == pytest.approx(reports[-1]["eval_score"], abs=1e-6) and scores["rows"] == 128
+    for name in ("eval_exact_match", "eval_chrf", "eval_bleu", "eval_rouge_l"):  # the answers it generates too
+        assert scores[name] == pytest.approx(reports[-1][name], abs=1e-6)
 
 
 @pytest.fixture(scope="module")

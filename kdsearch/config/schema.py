@@ -354,9 +354,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """How an encoder-decoder's generated outputs are scored (eval_exact_match, eval_chrf, eval_bleu,
-    eval_rouge_l); the teacher-forced eval_token_accuracy and eval_loss are scored every epoch whatever these say.
-    Read only with a seq2seq task."""
+    """How generated outputs are scored (eval_exact_match, eval_chrf, eval_bleu, eval_rouge_l): an encoder-decoder's
+    targets, or a causal LM's responses generated from the prompts; the teacher-forced eval_token_accuracy and
+    eval_loss are scored every epoch whatever these say. Read only with a seq2seq task or prompt -> response rows."""
 
     num_beams: int = 1
     """Beams of `generate` on the validation split (batched, on the trial's device); 1 = greedy."""

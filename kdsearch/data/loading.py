@@ -292,17 +292,19 @@ def check_task(cfg: TaskConfig, splits: tuple[Split, ...] = TRAINING_SPLITS) -> 
                               "jsonl, parquet); set task.data_dir=<folder>")
         files = _split_files(cfg, spec, tuple(dict.fromkeys(("train", *splits))))  # classes: from train
         return table_spec(cfg, _table_labels(cfg, files, f"task.data_dir={cfg.data_dir}"))
+    prompted = True  # a hub split's columns are known only once it is loaded: load_raw_task says then
     if cfg.data_dir is not None:
         for path in _split_files(cfg, spec, splits).values():
             where = f"task.data_dir={cfg.data_dir}: {path.name}"
             columns = _hub_columns(_header(path, f"task.data_dir={cfg.data_dir}"), spec)
             _check_columns(columns, spec, where)
             _check_rows(path, f"task.data_dir={cfg.data_dir}", columns, spec)
+            prompted &= spec.kind == "causal_lm" and _prompted(columns)
     elif cfg.hub is None:
         hint = "train/dev .jsonl files" if spec.kind == "causal_lm" else "train.tsv and dev.tsv"
         raise ConfigError(f"task.data_dir: task.name={spec.name} needs data; set task.data_dir=<folder with "
                           f"{hint}>" + ("" if spec.kind == "causal_lm" else " or task.hub=glue"))
-    return spec
+    return replace(spec, responses=prompted) if spec.kind == "causal_lm" else spec
 
 
 # --- loading ------------------------------------------------------------------------------------------
@@ -408,8 +410,18 @@ def _seq2seq_layout(ds: Dataset, cfg: TaskConfig) -> Dataset:
                   features=Features({"source": Value("string"), "target": Value("string")}))
 
 
+def _causal_columns(columns: Sequence[str]) -> tuple[str, ...]:
+    """The columns task=text reads from a file with these: the first group of _CAUSAL_COLUMNS it holds."""
+    return next(group for group in _CAUSAL_COLUMNS if set(group) <= set(columns))
+
+
+def _prompted(columns: Sequence[str]) -> bool:
+    """Whether task=text reads these columns as prompt -> response pairs (not raw text)."""
+    return len(_causal_columns(columns)) == 2
+
+
 def _to_prompt_response(ds: Dataset) -> Dataset:
-    columns = next(group for group in _CAUSAL_COLUMNS if set(group) <= set(ds.column_names))
+    columns = _causal_columns(ds.column_names)
 
     def convert(batch: dict[str, list]) -> dict[str, list]:
         if len(columns) == 1:  # raw text: every token is a target
@@ -473,6 +485,8 @@ def load_raw_task(cfg: TaskConfig, *, cache_dir: str | Path | None = None,
             raise ConfigError(f"{where}: the {split} split has no rows")
         ds = _subsample(ds, size)
         out[split] = ds.select(range(len(ds)), new_fingerprint=content_hash(ds))  # contiguous: no copy
+    if spec.kind == "causal_lm":  # what the rows hold, now that a hub split's columns are known too
+        spec = replace(spec, responses=all(_prompted(read[split].column_names) for split in splits))
     return spec, out
 
 

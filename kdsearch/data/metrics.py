@@ -73,12 +73,14 @@ _CLASSIFICATION = {"accuracy": accuracy, "f1": f1_binary, "macro_f1": macro_f1, 
 
 
 GENERATION_METRICS = ("exact_match", "chrf", "bleu", "rouge_l")
-"""What a seq2seq model's generated outputs score on the validation split (`generation_metrics`), beside the
-teacher-forced token accuracy; a search ranks by any of them as `metric=eval_<name>` or `objectives=`."""
+"""What a seq2seq model's generated targets, or a causal LM's responses generated from the prompts, score on the
+validation split (`generation_metrics`), beside the teacher-forced token accuracy; a search ranks by any of them
+as `metric=eval_<name>` or `objectives=`."""
 
 
 def generation_metric_names(spec: TaskSpec) -> tuple[str, ...]:
-    return GENERATION_METRICS if spec.kind == "seq2seq" else ()
+    """GENERATION_METRICS where a task's rows have something to generate: seq2seq targets, causal responses."""
+    return GENERATION_METRICS if spec.kind == "seq2seq" or (spec.kind == "causal_lm" and spec.responses) else ()
 
 
 class _Whitespace:

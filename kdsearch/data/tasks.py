@@ -32,6 +32,10 @@ class TaskSpec:
     """Name of class i (the hub's ClassLabel names): every saved model's id2label, so a pipeline prints them."""
     unanswerable: bool = False
     """extractive_qa: some questions have no answer in their context (SQuAD 2.0), so decoding may answer ""."""
+    responses: bool = False
+    """causal_lm: every row is prompt -> response (a classification task as a causal LM reads it, or `text` rows
+    with prompt+response or instruction+output columns), so a response generated from the prompt can be scored;
+    raw text (a `text` column: every token a target) has none."""
 
 
 _YES_NO = ("no", "yes")
@@ -117,7 +121,7 @@ def read_by(spec: TaskSpec, family: Literal["encoder", "causal", "seq2seq"]) -> 
     """The task as a teacher family reads it: a causal LM reads any classification task as prompt -> answer
     tokens (a seq2seq task is an encoder-decoder's only; `validate` refuses the other pairings)."""
     if family == "causal" and spec.kind in ("classification", "regression"):
-        return replace(spec, kind="causal_lm", num_labels=0, primary_metric="token_accuracy")
+        return replace(spec, kind="causal_lm", num_labels=0, primary_metric="token_accuracy", responses=True)
     return spec
 
 

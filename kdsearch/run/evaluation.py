@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,6 +25,7 @@ from kdsearch.methods.losses import task_loss
 
 if TYPE_CHECKING:
     from kdsearch.data.tasks import TaskSpec
+    from kdsearch.run.models import Family
 
 
 EVAL_BATCH_SIZE = 64
@@ -118,28 +119,71 @@ def evaluate_qa(model: torch.nn.Module, dataset: Any, *, spec: TaskSpec, pad_id:
             "eval_loss": sum(p[3] for p in parts) / max(len(dataset), 1)}
 
 
+def left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask of rows padded on the left: a decoder-only `generate` appends each row's next
+    token after the batch's last position, which must be the row's own last token, not padding."""
+    width = max(map(len, rows), default=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _targets(labels: list[int]) -> list[int]:
+    return [t for t in labels if t != IGNORE_INDEX]
+
+
+def _prompt_response(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]] | None:
+    """A causal row's prompt (the tokens before its first labelled one) and its response; None for a row with no
+    prompt or no response (nothing to generate from, or to score)."""
+    start = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), 0)
+    return (ids[:start], _targets(labels[start:])) if start else None
+
+
+def generation_batches(dataset: Any, *, family: Family, batch_size: int,
+                       pad_id: int) -> Iterator[tuple[dict[str, torch.Tensor], list[list[int]]]]:
+    """(`generate`'s inputs, each row's reference token ids) per batch: an encoder-decoder reads its whole
+    source; a causal LM only its prompt, left-padded (built here from the ids, whatever the tokenizer's padding
+    side), and its reference is the response alone."""
+    if family == "seq2seq":
+        for batch in make_loader(dataset, batch_size=batch_size, shuffle=False, seed=0, pad_id=pad_id):
+            yield ({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+                   [_targets(row) for row in batch["labels"].tolist()])
+        return
+    rows = [pair for ids, labels in zip(dataset["input_ids"], dataset["labels"], strict=True)
+            if (pair := _prompt_response(list(ids), list(labels))) is not None]
+    for first in range(0, len(rows), batch_size):
+        chunk = rows[first:first + batch_size]
+        yield left_pad([prompt for prompt, _ in chunk], pad_id), [response for _, response in chunk]
+
+
 @torch.no_grad()
-def evaluate_generation(model: Any, dataset: Any, tokenizer: Any, *, pad_id: int, device: torch.device,
-                        batch_size: int = EVAL_BATCH_SIZE, rank: int = 0, world_size: int = 1,
+def evaluate_generation(model: Any, dataset: Any, tokenizer: Any, *, family: Family, pad_id: int,
+                        device: torch.device, batch_size: int = EVAL_BATCH_SIZE, rank: int = 0, world_size: int = 1,
                         gather: Callable[[Any], list[Any]] = lambda x: [x], num_beams: int = 1) -> dict[str, float]:
-    """An encoder-decoder's generated outputs on `dataset` against its targets: eval_exact_match, eval_chrf,
-    eval_bleu, eval_rouge_l.
+    """Generated outputs on `dataset` against its references: eval_exact_match, eval_chrf, eval_bleu,
+    eval_rouge_l. An encoder-decoder writes its target from the source; a causal LM its response from the
+    prompt, and only the tokens it adds are scored (a model that repeats the prompt earns nothing for it).
 
     Batched `generate`, no sampling: greedy, or beam search with `num_beams` > 1; at most as many new tokens as
-    the longest target holds, so a model that never stops costs no more than one that does.
+    the longest reference holds, so a model that never stops costs no more than one that does.
     """
     model.eval()
     shard = dataset.select(range(rank, len(dataset), world_size)) if world_size > 1 else dataset
-    longest = max(map(len, dataset["labels"]), default=1)
+    longest = max((len(_targets(row)) for row in dataset["labels"]), default=1)
+    # A causal LM stops at the end token its responses were trained to end with (a built-in config names none)
+    stop = {"pad_token_id": pad_id, "eos_token_id": tokenizer.eos_token_id} if family == "causal" else {}
     outputs: list[str] = []
     references: list[str] = []
-    for batch in make_loader(shard, batch_size=batch_size, shuffle=False, seed=0, pad_id=pad_id):
-        generated = model.generate(input_ids=batch["input_ids"].to(device),
-                                   attention_mask=batch["attention_mask"].to(device), do_sample=False,
-                                   num_beams=num_beams,
-                                   max_new_tokens=longest)
+    for inputs, gold in generation_batches(shard, family=family, batch_size=batch_size, pad_id=pad_id):
+        generated = model.generate(**{k: v.to(device) for k, v in inputs.items()}, do_sample=False,
+                                   num_beams=num_beams, max_new_tokens=max(longest, 1), **stop)
+        if family == "causal":  # its output repeats the prompt: keep the new tokens only
+            generated = generated[:, inputs["input_ids"].shape[1]:]
         outputs += tokenizer.batch_decode(generated, skip_special_tokens=True)
-        gold = [[t for t in row if t != IGNORE_INDEX] for row in batch["labels"].tolist()]
         references += tokenizer.batch_decode(gold, skip_special_tokens=True)
     parts = gather((outputs, references))
     scores = generation_metrics([o for out, _ in parts for o in out], [r for _, ref in parts for r in ref])

@@ -171,7 +171,7 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
                                               batch_size=max(cfg.train.batch_size, EVAL_BATCH_SIZE),
                                               pad_id=prepared.pad_id, device=ctx.device, rank=ctx.rank,
                                               world_size=ctx.world_size, gather=ctx.gather,
-                                              num_beams=cfg.eval.num_beams)
+                                              num_beams=cfg.eval.num_beams, family=prepared.family)
         metrics = {"epoch": epoch + 1, **train_terms, "epoch_time_s": epoch_time, **scores,
                    "student_params": models.count_parameters(distiller.student), "student_latency_ms": latency,
                    "teacher_score": prepared.teacher_metrics.get("eval_score", float("nan"))}
@@ -195,8 +195,9 @@ def generates(cfg: Config, epoch: int) -> bool:
 
 
 def _generation_tokenizer(prepared: Prepared) -> Any:
-    """The tokenizer that decodes an encoder-decoder's outputs for its generation metrics; None for others."""
-    if prepared.family != "seq2seq":
+    """The tokenizer that decodes generated outputs for the generation metrics: an encoder-decoder's, or a causal
+    LM's on prompt -> response rows; None where nothing is generated."""
+    if not generation_metric_names(prepared.spec):
         return None
     from transformers import AutoTokenizer
 

@@ -14,6 +14,7 @@ from kdsearch.config.schema import Config, EvalConfig
 from kdsearch.core.errors import ConfigError
 from kdsearch.data import hub
 from kdsearch.data.loading import check_task
+from kdsearch.data.metrics import generation_metric_names
 from kdsearch.data.tasks import TaskSpec, read_by
 from kdsearch.methods.bridges import BRIDGES, bridge_method, resolve_bridge
 from kdsearch.methods.layer_maps import LAYER_MAPS, check_map_args
@@ -88,12 +89,6 @@ def _check_seq2seq(cfg: Config, teacher: PretrainedConfig, spec: TaskSpec) -> No
                           f"encoder-decoder teacher (tiny-t5, tiny-bart, a T5 or BART checkpoint); teacher="
                           f"{cfg.teacher} is {'an encoder' if family_of(teacher) == 'encoder' else 'a causal LM'}")
     if not seq2seq:
-        given = [f"eval.{k}={v}" for k, v in vars(cfg.eval).items() if v != getattr(EvalConfig(), k)]
-        if given:
-            raise ConfigError(f"{given[0]}: read only with an encoder-decoder teacher on a seq2seq task (generated "
-                              f"outputs are scored for those only); teacher={cfg.teacher} is "
-                              f"{'an encoder' if family_of(teacher) == 'encoder' else 'a causal LM'}: leave eval.* "
-                              "at its defaults")
         return
     if cfg.distill.w_relation > 0:
         raise ConfigError(f"distill.w_relation={cfg.distill.w_relation}: the attention relation term is not "
@@ -110,6 +105,18 @@ def _check_seq2seq(cfg: Config, teacher: PretrainedConfig, spec: TaskSpec) -> No
                           "layers): use fewer layers or student.init=random")
     if cfg.distill.w_hidden > 0:
         check_map_args(cfg.distill.layer_map, n_dec_s, n_dec_t, cfg.distill.layers)
+
+
+def _check_generation(cfg: Config, teacher: PretrainedConfig, spec: TaskSpec) -> None:
+    """eval.* are read only where outputs are generated: seq2seq targets, causal responses to prompts."""
+    given = [f"eval.{k}={v}" for k, v in vars(cfg.eval).items() if v != getattr(EvalConfig(), k)]
+    family = family_of(teacher)
+    if not given or generation_metric_names(read_by(spec, family)):
+        return
+    why = (f"teacher={cfg.teacher} is an encoder" if family == "encoder" else
+           f"task.name={spec.name} holds raw text (a 'text' or 'sentence' column), no prompt -> response rows")
+    raise ConfigError(f"{given[0]}: read only where outputs are generated (an encoder-decoder teacher on a seq2seq "
+                      f"task, or a causal LM on prompt -> response rows); {why}: leave eval.* at its defaults")
 
 
 def _check_qa(cfg: Config, teacher: PretrainedConfig, spec: TaskSpec) -> None:
@@ -157,6 +164,7 @@ def validate(cfg: Config) -> TaskSpec:
     if family_of(teacher) == "causal" and spec.kind == "regression":
         raise ConfigError(f"task.name={spec.name} is a regression task (one score per input), which needs an "
                           f"encoder teacher; teacher={cfg.teacher} is a causal LM")
+    _check_generation(cfg, teacher, spec)
     _check_shapes(cfg, teacher)
     positions = max_positions(teacher)
     if positions is not None and cfg.task.max_length > positions:

@@ -38,6 +38,7 @@ from kdsearch.search import space_model
 from kdsearch.search.callbacks import MlflowTrials, ProgressTable
 from kdsearch.search.settings import (
     SearchSettings,
+    check_objectives,
     objectives_of,
 )
 from kdsearch.search.warm_start import WarmStart
@@ -255,7 +256,9 @@ def run_search(settings: SearchSettings, space: space_model.Space, warm: WarmSta
     check_resumable(settings, space)
     # Prepare the shared artifacts (teacher fine-tuning, tokenised data) once, before trials race for them.
     base = space_model.trial_config(space, {})
-    check_teacher(base, prepare(base))
+    prepared = prepare(base)
+    check_teacher(base, prepared)
+    check_objectives(settings, space, prepared.spec)
     init_ray(resources={sizing.DRIVER_RESOURCE: sizing.HEAD_DRIVER_UNITS})
     tracker_args = {"uri": settings.tracking_uri, "experiment": settings.experiment,
                     "search": settings.search_name, "space_name": space.name, "code_version": code_version(),

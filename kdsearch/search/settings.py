@@ -19,7 +19,8 @@ from kdsearch.config.parse import flatten
 from kdsearch.config.paths import check_writable, output_path, output_uri
 from kdsearch.config.schema import rate_defaults
 from kdsearch.core.errors import ConfigError, did_you_mean
-from kdsearch.data.metrics import generation_metric_names
+from kdsearch.data.metrics import GENERATION_METRICS, generation_metric_names
+from kdsearch.data.tasks import TaskSpec
 from kdsearch.run.loop import reported_metrics
 from kdsearch.run.validate import check_names, validate
 from kdsearch.search import space_model, spaces
@@ -169,19 +170,30 @@ def check_search(settings: SearchSettings, space: space_model.Space) -> None:
     base = space_model.trial_config(space, {})
     spec = validate(base)
     check_choices(space)
+    check_objectives(settings, space, spec)
+    for point in space_model.initial_points(space):
+        validate(space_model.trial_config(space, point))
+    check_tracking_uri(settings.tracking_uri)
+
+
+def check_objectives(settings: SearchSettings, space: space_model.Space, spec: TaskSpec) -> None:
+    """Every trial reports each ranked metric, at every epoch ASHA may stop it. Checked on the task as validated
+    and again once its rows are read (a hub split's columns say only then whether its rows have responses)."""
+    base = space_model.trial_config(space, {})
     known = reported_metrics(spec)
     generated = {f"eval_{name}" for name in generation_metric_names(spec)}
     for name, _ in objectives_of(settings, space):
         key = f"objectives={','.join(settings.objectives)}" if settings.objectives else f"metric={name}"
+        if name not in known and name.removeprefix("eval_") in GENERATION_METRICS:
+            raise ConfigError(f"{key}: no trial reports {name}, which scores generated outputs: an encoder-decoder "
+                              "teacher on a seq2seq task, or a causal LM on prompt -> response rows (task.name="
+                              f"{spec.name} with teacher={base.teacher} generates nothing)")
         if name not in known:
             raise ConfigError(f"{key}: no trial reports {name}{did_you_mean(name, known)} "
                               f"(reported: {', '.join(known)})")
         if name in generated and base.eval.generate_every != 1:
             raise ConfigError(f"{key}: {name} is scored only every eval.generate_every={base.eval.generate_every} "
                               "epochs, but ASHA stops and ranks trials at any epoch: set eval.generate_every=1")
-    for point in space_model.initial_points(space):
-        validate(space_model.trial_config(space, point))
-    check_tracking_uri(settings.tracking_uri)
 
 
 PROBES = 32
