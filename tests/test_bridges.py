@@ -373,7 +373,10 @@ def contract_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("contract")
 
 
-CONTRACT_RUNS = {"encoder": ["teacher=tiny-bert", "task.name=default"]}
+CONTRACT_RUNS = {"encoder": ["teacher=tiny-bert", "task.name=default"],
+                 # an encoder-decoder: each stack's own pairs, artifacts and bridge; one decoder layer, so that the
+                 # two stacks' pairs differ
+                 "seq2seq": ["teacher=tiny-t5", "task.name=seq2seq_default", "student.decoder_layers=1"]}
 
 
 @pytest.mark.parametrize("family", CONTRACT_RUNS)

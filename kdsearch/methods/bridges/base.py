@@ -142,9 +142,6 @@ class BridgeMethod:
     `stack_artifact`. Called only when there are pairs to match."""
     embedding_pair: bool = True
     """Whether the embeddings pair h[0] <-> h[0] is matched when distill.embeddings is left unset."""
-    encoder_decoder: bool = False
-    """Whether it runs an encoder-decoder (T5, BART): one build per stack from that stack's pairs, no preparation
-    that reads a single stack of states. Off unless a method says so; `validate` refuses the others there."""
 
     def settings(self, cfg: Config) -> Any:
         return getattr(cfg, self.section) if self.section else None
