@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_utils import seq2seq_batch
 from torch import nn
 
 from kdsearch.config.overrides import load_config
@@ -249,7 +250,8 @@ def test_step_with_the_teacher_as_student_has_zero_distillation_terms() -> None:
     assert float(terms["hidden"].detach()) == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("family", ["tiny-bert", "tiny-roberta", "tiny-deberta", "tiny-gpt2", "tiny-qwen"])
+@pytest.mark.parametrize("family", ["tiny-bert", "tiny-roberta", "tiny-deberta", "tiny-gpt2", "tiny-qwen", "tiny-t5",
+                                    "tiny-bart"])
 @pytest.mark.parametrize("bridge", BRIDGES.names())
 @pytest.mark.parametrize("weights", [(1, 1, 1), (0, 1, 1), (0, 0, 1)])
 def test_a_step_leaves_parameters_unused_only_when_declared(family: str, bridge: str, weights: tuple) -> None:
@@ -258,7 +260,7 @@ def test_a_step_leaves_parameters_unused_only_when_declared(family: str, bridge:
     source = models.resolve_teacher(family)
     teacher_cfg = models.teacher_config(source, vocab_size=30)
     spec = task_spec("default")
-    kind = "classification" if models.family_of(teacher_cfg) == "encoder" else "causal_lm"
+    kind = {"encoder": "classification", "causal": "causal_lm", "seq2seq": "seq2seq"}[models.family_of(teacher_cfg)]
     torch.manual_seed(0)
     teacher = models.freeze(models.task_model_class(models.family_of(teacher_cfg)).from_config(
         models.with_task_head(teacher_cfg, spec) if kind == "classification" else teacher_cfg))
@@ -267,15 +269,23 @@ def test_a_step_leaves_parameters_unused_only_when_declared(family: str, bridge:
     w_task, w_logit, w_hidden = weights
     given = inputs(bridge, d_s, **{"distill.w_task": w_task, "distill.w_logit": w_logit,
                                    "distill.w_hidden": w_hidden, "units.ratio": 0.25})
-    distiller = Distiller(student, BRIDGES.get(bridge).build(given), kind=kind, losses=step_losses(given.cfg.distill))  # type: ignore[union-attr]
+    # an encoder-decoder's decoder: its own bridge, from its own (here: the same) artifacts, on the same pairs
+    named = {f"decoder_{k}": v for k, v in given.artifacts.items()}
+    decoder = dataclasses.replace(given, stack="decoder", artifacts={**given.artifacts, **named})
+    distiller = Distiller(student, BRIDGES.get(bridge).build(given), kind=kind, losses=step_losses(given.cfg.distill),  # type: ignore[union-attr]
+                          decoder_bridge=BRIDGES.get(bridge).build(decoder) if kind == "seq2seq" else None)
     ids = torch.randint(1, 30, (4, 6))
     batch = {"input_ids": ids, "attention_mask": torch.ones(4, 6, dtype=torch.long),
              "labels": torch.randint(0, 2, (4,)) if kind == "classification" else ids}
-    distiller(batch, teacher_forward(teacher, batch, hidden=True), PAIRS)["loss"].backward()
+    if kind == "seq2seq":
+        batch = seq2seq_batch(30, start=teacher.config.decoder_start_token_id)
+    distiller(batch, teacher_forward(teacher, batch, hidden=True), PAIRS, PAIRS)["loss"].backward()
     idle = [n for n, p in distiller.named_parameters() if p.requires_grad and p.grad is None]
     if not leaves_parameters_unused(step_losses(given.cfg.distill).weights):
         assert idle == []
-    elif family != "tiny-gpt2":  # GPT-2's last hidden state is after ln_f and its head shares the embeddings
+    elif family not in ("tiny-gpt2", "tiny-t5", "tiny-bart"):
+        # the last hidden state of GPT-2 (after ln_f), T5 (after the final layer norm) and BART (post-norm layers)
+        # is what their head reads, and the head shares the embeddings: hidden pairs alone reach every parameter
         assert idle, "hidden pairs alone leave the task head idle"
 
 
