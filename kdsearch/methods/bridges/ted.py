@@ -156,7 +156,10 @@ def bag_of_targets_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     target's token frequencies: the filter must keep what the target says, though not its order (which only the
     decoder can produce). TED trains a filter with the task's own head; an encoder state has no target position of
     its own to predict (source and target are not aligned), so this is the pooled task head TED's classification
-    filters use, with the target's tokens as the labels. Softmax in fp32.
+    filters use, with the target's tokens as the labels. Not chosen: feeding the filtered states through the frozen
+    model's own decoder, which would fix d_f to the teacher's width (ted.width, a narrower student's filters),
+    backpropagate through the whole decoder for every filter, and credit the filter with what that decoder could
+    rebuild on its own. Softmax in fp32.
     """
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
     keep = labels != IGNORE_INDEX  # (B, T)
@@ -173,7 +176,8 @@ def stage1_loss(logits: torch.Tensor, labels: torch.Tensor, kind: TaskKind, read
 
 def stage1_accuracy(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[float, int]:
     """(correct, count) of a stage-1 head; regression heads count within 0.5. An encoder-decoder's decoder heads
-    (B, T, V) count target tokens predicted, its encoder heads (B, V) the rows whose top token is in the target."""
+    (B, T, V) count target tokens predicted, its encoder heads (B, V) the rows whose top token is in the target (a
+    coarse check: a task whose targets share a frequent token scores well on that token alone)."""
     if kind == "causal_lm":
         pred, gold = logits[:, :-1].argmax(-1), labels[:, 1:]
         keep = gold != IGNORE_INDEX
