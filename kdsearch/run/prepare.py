@@ -54,7 +54,8 @@ class Prepared:
     teacher_metrics: dict[str, float]
     n_teacher_decoder: int | None = None  # an encoder-decoder teacher's decoder depth
     bridge_artifacts: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> safetensors the
-    # run's bridge prepared (TED: teacher_filters, student_filters; Flex-KD: unit_scores)
+    # run's bridge prepared (TED: teacher_filters, student_filters; Flex-KD: unit_scores; an encoder-decoder's
+    # decoder ones as decoder_<name>)
     teacher_outputs: str | None = None  # directory of the cached teacher outputs (kdsearch.run.teacher_cache)
     teacher_projections: str | None = None  # directory of the cached projections the relation term reads
     student_dir: str | None = None  # the fine-tuned initial student (student.finetune), save_pretrained
