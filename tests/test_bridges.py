@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from data_utils import seq2seq_batch
 from torch import nn
 
 from kdsearch.config.overrides import load_config
@@ -248,7 +250,8 @@ def test_step_with_the_teacher_as_student_has_zero_distillation_terms() -> None:
     assert float(terms["hidden"].detach()) == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("family", ["tiny-bert", "tiny-roberta", "tiny-deberta", "tiny-gpt2", "tiny-qwen"])
+@pytest.mark.parametrize("family", ["tiny-bert", "tiny-roberta", "tiny-deberta", "tiny-gpt2", "tiny-qwen", "tiny-t5",
+                                    "tiny-bart"])
 @pytest.mark.parametrize("bridge", BRIDGES.names())
 @pytest.mark.parametrize("weights", [(1, 1, 1), (0, 1, 1), (0, 0, 1)])
 def test_a_step_leaves_parameters_unused_only_when_declared(family: str, bridge: str, weights: tuple) -> None:
@@ -257,7 +260,7 @@ def test_a_step_leaves_parameters_unused_only_when_declared(family: str, bridge:
     source = models.resolve_teacher(family)
     teacher_cfg = models.teacher_config(source, vocab_size=30)
     spec = task_spec("default")
-    kind = "classification" if models.family_of(teacher_cfg) == "encoder" else "causal_lm"
+    kind = {"encoder": "classification", "causal": "causal_lm", "seq2seq": "seq2seq"}[models.family_of(teacher_cfg)]
     torch.manual_seed(0)
     teacher = models.freeze(models.task_model_class(models.family_of(teacher_cfg)).from_config(
         models.with_task_head(teacher_cfg, spec) if kind == "classification" else teacher_cfg))
@@ -266,15 +269,23 @@ def test_a_step_leaves_parameters_unused_only_when_declared(family: str, bridge:
     w_task, w_logit, w_hidden = weights
     given = inputs(bridge, d_s, **{"distill.w_task": w_task, "distill.w_logit": w_logit,
                                    "distill.w_hidden": w_hidden, "units.ratio": 0.25})
-    distiller = Distiller(student, BRIDGES.get(bridge).build(given), kind=kind, losses=step_losses(given.cfg.distill))  # type: ignore[union-attr]
+    # an encoder-decoder's decoder: its own bridge, from its own (here: the same) artifacts, on the same pairs
+    named = {f"decoder_{k}": v for k, v in given.artifacts.items()}
+    decoder = dataclasses.replace(given, stack="decoder", artifacts={**given.artifacts, **named})
+    distiller = Distiller(student, BRIDGES.get(bridge).build(given), kind=kind, losses=step_losses(given.cfg.distill),  # type: ignore[union-attr]
+                          decoder_bridge=BRIDGES.get(bridge).build(decoder) if kind == "seq2seq" else None)
     ids = torch.randint(1, 30, (4, 6))
     batch = {"input_ids": ids, "attention_mask": torch.ones(4, 6, dtype=torch.long),
              "labels": torch.randint(0, 2, (4,)) if kind == "classification" else ids}
-    distiller(batch, teacher_forward(teacher, batch, hidden=True), PAIRS)["loss"].backward()
+    if kind == "seq2seq":
+        batch = seq2seq_batch(30, start=teacher.config.decoder_start_token_id)
+    distiller(batch, teacher_forward(teacher, batch, hidden=True), PAIRS, PAIRS)["loss"].backward()
     idle = [n for n, p in distiller.named_parameters() if p.requires_grad and p.grad is None]
     if not leaves_parameters_unused(step_losses(given.cfg.distill).weights):
         assert idle == []
-    elif family != "tiny-gpt2":  # GPT-2's last hidden state is after ln_f and its head shares the embeddings
+    elif family not in ("tiny-gpt2", "tiny-t5", "tiny-bart"):
+        # the last hidden state of GPT-2 (after ln_f), T5 (after the final layer norm) and BART (post-norm layers)
+        # is what their head reads, and the head shares the embeddings: hidden pairs alone reach every parameter
         assert idle, "hidden pairs alone leave the task head idle"
 
 
@@ -360,7 +371,7 @@ def test_ted_stage1_optimiser_and_heads_are_teds() -> None:
         opt.step()
         sched.step()
     assert rates == pytest.approx([4e-5, 3e-5, 2e-5, 1e-5])
-    head = FilterHead(8, 2, causal=False)
+    head = FilterHead(8, 2, reads="first")
     assert isinstance(head.pooler[1], nn.GELU) and head.dropout.p == 0.1
     head.eval()
     x = torch.randn(2, 5, 8)
@@ -372,38 +383,77 @@ def contract_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("contract")
 
 
+CONTRACT_RUNS = {"encoder": ["teacher=tiny-bert", "task.name=default"],
+                 # an encoder-decoder: each stack's own pairs, artifacts and bridge; one decoder layer, so that the
+                 # two stacks' pairs differ
+                 "seq2seq": ["teacher=tiny-t5", "task.name=seq2seq_default", "student.decoder_layers=1"]}
+
+
+@pytest.mark.parametrize("family", CONTRACT_RUNS)
 @pytest.mark.parametrize("name", BRIDGES.names())
-def test_every_bridge_method_checks_prepares_and_builds_through_its_entry(name: str, contract_cache: Path) -> None:
-    """The contract prepare, validate, the loop and the model card rely on, on a tiny in-code teacher: its checks
-    pass a run it can serve, its preparation gives exactly the artifacts its build reads, the built bridge trains
-    in a real step, and its config section is on a card only when it runs."""
+def test_every_bridge_method_checks_prepares_and_builds_through_its_entry(name: str, family: str,
+                                                                         contract_cache: Path) -> None:
+    """The contract prepare, validate, the loop and the model card rely on, on a tiny in-code teacher (an encoder,
+    and an encoder-decoder, whose every stack is bridged): its checks pass a run it can serve, its preparation
+    gives exactly the artifacts its build reads, the built bridge trains in a real step, and its config section
+    is on a card only when it runs."""
     from kdsearch.run.loop import build_distiller, layer_pairs
-    from kdsearch.run.prepare import prepare
+    from kdsearch.run.prepare import decoder_pairs, prepare
     from kdsearch.run.validate import validate
     from kdsearch.search.export import strategy_settings
 
     width = "1.0" if name == "identity" else "0.5"
-    cfg = load_config(["task.train_size=128", "task.eval_size=64", "finetune.epochs=1", "ted.stage1_epochs=1",
-                       "train.batch_size=16", "units.score_batches=2", f"cache_dir={contract_cache}",
-                       f"distill.bridge={name}", f"student.width_ratio={width}", "student.init=random"])
+    cfg = load_config([*CONTRACT_RUNS[family], "task.train_size=128", "task.eval_size=64", "finetune.epochs=1",
+                       "ted.stage1_epochs=1", "train.batch_size=16", "units.score_batches=2",
+                       f"cache_dir={contract_cache}", f"distill.bridge={name}", f"student.width_ratio={width}",
+                       "student.init=random"])
     method = BRIDGES.get(name)
     validate(cfg)  # calls method.check_names and method.check
     prepared = prepare(cfg, device=torch.device("cpu"))
-    assert (method.prepare is None) == (not prepared.bridge_artifacts)
+    stacks = ["encoder", "decoder"] if family == "seq2seq" else ["encoder"]
+    if method.prepare is None:
+        assert not prepared.bridge_artifacts
+    else:  # one set of artifacts per stack, each its own file
+        names = set(prepared.bridge_artifacts)
+        assert {n for n in names if n.startswith("decoder_")} == ({f"decoder_{n}" for n in names if not n.startswith(
+            "decoder_")} if family == "seq2seq" else set())
+        assert len(set(prepared.bridge_artifacts.values())) == len(names)
     _, distiller = build_distiller(cfg, prepared, torch.device("cpu"))
-    pairs = layer_pairs(cfg, prepared, epoch=0)
+    pairs, dec_pairs = layer_pairs(cfg, prepared, epoch=0), decoder_pairs(cfg, prepared, epoch=0)
     assert pairs and pairs[0][0] == (0 if method.embedding_pair else 1)  # the embeddings pair as the method says
+    assert bool(dec_pairs) == (family == "seq2seq") and dec_pairs != pairs
     batch = next(iter(make_loader(prepared.data["train"], batch_size=8, shuffle=False, seed=0,
                                   pad_id=prepared.pad_id)))
     teacher = models.load_task_model(prepared.teacher_dir, prepared.family).eval()
-    terms = distiller(batch, teacher_forward(teacher, batch, hidden=True), pairs)
+    terms = distiller(batch, teacher_forward(teacher, batch, hidden=True), pairs, dec_pairs)
     assert torch.isfinite(terms["hidden"]) and terms["hidden"] > 0
+    if family == "seq2seq":
+        assert terms["hidden_encoder"] > 0 and terms["hidden_decoder"] > 0
     terms["loss"].backward()
-    trained = [p for n, p in distiller.named_parameters() if n.startswith("bridge.") and p.requires_grad]
-    assert all(p.grad is not None for p in trained)
+    for stack in stacks:
+        module = "bridge." if stack == "encoder" else "decoder_bridge."
+        trained = [p for n, p in distiller.named_parameters() if n.startswith(module) and p.requires_grad]
+        assert all(p.grad is not None for p in trained)
     card = strategy_settings(cfg)
     for section in {m.section for m in map(BRIDGES.get, BRIDGES) if m.section}:
         assert any(k.startswith(f"{section}.") for k in card) == (section == method.section)
+
+
+@pytest.mark.parametrize("name", ["ted", "units"])
+def test_each_stacks_bridge_reads_its_own_stacks_artifacts(name: str) -> None:
+    # an encoder-decoder's preparation saves each stack's artifacts under its own name (decoder_<name>)
+    encoder = inputs(name, 32, **{"units.ratio": 0.25})
+    decoder = inputs(name, 32, **{"units.ratio": 0.25})
+    artifacts = {**encoder.artifacts, **{f"decoder_{k}": v for k, v in decoder.artifacts.items()}}
+    views = {}
+    for stack in ("encoder", "decoder"):
+        given = BridgeInputs(pairs=PAIRS, d_student=32, d_teacher=64, settings=encoder.settings, artifacts=artifacts,
+                             stack=stack)  # type: ignore[arg-type]
+        views[stack] = BRIDGES.get(name).build(given).teacher_view(2, torch.arange(64.0).expand(1, 1, 64))
+    assert not torch.equal(views["encoder"], views["decoder"])
+    for stack, given in (("encoder", encoder), ("decoder", decoder)):
+        alone = BRIDGES.get(name).build(dataclasses.replace(given, stack="encoder"))  # the same tensors, unnamed
+        torch.testing.assert_close(views[stack], alone.teacher_view(2, torch.arange(64.0).expand(1, 1, 64)))
 
 
 def test_a_bridge_method_refuses_what_it_cannot_run_in_one_line() -> None:

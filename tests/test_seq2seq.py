@@ -254,10 +254,10 @@ def test_generation_metrics() -> None:
     (["task.name=seq2seq_default"], r"needs an encoder-decoder teacher .* teacher=tiny-bert is an encoder"),
     (["teacher=tiny-gpt2", "task.name=seq2seq_default"], r"teacher=tiny-gpt2 is a causal LM"),
     (["student.decoder_layers=1"], r"student.decoder_layers=1: read only with an encoder-decoder teacher"),
-    (["teacher=tiny-t5", "task.name=seq2seq_default", "distill.bridge=ted"],
-     r"distill.bridge=ted is not available for seq2seq .* yet"),
+    (["teacher=tiny-t5", "task.name=seq2seq_default", "distill.bridge=ted", "distill.layer_map=inorder_random"],
+     r"distill.bridge=ted needs a fixed layer map"),
     (["teacher=tiny-t5", "task.name=seq2seq_default", "distill.bridge=units", "student.hidden_size=32",
-      "student.init=random"], r"distill.bridge=units is not available for seq2seq .* yet"),
+      "student.init=random", "units.ratio=1.0"], r"units.ratio=1.0 keeps 64 teacher units"),
     (["teacher=tiny-bart", "task.name=seq2seq_default", "distill.w_relation=1"],
      r"relation term is not available for seq2seq .* yet"),
     (["teacher=tiny-t5", "task.name=seq2seq_default", "student.decoder_layers=5"],
@@ -270,9 +270,10 @@ def test_what_seq2seq_cannot_run_is_one_config_error_before_ray(overrides: list[
     assert "\n" not in str(err.value)
 
 
-def test_a_seq2seq_config_validates() -> None:
+@pytest.mark.parametrize("bridge", ["projector", "ted", "units"])
+def test_a_seq2seq_config_validates(bridge: str) -> None:
     spec = validate(load_config(["teacher=tiny-bart", "task.name=seq2seq_default", "student.decoder_layers=1",
-                                 "distill.bridge=projector", "student.hidden_size=32", "student.init=random"]))
+                                 f"distill.bridge={bridge}", "student.hidden_size=32", "student.init=random"]))
     assert spec.kind == "seq2seq" and spec.primary_metric == "token_accuracy"
 
 

@@ -27,7 +27,7 @@ from kdsearch.config.schema import Config, DistillConfig, Precision
 from kdsearch.core.safe_io import load_tensors
 from kdsearch.data.metrics import generation_metric_names, metric_names
 from kdsearch.data.tasks import TaskSpec
-from kdsearch.methods.bridges import BridgeInputs, bridge_method
+from kdsearch.methods.bridges import BridgeInputs, Stack, bridge_method
 from kdsearch.methods.layer_maps import run_pairs
 from kdsearch.methods.losses import describe
 from kdsearch.methods.relations import Tap, resolve_relation
@@ -35,7 +35,7 @@ from kdsearch.run import models
 from kdsearch.run.evaluation import EVAL_BATCH_SIZE, evaluate, evaluate_generation, forward_latency_ms, make_loader
 from kdsearch.run.optimiser import Optimiser, make_optimiser
 from kdsearch.run.precision import autocast
-from kdsearch.run.prepare import Prepared, load_teacher, make_student
+from kdsearch.run.prepare import Prepared, decoder_pairs, load_teacher, make_student
 from kdsearch.run.step import Distiller, StepLosses, teacher_forward
 from kdsearch.run.teacher_cache import TeacherCache, with_rows
 
@@ -84,26 +84,21 @@ def build_distiller(cfg: Config, prepared: Prepared, device: torch.device) -> tu
     d_s = models.student_width(teacher.config, cfg.student)
     method = bridge_method(cfg, d_s, prepared.d_teacher)
 
-    def build(pairs: list[tuple[int, int]]) -> Any:
-        return method.build(BridgeInputs(pairs=pairs, d_student=d_s, d_teacher=prepared.d_teacher,
-                                         settings=method.settings(cfg), artifacts=prepared.load_artifacts()))
+    artifacts = prepared.load_artifacts()
 
-    decoder = decoder_pairs(cfg, prepared, epoch=0)
-    distiller = Distiller(student, build(layer_pairs(cfg, prepared, epoch=0)), kind=prepared.spec.kind,
+    def build(pairs: list[tuple[int, int]], stack: Stack) -> Any:
+        return method.build(BridgeInputs(pairs=pairs, d_student=d_s, d_teacher=prepared.d_teacher,
+                                         settings=method.settings(cfg), artifacts=artifacts, stack=stack))
+
+    decoder = build(decoder_pairs(cfg, prepared, epoch=0), "decoder") if prepared.family == "seq2seq" else None
+    distiller = Distiller(student, build(layer_pairs(cfg, prepared, epoch=0), "encoder"), kind=prepared.spec.kind,
                           losses=step_losses(cfg.distill), relation=resolve_relation(cfg, teacher.config),
-                          decoder_bridge=build(decoder) if prepared.family == "seq2seq" else None)
+                          decoder_bridge=decoder)
     return teacher, distiller.to(device)
 
 
 def layer_pairs(cfg: Config, prepared: Prepared, *, epoch: int) -> list[tuple[int, int]]:
     return run_pairs(cfg, prepared.n_teacher, epoch=epoch)
-
-
-def decoder_pairs(cfg: Config, prepared: Prepared, *, epoch: int) -> list[tuple[int, int]]:
-    """An encoder-decoder's decoder pairs (the same layer map on its decoder); none for other models."""
-    if prepared.n_teacher_decoder is None:
-        return []
-    return run_pairs(cfg, prepared.n_teacher_decoder, epoch=epoch, stack="decoder")
 
 
 def _save_checkpoint(distiller: Distiller, optimiser: Optimiser, epoch: int, out: Path) -> None:

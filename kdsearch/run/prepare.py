@@ -54,7 +54,8 @@ class Prepared:
     teacher_metrics: dict[str, float]
     n_teacher_decoder: int | None = None  # an encoder-decoder teacher's decoder depth
     bridge_artifacts: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> safetensors the
-    # run's bridge prepared (TED: teacher_filters, student_filters; Flex-KD: unit_scores)
+    # run's bridge prepared (TED: teacher_filters, student_filters; Flex-KD: unit_scores; an encoder-decoder's
+    # decoder ones as decoder_<name>)
     teacher_outputs: str | None = None  # directory of the cached teacher outputs (kdsearch.run.teacher_cache)
     teacher_projections: str | None = None  # directory of the cached projections the relation term reads
     student_dir: str | None = None  # the fine-tuned initial student (student.finetune), save_pretrained
@@ -240,6 +241,13 @@ def _fine_tuned_student(cfg: Config, prepared: Prepared, store: Store, device: t
     return str(path)
 
 
+def decoder_pairs(cfg: Config, prepared: Prepared, *, epoch: int) -> list[tuple[int, int]]:
+    """An encoder-decoder's decoder pairs (the same layer map on its decoder); none for other models."""
+    if prepared.n_teacher_decoder is None:
+        return []
+    return run_pairs(cfg, prepared.n_teacher_decoder, epoch=epoch, stack="decoder")
+
+
 @dataclass
 class _BridgeContext:
     """bridges.PrepareContext for one run: the teacher, the student and the batches made on first use."""
@@ -247,6 +255,7 @@ class _BridgeContext:
     cfg: Config
     prepared: Prepared
     pairs: list[tuple[int, int]]
+    decoder_pairs: list[tuple[int, int]]
     store: Store
     device: torch.device
 
@@ -338,10 +347,10 @@ def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:
     teacher = AutoConfig.from_pretrained(prepared.teacher_dir)
     method = bridge_method(cfg, models.student_width(teacher, cfg.student), prepared.d_teacher)
     # No hidden pairs (w_hidden = 0, layer_map=none): nothing for the bridge to prepare.
-    pairs = run_pairs(cfg, prepared.n_teacher)
+    pairs, dec_pairs = run_pairs(cfg, prepared.n_teacher), decoder_pairs(cfg, prepared, epoch=0)
     extra: dict[str, Any] = {}
-    if method.prepare is not None and pairs:
-        extra["bridge_artifacts"] = method.prepare(_BridgeContext(cfg, prepared, pairs, store, device))
+    if method.prepare is not None and (pairs or dec_pairs):
+        extra["bridge_artifacts"] = method.prepare(_BridgeContext(cfg, prepared, pairs, dec_pairs, store, device))
     train = prepared.data["train"]
     size = teacher_cache.padded_bytes(train, prepared.n_teacher, prepared.d_teacher, cfg.train.precision) if (
         teacher_cache.reads_padding(cfg)) else 0

@@ -16,7 +16,7 @@ from kdsearch.data import hub
 from kdsearch.data.loading import check_task
 from kdsearch.data.metrics import generation_metric_names
 from kdsearch.data.tasks import TaskSpec, read_by
-from kdsearch.methods.bridges import BRIDGES, bridge_method, resolve_bridge
+from kdsearch.methods.bridges import BRIDGES, bridge_method
 from kdsearch.methods.layer_maps import LAYER_MAPS, check_map_args
 from kdsearch.methods.losses import DISTANCES, LOGIT_LOSSES, RELATION_LOSSES
 from kdsearch.methods.relations import RELATIONS, check_relation
@@ -93,12 +93,7 @@ def _check_seq2seq(cfg: Config, teacher: PretrainedConfig, spec: TaskSpec) -> No
     if cfg.distill.w_relation > 0:
         raise ConfigError(f"distill.w_relation={cfg.distill.w_relation}: the attention relation term is not "
                           "available for seq2seq (encoder-decoder) teachers yet; set distill.w_relation=0")
-    (n_t, d_t), d_s = depth_width(teacher), student_width(teacher, cfg.student)
-    bridge = resolve_bridge(cfg.distill.bridge, d_s, d_t)
-    if cfg.distill.w_hidden > 0 and cfg.distill.layer_map != "none" and not BRIDGES.get(bridge).encoder_decoder:
-        usable = ", ".join(n for n in BRIDGES if BRIDGES.get(n).encoder_decoder)
-        raise ConfigError(f"distill.bridge={bridge} is not available for seq2seq (encoder-decoder) teachers yet; "
-                          f"use one of {usable}")
+    n_t = depth_width(teacher)[0]
     n_dec_t, n_dec_s = decoder_depth(teacher) or n_t, cfg.student.decoder_layers or cfg.student.layers
     if n_dec_s > n_dec_t and cfg.student.init == "teacher":
         raise ConfigError(f"student.decoder_layers={n_dec_s} is deeper than the teacher's decoder ({n_dec_t} "

@@ -11,13 +11,16 @@ from kdsearch.methods.bridges.base import (
     BridgeInputs,
     BridgeMethod,
     PrepareContext,
+    Stack,
     bridge_method,
     bridge_sections,
     resolve_bridge,
+    stack_artifact,
+    stacks,
 )
 
 for _module in pkgutil.iter_modules(__path__):  # each module registers its method as it is imported
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["BRIDGES", "Bridge", "BridgeInputs", "BridgeMethod", "PrepareContext", "bridge_method", "bridge_sections",
-           "resolve_bridge"]
+__all__ = ["BRIDGES", "Bridge", "BridgeInputs", "BridgeMethod", "PrepareContext", "Stack", "bridge_method",
+           "bridge_sections", "resolve_bridge", "stack_artifact", "stacks"]

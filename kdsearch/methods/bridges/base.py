@@ -4,7 +4,9 @@ A bridge brings a student hidden state and a teacher hidden state to one space w
 A `BridgeMethod` is everything the rest of kdsearch needs to know of one: the config section it owns, its checks
 (names, then shapes), its preparation (artifacts built once per teacher and cached, e.g. TED's stage-1 filters),
 and its build (the nn.Module a run trains). `prepare`, `validate`, `export` and the loop call these hooks on the
-chosen entry and never test a bridge's name. Plain PyTorch; the run layer hands preparation what it needs
+chosen entry and never test a bridge's name. An encoder-decoder (T5, BART) runs every method on each stack:
+preparation gets both stacks' pairs and names each artifact by its stack (`stack_artifact`), and the loop builds
+one bridge per stack (`BridgeInputs.stack`). Plain PyTorch; the run layer hands preparation what it needs
 through `PrepareContext`.
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -42,18 +44,33 @@ class Bridge(nn.Module):
 
 
 Tensors = dict[str, torch.Tensor]
+Pairs = list[tuple[int, int]]
+Stack = Literal["encoder", "decoder"]
+"""Which stack of hidden states: an encoder-decoder's encoder or decoder; every other model's one stack is
+"encoder"."""
+
+
+def stack_artifact(name: str, stack: Stack) -> str:
+    """The artifact name of `stack`: `name` for the encoder (and every single-stack model, so that their cached
+    artifacts keep their names), `decoder_<name>` for an encoder-decoder's decoder."""
+    return name if stack == "encoder" else f"decoder_{name}"
 
 
 @dataclass
 class BridgeInputs:
-    """What a build gets: the run's layer pairs, both widths, the method's own config section (None for a method
-    without one) and the tensors its preparation saved, by artifact name."""
+    """What a build gets: the stack's layer pairs, both widths, the method's own config section (None for a method
+    without one), the tensors its preparation saved, by artifact name, and the stack it bridges."""
 
-    pairs: list[tuple[int, int]]
+    pairs: Pairs
     d_student: int
     d_teacher: int
     settings: Any = None
     artifacts: dict[str, Tensors] = field(default_factory=dict)
+    stack: Stack = "encoder"
+
+    def artifact(self, name: str) -> Tensors:
+        """This stack's artifact `name` (what preparation saved as `stack_artifact(name, stack)`)."""
+        return self.artifacts[stack_artifact(name, self.stack)]
 
 
 class PrepareContext(Protocol):
@@ -61,7 +78,8 @@ class PrepareContext(Protocol):
     artifact cache. Models and batches are made on first use; the artifacts an earlier run built cost nothing."""
 
     cfg: Config
-    pairs: list[tuple[int, int]]
+    pairs: Pairs  # the (encoder's) pairs
+    decoder_pairs: Pairs  # an encoder-decoder's decoder pairs; empty for other models
     kind: TaskKind
     num_labels: int
     d_student: int
@@ -89,6 +107,13 @@ class PrepareContext(Protocol):
     def log(self, message: str) -> None: ...
 
 
+def stacks(ctx: PrepareContext) -> list[tuple[Stack, Pairs]]:
+    """The stacks with pairs to prepare for, each with its pairs: the encoder's (a single-stack model's), then an
+    encoder-decoder's decoder's."""
+    both: list[tuple[Stack, Pairs]] = [("encoder", ctx.pairs), ("decoder", ctx.decoder_pairs)]
+    return [(stack, pairs) for stack, pairs in both if pairs]
+
+
 Check = Callable[["Config"], None]
 ShapeCheck = Callable[["Config", int, int], None]
 Prepare = Callable[[PrepareContext], dict[str, str]]
@@ -113,13 +138,10 @@ class BridgeMethod:
     check: ShapeCheck = _nothing
     """Raise ConfigError (one line) when the method cannot run `cfg` at student width d_s, teacher width d_t."""
     prepare: Prepare | None = None
-    """Build (cached) the artifacts it needs: artifact name -> safetensors file. Called only when there are
-    pairs to match."""
+    """Build (cached) the artifacts it needs: artifact name -> safetensors file, each stack's named by
+    `stack_artifact`. Called only when there are pairs to match."""
     embedding_pair: bool = True
     """Whether the embeddings pair h[0] <-> h[0] is matched when distill.embeddings is left unset."""
-    encoder_decoder: bool = False
-    """Whether it runs an encoder-decoder (T5, BART): one build per stack from that stack's pairs, no preparation
-    that reads a single stack of states. Off unless a method says so; `validate` refuses the others there."""
 
     def settings(self, cfg: Config) -> Any:
         return getattr(cfg, self.section) if self.section else None

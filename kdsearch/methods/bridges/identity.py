@@ -23,5 +23,4 @@ def identity_bridge(inputs: BridgeInputs) -> Bridge:
     return Bridge()
 
 
-BRIDGES.register("identity")(BridgeMethod(build=identity_bridge, check=check_identity,
-                                                  encoder_decoder=True))
+BRIDGES.register("identity")(BridgeMethod(build=identity_bridge, check=check_identity))

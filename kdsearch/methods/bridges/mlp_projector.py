@@ -28,4 +28,4 @@ def mlp_projector_bridge(inputs: BridgeInputs) -> Bridge:
     return MlpProjectorBridge(sorted({s for s, _ in inputs.pairs}), inputs.d_student, inputs.d_teacher)
 
 
-BRIDGES.register("mlp_projector")(BridgeMethod(build=mlp_projector_bridge, encoder_decoder=True))
+BRIDGES.register("mlp_projector")(BridgeMethod(build=mlp_projector_bridge))

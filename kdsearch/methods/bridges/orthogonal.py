@@ -28,4 +28,4 @@ def orthogonal_bridge(inputs: BridgeInputs) -> Bridge:
     return OrthogonalBridge(sorted({s for s, _ in inputs.pairs}), inputs.d_student, inputs.d_teacher)
 
 
-BRIDGES.register("orthogonal")(BridgeMethod(build=orthogonal_bridge, encoder_decoder=True))
+BRIDGES.register("orthogonal")(BridgeMethod(build=orthogonal_bridge))

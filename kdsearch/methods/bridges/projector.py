@@ -23,4 +23,4 @@ def projector_bridge(inputs: BridgeInputs) -> Bridge:
     return ProjectorBridge(sorted({s for s, _ in inputs.pairs}), inputs.d_student, inputs.d_teacher)
 
 
-BRIDGES.register("projector")(BridgeMethod(build=projector_bridge, encoder_decoder=True))
+BRIDGES.register("projector")(BridgeMethod(build=projector_bridge))

@@ -4,8 +4,10 @@ Stage 1 trains one filter + pooler + task head per matched layer on a frozen mod
 over filters), so each filter keeps what the task needs. It runs on the fine-tuned teacher (its filters are
 frozen in stage 2) and on the student distillation starts from, fine-tuned first or not (to initialise the
 student filters). Stage 2 (the bridge) trains the student filters g_s^k to match the frozen teacher filters
-g_t^m(k). This module holds the whole method: filter architectures, stage 1, its cached preparation, the checks
-and the build. Plain PyTorch only.
+g_t^m(k). An encoder-decoder gets filters on both stacks, each stack's own stage 1 and bridge: decoder filters
+with per-token LM heads on the teacher-forced decoder states, encoder filters with a mean-pooled head on the
+target's tokens (`bag_of_targets_loss`). This module holds the whole method: filter architectures, stage 1, its
+cached preparation, the checks and the build. Plain PyTorch only.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import dataclasses
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from safetensors.torch import save_file
@@ -24,8 +26,17 @@ from kdsearch.core.cache import content_key
 from kdsearch.core.errors import ConfigError
 from kdsearch.core.kinds import IGNORE_INDEX, TaskKind
 from kdsearch.core.registry import Registry
-from kdsearch.methods.bridges.base import BRIDGES, Bridge, BridgeInputs, BridgeMethod, PrepareContext
-from kdsearch.methods.inputs import model_inputs
+from kdsearch.methods.bridges.base import (
+    BRIDGES,
+    Bridge,
+    BridgeInputs,
+    BridgeMethod,
+    PrepareContext,
+    Stack,
+    stack_artifact,
+    stacks,
+)
+from kdsearch.methods.inputs import model_inputs, stack_mask, stack_states
 from kdsearch.methods.layer_maps import LAYER_MAPS
 from kdsearch.methods.losses import task_loss
 
@@ -94,34 +105,88 @@ HEAD_DROPOUT = 0.1
 """Dropout before each stage-1 task head: TED's `filter_dropout` (StableDropout(cls_dropout), default 0.1)."""
 
 
+HeadReading = Literal["first", "tokens", "mean"]
+"""What a stage-1 head reads of its filtered state: the first token (pooled), every token, or the mean over the
+real tokens (pooled)."""
+
+
+def head_reading(kind: TaskKind, stack: Stack = "encoder") -> HeadReading:
+    """The stage-1 head a filter of `stack` gets for a task of `kind` (see FilterHead)."""
+    if kind == "seq2seq":
+        return "mean" if stack == "encoder" else "tokens"
+    return "tokens" if kind in ("causal_lm", "extractive_qa") else "first"
+
+
 class FilterHead(nn.Module):
     """Stage-1 head on a filtered state, as TED's code builds it per filter: a pooler (dense d_f -> d_f + GELU on
     the first token: DeBERTa's ContextPooler with its pooler_hidden_act), dropout, a linear task head.
 
-    For causal LMs (continual pre-training scenario) the head is a per-token LM head instead, and for extractive
-    QA a per-token span head (n_out = 2: start and end logits, as TED's SQuAD filters feed a qa_outputs layer).
+    `reads="tokens"`: a per-token head instead, with no pooler: an LM head for causal LMs (the continual
+    pre-training scenario) and for an encoder-decoder's decoder filters (teacher-forced position t predicts target
+    token t), a span head for extractive QA (n_out = 2: start and end logits, as TED's SQuAD filters feed a
+    qa_outputs layer). `reads="mean"`: the pooler on the mean over real tokens, for an encoder-decoder's encoder
+    filters (see `bag_of_targets_loss`).
     """
 
-    def __init__(self, d_f: int, n_out: int, *, causal: bool) -> None:
+    def __init__(self, d_f: int, n_out: int, *, reads: HeadReading) -> None:
         super().__init__()
-        self.causal = causal
-        self.pooler = None if causal else nn.Sequential(nn.Linear(d_f, d_f), nn.GELU())
+        self.reads = reads
+        self.pooler = None if reads == "tokens" else nn.Sequential(nn.Linear(d_f, d_f), nn.GELU())
         self.dropout = nn.Dropout(HEAD_DROPOUT)
         self.head = nn.Linear(d_f, n_out)
 
-    def forward(self, filtered: torch.Tensor) -> torch.Tensor:  # (B, T, d_f)
-        if self.causal:
-            return self.head(filtered)  # (B, T, V)
+    def forward(self, filtered: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # (B, T, d_f)
+        if self.reads == "tokens":
+            return self.head(filtered)  # (B, T, n_out)
         assert self.pooler is not None
-        return self.head(self.dropout(self.pooler(filtered[:, 0])))  # (B, C)
+        if self.reads == "first":
+            pooled = filtered[:, 0]
+        else:
+            assert mask is not None, "a mean-pooled head needs the attention mask"
+            weights = mask.unsqueeze(-1).to(filtered.dtype)  # (B, T, 1)
+            pooled = (filtered * weights).sum(1) / weights.sum(1).clamp_min(1)  # (B, d_f)
+        return self.head(self.dropout(self.pooler(pooled)))  # (B, n_out)
+
+
+def bag_of_targets_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The stage-1 loss of an encoder-decoder's encoder filter: the mean over the real target tokens of the
+    cross-entropy of one distribution over the vocabulary, pooled from the source, against each token.
+
+    logits (B, V): one per row; labels (B, T): the target, IGNORE_INDEX on padding. It is minimised by the
+    target's token frequencies: the filter must keep what the target says, though not its order (which only the
+    decoder can produce). TED trains a filter with the task's own head; an encoder state has no target position of
+    its own to predict (source and target are not aligned), so this is the pooled task head TED's classification
+    filters use, with the target's tokens as the labels. Not chosen: feeding the filtered states through the frozen
+    model's own decoder, which would fix d_f to the teacher's width (ted.width, a narrower student's filters),
+    backpropagate through the whole decoder for every filter, and credit the filter with what that decoder could
+    rebuild on its own. Softmax in fp32.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+    keep = labels != IGNORE_INDEX  # (B, T)
+    per_token = -logp.gather(1, labels.clamp_min(0))  # (B, T)
+    return (per_token * keep).sum() / keep.sum().clamp_min(1)
+
+
+def stage1_loss(logits: torch.Tensor, labels: torch.Tensor, kind: TaskKind, reads: HeadReading) -> torch.Tensor:
+    """The task loss of a stage-1 head; an encoder-decoder's encoder heads (mean-pooled) `bag_of_targets_loss`."""
+    if kind == "seq2seq" and reads == "mean":
+        return bag_of_targets_loss(logits, labels)
+    return task_loss(logits, labels, kind=kind)
 
 
 def stage1_accuracy(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[float, int]:
-    """(correct, count) of a stage-1 head; regression heads count within 0.5."""
+    """(correct, count) of a stage-1 head; regression heads count within 0.5. An encoder-decoder's decoder heads
+    (B, T, V) count target tokens predicted, its encoder heads (B, V) the rows whose top token is in the target (a
+    coarse check: a task whose targets share a frequent token scores well on that token alone)."""
     if kind == "causal_lm":
         pred, gold = logits[:, :-1].argmax(-1), labels[:, 1:]
         keep = gold != IGNORE_INDEX
         return float((pred[keep] == gold[keep]).sum()), int(keep.sum())
+    if kind == "seq2seq" and logits.dim() == 3:
+        keep = labels != IGNORE_INDEX
+        return float((logits.argmax(-1)[keep] == labels[keep]).sum()), int(keep.sum())
+    if kind == "seq2seq":
+        return float((labels == logits.argmax(-1, keepdim=True)).any(-1).sum()), len(labels)
     if kind == "regression":
         return float(((logits.squeeze(-1) - labels).abs() < 0.5).sum()), len(labels)
     if kind == "extractive_qa":  # (B, T, 2): a window counts when both its start and its end are right
@@ -139,15 +204,17 @@ def stage1_optimiser(params: list[nn.Parameter], *, lr: float,
 
 
 def train_stage1(model: nn.Module, filters: nn.ModuleDict, *, d_f: int, loader: Iterable[dict], kind: TaskKind,
-                 n_out: int, epochs: int, lr: float, device: torch.device) -> dict[str, float]:
-    """Train `filters` (+ fresh heads) on the frozen `model`; loss = mean over filters of the task loss.
+                 n_out: int, epochs: int, lr: float, device: torch.device,
+                 stack: Stack = "encoder") -> dict[str, float]:
+    """Train `filters` (+ fresh heads) on the frozen `model`'s `stack` of hidden states; loss = mean over filters of
+    the task loss.
 
     As TED's learn_filters script: AdamW at `lr` without weight decay, decaying linearly to 0 with no warmup;
     the frozen model runs in training mode (its dropout on), as there. Returns the final-epoch training accuracy
     of each filter's head (a check that filters learned the task).
     """
-    heads = nn.ModuleDict({k: FilterHead(d_f, n_out, causal=kind in ("causal_lm", "extractive_qa"))
-                           for k in filters})
+    reads = head_reading(kind, stack)
+    heads = nn.ModuleDict({k: FilterHead(d_f, n_out, reads=reads) for k in filters})
     filters.to(device).train()
     heads.to(device).train()
     was_training = model.training
@@ -160,11 +227,12 @@ def train_stage1(model: nn.Module, filters: nn.ModuleDict, *, d_f: int, loader: 
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.no_grad():
-                hidden = model(**model_inputs(batch), output_hidden_states=True).hidden_states
+                hidden = stack_states(model(**model_inputs(batch), output_hidden_states=True), stack)
+            mask = stack_mask(batch, stack) if reads == "mean" else None
             losses = []
             for key, filt in filters.items():
-                logits = heads[key](filt(hidden[int(key)]))
-                losses.append(task_loss(logits, batch["labels"], kind=kind))
+                logits = heads[key](filt(hidden[int(key)]), mask)
+                losses.append(stage1_loss(logits, batch["labels"], kind, reads))
                 c, n = stage1_accuracy(logits.detach(), batch["labels"], kind)
                 correct[key] += c
                 seen[key] += n
@@ -183,18 +251,20 @@ pooler activation, head dropout, schedule and weight decay)."""
 
 
 def _stage1_filters(ctx: PrepareContext, model: nn.Module, indices: list[int], d_in: int, *, label: str,
-                    kind: str, key: str) -> str:
-    """Stage 1 on the frozen `model` at hidden states `indices`, cached as `kind`/`key`: the filters' file."""
+                    kind: str, key: str, stack: Stack) -> str:
+    """Stage 1 on the frozen `model` at hidden states `indices` of `stack`, cached as `kind`/`key`: the filters'
+    file."""
     cfg, ted = ctx.cfg, ctx.cfg.ted
     d_f = filter_width(ctx.d_teacher, width=ted.width, ratio=ted.width_ratio)
-    # Stage-1 heads predict the task: classes, a score, or (causal LMs) the next token over the vocabulary.
-    n_out = ctx.teacher().config.vocab_size if ctx.kind == "causal_lm" else max(ctx.num_labels, 1)
+    # Stage-1 heads predict the task: classes, a score, or (causal LMs, encoder-decoders) tokens of the vocabulary.
+    vocab = ctx.kind in ("causal_lm", "seq2seq")
+    n_out = ctx.teacher().config.vocab_size if vocab else max(ctx.num_labels, 1)
 
     def build(out: Path) -> None:
         torch.manual_seed(cfg.train.seed)
         filters = build_filters(indices, d_in, d_f, filter_spec(ted))
         acc = train_stage1(model, filters, d_f=d_f, loader=ctx.batches(), kind=ctx.kind, n_out=n_out,
-                           epochs=ted.stage1_epochs, lr=_stage1_lr(cfg), device=ctx.device)
+                           epochs=ted.stage1_epochs, lr=_stage1_lr(cfg), device=ctx.device, stack=stack)
         per_layer = ", ".join(f"h[{k}] {a:.3f}" for k, a in acc.items())
         ctx.log(f"TED stage 1 ({label}): head accuracy per filtered layer: {per_layer}")
         save_file({k: v.contiguous() for k, v in filters.cpu().state_dict().items()}, out / "filters.safetensors")
@@ -211,21 +281,30 @@ def _stage1_lr(cfg: Config) -> float:
 
 def prepare_ted(ctx: PrepareContext) -> dict[str, str]:
     """Stage 1 on the frozen teacher (teacher filters) and, with ted.student_filters=stage1, on the student
-    distillation starts from (student filters)."""
+    distillation starts from (student filters); an encoder-decoder's encoder and decoder filters each by a stage
+    1 of their own, cached apart (their keys name the stack)."""
     cfg = ctx.cfg
     # What stage 1 reads: the filter settings (not how stage 2 initialises its student filters), the batches.
     architecture = {k: v for k, v in dataclasses.asdict(cfg.ted).items() if k != "student_filters"}
     d_f = filter_width(ctx.d_teacher, width=cfg.ted.width, ratio=cfg.ted.width_ratio)
     common = dict(filter=architecture, d_f=d_f, teacher=ctx.teacher_dir,
                   seed=cfg.train.seed, batch_size=cfg.train.batch_size, lr=_stage1_lr(cfg), version=STAGE1_VERSION)
-    t_idx = sorted({t for _, t in ctx.pairs})
-    out = {"teacher_filters": _stage1_filters(ctx, ctx.teacher(), t_idx, ctx.d_teacher, label="teacher",
-                                              kind="ted_teacher", key=content_key(indices=t_idx, **common))}
-    if cfg.ted.student_filters == "stage1":
-        s_idx = sorted({s for s, _ in ctx.pairs})
-        key = content_key(indices=s_idx, student=dataclasses.asdict(cfg.student), start=ctx.student_dir, **common)
-        out["student_filters"] = _stage1_filters(ctx, ctx.student(), s_idx, ctx.d_student, label="student",
-                                                 kind="ted_student", key=key)
+    out = {}
+    for stack, pairs in stacks(ctx):
+        # a single-stack model's keys name no stack, as before encoder-decoders: its cached filters stay valid
+        at = {"stack": stack} if ctx.kind == "seq2seq" else {}
+        where = f" {stack}" if at else ""
+        t_idx = sorted({t for _, t in pairs})
+        out[stack_artifact("teacher_filters", stack)] = _stage1_filters(
+            ctx, ctx.teacher(), t_idx, ctx.d_teacher, label=f"teacher{where}", kind="ted_teacher",
+            key=content_key(indices=t_idx, **at, **common), stack=stack)
+        if cfg.ted.student_filters == "stage1":
+            s_idx = sorted({s for s, _ in pairs})
+            key = content_key(indices=s_idx, student=dataclasses.asdict(cfg.student), start=ctx.student_dir, **at,
+                              **common)
+            out[stack_artifact("student_filters", stack)] = _stage1_filters(
+                ctx, ctx.student(), s_idx, ctx.d_student, label=f"student{where}", kind="ted_student", key=key,
+                stack=stack)
     return out
 
 
@@ -263,10 +342,10 @@ def ted_bridge(inputs: BridgeInputs) -> Bridge:
     ted: TedConfig = inputs.settings
     d_f, spec = filter_width(inputs.d_teacher, width=ted.width, ratio=ted.width_ratio), filter_spec(ted)
     teacher = build_filters(sorted({t for _, t in inputs.pairs}), inputs.d_teacher, d_f, spec)
-    teacher.load_state_dict(inputs.artifacts["teacher_filters"])
+    teacher.load_state_dict(inputs.artifact("teacher_filters"))
     student = build_filters(sorted({s for s, _ in inputs.pairs}), inputs.d_student, d_f, spec)
     if ted.student_filters == "stage1":
-        student.load_state_dict(inputs.artifacts["student_filters"])
+        student.load_state_dict(inputs.artifact("student_filters"))
     elif ted.student_filters == "teacher":  # same widths (checked): copy the matched teacher filter
         for s, t in inputs.pairs:
             student[str(s)].load_state_dict(teacher[str(t)].state_dict())

@@ -3,7 +3,9 @@
 A unit's relevance is the first-order gradient of the task loss with respect to it (`grad`), or gradient x
 activation (`grad_x_act`), aggregated over the real tokens of the task data (`mean_abs`, `abs_mean`, `rms`).
 Scores are computed once, for every hidden state of the fine-tuned teacher, and cached; the bridge distils the
-student's units straight onto the teacher's top-k units, with no new parameters. Plain PyTorch.
+student's units straight onto the teacher's top-k units, with no new parameters. An encoder-decoder's units are
+scored per stack, from the gradients of the one teacher-forced target loss, and selected per stack (each stack's
+bridge reads its own scores). Plain PyTorch.
 """
 
 from __future__ import annotations
@@ -17,8 +19,17 @@ from safetensors.torch import save_file
 
 from kdsearch.core.cache import content_key
 from kdsearch.core.errors import ConfigError
-from kdsearch.methods.bridges.base import BRIDGES, Bridge, BridgeInputs, BridgeMethod, PrepareContext
-from kdsearch.methods.inputs import model_inputs, output_logits
+from kdsearch.methods.bridges.base import (
+    BRIDGES,
+    Bridge,
+    BridgeInputs,
+    BridgeMethod,
+    PrepareContext,
+    Stack,
+    stack_artifact,
+    stacks,
+)
+from kdsearch.methods.inputs import model_inputs, output_logits, stack_mask, stack_states
 from kdsearch.methods.losses import task_loss
 
 if TYPE_CHECKING:
@@ -37,38 +48,61 @@ def _token_sum(g: torch.Tensor, mask: torch.Tensor, aggregate: UnitAggregate) ->
 
 def score_units(teacher: Any, loader: Iterable[dict], *, kind: TaskKind, method: Literal["grad", "grad_x_act"],
                 batches: int, device: torch.device, aggregate: UnitAggregate = "mean_abs") -> torch.Tensor:
-    """Relevance of every unit of every hidden state: (n_t + 1, d_t), row k = hidden_states[k].
+    """Relevance of every unit of every hidden state: (n_t + 1, d_t), row k = hidden_states[k] (an
+    encoder-decoder's encoder states; `score_stacks` gives its decoder's too).
 
     mean_abs = mean |r|, abs_mean = |mean r|, rms = sqrt(mean r^2), over real tokens, r = dL/dh (or dL/dh * h).
     """
+    return score_stacks(teacher, loader, kind=kind, method=method, batches=batches, device=device,
+                        aggregate=aggregate)["encoder"]
+
+
+def score_stacks(teacher: Any, loader: Iterable[dict], *, kind: TaskKind, method: Literal["grad", "grad_x_act"],
+                 batches: int, device: torch.device,
+                 aggregate: UnitAggregate = "mean_abs") -> dict[Stack, torch.Tensor]:
+    """`score_units` of every stack, from the same gradients: {"encoder": (n_t + 1, d_t)}, and for an
+    encoder-decoder also {"decoder": (n_dec + 1, d_t)}, each over its own real tokens (source, target), of the
+    one task loss (seq2seq: the teacher-forced target cross-entropy)."""
     teacher.eval()
-    total: torch.Tensor | None = None
-    tokens = 0.0
+    total: dict[Stack, torch.Tensor] = {}
+    tokens: dict[Stack, float] = {}
     for step, batch in enumerate(loader):
         if step >= batches:
             break
         batch = {k: v.to(device) for k, v in batch.items()}
-        # Gradients w.r.t. activations of a frozen model: make the embedding lookup the leaf that requires grad.
+        # Gradients w.r.t. activations of a frozen model: make the embedding lookups the leaves that require grad
+        # (an encoder-decoder's decoder embeds its teacher-forced input with the same shared table).
         lookup = teacher.get_input_embeddings()
-        embeds = lookup(batch["input_ids"]).detach().requires_grad_(True)
-        out = teacher(**model_inputs(batch, inputs_embeds=embeds), output_hidden_states=True)
-        for h in out.hidden_states:
-            h.retain_grad()
+        embeds = {key: lookup(batch[key]).detach().requires_grad_(True)
+                  for key in ("input_ids", "decoder_input_ids") if key in batch}
+        out = teacher(**model_inputs(batch, inputs_embeds=embeds["input_ids"],
+                                     decoder_inputs_embeds=embeds.get("decoder_input_ids")),
+                      output_hidden_states=True)
+        names: tuple[Stack, ...] = ("encoder", "decoder") if kind == "seq2seq" else ("encoder",)
+        states = {stack: stack_states(out, stack) for stack in names}
+        for hidden in states.values():
+            for h in hidden:
+                h.retain_grad()
         # the loss is a mean over the batch: times its rows, every example weighs the same in the sum, also in
         # a short last batch
         (task_loss(output_logits(out), batch["labels"], kind=kind) * len(batch["labels"])).backward()
-        mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
-        per_layer = []
-        for h in out.hidden_states:
-            g = h.grad if method == "grad" else h.grad * h.detach()  # (B, T, D)
-            per_layer.append(_token_sum(g, mask, aggregate))  # (D,)
-        summed = torch.stack(per_layer)  # (n_t + 1, D)
-        total = summed if total is None else total + summed
-        tokens += float(mask.sum())
-    if total is None:
+        for stack, hidden in states.items():
+            mask = stack_mask(batch, stack).unsqueeze(-1).float()  # (B, T, 1)
+            per_layer = []
+            for h in hidden:
+                assert h.grad is not None  # every state lies between the embedding leaves and the loss
+                g = h.grad if method == "grad" else h.grad * h.detach()  # (B, T, D)
+                per_layer.append(_token_sum(g, mask, aggregate))  # (D,)
+            summed = torch.stack(per_layer)  # (n + 1, D)
+            total[stack] = summed if stack not in total else total[stack] + summed
+            tokens[stack] = tokens.get(stack, 0.0) + float(mask.sum())
+    if not total:
         raise ValueError("no batches to score units on")
-    mean = total / tokens
-    return (mean.abs() if aggregate == "abs_mean" else mean.sqrt() if aggregate == "rms" else mean).cpu()
+    return {stack: _finish(summed / tokens[stack], aggregate).cpu() for stack, summed in total.items()}
+
+
+def _finish(mean: torch.Tensor, aggregate: UnitAggregate) -> torch.Tensor:
+    return mean.abs() if aggregate == "abs_mean" else mean.sqrt() if aggregate == "rms" else mean
 
 
 def select_units(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -87,17 +121,21 @@ def units_to_keep(ratio: float | None, d_student: int, d_teacher: int) -> int:
 
 
 def prepare_units(ctx: PrepareContext) -> dict[str, str]:
-    """The relevance scores of every teacher hidden state, cached by what they read."""
+    """The relevance scores of every teacher hidden state (an encoder-decoder's: of both stacks, one artifact
+    each), cached by what they read."""
     cfg, units = ctx.cfg, ctx.cfg.units
     key = content_key(teacher=ctx.teacher_dir, score=units.score, aggregate=units.aggregate,
                       batches=units.score_batches, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
 
     def build(out: Path) -> None:
-        scores = score_units(ctx.teacher(), ctx.batches(), kind=ctx.kind, method=units.score,
-                             batches=units.score_batches, device=ctx.device, aggregate=units.aggregate)
-        save_file({"scores": scores}, out / "scores.safetensors")
+        scores = score_stacks(ctx.teacher(), ctx.batches(), kind=ctx.kind, method=units.score,
+                              batches=units.score_batches, device=ctx.device, aggregate=units.aggregate)
+        for stack, table in scores.items():
+            save_file({"scores": table}, out / f"{stack_artifact('scores', stack)}.safetensors")
 
-    return {"unit_scores": str(ctx.cached("unit_scores", key, build) / "scores.safetensors")}
+    folder = ctx.cached("unit_scores", key, build)
+    return {stack_artifact("unit_scores", stack): str(folder / f"{stack_artifact('scores', stack)}.safetensors")
+            for stack, _ in stacks(ctx)}
 
 
 def check_units(cfg: Config, d_student: int, d_teacher: int) -> None:
@@ -136,7 +174,7 @@ def units_bridge(inputs: BridgeInputs) -> Bridge:
         return Bridge()
     units: UnitsConfig = inputs.settings
     k = units_to_keep(units.ratio, inputs.d_student, inputs.d_teacher)
-    scores = inputs.artifacts["unit_scores"]["scores"]  # (n_t + 1, d_t)
+    scores = inputs.artifact("unit_scores")["scores"]  # (n_t + 1, d_t): this stack's layers
     if units.scope == "last":
         scores = scores[-1:].expand_as(scores)
     return UnitsBridge(torch.stack([select_units(row, k) for row in scores]),
