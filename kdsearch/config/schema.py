@@ -103,6 +103,9 @@ class TaskConfig:
     hub: str | None = None
     """A datasets hub name (e.g. `glue`), read with load_dataset when data_dir is not given; a GLUE task name
     given neither reads `glue`."""
+    hub_config: str | None = None
+    """task.name=seq2seq or text: the hub dataset's config name (load_dataset's second argument, e.g. `ro-en` for
+    `wmt16`); null = its default. A GLUE name reads the config named after the task."""
     max_length: int = 64
     """Longest input in tokens; longer rows are truncated (causal LMs keep the prompt's end and the response)."""
     train_size: int | None = None
@@ -120,9 +123,10 @@ class TaskConfig:
     """task.name=table: what eval_score is: accuracy, macro_f1 or mcc (classification; null = accuracy),
     pearson or spearman (regression; null = pearson). GLUE names use their official metric."""
     source_column: str = "source"
-    """task.name=seq2seq: the column an encoder-decoder reads."""
+    """task.name=seq2seq: the column an encoder-decoder reads; `column.key` reads one key of a dict column (the
+    hub's WMT16: `translation.en`)."""
     target_column: str = "target"
-    """task.name=seq2seq: the column it learns to write (every row needs a non-empty one)."""
+    """task.name=seq2seq: the column it learns to write (every row needs a non-empty one); dotted as above."""
     doc_stride: int | None = None
     """Extractive QA: a context longer than one window is read in windows of task.max_length tokens that overlap
     by this many tokens (Hugging Face's `stride`); null = max_length // 3 (128 at max_length=384, BERT's SQuAD
@@ -139,6 +143,14 @@ class TaskConfig:
             require(0 < self.doc_stride < self.max_length // 2,
                     f"task.doc_stride={self.doc_stride}: must be > 0 and < task.max_length / 2 "
                     f"({self.max_length // 2}), so that every window reads new context")
+        if self.hub_config is not None:
+            require(self.name in ("seq2seq", "text"),
+                    f"task.hub_config={self.hub_config}: read only by task.name=seq2seq or text (here {self.name}"
+                    f"{', which reads the config named after the task' if self.name in GLUE_TASKS else ''})")
+            require(self.hub is not None and self.data_dir is None,
+                    f"task.hub_config={self.hub_config}: names a config of task.hub, so it needs task.hub=<dataset> "
+                    "(and no task.data_dir)")
+            require(bool(self.hub_config.strip()), "task.hub_config: empty; give a config name or null")
         require(self.max_length >= 4, f"task.max_length={self.max_length}: must be >= 4")
         for key in ("train_size", "eval_size"):
             value = getattr(self, key)
