@@ -88,6 +88,10 @@ CASES: dict[str, tuple[str, Callable[[Path], list[str]], str]] = {
         "distill.layer_map choice 'bogus_map': distill.layer_map=bogus_map: unknown layer map"),
     "task.hub out of reach": (
         "tune", lambda t: ["task.name=sst2", "task.hub=glue"], "task.hub=glue: 127.0.0.1 is unreachable"),
+    "a seq2seq task.hub out of reach": (
+        "train", lambda t: ["teacher=tiny-t5", "task.name=seq2seq", "task.hub=wmt16", "task.hub_config=ro-en",
+                            "task.source_column=translation.en", "task.target_column=translation.ro"],
+        "task.hub=wmt16: 127.0.0.1 is unreachable"),
 }
 
 

@@ -7,6 +7,8 @@ and the task files' headers. No Ray, Optuna or MLflow.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import PretrainedConfig
 
 from kdsearch.config.paths import check_local_dirs
@@ -147,7 +149,8 @@ def validate(cfg: Config) -> TaskSpec:
     except OSError as err:
         raise ConfigError(f"teacher={cfg.teacher}: cannot load its config ({str(err).splitlines()[0]})") from None
     spec = check_task(cfg.task)
-    if cfg.task.hub is not None and not hub.offline() and (why := hub.unreachable()):
+    local = cfg.task.hub is not None and Path(cfg.task.hub).expanduser().is_dir()  # a saved copy: no network
+    if cfg.task.hub is not None and not local and not hub.offline() and (why := hub.unreachable()):
         raise ConfigError(f"task.hub={cfg.task.hub}: {why}; set HF_DATASETS_OFFLINE=1 to read it from the datasets "
                           "cache, or give task.data_dir=<folder with its files>")
     check_local_dirs(cfg)
