@@ -124,6 +124,8 @@ def with_absolute_paths(cfg: Config) -> Config:
         return None if value is None else output_path(value)
 
     teacher = absolute(cfg.teacher) if Path(cfg.teacher).exists() else cfg.teacher
+    hub = cfg.task.hub  # a local copy of a hub dataset (a folder) is an input path too; a hub id stays as given
+    hub = absolute(hub) if hub is not None and Path(hub).expanduser().is_dir() else hub
     return dataclasses.replace(cfg, teacher=teacher or cfg.teacher, cache_dir=output(cfg.cache_dir) or "",
                                output_dir=output(cfg.output_dir) or "", storage_path=output(cfg.storage_path),
-                               task=dataclasses.replace(cfg.task, data_dir=absolute(cfg.task.data_dir)))
+                               task=dataclasses.replace(cfg.task, data_dir=absolute(cfg.task.data_dir), hub=hub))
