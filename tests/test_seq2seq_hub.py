@@ -10,6 +10,7 @@ import pytest
 from data_utils import write
 
 from kdsearch.config.overrides import load_config
+from kdsearch.config.paths import with_absolute_paths
 from kdsearch.config.schema import TaskConfig
 from kdsearch.core.errors import ConfigError
 from kdsearch.data.loading import load_raw_task
@@ -116,3 +117,25 @@ def test_a_local_hub_copy_validates_without_the_network(tmp_path: Path, monkeypa
     with pytest.raises(ConfigError, match=r"task.hub=wmt16: 127.0.0.1 is unreachable") as err:
         validate(load_config([*args, "task.hub=wmt16"]))
     assert "\n" not in str(err.value)
+
+
+def test_a_relative_hub_folder_is_made_absolute_and_a_hub_id_kept(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    wmt16(tmp_path / "copy")
+    monkeypatch.chdir(tmp_path)  # Tune trials read from other working directories
+    args = ["teacher=tiny-t5", "task.name=seq2seq", "task.hub_config=ro-en"]
+    assert with_absolute_paths(load_config([*args, "task.hub=copy"])).task.hub == str((tmp_path / "copy").resolve())
+    assert with_absolute_paths(load_config([*args, "task.hub=wmt16"])).task.hub == "wmt16"
+
+
+def test_a_corpus_reads_the_named_config_too(tmp_path: Path) -> None:
+    for config in ("a", "b"):
+        for split in ("train", "validation"):
+            write(tmp_path / "hub" / config / f"{split}.jsonl", [{"text": f"corpus {config} {i}"} for i in range(3)],
+                  "jsonl")
+    configs = "".join(f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train.jsonl\n"
+                      f"  - split: validation\n    path: {c}/validation.jsonl\n" for c in ("a", "b"))
+    (tmp_path / "hub" / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")
+    _, raw = load_raw_task(TaskConfig(name="text", hub=str(tmp_path / "hub"), hub_config="b"),
+                           cache_dir=tmp_path / "cache")
+    assert raw["train"]["response"] == [f"corpus b {i}" for i in range(3)]
