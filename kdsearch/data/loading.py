@@ -25,6 +25,7 @@ from datasets import Dataset, DatasetDict, Features, Value, load_dataset
 
 from kdsearch.config.schema import TaskConfig
 from kdsearch.core.errors import ConfigError
+from kdsearch.data.seq2seq import seq2seq_layout
 from kdsearch.data.squad import check_qa_task, load_qa_splits
 from kdsearch.data.tasks import (
     RELEASE_LAYOUTS,
@@ -253,7 +254,7 @@ def _json_object(line: str) -> Any:
 
 def _check_seq2seq(cfg: TaskConfig, spec: TaskSpec, splits: tuple[Split, ...]) -> None:
     """task.name=seq2seq: a data_dir whose files hold the source and target columns, every target non-empty; or
-    a hub dataset, whose columns are checked when it loads (`_seq2seq_layout`)."""
+    a hub dataset, whose columns are checked when it loads (`seq2seq_layout`)."""
     if cfg.data_dir is not None and cfg.hub is not None:
         raise ConfigError(f"task.data_dir={cfg.data_dir}, task.hub={cfg.hub}: task.name=seq2seq reads one of them; "
                           "unset the other")
@@ -274,7 +275,7 @@ def _check_seq2seq(cfg: TaskConfig, spec: TaskSpec, splits: tuple[Split, ...]) -
                 dotted = f" ('{head}' is a {path.suffix[1:]} column of text, not dicts)" if head in columns else ""
                 raise ConfigError(f"{where}: {path.name} has no '{name}' column (task.{key}){dotted}; found "
                                   f"columns: {', '.join(columns)}")
-        # A dotted target (`translation.ro`) is a key of a JSON object: _seq2seq_layout checks it once loaded.
+        # A dotted target (`translation.ro`) is a key of a JSON object: seq2seq_layout checks it once loaded.
         target = cfg.target_column if cfg.target_column in columns else cfg.target_column.split(".")[0]
         for line, text in _check_rows(path, where, columns, template, label=target):
             if not text.strip():
@@ -411,58 +412,6 @@ def _table_layout(ds: Dataset, cfg: TaskConfig, spec: TaskSpec) -> Dataset:
                   features=Features({**ds.features, "label": Value("int64")}))
 
 
-def _seq2seq_column(ds: Dataset, name: str, key: str, where: str) -> str:
-    """The column of `ds.flatten()` that task.<key>=<name> reads: the name itself, or `column.key` of a dict
-    column (the hub's WMT16 `translation` holds {"en": ..., "ro": ...}). One ConfigError line if it is not there
-    or holds no text."""
-    types = {field.name: field.type for field in ds.data.schema}
-    if name not in types:
-        types = {field.name: field.type for field in ds.flatten(max_depth=8).data.schema}
-    if name not in types:
-        parent, _, leaf = name.rpartition(".")
-        if not parent or parent.split(".")[0] not in ds.column_names:
-            raise ConfigError(f"{where}: no '{name}' column (task.{key}); found columns: "
-                              f"{', '.join(ds.column_names)}")
-        if parent in types:  # a leaf: text, a number or a list
-            raise ConfigError(f"{where}: task.{key}={name} reads key '{leaf}' of '{parent}', which holds "
-                              f"{types[parent]}, not dicts")
-        keys = sorted(n[len(parent) + 1:].split(".")[0] for n in types if n.startswith(parent + "."))
-        raise ConfigError(f"{where}: '{parent}' has no key '{leaf}' (task.{key}={name}); "
-                          + (f"its keys: {', '.join(dict.fromkeys(keys))}" if keys else "no such column"))
-    kind = types[name]
-    if pa.types.is_struct(kind):
-        keys = [kind.field(i).name for i in range(kind.num_fields)]
-        raise ConfigError(f"{where}: '{name}' holds dicts (keys {', '.join(keys)}); name one key, e.g. "
-                          f"task.{key}={name}.{keys[0]}")
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
-        raise ConfigError(f"{where}: '{name}' (task.{key}) holds lists ({kind}); a seq2seq row reads one text per "
-                          "column: write the files with the text to read")
-    return name
-
-
-def _seq2seq_layout(ds: Dataset, cfg: TaskConfig, where: str) -> Dataset:
-    """task.name=seq2seq's rows as every seq2seq task's: columns `source` and `target`, both text, every target
-    non-empty."""
-    columns = [_seq2seq_column(ds, name, key, where)
-               for key, name in (("source_column", cfg.source_column), ("target_column", cfg.target_column))]
-    if any("." in c and c not in ds.column_names for c in columns):
-        ds = ds.flatten(max_depth=8)
-    ds = ds.select_columns(list(dict.fromkeys(columns)))
-
-    def convert(batch: dict[str, list]) -> dict[str, list]:
-        return {name: ["" if v is None else str(v) for v in batch[column]]
-                for name, column in zip(("source", "target"), columns, strict=True)}
-
-    ds = ds.map(convert, batched=True, remove_columns=ds.column_names,
-                features=Features({"source": Value("string"), "target": Value("string")}))
-    blank = pc.equal(pc.utf8_trim_whitespace(ds.data.column("target")), "")
-    if pc.any(blank).as_py():
-        row = pc.index(blank, True).as_py() + 1
-        raise ConfigError(f"{where}: row {row} has an empty target ('{cfg.target_column}'): every row needs a "
-                          "target to learn")
-    return ds
-
-
 def _causal_columns(columns: Sequence[str]) -> tuple[str, ...]:
     """The columns task=text reads from a file with these: the first group of _CAUSAL_COLUMNS it holds."""
     return next(group for group in _CAUSAL_COLUMNS if set(group) <= set(columns))
@@ -531,7 +480,7 @@ def load_raw_task(cfg: TaskConfig, *, cache_dir: str | Path | None = None,
         if spec.name == "table":
             ds = _table_layout(ds, cfg, spec)
         if spec.name == "seq2seq":
-            ds = _seq2seq_layout(ds, cfg, f"{where}: {split}")
+            ds = seq2seq_layout(ds, cfg, f"{where}: {split}")
         elif spec.kind not in ("seq2seq", "extractive_qa"):
             ds = _normalise(ds, spec, f"{where}: {split}") if len(ds) else ds
         if len(ds) == 0:
