@@ -139,3 +139,14 @@ def test_a_corpus_reads_the_named_config_too(tmp_path: Path) -> None:
     _, raw = load_raw_task(TaskConfig(name="text", hub=str(tmp_path / "hub"), hub_config="b"),
                            cache_dir=tmp_path / "cache")
     assert raw["train"]["response"] == [f"corpus b {i}" for i in range(3)]
+
+
+def test_the_hubs_translation_feature_reads_as_a_dict_column() -> None:
+    from datasets import Dataset, Features, Translation
+
+    from kdsearch.data.seq2seq import seq2seq_layout
+
+    rows = {"translation": [{"en": "house", "ro": "casa"}, {"en": "tree", "ro": "copac"}]}
+    ds = Dataset.from_dict(rows, features=Features({"translation": Translation(languages=["en", "ro"])}))
+    out = seq2seq_layout(ds, TaskConfig(name="seq2seq", hub="wmt16", **WMT), "task.hub=wmt16: train")
+    assert out[:] == {"source": ["house", "tree"], "target": ["casa", "copac"]}
