@@ -361,7 +361,7 @@ def test_a_two_trial_search_on_squad_files_exports_a_student_that_answers_and_ev
     proc = subprocess.run([sys.executable, "-m", "kdsearch.tune", "space=qa", "name=qa", "num_samples=2",
                            "max_concurrent_trials=1", "task.name=squad", f"task.data_dir={squad}",
                            "task.train_size=null", "task.eval_size=100",
-                           "finetune.epochs=4", "finetune.batch_size=16", "train.epochs=2", "ted.stage1_epochs=1",
+                           "finetune.epochs=4", "finetune.batch_size=16", "train.epochs=1", "ted.stage1_epochs=1",
                            "student.finetune=false", f"tracking.uri={uri}", f"results_dir={tmp_path}/results",
                            f"cache_dir={tmp_path}/cache"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
