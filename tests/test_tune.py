@@ -174,9 +174,10 @@ def _wait_for(predicate, timeout: float, every: float = 1.0) -> None:
 @pytest.mark.slow
 def test_resume_finishes_an_interrupted_search_without_rerunning_finished_trials(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    # 12 trials, 2 at a time: the first two finish together and 3 of the 5 fixed points end after an epoch or
-    # less, so only the sampled trials leave enough work for the interruption to find trials still unfinished
-    num = 12
+    # 8 trials, 2 at a time: the first two finish together and 3 of the 5 fixed points end after an epoch or
+    # less, so the 3 sampled trials leave the interruption trials still unfinished (test_cluster_faults.py's
+    # driver-kill test runs 8 likewise)
+    num = 8
     args = [sys.executable, "-m", "kdsearch.tune", *_args(tmp_path, num, "s2")]
 
     def finished_trials() -> list:
@@ -314,11 +315,11 @@ def test_a_new_search_never_writes_into_an_earlier_one(tmp_path: Path, capsys: p
 
 @pytest.mark.slow
 def test_confirm_reruns_the_best_configurations_over_fresh_seeds(tmp_path: Path) -> None:
-    """`confirm=2 confirm_seeds=3`: after the search, its two best distinct configurations run again at seeds
-    1, 2 and 3 (the search ran seed 0), under their own MLflow parent, into a table with intervals. Interrupted
+    """`confirm=2 confirm_seeds=2`: after the search, its two best distinct configurations run again at seeds
+    1 and 2 (the search ran seed 0), under their own MLflow parent, into a table with intervals. Interrupted
     halfway, the confirmation continues with the command the driver prints, each of its runs made once."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = [sys.executable, "-m", "kdsearch.tune", "space=smoke", "name=c", "confirm=2", "confirm_seeds=3",
+    args = [sys.executable, "-m", "kdsearch.tune", "space=smoke", "name=c", "confirm=2", "confirm_seeds=2",
             f"tracking.uri={uri}", f"results_dir={tmp_path}/results", f"cache_dir={tmp_path.parent}/shared_cache"]
 
     def confirmations() -> list:
@@ -343,20 +344,20 @@ def test_confirm_reruns_the_best_configurations_over_fresh_seeds(tmp_path: Path)
     said = (tmp_path / "stderr.txt").read_text()
     assert driver.returncode == 130, said[-4000:]
     before = {t.tags["kdsearch.trial_id"]: t for t in confirmations() if t.status == "FINISHED"}
-    assert 1 <= len(before) < 6
+    assert 1 <= len(before) < 4
     hint = said.split("the confirmation of c stopped before its end; this continues it: python ")[-1].splitlines()[0]
     command = [sys.executable, *shlex.split(hint)]
     assert command[-2:] == ["name=c", "resume=true"] and command[1:-2] == [a for a in args[1:] if a != "name=c"]
     proc = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     trials = confirmations()
-    assert sorted(t.params["train.seed"] for t in trials) == ["1", "1", "2", "2", "3", "3"]  # each run once
+    assert sorted(t.params["train.seed"] for t in trials) == ["1", "1", "2", "2"]  # each run once
     assert all(t.status == "FINISHED" for t in trials)
     for trial_id, old in before.items():  # finished before the interruption: kept as they were
         new = next(t for t in trials if t.tags["kdsearch.trial_id"] == trial_id)
         assert new.end_time == old.end_time and new.metrics == old.metrics
     table = (tmp_path / "results" / "c" / "confirm" / "confirm.md").read_text()
-    assert "| 95% CI of the mean | vs best (Welch, 5%) |" in table and "train.seed in [1, 2, 3]" in table
+    assert "| 95% CI of the mean | vs best (Welch, 5%) |" in table and "train.seed in [1, 2]" in table
     ranks = [line for line in table.splitlines() if line.startswith("| rank ")]
     assert [r.split(" (")[0] for r in ranks] == ["| rank 1", "| rank 2"] and "| best |" in ranks[0]
     assert proc.stdout.strip().splitlines()[-1].endswith(f"best student saved to {tmp_path}/results/c/best_student")
@@ -367,7 +368,7 @@ def test_confirm_reruns_the_best_configurations_over_fresh_seeds(tmp_path: Path)
     card = (student / "README.md").read_text()
     assert "## Confirmed over fresh seeds" in card and f"{best['mean']:.2f} %" in card
     exported = flatten(load_config([f"config={student / CONFIG_FILE}"]))
-    assert exported["train.seed"] in (1, 2, 3)
+    assert exported["train.seed"] in (1, 2)
     assert all(exported[k] == (tuple(v) if isinstance(v, list) else v) for k, v in best["overrides"].items())
     assert "replacing the search's single-seed best with the best by mean" in proc.stdout
     # the search's own parent run holds the confirmed ranking, and its leaderboard prints it
