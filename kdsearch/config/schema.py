@@ -126,7 +126,13 @@ class TaskConfig:
     """task.name=seq2seq: the column an encoder-decoder reads; `column.key` reads one key of a dict column (the
     hub's WMT16: `translation.en`)."""
     target_column: str = "target"
-    """task.name=seq2seq: the column it learns to write (every row needs a non-empty one); dotted as above."""
+    """task.name=seq2seq: the column it learns to write (every row needs a non-empty one); dotted as above. A
+    column of lists of texts holds several references per row (DART's `annotations.text`): one training row per
+    reference, blank ones left out, and each row's generated output scored against all of its references."""
+    source_format: Literal["text", "triples"] = "text"
+    """task.name=seq2seq: how the source column reads. `text`: as it is. `triples`: a list of [subject, predicate,
+    object] (DART's `tripleset`), written as the layer-selection code's BART reads it: `subject : predicate :
+    object` per triple, the predicate lower-cased, joined by ` | ` (kdsearch.data.seq2seq.linearise_triples)."""
     doc_stride: int | None = None
     """Extractive QA: a context longer than one window is read in windows of task.max_length tokens that overlap
     by this many tokens (Hugging Face's `stride`); null = max_length // 3 (128 at max_length=384, BERT's SQuAD
@@ -157,7 +163,8 @@ class TaskConfig:
             require(value is None or value > 0, f"task.{key}={value}: must be > 0")
         if self.name != "seq2seq":
             given = [k for k, v in (("source_column", self.source_column != "source"),
-                                    ("target_column", self.target_column != "target")) if v]
+                                    ("target_column", self.target_column != "target"),
+                                    ("source_format", self.source_format != "text")) if v]
             require(not given, f"task.{given[0] if given else ''}: read only by task.name=seq2seq (here {self.name})")
         else:
             require(self.source_column != self.target_column,

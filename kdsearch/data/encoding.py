@@ -24,6 +24,7 @@ from kdsearch.core.errors import ConfigError
 from kdsearch.core.kinds import IGNORE_INDEX
 from kdsearch.data.loading import content_hash
 from kdsearch.data.qa import QA_META, encode_qa
+from kdsearch.data.seq2seq import REFERENCES
 from kdsearch.data.tasks import TaskSpec
 
 if TYPE_CHECKING:
@@ -125,15 +126,20 @@ def _encode_causal(batch: dict[str, list], spec: TaskSpec, tokenizer: Any, max_l
 def _encode_seq2seq(batch: dict[str, list], tokenizer: Any, max_length: int, decoder_start: int) -> dict:
     """source -> input_ids, attention_mask; target -> labels (its tokens, the tokenizer's end token included)
     and the decoder's inputs: the labels shifted right behind `decoder_start` (teacher forcing), so decoder
-    position t reads labels[:t] and predicts labels[t]. Both sides are cut to max_length tokens."""
+    position t reads labels[:t] and predicts labels[t]. Both sides are cut to max_length tokens; so are a
+    multi-reference row's `references`, tokenised as its labels are."""
     enc = tokenizer(batch["source"], truncation=True, max_length=max_length)
     labels = tokenizer(batch["target"], truncation=True, max_length=max_length)["input_ids"]
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels,
-            "decoder_input_ids": [[decoder_start, *row[:-1]] for row in labels],
-            "decoder_attention_mask": [[1] * len(row) for row in labels]}
+    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels,
+           "decoder_input_ids": [[decoder_start, *row[:-1]] for row in labels],
+           "decoder_attention_mask": [[1] * len(row) for row in labels]}
+    if REFERENCES in batch:
+        out[REFERENCES] = [tokenizer(refs, truncation=True, max_length=max_length)["input_ids"]
+                           for refs in batch[REFERENCES]]
+    return out
 
 
-def _features(spec: TaskSpec, family: str, segments: bool) -> Features:
+def _features(spec: TaskSpec, family: str, segments: bool, references: bool = False) -> Features:
     ids = Sequence(Value("int32"))
     if spec.kind == "extractive_qa":
         return Features({"input_ids": ids, "attention_mask": Sequence(Value("int8")), "labels": ids,
@@ -142,7 +148,8 @@ def _features(spec: TaskSpec, family: str, segments: bool) -> Features:
                          "answers": Sequence(Value("string"))})
     if family == "seq2seq":
         return Features({"input_ids": ids, "attention_mask": Sequence(Value("int8")), "labels": ids,
-                         "decoder_input_ids": ids, "decoder_attention_mask": Sequence(Value("int8"))})
+                         "decoder_input_ids": ids, "decoder_attention_mask": Sequence(Value("int8")),
+                         **({REFERENCES: Sequence(ids)} if references else {})})
     if family == "causal":
         labels: Any = Sequence(Value("int32"))
     else:
@@ -197,7 +204,8 @@ def tokenize_task(raw: DatasetDict, spec: TaskSpec, tokenizer: PreTrainedTokeniz
         # new_fingerprint: the key already names the result, and spares datasets hashing the tokenizer
         built = DatasetDict({
             split: ds.map(encode, batched=True, remove_columns=ds.column_names, fn_kwargs=kwargs, with_indices=qa,
-                          features=_features(spec, family, segments), keep_in_memory=True,
+                          features=_features(spec, family, segments, REFERENCES in ds.column_names),
+                          keep_in_memory=True,
                           new_fingerprint=keys[split])
             for split, ds in raw.items()})
         # Trials tokenise concurrently: write aside, then rename; the loser of the race drops its copy.
@@ -215,11 +223,11 @@ def collate(batch: list[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Ten
     (attention masks) with 0.
 
     Scalar labels are stacked: long for classification, float32 for regression. An extractive QA feature's
-    decoding columns (data.qa.QA_META) stay out of the batch.
+    decoding columns (data.qa.QA_META) and a multi-reference row's references stay out of the batch.
     """
     out: dict[str, torch.Tensor] = {}
     for key in batch[0]:
-        if key in QA_META:
+        if key in QA_META or key == REFERENCES:
             continue
         values = [torch.as_tensor(row[key]) for row in batch]
         if values[0].dim() == 0:

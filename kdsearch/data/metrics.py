@@ -8,6 +8,9 @@ kdsearch.data.qa and kdsearch.data.tasks only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 from scipy import stats
 from sklearn import metrics as sk
@@ -91,26 +94,33 @@ class _Whitespace:
         return text.split()
 
 
-def generation_metrics(outputs: list[str], references: list[str]) -> dict[str, float]:
+def generation_metrics(outputs: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]]) -> dict[str, float]:
     """Each on a 0-1 scale like every other score here (whitespace runs count as one space):
 
     exact_match: the share of outputs equal to their reference; chrf: corpus chrF (sacrebleu's defaults: character
     6-grams, beta 2); bleu: corpus BLEU (sacrebleu: up to 4-grams, brevity penalty, its 13a tokenizer; the n-gram
     orders that no output is long enough for are left out, which short targets such as words or phonemes need);
     rouge_l: the mean over rows of ROUGE-L F1 (longest common subsequence of whitespace tokens, rouge-score).
+
+    A row's reference may be a list of several (DART's annotations): an output matches if it equals any; BLEU
+    and chrF count n-grams against all of them (sacrebleu's multi-reference streams, a shorter list padded with
+    None, so the brevity penalty reads the closest reference length); ROUGE-L takes the best reference's F1.
     """
     from rouge_score.rouge_scorer import RougeScorer
     from sacrebleu.metrics import BLEU, CHRF
 
     if not references:
         return dict.fromkeys(GENERATION_METRICS, 0.0)
-    outputs, references = [" ".join(o.split()) for o in outputs], [" ".join(r.split()) for r in references]
-    exact = sum(o == r for o, r in zip(outputs, references, strict=True)) / len(references)
+    refs = [[" ".join(r.split()) for r in ([row] if isinstance(row, str) else row)] or [""] for row in references]
+    outputs = [" ".join(o.split()) for o in outputs]
+    exact = sum(o in r for o, r in zip(outputs, refs, strict=True)) / len(refs)
     rouge = RougeScorer(["rougeL"], tokenizer=_Whitespace())
-    rouge_l = sum(rouge.score(r, o)["rougeL"].fmeasure for o, r in zip(outputs, references, strict=True))
-    return {"exact_match": float(exact), "chrf": float(CHRF().corpus_score(outputs, [references]).score) / 100,
-            "bleu": min(1.0, float(BLEU(effective_order=True).corpus_score(outputs, [references]).score) / 100),
-            "rouge_l": float(rouge_l) / len(references)}
+    rouge_l = sum(max(rouge.score(one, o)["rougeL"].fmeasure for one in r) for o, r in zip(outputs, refs, strict=True))
+    # None: no i-th reference for this row (sacrebleu's documented padding; its type hints say str only)
+    streams: Any = [[r[i] if i < len(r) else None for r in refs] for i in range(max(map(len, refs)))]
+    return {"exact_match": float(exact), "chrf": float(CHRF().corpus_score(outputs, streams).score) / 100,
+            "bleu": min(1.0, float(BLEU(effective_order=True).corpus_score(outputs, streams).score) / 100),
+            "rouge_l": float(rouge_l) / len(refs)}
 
 
 def compute_metrics(spec: TaskSpec, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:

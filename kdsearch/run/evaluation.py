@@ -20,6 +20,7 @@ from kdsearch.core.kinds import IGNORE_INDEX
 from kdsearch.data.encoding import collate
 from kdsearch.data.metrics import compute_metrics, generation_metrics
 from kdsearch.data.qa import QA_META, decode_answers, squad_scores
+from kdsearch.data.seq2seq import REFERENCES
 from kdsearch.methods.inputs import model_inputs, output_logits
 from kdsearch.methods.losses import task_loss
 
@@ -160,6 +161,16 @@ def generation_batches(dataset: Any, *, family: Family, batch_size: int,
         yield left_pad([prompt for prompt, _ in chunk], pad_id), [response for _, response in chunk]
 
 
+def first_rows(dataset: Any) -> list[int]:
+    """The first row of each example of a multi-reference split: of the rows with the same source and the same
+    references (one per reference), the one met first. The layer-selection code generates for every row and
+    keeps one (output, references) pair of each (metrics.py calc_eval_metrics, `redup`)."""
+    first: dict[tuple, int] = {}
+    for i, (ids, refs) in enumerate(zip(dataset["input_ids"], dataset[REFERENCES], strict=True)):
+        first.setdefault((tuple(ids), tuple(map(tuple, refs))), i)
+    return sorted(first.values())
+
+
 @torch.no_grad()
 def evaluate_generation(model: Any, dataset: Any, tokenizer: Any, *, family: Family, pad_id: int,
                         device: torch.device, batch_size: int = EVAL_BATCH_SIZE, rank: int = 0, world_size: int = 1,
@@ -169,22 +180,30 @@ def evaluate_generation(model: Any, dataset: Any, tokenizer: Any, *, family: Fam
     prompt, and only the tokens it adds are scored (a model that repeats the prompt earns nothing for it).
 
     Batched `generate`, no sampling: greedy, or beam search with `num_beams` > 1; at most as many new tokens as
-    the longest reference holds, so a model that never stops costs no more than one that does.
+    the longest reference holds, so a model that never stops costs no more than one that does. A multi-reference
+    task (rows with `references`, one per reference of an example) generates once per example and scores the
+    output against all of its references.
     """
     model.eval()
-    shard = dataset.select(range(rank, len(dataset), world_size)) if world_size > 1 else dataset
     longest = max((len(_targets(row)) for row in dataset["labels"]), default=1)
+    multi = REFERENCES in dataset.column_names
+    if multi:
+        dataset = dataset.select(first_rows(dataset))
+    shard = dataset.select(range(rank, len(dataset), world_size)) if world_size > 1 else dataset
     # A causal LM stops at the end token its responses were trained to end with (a built-in config names none)
     stop = {"pad_token_id": pad_id, "eos_token_id": tokenizer.eos_token_id} if family == "causal" else {}
     outputs: list[str] = []
-    references: list[str] = []
+    references: list[Any] = []
     for inputs, gold in generation_batches(shard, family=family, batch_size=batch_size, pad_id=pad_id):
         generated = model.generate(**{k: v.to(device) for k, v in inputs.items()}, do_sample=False,
                                    num_beams=num_beams, max_new_tokens=max(longest, 1), **stop)
         if family == "causal":  # its output repeats the prompt: keep the new tokens only
             generated = generated[:, inputs["input_ids"].shape[1]:]
         outputs += tokenizer.batch_decode(generated, skip_special_tokens=True)
-        references += tokenizer.batch_decode(gold, skip_special_tokens=True)
+        if not multi:
+            references += tokenizer.batch_decode(gold, skip_special_tokens=True)
+    if multi:  # the loader keeps the rows' order; decoded as the labels are
+        references = [tokenizer.batch_decode(refs, skip_special_tokens=True) for refs in shard[REFERENCES]]
     parts = gather((outputs, references))
     scores = generation_metrics([o for out, _ in parts for o in out], [r for _, ref in parts for r in ref])
     return {f"eval_{k}": v for k, v in scores.items()}
