@@ -92,9 +92,6 @@ def _check_seq2seq(cfg: Config, teacher: PretrainedConfig, spec: TaskSpec) -> No
                           f"{cfg.teacher} is {'an encoder' if family_of(teacher) == 'encoder' else 'a causal LM'}")
     if not seq2seq:
         return
-    if cfg.distill.w_relation > 0:
-        raise ConfigError(f"distill.w_relation={cfg.distill.w_relation}: the attention relation term is not "
-                          "available for seq2seq (encoder-decoder) teachers yet; set distill.w_relation=0")
     n_t = depth_width(teacher)[0]
     n_dec_t, n_dec_s = decoder_depth(teacher) or n_t, cfg.student.decoder_layers or cfg.student.layers
     if n_dec_s > n_dec_t and cfg.student.init == "teacher":
@@ -178,7 +175,8 @@ def validate(cfg: Config) -> TaskSpec:
                           "applies)")
     if cfg.distill.w_relation > 0:
         check_relation(cfg, teacher, student_config(teacher, layers=cfg.student.layers,
-                                                    hidden_size=student_width(teacher, cfg.student)))
+                                                    hidden_size=student_width(teacher, cfg.student),
+                                                    decoder_layers=cfg.student.decoder_layers))
     if cfg.train.precision == "fp16" and not cfg.resources.use_gpu:
         raise ConfigError("train.precision=fp16 needs a GPU (resources.gpus_per_trial > 0); on CPU use bf16 or fp32")
     return read_by(spec, family_of(teacher))
