@@ -25,12 +25,13 @@ from kdsearch.core.console import render_text
 from kdsearch.core.errors import ConfigError
 from kdsearch.data import hub
 from kdsearch.data.encoding import tokenize_task
-from kdsearch.data.loading import Split, load_raw_task
+from kdsearch.data.loading import Split, check_task, load_raw_task
 from kdsearch.data.metrics import generation_metric_names
 from kdsearch.data.tasks import TaskSpec, read_by
 from kdsearch.run import models
 from kdsearch.run.evaluation import evaluate, evaluate_generation, forward_latency_ms
 from kdsearch.run.prepare import prepare_teacher
+from kdsearch.run.validate import check_generation
 from kdsearch.tracking import DEFAULT_EXPERIMENT, check_tracking_uri, default_uri, log_analysis_run
 
 _DESCRIBES_MODEL = ("teacher", "student", "task", "finetune")
@@ -77,6 +78,9 @@ def parse_args(argv: Sequence[str]) -> tuple[EvalArgs, Config]:
         if cfg.task.name != distilled_on:  # its head and tokenizer fit that task: scores elsewhere mean nothing
             raise ConfigError(f"task.name={cfg.task.name}: model={given.model} was distilled on task "
                               f"{distilled_on}; task.data_dir= or task.hub= may point at other files of it")
+    # eval.* (beams) as a run reads them: refused where the model generates nothing, as kdsearch.train refuses
+    check_generation(cfg, AutoConfig.from_pretrained(model), check_task(cfg.task, (given.split,)),
+                     who=f"model={given.model}")
     return dataclasses.replace(given, model=str(model), out=str(out) if out else None, uri=uri), cfg
 
 

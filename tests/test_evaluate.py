@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, T5Config, T5ForConditionalGeneration
 
 from kdsearch.config.overrides import CONFIG_FILE, load_config, write_config_file
 from kdsearch.core.errors import ConfigError
@@ -36,6 +36,21 @@ def tiny_model(tmp_path: Path) -> Path:
 def test_bad_command_lines_say_what_to_fix(tiny_model: Path, argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_args([a.format(m=tiny_model) for a in argv])
+
+
+@pytest.mark.parametrize("key", ["eval.num_beams=4", "eval.generate_every=2"])
+def test_eval_keys_an_encoder_never_reads_are_refused_as_train_refuses_them(tiny_model: Path, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{key}: read only where outputs are generated .* model=.* is an "
+                                          "encoder: leave eval.\\* at its defaults") as err:
+        parse_args([f"model={tiny_model}", key])
+    assert "\n" not in str(err.value)
+
+
+def test_eval_keys_are_read_where_the_model_generates(tmp_path: Path) -> None:
+    T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                        decoder_start_token_id=0)).save_pretrained(tmp_path / "t5")
+    args, cfg = parse_args([f"model={tmp_path / 't5'}", "task.name=seq2seq_default", "eval.num_beams=4"])
+    assert cfg.eval.num_beams == 4 and args.model == str(tmp_path / "t5")
 
 
 def test_a_head_that_does_not_fit_the_task_is_refused_before_its_weights_load(tiny_model: Path, tmp_path: Path,

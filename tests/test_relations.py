@@ -164,14 +164,14 @@ def test_the_step_adds_the_relation_term_and_trains_the_tapped_layer_only_throug
     cfg = load_config(["distill.w_task=0", "distill.w_logit=0", "distill.w_hidden=0", "distill.w_relation=2"])
     bridge = BRIDGES.get("identity").build(BridgeInputs(pairs=[], d_student=32, d_teacher=64))
     spec = RelationSpec(("qk", "vv"), heads=2, pairs=((1, 4),))
-    distiller = Distiller(student, bridge, kind="classification", losses=step_losses(cfg.distill), relation=spec)
+    distiller = Distiller(student, bridge, kind="classification", losses=step_losses(cfg.distill), relations=[spec])
     batch = _batch()
     with pytest.raises(ValueError, match="teacher's projections"):
         distiller(batch, teacher_forward(teacher, batch, hidden=False), [])
-    outputs = teacher_forward(teacher, batch, hidden=False, tap=spec.teacher)
-    assert outputs.projections is not None and outputs.projections[(4, "query")].shape == (3, 7, 64)
+    outputs = teacher_forward(teacher, batch, hidden=False, taps=[spec.teacher])
+    assert outputs.projections is not None and outputs.projections["encoder"][(4, "query")].shape == (3, 7, 64)
     terms = distiller(batch, outputs, [])
-    mine, theirs = _student_projections(student, batch, spec.student), outputs.projections
+    mine, theirs = _student_projections(student, batch, spec.student), outputs.projections["encoder"]
     expected = sum(relation_kl((mine[(1, x)], mine[(1, y)]), (theirs[(4, x)], theirs[(4, y)]), heads=2,
                                mask=batch["attention_mask"]) for x, y in [("query", "key"), ("value", "value")])
     torch.testing.assert_close(terms["relation"], expected)

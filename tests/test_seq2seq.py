@@ -258,8 +258,6 @@ def test_generation_metrics() -> None:
      r"distill.bridge=ted needs a fixed layer map"),
     (["teacher=tiny-t5", "task.name=seq2seq_default", "distill.bridge=units", "student.hidden_size=32",
       "student.init=random", "units.ratio=1.0"], r"units.ratio=1.0 keeps 64 teacher units"),
-    (["teacher=tiny-bart", "task.name=seq2seq_default", "distill.w_relation=1"],
-     r"relation term is not available for seq2seq .* yet"),
     (["teacher=tiny-t5", "task.name=seq2seq_default", "student.decoder_layers=5"],
      r"student.decoder_layers=5 is deeper than the teacher's decoder \(4 layers\)"),
     (["teacher=tiny-t5", "task.name=seq2seq_default", "train.teacher_cache=true"], r"encoder tasks only"),

@@ -11,7 +11,7 @@ import torch
 from kdsearch.config.overrides import load_config
 from kdsearch.config.schema import Config
 from kdsearch.core.errors import ConfigError
-from kdsearch.methods.relations import resolve_relation
+from kdsearch.methods.relations import resolve_relations
 from kdsearch.run.evaluation import make_loader
 from kdsearch.run.loop import WorkerContext, run_distillation
 from kdsearch.run.prepare import load_teacher, prepare
@@ -124,20 +124,21 @@ def test_cached_projections_equal_the_live_teachers_at_every_real_token(cache: P
     cfg = small(cache, "train.teacher_cache=true", *RELATION)
     prepared = prepare(cfg, device=torch.device("cpu"))
     teacher = load_teacher(prepared, torch.device("cpu"))
-    spec = resolve_relation(cfg, teacher.config)
-    assert spec is not None and spec.teacher.layers == (2, 4)  # forward map 4 -> 2
+    (spec,) = resolve_relations(cfg, teacher.config)
+    assert spec.teacher.layers == (2, 4)  # forward map 4 -> 2
     assert prepared.teacher_outputs is not None and prepared.teacher_projections is not None
     stored = TeacherCache.open(prepared.teacher_outputs, prepared.teacher_projections)
     for batch in make_loader(with_rows(prepared.data["train"]), batch_size=7, shuffle=True, seed=5,
                              pad_id=prepared.pad_id):
-        live = teacher_forward(teacher, batch, hidden=False, tap=spec.teacher)
-        cached = stored.outputs(batch, hidden=False, tap=spec.teacher)
+        live = teacher_forward(teacher, batch, hidden=False, taps=[spec.teacher])
+        cached = stored.outputs(batch, hidden=False, taps=[spec.teacher])
         assert cached.hidden is None and cached.projections is not None and live.projections is not None
-        assert sorted(cached.projections) == sorted(live.projections)
+        got, want = cached.projections["encoder"], live.projections["encoder"]
+        assert sorted(got) == sorted(want)
         real = batch["attention_mask"].bool()
-        for key, value in live.projections.items():
-            torch.testing.assert_close(cached.projections[key][real], value[real], rtol=1e-5, atol=1e-5)
-            assert not cached.projections[key][~real].any()
+        for key, value in want.items():
+            torch.testing.assert_close(got[key][real], value[real], rtol=1e-5, atol=1e-5)
+            assert not got[key][~real].any()
     # the relation's projections are cached apart: every relation setting shares one copy of the hidden states
     last = prepare(small(cache, "train.teacher_cache=true", "distill.w_hidden=0", "distill.w_relation=1"))
     assert last.teacher_outputs == prepared.teacher_outputs and last.teacher_projections is not None
@@ -145,7 +146,7 @@ def test_cached_projections_equal_the_live_teachers_at_every_real_token(cache: P
     # and the projections of the teacher's last layer alone cannot serve a map over layers 2 and 4
     with pytest.raises(ValueError, match="built for another relation setting"):
         TeacherCache.open(last.teacher_outputs or "", last.teacher_projections).outputs(
-            batch, hidden=False, tap=spec.teacher)
+            batch, hidden=False, taps=[spec.teacher])
 
 
 def test_a_cached_relation_run_trains_like_a_live_one(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:

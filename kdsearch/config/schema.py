@@ -293,6 +293,12 @@ class RelationConfig:
     teacher_layer: int | None = None
     """Teacher layer (1..n_t) of layers=one; None = the last (MiniLM; MiniLMv2 takes an upper-middle layer of
     large teachers)."""
+    stack: Literal["encoder", "decoder", "cross", "all"] = "all"
+    """Which attention an encoder-decoder teacher (T5, BART) compares: encoder (its encoder's self-attention),
+    decoder (its decoder's, causal), cross (the decoder's cross-attention: qk relates target to source positions,
+    qq target to target, kk and vv source to source), all (the three, summed). layers=one and student_layer /
+    teacher_layer apply in each (default: each stack's last layer); layers=map pairs each stack's layers as the
+    hidden term does. Any other model has one stack: all (or encoder) is its self-attention."""
 
     def __post_init__(self) -> None:
         require(all(self.names), f"relation.kinds={self.kinds!r}: name relations joined by + (e.g. qq+kk+vv)")

@@ -310,80 +310,96 @@ def logit_skew_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature
 
 
 RelationLoss = Callable[..., Tensor]
-"""`((x_s, y_s), (x_t, y_t), *, heads, mask (B,T) | None, causal) -> scalar`: projections (B, T, d_s) / (B, T, d_t)."""
+"""`((x_s, y_s), (x_t, y_t), *, heads, mask (B,Tq) | None, causal, key_mask (B,Tk) | None) -> scalar`: x
+projections (B, Tq, d_s) / (B, Tq, d_t), y (B, Tk, d_s) / (B, Tk, d_t); Tk = Tq except across sequences (an
+encoder-decoder's cross-attention: decoder queries, encoder keys)."""
 
 RELATION_LOSSES: Registry[RelationLoss] = Registry("relation loss")
 
 
-def _allowed_keys(mask: Tensor | None, causal: bool, batch: int, length: int, device: torch.device) -> Tensor:
-    """(B, 1, T, T) bool: which keys each query may attend to (real keys; with `causal`, not later ones)."""
-    allowed = torch.ones(length, length, dtype=torch.bool, device=device)
+def _allowed_keys(mask: Tensor | None, causal: bool, shape: tuple[int, int, int], device: torch.device,
+                  key_mask: Tensor | None = None) -> Tensor:
+    """(B, 1, Tq, Tk) bool: which keys each query may attend to (real keys; with `causal`, not later ones).
+
+    `shape` = (B, Tq, Tk); the keys' real positions are `key_mask`, or `mask` when queries and keys are one
+    sequence (key_mask None)."""
+    batch, queries, keys = shape
+    if causal and queries != keys:
+        raise ValueError(f"a causal relation relates one sequence to itself; got {queries} queries, {keys} keys")
+    allowed = torch.ones(queries, keys, dtype=torch.bool, device=device)
     if causal:
         allowed = allowed.tril()
-    allowed = allowed.expand(batch, 1, length, length)
-    return allowed if mask is None else allowed & mask.to(torch.bool)[:, None, None, :]
+    allowed = allowed.expand(batch, 1, queries, keys)
+    keys_mask = mask if key_mask is None else key_mask
+    return allowed if keys_mask is None else allowed & keys_mask.to(torch.bool)[:, None, None, :]
 
 
 def relation_scores(x: Tensor, y: Tensor, *, heads: int) -> Tensor:
-    """x_h y_h^T / sqrt(d/heads) per relation head h: (B, T, d) x 2 -> (B, heads, T, T), fp32.
+    """x_h y_h^T / sqrt(d/heads) per relation head h: (B, Tq, d), (B, Tk, d) -> (B, heads, Tq, Tk), fp32.
 
-    x and y are split into `heads` chunks of d/heads units, as a model splits its attention heads.
+    x and y are split into `heads` chunks of d/heads units, as a model splits its attention heads. The
+    1/sqrt(d/heads) is MiniLM's scaled dot product for every family: T5's own attention has no such scaling
+    (and adds a relative-position bias), so there qk at R = the attention heads is a scaled relation of T5's
+    projections, not T5's attention distribution.
     """
-    batch, length, width = x.shape
+    batch, queries, width = x.shape
     if width != y.shape[-1] or width % heads:
         raise ValueError(f"a relation needs two projections of one width that {heads} heads divide; got widths "
                          f"{width} and {y.shape[-1]}")
-    xh = x.float().reshape(batch, length, heads, -1).transpose(1, 2)  # (B, R, T, d/R)
-    yh = y.float().reshape(batch, length, heads, -1).transpose(1, 2)
+    xh = x.float().reshape(batch, queries, heads, -1).transpose(1, 2)  # (B, R, Tq, d/R)
+    yh = y.float().reshape(batch, y.shape[1], heads, -1).transpose(1, 2)  # (B, R, Tk, d/R)
     with _full_precision(xh):
-        return xh @ yh.transpose(-1, -2) / math.sqrt(xh.shape[-1])  # (B, R, T, T)
+        return xh @ yh.transpose(-1, -2) / math.sqrt(xh.shape[-1])  # (B, R, Tq, Tk)
 
 
 def relation_log_probs(x: Tensor, y: Tensor, *, heads: int, mask: Tensor | None = None,
-                       causal: bool = False, allowed: Tensor | None = None) -> Tensor:
-    """log softmax over keys of `relation_scores`: (B, heads, T, T).
+                       causal: bool = False, allowed: Tensor | None = None,
+                       key_mask: Tensor | None = None) -> Tensor:
+    """log softmax over keys of `relation_scores`: (B, heads, Tq, Tk).
 
-    Keys at padding (mask 0) and, with `causal`, keys after the query get probability 0 (`allowed`: that key
-    mask, precomputed).
+    Keys at padding (`key_mask` 0, or `mask` 0 when x and y are one sequence) and, with `causal`, keys after
+    the query get probability 0 (`allowed`: that key mask, precomputed).
     """
     scores = relation_scores(x, y, heads=heads)
     if allowed is None:
-        allowed = _allowed_keys(mask, causal, x.shape[0], x.shape[1], x.device)
+        allowed = _allowed_keys(mask, causal, (x.shape[0], x.shape[1], y.shape[1]), x.device, key_mask)
     return torch.log_softmax(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), dim=-1)
 
 
 @RELATION_LOSSES.register("kl")
 def relation_kl(student: tuple[Tensor, Tensor], teacher: tuple[Tensor, Tensor], *, heads: int,
-                mask: Tensor | None = None, causal: bool = False) -> Tensor:
+                mask: Tensor | None = None, causal: bool = False, key_mask: Tensor | None = None) -> Tensor:
     """KL(teacher relation || student relation), summed over keys, mean over relation heads and real queries.
 
     A relation of projections (x, y) is `relation_log_probs`. With x, y = query, key and heads = the model's
     attention heads it is the attention distribution (MiniLM, arXiv 2002.10957); query-query, key-key and
     value-value relations with any common `heads` compare models of different widths and head counts
-    (MiniLMv2, arXiv 2012.15828).
+    (MiniLMv2, arXiv 2012.15828). `mask`: the queries' real positions (and the keys', unless `key_mask` gives
+    them: cross-attention's (target x source) relation).
     """
-    batch, length, _ = student[0].shape
-    allowed = _allowed_keys(mask, causal, batch, length, student[0].device)
+    shape = (student[0].shape[0], student[0].shape[1], student[1].shape[1])
+    allowed = _allowed_keys(mask, causal, shape, student[0].device, key_mask)
     log_s = relation_log_probs(*student, heads=heads, allowed=allowed)
     log_t = relation_log_probs(*teacher, heads=heads, allowed=allowed)
     # excluded keys hold finite log-probabilities near finfo.min: exp gives exactly 0 there, so they add 0
-    per_query = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(dim=-1)  # (B, R, T)
+    per_query = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(dim=-1)  # (B, R, Tq)
     return _token_mean(per_query.mean(dim=1), mask)
 
 
 @RELATION_LOSSES.register("mse")
 def relation_mse(student: tuple[Tensor, Tensor], teacher: tuple[Tensor, Tensor], *, heads: int,
-                 mask: Tensor | None = None, causal: bool = False) -> Tensor:
+                 mask: Tensor | None = None, causal: bool = False, key_mask: Tensor | None = None) -> Tensor:
     """Mean squared difference of the relation scores (before softmax) over real (query, key) entries and heads.
 
     TinyBERT's attention loss (Jiao et al. 2020, arXiv 1909.10351) with x, y = query, key and heads = the
     attention heads: MSE of the attention score matrices, padded and (with `causal`) future entries left out.
+    `mask`: the queries' real positions (and the keys', unless `key_mask` gives them).
     """
-    batch, length, _ = student[0].shape
-    allowed = _allowed_keys(mask, causal, batch, length, student[0].device)
+    shape = (student[0].shape[0], student[0].shape[1], student[1].shape[1])
+    allowed = _allowed_keys(mask, causal, shape, student[0].device, key_mask)
     if mask is not None:  # padded queries too
         allowed = allowed & mask.to(torch.bool)[:, None, :, None]
-    diff = relation_scores(*student, heads=heads) - relation_scores(*teacher, heads=heads)  # (B, R, T, T)
+    diff = relation_scores(*student, heads=heads) - relation_scores(*teacher, heads=heads)  # (B, R, Tq, Tk)
     squared = torch.where(allowed, diff.pow(2), torch.zeros_like(diff))
     return squared.sum() / (allowed.sum() * heads).clamp_min(1)
 

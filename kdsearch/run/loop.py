@@ -30,7 +30,7 @@ from kdsearch.data.tasks import TaskSpec
 from kdsearch.methods.bridges import BridgeInputs, Stack, bridge_method
 from kdsearch.methods.layer_maps import run_pairs
 from kdsearch.methods.losses import describe
-from kdsearch.methods.relations import Tap, resolve_relation
+from kdsearch.methods.relations import Tap, resolve_relations
 from kdsearch.run import models
 from kdsearch.run.evaluation import EVAL_BATCH_SIZE, evaluate, evaluate_generation, forward_latency_ms, make_loader
 from kdsearch.run.optimiser import Optimiser, make_optimiser
@@ -92,7 +92,7 @@ def build_distiller(cfg: Config, prepared: Prepared, device: torch.device) -> tu
 
     decoder = build(decoder_pairs(cfg, prepared, epoch=0), "decoder") if prepared.family == "seq2seq" else None
     distiller = Distiller(student, build(layer_pairs(cfg, prepared, epoch=0), "encoder"), kind=prepared.spec.kind,
-                          losses=step_losses(cfg.distill), relation=resolve_relation(cfg, teacher.config),
+                          losses=step_losses(cfg.distill), relations=resolve_relations(cfg, teacher.config),
                           decoder_bridge=decoder)
     return teacher, distiller.to(device)
 
@@ -145,7 +145,7 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
     with autocast(ctx.device, precision):
         latency = forward_latency_ms(distiller.student, prepared.data["validation"],
                                      pad_id=prepared.pad_id, device=ctx.device)
-    tap = distiller.relation.teacher if distiller.relation else None
+    taps = distiller.teacher_taps
     tokenizer = _generation_tokenizer(prepared)
     metrics: dict[str, Any] = {}
     for epoch in range(start, cfg.train.epochs):
@@ -153,7 +153,7 @@ def run_distillation(cfg: Config, prepared: Prepared, ctx: WorkerContext) -> dic
         _seed_epoch(loader, cfg.train.seed, epoch)
         began = time.perf_counter()
         terms = _train_epoch(model, teacher, loader, optimiser, pairs, steps=steps, ctx=ctx, epoch=epoch,
-                             precision=precision, accum=accum, tap=tap,
+                             precision=precision, accum=accum, taps=taps,
                              decoder_pairs=decoder_pairs(cfg, prepared, epoch=epoch))
         train_terms = _mean_over_workers(ctx.gather(terms))
         epoch_time = time.perf_counter() - began
@@ -231,11 +231,11 @@ _CHECK_EVERY = 16
 
 def _train_epoch(model: nn.Module, teacher: nn.Module | TeacherCache, loader: Any, optimiser: Optimiser,
                  pairs: list[tuple[int, int]], *, steps: int, ctx: WorkerContext, epoch: int,
-                 precision: Precision = "fp32", accum: int = 1, tap: Tap | None = None,
+                 precision: Precision = "fp32", accum: int = 1, taps: tuple[Tap, ...] = (),
                  decoder_pairs: list[tuple[int, int]] | None = None) -> dict[str, float]:
     """`steps` optimiser steps, each over `accum` micro-batches; the mean of each loss term over micro-batches.
 
-    `tap`: the teacher layers whose attention projections the relation term reads; `decoder_pairs`: an
+    `taps`: the teacher layers whose attention projections the relation term reads; `decoder_pairs`: an
     encoder-decoder's decoder pairs.
     """
     hidden = bool(pairs or decoder_pairs)
@@ -254,8 +254,8 @@ def _train_epoch(model: nn.Module, teacher: nn.Module | TeacherCache, loader: An
         sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
         with sync:
             with autocast(ctx.device, precision):
-                outputs = (teacher.outputs(batch, hidden=hidden, tap=tap) if isinstance(teacher, TeacherCache)
-                           else teacher_forward(teacher, batch, hidden=hidden, tap=tap))
+                outputs = (teacher.outputs(batch, hidden=hidden, taps=taps) if isinstance(teacher, TeacherCache)
+                           else teacher_forward(teacher, batch, hidden=hidden, taps=taps))
                 terms = model(batch, outputs, pairs, decoder_pairs) if decoder_pairs else model(batch, outputs, pairs)
             optimiser.backward(terms["loss"] / group)
         finite &= torch.isfinite(terms["loss"].detach())

@@ -35,7 +35,7 @@ from kdsearch.methods.bridges import bridge_method
 from kdsearch.methods.inputs import model_inputs, output_logits
 from kdsearch.methods.layer_maps import run_pairs
 from kdsearch.methods.losses import task_loss
-from kdsearch.methods.relations import Tap, resolve_relation
+from kdsearch.methods.relations import Tap, resolve_relations
 from kdsearch.run import models, teacher_cache
 from kdsearch.run.evaluation import evaluate, make_loader
 
@@ -356,8 +356,8 @@ def prepare(cfg: Config, *, device: torch.device | None = None) -> Prepared:
         teacher_cache.reads_padding(cfg)) else 0
     if teacher_cache.enabled(cfg, prepared.spec.kind, len(train), size):
         extra["teacher_outputs"] = _teacher_outputs(cfg, prepared, store, device)
-        relation = resolve_relation(cfg, teacher)
-        if relation:  # every projection of the relation's teacher layers: one cache for any relation.kinds
-            tap = Tap(relation.teacher.layers, frozenset(("query", "key", "value")))
+        relations = resolve_relations(cfg, teacher)  # one (the encoder's): encoder-decoders are not cached
+        if relations:  # every projection of the relation's teacher layers: one cache for any relation.kinds
+            tap = Tap(relations[0].teacher.layers, frozenset(("query", "key", "value")))
             extra["teacher_projections"] = _teacher_outputs(cfg, prepared, store, device, tap)
     return dataclasses.replace(prepared, **extra)

@@ -2,14 +2,16 @@
 
 Every strategy of the three papers is this step with different layer pairs, a different bridge and different
 weights: loss = w_task * task + w_logit * D(teacher, student) + w_hidden * reduce_k distance(bridge(h_s[k]),
-bridge(h_t[m(k)])) + w_relation * sum of self-attention relation KLs (the MiniLM baselines). An encoder-decoder
-matches its encoder's and its decoder's states, each stack with its own pairs and bridge, in one hidden term.
+bridge(h_t[m(k)])) + w_relation * sum of attention relation losses (the MiniLM baselines). An encoder-decoder
+matches its encoder's and its decoder's states, each stack with its own pairs and bridge, in one hidden term, and
+its relation term sums its encoder's, decoder's and cross-attention's relations (relation.stack).
 `Distiller` holds everything trainable (student + bridges) so that DDP wraps one module.
 Plain PyTorch: no Ray, Optuna or MLflow.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -20,7 +22,7 @@ from torch import nn
 from kdsearch.core.kinds import IGNORE_INDEX
 from kdsearch.methods.inputs import model_inputs, output_logits
 from kdsearch.methods.losses import DISTANCES, LOGIT_LOSSES, combine, span_kd, task_loss
-from kdsearch.methods.relations import Captured, RelationSpec, Tap, capture, relation_term
+from kdsearch.methods.relations import Projections, RelationSpec, Tap, capture_all, relation_term
 
 if TYPE_CHECKING:
     from kdsearch.core.kinds import TaskKind
@@ -35,22 +37,22 @@ class TeacherOutputs:
 
     logits: torch.Tensor  # (B, C) or (B, T, V)
     hidden: tuple[torch.Tensor, ...] | None  # hidden_states (an encoder-decoder's encoder's), each (B, T, d_t)
-    projections: Captured | None = None  # (layer, "query"/"key"/"value") -> (B, T, d): the relation term's
+    projections: Projections | None = None  # stack -> (layer, "query"/"key"/"value") -> (B, T, d): the relation term's
     decoder_hidden: tuple[torch.Tensor, ...] | None = None  # an encoder-decoder's decoder states, (B, T_dec, d_t)
 
 
 @torch.no_grad()
 def teacher_forward(teacher: nn.Module, batch: dict[str, torch.Tensor], *, hidden: bool,
-                    tap: Tap | None = None) -> TeacherOutputs:
-    """The frozen teacher's outputs; an encoder-decoder's decoder is teacher-forced on the gold target
-    (decoder_input_ids) and reads the teacher's own encoder output."""
-    with capture(teacher, tap) as projections:
+                    taps: Sequence[Tap] = ()) -> TeacherOutputs:
+    """The frozen teacher's outputs, with the projections `taps` name (the relation term's); an encoder-decoder's
+    decoder is teacher-forced on the gold target (decoder_input_ids) and reads the teacher's own encoder output."""
+    with capture_all(teacher, taps) as tapped:
         out = teacher(**model_inputs(batch), output_hidden_states=hidden)
+    projections = {stack: dict(got) for stack, got in tapped.items()} if taps else None
     if "decoder_input_ids" in batch:
-        return TeacherOutputs(out.logits, out.encoder_hidden_states if hidden else None,
+        return TeacherOutputs(out.logits, out.encoder_hidden_states if hidden else None, projections,
                               decoder_hidden=out.decoder_hidden_states if hidden else None)
-    return TeacherOutputs(output_logits(out), out.hidden_states if hidden else None,
-                          dict(projections) if tap else None)
+    return TeacherOutputs(output_logits(out), out.hidden_states if hidden else None, projections)
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class Distiller(nn.Module):
     """Student + bridge; forward returns the named loss terms (detached copies are for logging only)."""
 
     def __init__(self, student: nn.Module, bridge: Bridge, *, kind: TaskKind, losses: StepLosses,
-                 relation: RelationSpec | None = None, decoder_bridge: Bridge | None = None) -> None:
+                 relations: Sequence[RelationSpec] = (), decoder_bridge: Bridge | None = None) -> None:
         super().__init__()
         self.student = student
         self.bridge = bridge
@@ -96,17 +98,23 @@ class Distiller(nn.Module):
         self.weights = losses.weights
         self.distance = DISTANCES.get(losses.distance)
         self.logit_loss = LOGIT_LOSSES.get(losses.logit_loss)
-        if self.weights["relation"] > 0 and relation is None:
-            raise ValueError("distill.w_relation > 0 needs its layers and heads: pass relation=resolve_relation(...)")
-        self.relation = relation if self.weights["relation"] > 0 else None
-        """The relation term's layers and heads; the loop taps the teacher at `relation.teacher`."""
+        if self.weights["relation"] > 0 and not relations:
+            raise ValueError("distill.w_relation > 0 needs its layers and heads: pass "
+                             "relations=resolve_relations(...)")
+        self.relations = tuple(relations) if self.weights["relation"] > 0 else ()
+        """The relation term's layers and heads per attention; the loop taps the teacher at `teacher_taps`."""
+
+    @property
+    def teacher_taps(self) -> tuple[Tap, ...]:
+        """The teacher projections the relation term reads (none without it)."""
+        return tuple(spec.teacher for spec in self.relations)
 
     def forward(self, batch: dict[str, torch.Tensor], teacher: TeacherOutputs,
                 pairs: Pairs, decoder_pairs: Pairs | None = None) -> dict[str, torch.Tensor]:
         """`pairs`: the (encoder's) hidden pairs; `decoder_pairs`: an encoder-decoder's decoder pairs."""
         decoder_pairs = decoder_pairs or []
         use_hidden = self.weights["hidden"] > 0 and bool(pairs or decoder_pairs)
-        with capture(self.student, self.relation.student if self.relation else None) as projections:
+        with capture_all(self.student, [spec.student for spec in self.relations]) as projections:
             out = self.student(**model_inputs(batch), output_hidden_states=use_hidden)
         logits = output_logits(out)
         terms: dict[str, torch.Tensor] = {}
@@ -132,15 +140,25 @@ class Distiller(nn.Module):
             assert teacher.hidden is not None
             mask = batch["attention_mask"] if self.losses.mask_padding else None
             terms["hidden"] = self._hidden_term(out.hidden_states, teacher.hidden, mask, pairs)
-        if self.relation is not None:
-            if teacher.projections is None:
-                raise ValueError("distill.w_relation > 0 needs the teacher's projections: teacher_forward(tap=...)")
-            terms["relation"] = relation_term(self.relation, projections, teacher.projections,
-                                              batch["attention_mask"], causal=self.kind == "causal_lm")
+        if self.relations:
+            per_stack = self._relation_terms(batch, projections, teacher.projections)
+            terms["relation"] = torch.stack(list(per_stack.values())).sum()
+            if self.kind == "seq2seq":  # each attention's share, logged only (train_relation_cross, ...)
+                shares |= {f"relation_{stack}": value.detach() for stack, value in per_stack.items()}
         terms["loss"] = combine(terms, self.weights if use_hidden else {**self.weights, "hidden": 0.0})
         terms |= shares
         terms["logits"] = logits.detach()
         return terms
+
+    def _relation_terms(self, batch: dict[str, torch.Tensor], student: Projections,
+                        teacher: Projections | None) -> dict[str, torch.Tensor]:
+        """Each tapped attention's relation term: stack -> scalar."""
+        if teacher is None:
+            raise ValueError("distill.w_relation > 0 needs the teacher's projections: teacher_forward(taps=...)")
+        return {spec.stack: relation_term(spec, student[spec.stack], teacher[spec.stack], batch["attention_mask"],
+                                          causal=self.kind == "causal_lm",
+                                          target_mask=batch.get("decoder_attention_mask"))
+                for spec in self.relations}
 
     def _logit_term(self, student: torch.Tensor, teacher: torch.Tensor,
                     batch: dict[str, torch.Tensor]) -> torch.Tensor:

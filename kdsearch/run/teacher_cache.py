@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,7 @@ def build(teacher: nn.Module, dataset: Any, out: Path, *, pad_id: int, precision
         for batch in make_loader(dataset, batch_size=batch_size, shuffle=False, seed=0, pad_id=pad_id):
             batch = {k: v.to(device) for k, v in _pad_to(batch, length, pad_id).items()}
             with autocast(device, precision):
-                outputs = teacher_forward(teacher, batch, hidden=tap is None, tap=tap)
+                outputs = teacher_forward(teacher, batch, hidden=tap is None, taps=(tap,) if tap else ())
             real = batch["attention_mask"].bool()
             for name, tensor in _stored(outputs, taps, real if length is None else torch.ones_like(real)).items():
                 handles[name].write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -121,10 +122,11 @@ def _stored(outputs: TeacherOutputs, taps: list[tuple[int, Projection]], real: t
         assert outputs.hidden is not None
         return {"logits": outputs.logits, "hidden": torch.stack(outputs.hidden, dim=2)[real]}  # (tokens, L + 1, d)
     assert outputs.projections is not None
-    if len({outputs.projections[key].shape for key in taps}) > 1:
+    tapped = outputs.projections["encoder"]
+    if len({tapped[key].shape for key in taps}) > 1:
         raise ValueError("train.teacher_cache: the relation's projections differ in width (grouped-query "
                          "attention), which the cache does not store; set train.teacher_cache=false")
-    return {"projections": torch.stack([outputs.projections[key] for key in taps], dim=2)[real]}  # (tokens, K, d)
+    return {"projections": torch.stack([tapped[key] for key in taps], dim=2)[real]}  # (tokens, K, d)
 
 
 def _pad_to(batch: dict[str, torch.Tensor], length: int | None, pad_id: int) -> dict[str, torch.Tensor]:
@@ -178,14 +180,15 @@ class TeacherCache:
         return cls(logits, hidden, offsets, _open(projections, "projections", tapped, tapped["tokens"]), taps,
                    padded_length=length)
 
-    def outputs(self, batch: dict[str, torch.Tensor], *, hidden: bool, tap: Tap | None = None) -> TeacherOutputs:
+    def outputs(self, batch: dict[str, torch.Tensor], *, hidden: bool, taps: Sequence[Tap] = ()) -> TeacherOutputs:
         """The teacher's outputs for `batch` (which carries ROW), on the batch's device. Hidden states at padding
-        are the live teacher's in a padded cache, else zero (every distance then masks them out); the `tap`'s
-        projections are zero at padding (the relation losses leave padded queries and keys out)."""
+        are the live teacher's in a padded cache, else zero (every distance then masks them out); the `taps`'
+        projections are zero at padding (the relation losses leave padded queries and keys out). One-stack
+        models only (an encoder-decoder's teacher is not cached: `blocker`)."""
         device = batch["input_ids"].device
         rows = batch[ROW].cpu()  # gathered on the host: memory-mapped rows, then one copy to the device
         logits = self.logits[rows].to(device)
-        if not hidden and tap is None:
+        if not hidden and not taps:
             return TeacherOutputs(logits, None)
         starts, ends = self.offsets[rows].tolist(), self.offsets[rows + 1].tolist()
         tokens = torch.cat([torch.arange(s, e) for s, e in zip(starts, ends, strict=True)])
@@ -194,8 +197,10 @@ class TeacherCache:
             raise ValueError("train.teacher_cache: the batch's tokens do not match the cached rows (was the cache "
                              "built from other data?)")
         states = self._hidden(rows, tokens, real).to(device).unbind(dim=2) if hidden else None
-        if tap is None:
+        if not taps:
             return TeacherOutputs(logits, states)
+        (tap,) = taps
+        assert tap.stack == "encoder", "an encoder-decoder's teacher outputs are not cached"
         keys = [(layer, p) for layer in tap.layers for p in sorted(tap.projections)]
         missing = [key for key in keys if key not in self.taps]
         if missing or self.projections is None:
@@ -203,7 +208,7 @@ class TeacherCache:
                              f"{missing}: it was built for another relation setting")
         columns = torch.tensor([self.taps.index(key) for key in keys])
         tapped = _padded(self.projections[tokens][:, columns], real).to(device).unbind(dim=2)
-        return TeacherOutputs(logits, states, dict(zip(keys, tapped, strict=True)))
+        return TeacherOutputs(logits, states, {"encoder": dict(zip(keys, tapped, strict=True))})
 
 
     def _hidden(self, rows: torch.Tensor, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

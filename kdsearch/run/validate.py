@@ -92,9 +92,6 @@ def _check_seq2seq(cfg: Config, teacher: PretrainedConfig, spec: TaskSpec) -> No
                           f"{cfg.teacher} is {'an encoder' if family_of(teacher) == 'encoder' else 'a causal LM'}")
     if not seq2seq:
         return
-    if cfg.distill.w_relation > 0:
-        raise ConfigError(f"distill.w_relation={cfg.distill.w_relation}: the attention relation term is not "
-                          "available for seq2seq (encoder-decoder) teachers yet; set distill.w_relation=0")
     n_t = depth_width(teacher)[0]
     n_dec_t, n_dec_s = decoder_depth(teacher) or n_t, cfg.student.decoder_layers or cfg.student.layers
     if n_dec_s > n_dec_t and cfg.student.init == "teacher":
@@ -104,13 +101,15 @@ def _check_seq2seq(cfg: Config, teacher: PretrainedConfig, spec: TaskSpec) -> No
         check_map_args(cfg.distill.layer_map, n_dec_s, n_dec_t, cfg.distill.layers)
 
 
-def _check_generation(cfg: Config, teacher: PretrainedConfig, spec: TaskSpec) -> None:
-    """eval.* are read only where outputs are generated: seq2seq targets, causal responses to prompts."""
+def check_generation(cfg: Config, model: PretrainedConfig, spec: TaskSpec, *, who: str) -> None:
+    """eval.* are read only where outputs are generated: seq2seq targets, causal responses to prompts. `model`:
+    the config of the model that would generate (a run's teacher, an evaluated model), named by `who`
+    (teacher=..., model=...) in the message."""
     given = [f"eval.{k}={v}" for k, v in vars(cfg.eval).items() if v != getattr(EvalConfig(), k)]
-    family = family_of(teacher)
+    family = family_of(model)
     if not given or generation_metric_names(read_by(spec, family)):
         return
-    why = (f"teacher={cfg.teacher} is an encoder" if family == "encoder" else
+    why = (f"{who} is an encoder" if family == "encoder" else
            f"task.name={spec.name} holds raw text (a 'text' or 'sentence' column), no prompt -> response rows")
     raise ConfigError(f"{given[0]}: read only where outputs are generated (an encoder-decoder teacher on a seq2seq "
                       f"task, or a causal LM on prompt -> response rows); {why}: leave eval.* at its defaults")
@@ -162,7 +161,7 @@ def validate(cfg: Config) -> TaskSpec:
     if family_of(teacher) == "causal" and spec.kind == "regression":
         raise ConfigError(f"task.name={spec.name} is a regression task (one score per input), which needs an "
                           f"encoder teacher; teacher={cfg.teacher} is a causal LM")
-    _check_generation(cfg, teacher, spec)
+    check_generation(cfg, teacher, spec, who=f"teacher={cfg.teacher}")
     _check_shapes(cfg, teacher)
     positions = max_positions(teacher)
     if positions is not None and cfg.task.max_length > positions:
@@ -178,7 +177,8 @@ def validate(cfg: Config) -> TaskSpec:
                           "applies)")
     if cfg.distill.w_relation > 0:
         check_relation(cfg, teacher, student_config(teacher, layers=cfg.student.layers,
-                                                    hidden_size=student_width(teacher, cfg.student)))
+                                                    hidden_size=student_width(teacher, cfg.student),
+                                                    decoder_layers=cfg.student.decoder_layers))
     if cfg.train.precision == "fp16" and not cfg.resources.use_gpu:
         raise ConfigError("train.precision=fp16 needs a GPU (resources.gpus_per_trial > 0); on CPU use bf16 or fp32")
     return read_by(spec, family_of(teacher))
