@@ -3,6 +3,8 @@
 For every real token and a student layer l: u = h_t[1] - h_s[l], v = h_t[k] - h_s[l], cos = u.v / (|u||v| + 1e-6),
 histogrammed per teacher layer k. Mostly acute angles (cos > 0) mean that pulling h_s[l] toward any teacher layer
 moves it roughly the same way, which is why the layer map matters little (Yu, Wen, Mou 2025, arXiv 2502.04499).
+An encoder-decoder (T5, BART) is analysed per stack, as its paper runs match each stack apart: the encoder's states
+over the source's real tokens, the decoder's (both decoders teacher-forced on the gold target) over the target's.
 Plain PyTorch and matplotlib; MLflow only through kdsearch.tracking; no Ray or Optuna.
 """
 
@@ -26,7 +28,8 @@ from kdsearch.config.schema import Config
 from kdsearch.core.errors import ConfigError, require
 from kdsearch.core.provenance import commit, hardware
 from kdsearch.data import hub
-from kdsearch.methods.inputs import model_inputs
+from kdsearch.methods.bridges.base import Stack
+from kdsearch.methods.inputs import model_inputs, stack_mask, stack_states
 from kdsearch.run import models
 from kdsearch.run.evaluation import EVAL_BATCH_SIZE, make_loader
 from kdsearch.run.prepare import Prepared, load_teacher, make_student, prepare
@@ -57,11 +60,13 @@ class AngleArgs:
     model: str = dataclasses.field(default="", metadata={"shown": "<dir>|init"})
     """A saved Hugging Face student (save_pretrained), or `init`: the student a run would start from."""
     model_layers: tuple[int, ...] | None = dataclasses.field(default=None, metadata={"shown": "[1,2]"})
-    """Student hidden_states indices l to analyse (1..n_s); default: every student layer."""
+    """Student hidden_states indices l to analyse (1..n_s); default: every student layer. An encoder-decoder's:
+    the same indices in both stacks, each within its own stack's depth (student.layers, student.decoder_layers)."""
     max_batches: int | None = None
     """Evaluation batches to read (default: all)."""
     out: str = "docs/results/angles"
-    """Where the histograms and the table go."""
+    """Where the histograms (angles.png; an encoder-decoder's angles_encoder.png, angles_decoder.png) and the table
+    (angles.json, angles.md) go."""
     uri: str | None = dataclasses.field(default=None, metadata={"key": "tracking.uri", "shown": "<uri>"})
     """MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."""
     experiment: str = dataclasses.field(default=DEFAULT_EXPERIMENT, metadata={"key": "tracking.experiment"})
@@ -86,27 +91,41 @@ def parse_args(argv: Sequence[str]) -> tuple[AngleArgs, Config]:
     return dataclasses.replace(given, model=model, uri=output_uri(given.uri or default_uri())), cfg
 
 
-def check_shapes(args: AngleArgs, cfg: Config) -> tuple[int, int]:
-    """(n_s, n_t) before anything heavy loads; ConfigError on unequal widths or layers out of range."""
+def check_shapes(args: AngleArgs, cfg: Config) -> dict[Stack, tuple[int, int]]:
+    """stack -> (n_s, n_t), the encoder's (a single-stack model's) and an encoder-decoder's decoder's, before
+    anything heavy loads; ConfigError on unequal widths, a student without the teacher's stacks, or layers out of
+    range of a stack."""
     teacher = models.teacher_config(models.resolve_teacher(cfg.teacher))
-    n_t, d_t = models.depth_width(teacher)
+    (n_t, d_t), n_dec_t = models.depth_width(teacher), models.decoder_depth(teacher)
     validate(cfg)
     if args.model == "init":
         n_s, d_s = cfg.student.layers, models.student_width(teacher, cfg.student)
+        n_dec_s = None if n_dec_t is None else cfg.student.decoder_layers or n_s
         where = "student.width_ratio" if cfg.student.width_ratio is not None else "student.hidden_size"
     else:
         from transformers import AutoConfig
 
-        n_s, d_s = models.depth_width(AutoConfig.from_pretrained(args.model))
+        student = AutoConfig.from_pretrained(args.model)
+        (n_s, d_s), n_dec_s = models.depth_width(student), models.decoder_depth(student)
         where = f"model={args.model} (hidden_size)"
+        if (n_dec_s is None) != (n_dec_t is None):
+            kinds = ("an encoder-decoder", "a single-stack model")
+            raise ConfigError(f"model={args.model}: {kinds[n_dec_s is None]}, but teacher={cfg.teacher} is "
+                              f"{kinds[n_dec_t is None]}; the angles compare the states of the same stack: give a "
+                              "student of the teacher's kind")
     if d_s != d_t:
         raise ConfigError(f"{where}={d_s}: the angle analysis subtracts student from teacher states, which needs "
                           f"the teacher's width {d_t} (a teacher-init or same-width student)")
-    for layer in args.model_layers or ():
-        if not 1 <= layer <= n_s:
-            raise ConfigError(f"model_layers={list(args.model_layers or ())}: student layer {layer} out of range "
-                              f"1..{n_s}")
-    return n_s, n_t
+    depths: dict[Stack, tuple[int, int]] = {"encoder": (n_s, n_t)}
+    if n_dec_s is not None and n_dec_t is not None:
+        depths["decoder"] = (n_dec_s, n_dec_t)
+    for stack, (n, _) in depths.items():
+        for layer in args.model_layers or ():
+            if not 1 <= layer <= n:
+                whose = f" of the student's {stack} (model_layers applies to both stacks)" if len(depths) > 1 else ""
+                raise ConfigError(f"model_layers={list(args.model_layers or ())}: student layer {layer} out of range "
+                                  f"1..{n}{whose}")
+    return depths
 
 
 def load_student(args: AngleArgs, cfg: Config, prepared: Prepared, teacher: torch.nn.Module) -> torch.nn.Module:
@@ -122,20 +141,37 @@ def load_student(args: AngleArgs, cfg: Config, prepared: Prepared, teacher: torc
 
 
 @torch.no_grad()
-def collect(teacher: torch.nn.Module, student: torch.nn.Module, prepared: Prepared, *, student_layers: list[int],
-            n_teacher: int, max_batches: int | None) -> dict[tuple[int, int], Tensor]:
-    """{(l, k): cosines over the evaluation split's real tokens} for k = 2..n_t (k = 1 gives u = v, cos = 1)."""
+def collect_stacks(teacher: torch.nn.Module, student: torch.nn.Module, prepared: Prepared, *,
+                   layers: dict[Stack, tuple[list[int], int]],
+                   max_batches: int | None) -> dict[Stack, dict[tuple[int, int], Tensor]]:
+    """stack -> {(l, k): cosines over the evaluation split's real positions of that stack}, for the student layers
+    l and k = 2..n_t that `layers` gives each stack as (student layers, n_t); k = 1 gives u = v, cos = 1.
+
+    One forward per model and batch, the run's own inputs (`model_inputs`): an encoder-decoder's decoders read
+    the gold target (teacher forcing), each its own encoder's output, as in distillation (`teacher_forward`);
+    the decoder's real positions are the target's (`stack_mask`)."""
     loader = make_loader(prepared.data["validation"], batch_size=EVAL_BATCH_SIZE, shuffle=False, seed=0,
                          pad_id=prepared.pad_id)
-    parts: dict[tuple[int, int], list[Tensor]] = {(sl, k): [] for sl in student_layers for k in range(2, n_teacher + 1)}
+    parts: dict[Stack, dict[tuple[int, int], list[Tensor]]] = {
+        stack: {(sl, k): [] for sl in student_layers for k in range(2, n_t + 1)}
+        for stack, (student_layers, n_t) in layers.items()}
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         inputs = {**model_inputs(batch), "output_hidden_states": True}
-        h_t, h_s = teacher(**inputs).hidden_states, student(**inputs).hidden_states
-        for (sl, k), found in parts.items():
-            found.append(angle_cosines(h_t[1], h_t[k], h_s[sl], batch["attention_mask"]))
-    return {key: torch.cat(found) for key, found in parts.items()}
+        out_t, out_s = teacher(**inputs), student(**inputs)
+        for stack, pairs in parts.items():
+            h_t, h_s, mask = stack_states(out_t, stack), stack_states(out_s, stack), stack_mask(batch, stack)
+            for (sl, k), found in pairs.items():
+                found.append(angle_cosines(h_t[1], h_t[k], h_s[sl], mask))
+    return {stack: {key: torch.cat(found) for key, found in pairs.items()} for stack, pairs in parts.items()}
+
+
+def collect(teacher: torch.nn.Module, student: torch.nn.Module, prepared: Prepared, *, student_layers: list[int],
+            n_teacher: int, max_batches: int | None) -> dict[tuple[int, int], Tensor]:
+    """`collect_stacks` of one stack, a single-stack model's (an encoder-decoder's encoder): {(l, k): cosines}."""
+    return collect_stacks(teacher, student, prepared, layers={"encoder": (student_layers, n_teacher)},
+                          max_batches=max_batches)["encoder"]
 
 
 def summarise(cosines: dict[tuple[int, int], Tensor]) -> list[dict[str, Any]]:
@@ -177,30 +213,53 @@ def plot(cosines: dict[tuple[int, int], Tensor], path: Path, title: str) -> Path
     return path
 
 
+STACK_NOTES: dict[Stack, str] = {
+    "encoder": "The encoder's states over the source's real tokens (attention_mask)",
+    "decoder": "The decoder's states over the target's real tokens (decoder_attention_mask); both decoders are "
+               "teacher-forced on the gold target and read their own encoder's output"}
+
+
+def image_name(stack: Stack | None) -> str:
+    """The histograms' file: angles.png for a single-stack model, angles_<stack>.png for an encoder-decoder's."""
+    return "angles.png" if stack is None else f"angles_{stack}.png"
+
+
 def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
+    """The table of `rows`; an encoder-decoder's rows (each with its "stack") get one section per stack."""
     lines = ["# Angle analysis (papers.md section 2)", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
     lines += ["", "u = h_t[1] - h_s[l], v = h_t[k] - h_s[l], cos = u.v / (|u||v| + 1e-6) over real tokens; "
-              "acute = cos > 0.", "", "![histograms](angles.png)", "",
-              "| student layer l | teacher layer k | tokens | acute share | mean cos | p10 | median | p90 |",
-              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['student_layer']} | {r['teacher_layer']} | {r['tokens']} | {r['acute_share']:.3f} | "
-              f"{r['mean_cos']:.3f} | {r['p10']:.3f} | {r['median']:.3f} | {r['p90']:.3f} |" for r in rows]
+              "acute = cos > 0."]
+    for stack in dict.fromkeys(r.get("stack") for r in rows):
+        if stack is not None:
+            lines += ["", f"## {stack}", "", f"{STACK_NOTES[stack]}."]
+        lines += ["", f"![{f'{stack} ' if stack else ''}histograms]({image_name(stack)})", "",
+                  "| student layer l | teacher layer k | tokens | acute share | mean cos | p10 | median | p90 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['student_layer']} | {r['teacher_layer']} | {r['tokens']} | {r['acute_share']:.3f} | "
+                  f"{r['mean_cos']:.3f} | {r['p10']:.3f} | {r['median']:.3f} | {r['p90']:.3f} |"
+                  for r in rows if r.get("stack") == stack]
     return "\n".join(lines) + "\n"
+
+
+def _metric(name: str, row: dict[str, Any]) -> str:
+    stack = f"{row['stack']}." if "stack" in row else ""
+    return f"{name}.{stack}l{row['student_layer']}.k{row['teacher_layer']}"
 
 
 def run_angles(args: AngleArgs, cfg: Config, argv: Sequence[str] = ()) -> tuple[list[dict[str, Any]], str]:
     """Prepare (cached fine-tuned teacher and data), collect cosines, write PNG/JSON/Markdown, log to MLflow.
-    Returns (summary rows, MLflow run id)."""
-    n_s, n_t = check_shapes(args, cfg)
+    Returns (summary rows, MLflow run id); an encoder-decoder's rows name their stack."""
+    depths = check_shapes(args, cfg)
     prepared = prepare(cfg, device=torch.device("cpu"))
     teacher = load_teacher(prepared, torch.device("cpu"))
     student = load_student(args, cfg, prepared, teacher)
-    layers = list(args.model_layers or range(1, n_s + 1))
-    cosines = collect(teacher, student, prepared, student_layers=layers, n_teacher=n_t,
-                      max_batches=args.max_batches)
-    rows = summarise(cosines)
-    student_name = f"init ({cfg.student.init}, {cfg.student.layers} layers)" if args.model == "init" \
+    layers = {stack: (list(args.model_layers or range(1, n_s + 1)), n_t) for stack, (n_s, n_t) in depths.items()}
+    cosines = collect_stacks(teacher, student, prepared, layers=layers, max_batches=args.max_batches)
+    seq2seq = "decoder" in depths
+    rows = [{"stack": stack, **r} if seq2seq else r for stack, found in cosines.items() for r in summarise(found)]
+    decoder = f" + {depths['decoder'][0]}" if seq2seq and args.model == "init" else ""
+    student_name = f"init ({cfg.student.init}, {cfg.student.layers}{decoder} layers)" if args.model == "init" \
         else args.model
     header = {"teacher": cfg.teacher, "teacher eval_score": round(prepared.teacher_metrics["eval_score"], 4),
               "student": student_name, "task": f"{cfg.task.name} (validation split, "
@@ -208,26 +267,36 @@ def run_angles(args: AngleArgs, cfg: Config, argv: Sequence[str] = ()) -> tuple[
               "teacher fine-tune": f"{cfg.task.train_size or 'all'} train rows, {cfg.finetune.epochs} epochs, "
                                    f"lr {cfg.finetune.lr}", "commit": commit(), "hardware": hardware(),
               "command": "`python -m kdsearch.analyze " + " ".join(argv) + "`"}
+    if seq2seq:
+        header["stacks"] = ", ".join(f"{stack} ({n_s} student, {n_t} teacher layers)"
+                                     for stack, (n_s, n_t) in depths.items())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot(cosines, out / "angles.png", f"teacher {cfg.teacher}, student {student_name}, task {cfg.task.name}")
+    for stack, found in cosines.items():
+        plot(found, out / image_name(stack if seq2seq else None), f"teacher {cfg.teacher}, student {student_name}, "
+             f"task {cfg.task.name}{f', {stack}' if seq2seq else ''}")
     (out / "angles.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
     (out / "angles.md").write_text(markdown(rows, header))
-    metrics = {f"acute_share.l{r['student_layer']}.k{r['teacher_layer']}": r["acute_share"] for r in rows}
-    metrics |= {f"mean_cos.l{r['student_layer']}.k{r['teacher_layer']}": r["mean_cos"] for r in rows}
-    params = {"analysis": "angles", "student": args.model, "layers": layers, "teacher": cfg.teacher,
-              "task.name": cfg.task.name, "student.init": cfg.student.init, "student.layers": cfg.student.layers}
-    run_id = log_analysis_run(uri=args.uri or default_uri(), experiment=args.experiment, name=f"angles-{cfg.task.name}",
-                              params=params, metrics=metrics, tags={"kdsearch.analysis": "angles"},
-                              dirs={"angles": out})
+    metrics = {_metric(name, r): r[key] for r in rows for name, key in (("acute_share", "acute_share"),
+                                                                         ("mean_cos", "mean_cos"))}
+    params: dict[str, Any] = {
+        "analysis": "angles", "student": args.model, "layers": layers["encoder"][0], "teacher": cfg.teacher,
+        "task.name": cfg.task.name, "student.init": cfg.student.init, "student.layers": cfg.student.layers}
+    tags = {"kdsearch.analysis": "angles"}
+    if seq2seq:
+        params |= {"decoder_layers": layers["decoder"][0], "student.decoder_layers": depths["decoder"][0]}
+        tags["kdsearch.stacks"] = ",".join(depths)
+    run_id = log_analysis_run(uri=args.uri or default_uri(), experiment=args.experiment,
+                              name=f"angles-{cfg.task.name}{'-' + '+'.join(depths) if seq2seq else ''}",
+                              params=params, metrics=metrics, tags=tags, dirs={"angles": out})
     return rows, run_id
 
 
 def _analyze(args: AngleArgs, cfg: Config, argv: Sequence[str]) -> int:
     rows, run_id = run_angles(args, cfg, argv)
     for r in rows:
-        print(f"l={r['student_layer']} k={r['teacher_layer']}: {100 * r['acute_share']:.1f}% acute "
-              f"(mean cos {r['mean_cos']:.3f}, {r['tokens']} tokens)")
+        print(f"{r['stack'] + ' ' if 'stack' in r else ''}l={r['student_layer']} k={r['teacher_layer']}: "
+              f"{100 * r['acute_share']:.1f}% acute (mean cos {r['mean_cos']:.3f}, {r['tokens']} tokens)")
     print(f"angles written to {Path(args.out).resolve()} and MLflow run {run_id}")
     return 0
 
@@ -237,8 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = Command(
         "analyze", "The layer-selection paper's angle analysis: for each real token, the cosine of the angle at a "
         "student state between\nthe directions to teacher layer 1 and to teacher layer k; histograms per k (PNG), a "
-        "table, an MLflow run.", lambda args, cfg: _analyze(args, cfg, argv), AngleArgs, usage=USAGE,
-        parse=parse_args)
+        "table, an MLflow run.\nAn encoder-decoder (T5, BART): each stack apart, the encoder over the source's "
+        "tokens, the decoder (teacher-forced\non the gold target) over the target's.",
+        lambda args, cfg: _analyze(args, cfg, argv), AngleArgs, usage=USAGE, parse=parse_args)
     return run_command(command, argv)
 
 
