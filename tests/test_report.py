@@ -78,7 +78,8 @@ def test_summary_compares_each_distance_group_with_the_shared_ungrouped_baseline
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["study=grid"], "choose one of flex, layer_select, layer_select_seq2seq, relation, ted_vs_lwd, seeded"),
+    (["study=grid"], "choose one of flex, flex_seq2seq, layer_select, layer_select_seq2seq, relation, ted_vs_lwd, "
+     "seeded"),
     (["study=flx"], "study=flx: unknown; did you mean flex?"),
     (["seeds=2"], "study: missing; choose one of"),
     (["study=seeded"], "needs search="),
@@ -199,3 +200,18 @@ def test_confirm_takes_a_searchs_best_distinct_configurations(tmp_path: Path) ->
     assert args["seeds"] == [1, 2] and args["top"] == 2
     with pytest.raises(ConfigError, match="top=2: a count >= 1 of configurations, for study=confirm only"):
         parse_args(["study=flex", "top=2"])
+
+
+def test_a_study_ranked_by_a_generated_metric_shows_it_and_its_companions() -> None:
+    study = make_study("flex_seq2seq", d_teacher=64)
+    study = study.__class__(**{**study.__dict__, "rows": study.rows[:1]})
+    trials = [RunRecord("id", "t", "FINISHED", 0, 1, {"distill.bridge": "units", "distill.distance": "correlation",
+                                                      "train.seed": str(s)},
+                        {"eval_score": 0.5, "eval_rouge_l": r, "eval_bleu": 0.2, "eval_token_accuracy": 0.6}, {})
+              for s, r in enumerate([0.40, 0.44])]
+    rows = aggregate(study, trials)
+    assert rows[0]["scores"] == pytest.approx([40.0, 44.0])  # ROUGE-L, not eval_score
+    assert rows[0]["beside"] == pytest.approx({"eval_bleu": 20.0, "eval_token_accuracy": 60.0})
+    text = render(study, rows, {})
+    assert "eval_rouge_l x 100 (mean ± std)" in text and "| bleu (mean) | chrf (mean) |" in text
+    assert "| 2 | 40.0, 44.0 | 20.0 | - | - | 60.0 |" in text

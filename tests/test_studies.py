@@ -121,3 +121,30 @@ def test_the_seq2seq_grid_is_the_papers_maps_with_the_t5_codes_loss_and_validate
                                       "student": {"layers": 2, "decoder_layers": 2}}, seeds=[0], concurrency=1)
     for point in space_model.initial_points(space):
         assert validate(space_model.trial_config(space, point)).kind == "seq2seq"
+
+
+def test_the_flex_seq2seq_grid_is_units_vs_projector_vs_none_at_half_width_ranked_by_rouge_l() -> None:
+    """Flex-KD on tiny-t5: a student half as wide, every row with the same logit KD, Flex-KD's top-d_s units
+    (ratio d_s/d_t) with its correlation loss, the projector with MSE (the paper's baseline) and with correlation,
+    and no feature term; the table ranks ROUGE-L, which trials report every epoch."""
+    from kdsearch.run.validate import validate
+
+    study = make_study("flex_seq2seq", d_teacher=64)
+    assert study.metric == "eval_rouge_l" and study.baseline == "no feature KD"
+    assert {"eval_bleu", "eval_chrf", "eval_exact_match", "eval_token_accuracy"} <= set(study.beside)
+    space, filled = grid_space(study, cli={"teacher": "tiny-t5", "task": {"name": "seq2seq_default"},
+                                           "student": {"layers": 2, "decoder_layers": 2}},
+                               seeds=[0, 1, 2], concurrency=2)
+    assert space.metric == "eval_rouge_l" and space.budget.num_samples == 4 * 3
+    cells = {}
+    for point in space_model.initial_points(space):
+        cfg = space_model.trial_config(space, point)
+        assert validate(cfg).kind == "seq2seq" and cfg.eval.generate_every == 1
+        assert (cfg.student.hidden_size, cfg.student.init, cfg.units.ratio) == (32, "random", None)
+        assert (cfg.distill.w_task, cfg.distill.w_logit, cfg.distill.temperature) == (1.0, 1.0, 2.0)
+        row = row_of(filled, flatten_params(flatten(cfg)))
+        cells[row.name] = (cfg.distill.layer_map, cfg.distill.bridge, cfg.distill.distance)
+    assert cells == {"Flex-KD units": ("forward", "units", "correlation"),
+                     "linear projector": ("forward", "projector", "mse"),
+                     "linear projector, correlation": ("forward", "projector", "correlation"),
+                     "no feature KD": ("none", "auto", "mse")}

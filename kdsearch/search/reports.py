@@ -52,8 +52,8 @@ class ReportSettings:
 
     study: str = dataclasses.field(default="", metadata={"shown": "<name>"})
     """The study: layer_select, layer_select_seq2seq (its maps on an encoder-decoder teacher), ted_vs_lwd, flex,
-    relation, seeded (a search's best beside the paper points) or confirm (a search's top configurations over
-    fresh seeds)."""
+    flex_seq2seq (Flex-KD on an encoder-decoder, ranked by ROUGE-L), relation, seeded (a search's best beside the
+    paper points) or confirm (a search's top configurations over fresh seeds)."""
     seeds: Any = 3
     """A count (3 -> seeds 0, 1, 2; study=confirm: fresh seeds 1..n) or a list such as [0,1,2]."""
     only: Any = dataclasses.field(default=None, metadata={"shown": "[row,...]"})
@@ -86,13 +86,16 @@ def aggregate(study: Study, trials: Sequence[Any]) -> list[dict[str, Any]]:
     out = []
     for row in study.rows:
         mine = [t for t in trials if row_of(study, t.params) is row]
-        done = sorted((int(t.params["train.seed"]), 100 * t.metrics["eval_score"]) for t in mine
-                      if t.status == "FINISHED" and "eval_score" in t.metrics)
+        done = sorted((int(t.params["train.seed"]), 100 * t.metrics[study.metric]) for t in mine
+                      if t.status == "FINISHED" and study.metric in t.metrics)
         scores = [s for _, s in done]
+        beside = {m: statistics.fmean(v) for m in study.beside
+                  if (v := [100 * t.metrics[m] for t in mine if t.status == "FINISHED" and m in t.metrics])}
         out.append({"label": row.label, "name": row.name, "group": row.group, "seeds": [s for s, _ in done],
                     "scores": scores, "mean": statistics.fmean(scores) if scores else None,
                     "std": statistics.stdev(scores) if len(scores) > 1 else None, "ci95": t_interval(scores),
-                    "failed": len(mine) - len(done), "paper": row.paper, "overrides": row.overrides})
+                    "failed": len(mine) - len(done), "paper": row.paper, "overrides": row.overrides,
+                    "beside": beside})
     return _mark_noise(out)
 
 
@@ -148,8 +151,9 @@ def summary_lines(study: Study, rows: list[dict[str, Any]]) -> list[str]:
 def render(study: Study, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     grouped = any(r["group"] for r in rows)
     paper = any(r["paper"] is not None for r in rows)
-    head = ["strategy", *(["group"] if grouped else []), "eval_score x 100 (mean ± std)", "95% CI of the mean",
-            "vs best (Welch, 5%)", "seeds", "per seed", *(["paper"] if paper else [])]
+    head = ["strategy", *(["group"] if grouped else []), f"{study.metric} x 100 (mean ± std)", "95% CI of the mean",
+            "vs best (Welch, 5%)", "seeds", "per seed", *(["paper"] if paper else []),
+            *(f"{m.removeprefix('eval_')} (mean)" for m in study.beside)]
     lines = [f"# {study.name}: {study.description}", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()]
     lines += [f"- note: {n}" for n in study.notes]
@@ -159,7 +163,8 @@ def render(study: Study, rows: list[dict[str, Any]], meta: dict[str, Any]) -> st
         cells = [r["name"], *([r["group"]] if grouped else []), _pm(r["mean"], r["std"]), interval,
                  r.get("vs_best", "-"), f"{len(r['scores'])}" + (f" ({r['failed']} failed)" if r["failed"] else ""),
                  ", ".join(f"{s:.1f}" for s in r["scores"]),
-                 *([f"{r['paper']:.1f}" if r["paper"] is not None else "-"] if paper else [])]
+                 *([f"{r['paper']:.1f}" if r["paper"] is not None else "-"] if paper else []),
+                 *(f"{r['beside'][m]:.1f}" if m in r.get("beside", {}) else "-" for m in study.beside)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join([*lines, "", *summary_lines(study, rows)]) + "\n"
 
@@ -189,7 +194,7 @@ def plot(study: Study, rows: list[dict[str, Any]], path: Path) -> Path:
     if scores:  # Matthews and Pearson scores can be negative
         ax.set_ylim(min(scores) - 5 if min(scores) < 0 else max(0, min(scores) - 5), min(100, max(scores) + 3))
     ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
-    ax.set(ylabel="final eval_score x 100", title=textwrap.fill(study.description, int(14 * fig.get_figwidth())))
+    ax.set(ylabel=f"final {study.metric} x 100", title=textwrap.fill(study.description, int(14 * fig.get_figwidth())))
     ax.title.set_fontsize(8)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -197,6 +202,13 @@ def plot(study: Study, rows: list[dict[str, Any]], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _scored(study: Study, primary: str) -> str:
+    """What the table ranks, in words: the task's primary metric, or the study's own."""
+    if study.metric == "eval_score":
+        return primary.replace("_", " ")
+    return f"{study.metric.removeprefix('eval_').replace('_', ' ')} ({study.metric}; eval_score is {primary})"
 
 
 def _width(cfg: Config) -> str:
@@ -299,13 +311,14 @@ def run_report(args: dict[str, Any], argv: Sequence[str]) -> ReportRun:
                         f"{cfg.resources.gpus_per_trial:g} GPU each)",
             "commit": version, "MLflow": f"search {args['name']} (parent run {parent.run_id}) at {args['uri']}",
             "teacher": f"{cfg.teacher}, {trained_on}" + (f": eval_score x 100 {100 * teacher:.1f}" if teacher else ""),
-            "student": f"{cfg.student.layers} layers, width {_width(cfg)}",
+            "student": f"{cfg.student.layers}{f'+{cfg.student.decoder_layers}' if cfg.student.decoder_layers else ''}"
+                       f" layers, width {_width(cfg)}, init {cfg.student.init}",
             "data": f"{task.name} ({task.data_dir or task.hub or 'embedded'}): train {task.train_size or 'all'} "
                     f"rows{' (seeded subsample)' if task.train_size else ''}, eval {task.eval_size or 'all'} rows, "
                     f"max_length {task.max_length}",
             "training": f"{cfg.train.epochs} epochs x {cfg.train.max_steps_per_epoch or 'all'} steps, batch "
                         f"{cfg.train.batch_size}, lr {cfg.train.lr}; score = final-epoch eval "
-                        f"{validate(cfg).primary_metric.replace('_', ' ')}",
+                        f"{_scored(study, validate(cfg).primary_metric)}",
             "seeds": f"train.seed in {args['seeds']} (the teacher is shared: finetune.seed {cfg.finetune.seed})",
             "command": f"`python -m kdsearch.report {shlex.join(argv)}`"}  # quoted: pastes into a shell
     out: Path = args["out"]
