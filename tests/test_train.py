@@ -346,8 +346,9 @@ def ray_runtime():
 
 @pytest.mark.slow
 def test_two_ray_train_workers_agree_with_one(cache: Path, tmp_path: Path, ray_runtime) -> None:
-    """Same global batches (DistributedSampler halves them), so 2 DDP workers track 1 worker closely, also when
-    each worker accumulates 2 micro-batches per step (DDP syncs gradients only on the second).
+    """Same global batches (DistributedSampler halves them), so 2 DDP workers that each accumulate 2
+    micro-batches per step track 1 worker closely: DDP skips the gradient sync on the first micro-batch and syncs
+    on the second, the branch every micro-batch takes without accumulation, so both paths run.
 
     Not bit-identical: hidden distances average over each worker's real tokens, so per-worker means weight
     tokens slightly differently from one global mean.
@@ -355,17 +356,16 @@ def test_two_ray_train_workers_agree_with_one(cache: Path, tmp_path: Path, ray_r
     from kdsearch.run.trainer import make_trainer
 
     finals = {}
-    for workers, accum in ((1, 1), (2, 1), (2, 2)):
+    for workers, accum in ((1, 1), (2, 2)):
         cfg = small(cache, "train.epochs=1", f"resources.num_workers={workers}", "resources.cpus_per_trial=2",
                     "train.max_steps_per_epoch=8", f"train.grad_accum={accum}")
         result = make_trainer(cfg, prepare(cfg), name=f"agree-{workers}x{accum}",
                               storage_path=str(tmp_path)).fit()
         assert result.error is None
         finals[workers, accum] = result.metrics
-    for run in ((2, 1), (2, 2)):
-        assert finals[run]["train_loss"] == pytest.approx(finals[1, 1]["train_loss"], rel=0.02), run
-        assert finals[run]["eval_loss"] == pytest.approx(finals[1, 1]["eval_loss"], rel=0.02), run
-        assert abs(finals[run]["eval_score"] - finals[1, 1]["eval_score"]) <= 0.03, run
+    assert finals[2, 2]["train_loss"] == pytest.approx(finals[1, 1]["train_loss"], rel=0.02)
+    assert finals[2, 2]["eval_loss"] == pytest.approx(finals[1, 1]["eval_loss"], rel=0.02)
+    assert abs(finals[2, 2]["eval_score"] - finals[1, 1]["eval_score"]) <= 0.03
 
 
 @pytest.mark.slow
