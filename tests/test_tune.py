@@ -175,7 +175,7 @@ def _wait_for(predicate, timeout: float, every: float = 1.0) -> None:
 def test_resume_finishes_an_interrupted_search_without_rerunning_finished_trials(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     # 8 trials, 2 at a time: the first two finish together and 3 of the 5 fixed points end after an epoch or
-    # less, so the 3 sampled trials leave the interruption trials still unfinished (test_cluster_faults.py's
+    # less, so the interruption still finds the 3 sampled trials unfinished (test_cluster_faults.py's
     # driver-kill test runs 8 likewise)
     num = 8
     args = [sys.executable, "-m", "kdsearch.tune", *_args(tmp_path, num, "s2")]
